@@ -1,0 +1,266 @@
+"""Shared, pure helpers for the four scripts: the chat format, JSONL I/O, small utilities.
+
+Nothing here runs at import time and nothing here imports torch or transformers, so every script
+(and its tests) can import it cheaply.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+# The chat template shipped with HuggingFaceH4/zephyr-7b-beta (tokenizer_config.json), verbatim.
+# transformers renders it with trim_blocks/lstrip_blocks, which gives
+#   <|system|>\n{sys}</s>\n<|user|>\n{q}</s>\n<|assistant|>\n{a}</s>\n
+# Used when a tokenizer carries no template of its own.
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful research assistant. Answer questions about scientific papers accurately "
+    "and concisely, using only what the paper states. If the paper does not say, answer that it "
+    "does not; if a question rests on a false premise, correct it."
+)
+
+ROLES = ("system", "user", "assistant")
+EOS = "</s>"
+_MARKER_RE = re.compile(r"<\|(system|user|assistant)\|>")
+
+
+class InputError(Exception):
+    """Bad usage or bad input: the scripts print the message and exit with code 2."""
+
+
+# --------------------------------------------------------------------------- chat format
+def render_zephyr(messages: list[dict], add_generation_prompt: bool = False, eos: str = EOS) -> str:
+    """Render messages exactly as the Zephyr template does (the pure-Python twin of the Jinja)."""
+    out = []
+    for m in messages:
+        if m["role"] in ROLES:
+            out.append(f"<|{m['role']}|>\n{m['content']}{eos}\n")
+    if add_generation_prompt:
+        out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def parse_chat(text: str, eos: str = EOS) -> list[dict]:
+    """Parse a rendered chat back into messages.
+
+    Accepts both the Zephyr form (`<|user|>\\nq</s>\\n`) and the seed's flat form
+    (`<|system|>sys<|user|>q<|assistant|>a`, no newlines, no `</s>`). Raises ValueError when the
+    text carries no role marker or a turn is empty.
+    """
+    parts = _MARKER_RE.split(text)
+    if len(parts) < 3:
+        raise ValueError("no <|system|>/<|user|>/<|assistant|> marker found")
+    if parts[0].strip() and parts[0].strip() != "<s>":
+        raise ValueError(f"text before the first role marker: {parts[0].strip()[:40]!r}")
+    messages = []
+    for role, body in zip(parts[1::2], parts[2::2]):
+        if body.startswith("\n"):
+            body = body[1:]
+        body = body.rstrip("\n")
+        if body.endswith(eos):
+            body = body[: -len(eos)]
+        body = body.strip()
+        if not body:
+            raise ValueError(f"empty <|{role}|> turn")
+        messages.append({"role": role, "content": body})
+    return messages
+
+
+def validate_messages(messages: Any) -> list[dict]:
+    """Check a `messages` value from a data file; return it normalised or raise ValueError."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}] needs a role of {'/'.join(ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"messages[{i}] ({m['role']}) has empty content")
+        out.append({"role": m["role"], "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise ValueError("no assistant turn")
+    return out
+
+
+def record_messages(record: dict) -> list[dict]:
+    """Messages of one training record: `messages` if present, else parsed from `text`."""
+    if "messages" in record:
+        return validate_messages(record["messages"])
+    if isinstance(record.get("text"), str):
+        return validate_messages(parse_chat(record["text"]))
+    raise ValueError("record has neither 'messages' nor 'text'")
+
+
+def chat_record(messages: list[dict], meta: dict | None = None) -> dict:
+    """A `data/synthetic_qa.jsonl` record as DESIGN.md defines it."""
+    return {"text": render_zephyr(messages), "messages": messages, "meta": meta or {}}
+
+
+def qa_messages(question: str, answer: str | None = None, system: str = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template Zephyr's. Returns True if one was added."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
+    return True
+
+
+# --------------------------------------------------------------------------- JSONL and files
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, object) for each non-blank line; InputError names file:line on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                 "re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                                 "fix or delete that line") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so readers never see it half-written: temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(_dumps(r) + "\n" for r in records))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record and flush it to disk, so a kill loses at most the line being written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(_dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl_tolerant(path: str | os.PathLike) -> list[dict]:
+    """Read an append-only log (cache, checkpoint) skipping a torn last line left by a kill."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
+    """Refuse to clobber finished outputs unless --overwrite was given."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, "
+                         "or choose another output path")
+
+
+def run_main(fn, argv=None) -> int:
+    """Call a script body, turning InputError into the documented exit code 2 with a clean message."""
+    try:
+        return fn(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; work done so far is saved, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- tokenizer glue
+def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Render with the tokenizer's own chat template (Zephyr's when it has none).
+
+    Training, evaluation and inference all go through here so they see the same format.
+    """
+    ensure_chat_template(tokenizer)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered chat text with exactly one BOS in front (templates like Zephyr's write
+    none and the tokenizer adds it; templates that write it themselves must not get a second)."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
