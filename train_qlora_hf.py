@@ -1,0 +1,952 @@
+"""QLoRA fine-tuning on the chat JSONL that generate_qa.py writes: correct labels, resumable, one GPU or many.
+
+Run as:
+    python train_qlora_hf.py --jsonl ./data/synthetic_qa.jsonl --model HuggingFaceH4/zephyr-7b-beta \\
+        --out ./models/zephyr-7b-qlora --epochs 2 --batch 8 --grad_accum 2 --lr 2e-4 --bf16 --max_seq_len 4096
+    python train_qlora_hf.py --jsonl ./data/synthetic_qa.jsonl --inspect      # what is trained on; no weights
+    python train_qlora_hf.py ... --resume                  # continue an interrupted run from its last checkpoint
+    torchrun --nproc_per_node 4 train_qlora_hf.py ...      # data parallel: one 4-bit copy per GPU
+    accelerate launch --num_processes 4 train_qlora_hf.py ...
+
+What it does: base model in 4-bit NF4 with double quantisation, bf16 compute (TF32 on where the GPU has it),
+k-bit training preparation, LoRA on every linear layer. Each record's `messages` (or `text`, in Zephyr's form
+or the seed's flat form) is rendered with the model's own chat template and the loss covers only assistant
+tokens, each turn's closing `</s>` included. Writes a PEFT adapter, the tokenizer, run_config.json,
+metrics.json and loss.png to --out; checkpoints/ while training.
+
+The training loop is plain PyTorch, not HF Trainer: OOM back-off (halve the micro-batch, double the
+accumulation, redo the same step), exact resume and the data-parallel gradient exchange need control over
+each step. Every optimizer step is a fixed set of samples (from --seed and the epoch), its loss is
+normalised by the trained tokens of the whole step, and its dropout RNG is seeded from (seed, step, rank):
+so a step gives the same update whatever the micro-batch size, whether it is retried after an OOM, and
+whether the run was resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from array import array
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common import (InputError, chat_text, encode_text, ensure_chat_template, read_jsonl, record_messages,
+                    sha256_file, write_json_atomic)
+
+IGNORE = -100
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md")
+
+
+class TrainingError(RuntimeError):
+    """A failure at run time (non-finite loss, out of memory at micro-batch 1): exit code 1."""
+
+
+# --------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = "(default: %(default)s)"
+    io = p.add_argument_group("data and output")
+    io.add_argument("--jsonl", default="./data/synthetic_qa.jsonl", help=f"training chats, one JSON object a line {d}")
+    io.add_argument("--model", default="HuggingFaceH4/zephyr-7b-beta", help=f"base model: hub id or local folder {d}")
+    io.add_argument("--out", default="./models/zephyr-7b-qlora", help=f"run folder for adapter, metrics, checkpoints {d}")
+    io.add_argument("--max_seq_len", type=int, default=4096,
+                    help=f"longest sample in tokens; longer chats lose whole earlier turns or are dropped, never cut {d}")
+    io.add_argument("--val_fraction", type=float, default=0.05,
+                    help=f"share of samples held out for validation loss, split by paper when meta.paper_id exists {d}")
+    io.add_argument("--system_prompt", default=None,
+                    help="system prompt to add to records that have none (default: leave them as they are)")
+    io.add_argument("--inspect", type=int, nargs="?", const=3, default=0, metavar="N",
+                    help="print N rendered samples (3 if N is omitted) with trained tokens marked, token counts "
+                         "and a length histogram, then exit without loading weights")
+    io.add_argument("--overwrite", action="store_true", help="replace a finished run (or an unfinished one) in --out")
+    io.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its latest checkpoint")
+    io.add_argument("--save_steps", type=int, default=50, help=f"checkpoint every N optimizer steps {d}")
+    io.add_argument("--save_total_limit", type=int, default=2, help=f"checkpoints kept while training {d}")
+    io.add_argument("--keep_checkpoints", action="store_true", help="keep checkpoints/ after the run finishes")
+    io.add_argument("--eval_steps", type=int, default=None, help="validation loss every N steps (default: --save_steps)")
+    io.add_argument("--logging_steps", type=int, default=10, help=f"log a line every N steps {d}")
+    io.add_argument("--seed", type=int, default=42, help=f"seed for the split, data order, LoRA init and dropout {d}")
+
+    tr = p.add_argument_group("optimisation")
+    tr.add_argument("--epochs", type=int, default=2, help=f"passes over the training samples {d}")
+    tr.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides --epochs)")
+    tr.add_argument("--batch", type=int, default=8, help=f"micro-batch per GPU/process {d}")
+    tr.add_argument("--grad_accum", type=int, default=2,
+                    help=f"micro-batches per optimizer step; effective batch = batch x grad_accum x processes {d}")
+    tr.add_argument("--lr", type=float, default=2e-4, help=f"peak learning rate {d}")
+    tr.add_argument("--lr_scheduler", choices=SCHEDULERS, default="cosine", help=f"learning-rate schedule {d}")
+    tr.add_argument("--warmup_ratio", type=float, default=0.03, help=f"share of steps spent warming up {d}")
+    tr.add_argument("--weight_decay", type=float, default=0.0, help=f"AdamW weight decay {d}")
+    tr.add_argument("--max_grad_norm", type=float, default=1.0, help=f"gradient clipping; 0 turns it off {d}")
+    tr.add_argument("--optim", choices=OPTIMIZERS, default="paged_adamw_8bit", help=f"optimizer {d}")
+    tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 compute (the default; falls back to fp16 on GPUs without bf16); --no-bf16 = fp32")
+    tr.add_argument("--fp16", action="store_true", help="fp16 compute with loss scaling (V100, T4)")
+
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora_r", type=int, default=16, help=f"adapter rank {d}")
+    lo.add_argument("--lora_alpha", type=float, default=32, help=f"adapter scale numerator {d}")
+    lo.add_argument("--lora_dropout", type=float, default=0.05, help=f"dropout on the adapter input {d}")
+    lo.add_argument("--target_modules", default="all-linear",
+                    help=f"'all-linear' or comma-separated module names, e.g. q_proj,v_proj {d}")
+
+    sp = p.add_argument_group("speed and memory")
+    sp.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"recompute activations in backward to save memory {d}")
+    sp.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"micro-batches of neighbours in length (less padding), steps in random order {d}")
+    sp.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"shuffle the data every epoch; --no-shuffle keeps file order (benchmarks) {d}")
+    sp.add_argument("--attn_implementation", default="sdpa", help=f"attention kernel (sdpa, eager, flash_attention_2) {d}")
+    sp.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
+    return p
+
+
+def validate_args(args) -> None:
+    """Collect every problem with the flags and report them together (exit 2)."""
+    bad = []
+    for name, low in (("epochs", 1), ("batch", 1), ("grad_accum", 1), ("max_seq_len", 8), ("lora_r", 1),
+                      ("save_steps", 1), ("save_total_limit", 1), ("logging_steps", 1)):
+        if getattr(args, name) < low:
+            bad.append(f"--{name} must be >= {low}")
+    for name in ("max_steps", "eval_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            bad.append(f"--{name} must be >= 1")
+    if not args.lr > 0:
+        bad.append("--lr must be > 0")
+    if not args.lora_alpha > 0:
+        bad.append("--lora_alpha must be > 0")
+    for name, hi in (("lora_dropout", 1), ("val_fraction", 1), ("warmup_ratio", 1)):
+        if not 0 <= getattr(args, name) < hi:
+            bad.append(f"--{name} must be in [0, {hi})")
+    if args.max_grad_norm < 0 or args.weight_decay < 0:
+        bad.append("--max_grad_norm and --weight_decay must be >= 0")
+    if args.fp16 and args.bf16:
+        bad.append("--bf16 and --fp16 exclude each other")
+    if args.resume and args.overwrite:
+        bad.append("--resume continues a run and --overwrite starts it over: pick one")
+    if not args.target_modules.strip(" ,"):
+        bad.append("--target_modules is empty")
+    if args.inspect < 0:
+        bad.append("--inspect N needs N >= 1")
+    if not Path(args.jsonl).is_file():
+        bad.append(f"--jsonl {args.jsonl}: file not found")
+    if Path(args.out).is_file():
+        bad.append(f"--out {args.out} is a file; give a folder")
+    if bad:
+        raise InputError("; ".join(bad))
+
+
+# --------------------------------------------------------------------------- data: chats -> tokens + label masks
+def load_chats(path, system_prompt: str | None = None) -> list[dict]:
+    """Read the training file into [{"line", "messages", "group"}]; bad records raise InputError with file:line."""
+    chats = []
+    for lineno, rec in read_jsonl(path):
+        try:
+            messages = record_messages(rec)
+            _check_turn_order(messages)
+        except ValueError as e:
+            raise InputError(f"{path}:{lineno}: {e}; each record needs 'messages' or a 'text' with "
+                             "<|system|>/<|user|>/<|assistant|> markers and at least one assistant answer") from None
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+        chats.append({"line": lineno, "messages": messages, "group": str(meta.get("paper_id", f"line{lineno}"))})
+    if not chats:
+        raise InputError(f"{path}: no records (the file is empty); generate data with generate_qa.py first")
+    return chats
+
+
+def _check_turn_order(messages: list[dict]) -> None:
+    roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        raise ValueError("a system turn may only come first")
+    turns = roles[1:] if roles[0] == "system" else roles
+    for i, role in enumerate(turns):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError(f"turns must alternate user/assistant starting with user, got {'/'.join(turns)}")
+
+
+def _assistant_char_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of the text to train on: each assistant answer plus the end-of-turn token after it.
+
+    The prompt up to an answer is the chat before it rendered with the generation prompt, and the answer
+    ends where the chat up to it ends: so the spans are right for whatever template the tokenizer has.
+    Whitespace the template writes after the end-of-turn token is glue, not part of the answer.
+    """
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = chat_text(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = chat_text(tokenizer, messages[: i + 1])
+        if len(upto) > len(before) and text.startswith(before) and text.startswith(upto):
+            start, end = len(before), len(before) + len(upto[len(before):].rstrip())
+        else:  # a template that renders earlier turns differently once more follow: find the answer itself
+            start = text.find(m["content"], cursor)
+            if start < 0:
+                raise ValueError(f"cannot locate assistant turn {i} in the rendered chat")
+            end = start + len(m["content"])
+            eos = tokenizer.eos_token or ""
+            if eos and text.startswith(eos, end):
+                end += len(eos)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def _token_offsets(tokenizer, text: str, ids: list[int], spans) -> list[tuple[int, int]]:
+    """Character span of each of `ids` (encode_text's output) in `text`; (0, 0) for tokens added outside it."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        inner, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError):
+        # A slow tokenizer has no offsets: tokenize prompt and answer pieces apart, which is exact when
+        # the pieces add up to the whole (each token then gets its piece's span).
+        inner = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cuts = sorted({0, len(text), *[x for span in spans for x in span]})
+        pieced, offsets = [], []
+        for a, b in zip(cuts, cuts[1:]):
+            toks = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+            pieced += toks
+            offsets += [(a, b)] * len(toks)
+        if pieced != inner:
+            raise ValueError("cannot align answer tokens with this slow tokenizer; use a fast tokenizer")
+    for k in range(len(ids) - len(inner) + 1):
+        if ids[k:k + len(inner)] == inner:
+            return [(0, 0)] * k + offsets + [(0, 0)] * (len(ids) - k - len(inner))
+    raise ValueError("tokenizer output with special tokens does not contain the plain tokenization")
+
+
+def _tokenize_detail(tokenizer, messages: list[dict], max_seq_len: int | None = None) -> dict | None:
+    text = chat_text(tokenizer, messages)
+    ids = encode_text(tokenizer, text)
+    if max_seq_len is not None and len(ids) > max_seq_len:
+        return None
+    spans = _assistant_char_spans(tokenizer, messages, text)
+    offsets = _token_offsets(tokenizer, text, ids, spans)
+    # A token is trained when it overlaps an answer span: a token straddling the prompt/answer boundary
+    # carries answer text the model must produce.
+    labels = [t if a < b and any(a < e and b > s for s, e in spans) else IGNORE for t, (a, b) in zip(ids, offsets)]
+    return {"text": text, "input_ids": ids, "labels": labels, "offsets": offsets}
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_seq_len: int) -> dict | None:
+    """input_ids (exactly one BOS) and labels (-100 except each assistant answer and its </s>); None if too long."""
+    d = _tokenize_detail(tokenizer, messages, max_seq_len)
+    return None if d is None else {"input_ids": d["input_ids"], "labels": d["labels"]}
+
+
+def fit_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[dict | None, int]:
+    """tokenize_chat, dropping whole earlier user/assistant exchanges until the chat fits.
+
+    Returns (sample or None, exchanges dropped). An answer is never cut: a last exchange that does not fit
+    alone drops the sample.
+    """
+    dropped = 0
+    while True:
+        sample = tokenize_chat(tokenizer, messages, max_seq_len)
+        if sample is not None or sum(m["role"] == "assistant" for m in messages) < 2:
+            return sample, dropped
+        first = 1 if messages[0]["role"] == "system" else 0
+        messages = messages[:first] + messages[first + 2:]
+        dropped += 1
+
+
+def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path) -> tuple[list[dict], dict]:
+    samples, too_long, trimmed, longest = [], [], 0, 0
+    for c in chats:
+        try:
+            s, n_dropped = fit_chat(tokenizer, c["messages"], max_seq_len)
+        except ValueError as e:
+            raise InputError(f"{path}:{c['line']}: {e}") from None
+        if s is None:
+            too_long.append(c["line"])
+            longest = max(longest, len(encode_text(tokenizer, chat_text(tokenizer, c["messages"]))))
+            continue
+        if not any(l != IGNORE for l in s["labels"]):
+            raise InputError(f"{path}:{c['line']}: no assistant token to train on after rendering")
+        trimmed += n_dropped > 0
+        samples.append({**s, "line": c["line"], "group": c["group"], "messages": c["messages"]})
+    report = {"n_records": len(chats), "dropped_too_long": len(too_long), "dropped_lines": too_long[:20],
+              "longest_dropped": longest, "trimmed_earlier_turns": trimmed}
+    if not samples:
+        raise InputError(f"{path}: every sample is longer than --max_seq_len={max_seq_len} tokens "
+                         f"(longest {longest}); raise --max_seq_len")
+    return samples, report
+
+
+def split_train_val(samples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out whole papers (meta.paper_id) where known, so validation loss is on unseen papers."""
+    n_val = round(len(samples) * val_fraction)
+    if val_fraction > 0 and n_val == 0 and len(samples) >= 10:
+        n_val = 1
+    if n_val == 0:
+        return samples, []
+    groups = sorted({s["group"] for s in samples})
+    random.Random(seed).shuffle(groups)
+    size = {}
+    for s in samples:
+        size[s["group"]] = size.get(s["group"], 0) + 1
+    val_groups, count = set(), 0
+    for g in groups:
+        if count >= n_val:
+            break
+        val_groups.add(g)
+        count += size[g]
+    if count > 2 * n_val or count == len(samples):  # too few papers to hold out whole ones: split records
+        val_groups = {id(s) for s in random.Random(seed).sample(samples, n_val)}
+        return [s for s in samples if id(s) not in val_groups], [s for s in samples if id(s) in val_groups]
+    return [s for s in samples if s["group"] not in val_groups], [s for s in samples if s["group"] in val_groups]
+
+
+# --------------------------------------------------------------------------- --inspect
+def _marked(text: str, ids: list[int], labels: list[int], offsets, bos_id) -> str:
+    trained = [False] * len(text)
+    for lab, (a, b) in zip(labels, offsets):
+        if lab != IGNORE:
+            trained[a:b] = [True] * (b - a)
+    out, on = ["<s>" if ids and ids[0] == bos_id and offsets[0] == (0, 0) else ""], False
+    for ch, t in zip(text, trained):
+        if t != on:
+            out.append("⟦" if t else "⟧")
+            on = t
+        out.append(ch)
+    return "".join(out) + ("⟧" if on else "")
+
+
+def _padding_share(lengths: list[int], micro: int, per_step: int, seed: int, group: bool) -> float:
+    padded = 0
+    for step in epoch_plan(lengths, per_step, seed, 0, group, True):
+        step = sorted(step, key=lambda i: -lengths[i])
+        for k in range(0, len(step), micro):
+            chunk = step[k:k + micro]
+            padded += max(lengths[i] for i in chunk) * len(chunk)
+    return 1 - sum(lengths) / padded
+
+
+def print_inspect(tokenizer, samples: list[dict], report: dict, args) -> None:
+    n = min(args.inspect, len(samples))
+    print(f"{n} of {len(samples)} samples as the model sees them; ⟦trained⟧ tokens are marked "
+          "(everything else has label -100)\n")
+    for s in samples[:n]:
+        d = _tokenize_detail(tokenizer, s["messages"])
+        n_tr = sum(l != IGNORE for l in d["labels"])
+        print(f"--- line {s['line']}: {len(d['input_ids'])} tokens, {n_tr} trained "
+              f"({sum(m['role'] == 'assistant' for m in s['messages'])} assistant turn(s))")
+        print(_marked(d["text"], d["input_ids"], d["labels"], d["offsets"], tokenizer.bos_token_id))
+    lengths = [len(s["input_ids"]) for s in samples]
+    trained = sum(sum(l != IGNORE for l in s["labels"]) for s in samples)
+    print(f"samples: {len(samples)} kept of {report['n_records']} records; {report['dropped_too_long']} dropped "
+          f"as longer than --max_seq_len={args.max_seq_len}; {report['trimmed_earlier_turns']} lost earlier turns")
+    print(f"tokens: {sum(lengths):,} in, {trained:,} trained ({trained / sum(lengths):.1%}); "
+          f"length min {min(lengths)}, median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}")
+    top = max(lengths)
+    width = max(1, math.ceil(top / 10))
+    counts = [0] * 10
+    for L in lengths:
+        counts[min(9, (L - 1) // width)] += 1
+    print("length histogram (tokens):")
+    for k, c in enumerate(counts):
+        print(f"  {k * width + 1:>6}-{(k + 1) * width:<6} {c:>6} {'#' * math.ceil(40 * c / max(counts))}")
+    per_step = args.batch * args.grad_accum
+    print(f"padding with --batch {args.batch} --grad_accum {args.grad_accum}: "
+          f"{_padding_share(lengths, args.batch, per_step, args.seed, True):.1%} length-grouped, "
+          f"{_padding_share(lengths, args.batch, per_step, args.seed, False):.1%} without")
+
+
+# --------------------------------------------------------------------------- model
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device() -> torch.device:
+    return torch.device(f"cuda:{_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(args, device: torch.device) -> tuple[torch.dtype, str]:
+    """Compute dtype from the flags and what the device can do, with a line saying what was chosen."""
+    if args.fp16:
+        return torch.float16, "fp16 compute with loss scaling"
+    if args.bf16 is False:
+        return torch.float32, "fp32 compute (--no-bf16)"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16, ("bf16 requested but this GPU has none: falling back to fp16 compute with loss "
+                               "scaling (pass --fp16 to choose it explicitly)")
+    if device.type == "cpu":
+        return torch.bfloat16, "bf16 compute on CPU (bitsandbytes 4-bit supports it; slow, for tests and demos)"
+    return torch.bfloat16, "bf16 compute"
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    ensure_chat_template(tok)
+    _ensure_pad(tok)
+    tok.padding_side = "right"
+    return tok
+
+
+def _ensure_pad(tok) -> None:
+    # Padding is masked out of attention and labels by length (collate), so the pad id only has to exist;
+    # unk keeps it distinct from the </s> that is trained on.
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+
+
+def load_model(args):
+    """The 4-bit base + LoRA model exactly as training uses it (NF4, double quant, k-bit prep, LoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = _device()
+    dtype, _ = resolve_precision(args, device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls (LoRA, lm_head) on Ampere+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, quantization_config=quant, device_map={"": str(device)}, dtype=dtype,
+        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = args.target_modules if args.target_modules == "all-linear" else \
+        [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_model_and_tokenizer(args):
+    return load_model(args), load_tokenizer(args)
+
+
+# --------------------------------------------------------------------------- data order and batches
+def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_by_length: bool,
+               shuffle: bool) -> list[list[int]]:
+    """Sample indices of each optimizer step of one epoch, a function of (seed, epoch) only.
+
+    Length grouping sorts chunks of 64 steps' worth of samples by length, so neighbours (which share
+    micro-batches) have similar lengths, then shuffles the order of the steps.
+    """
+    rng = random.Random(f"{seed}/{epoch}")
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        mega = per_step * 64
+        order = [i for k in range(0, len(order), mega)
+                 for i in sorted(order[k:k + mega], key=lambda j: -lengths[j])]
+    steps = [order[k:k + per_step] for k in range(0, len(order), per_step)]
+    if group_by_length and shuffle:
+        rng.shuffle(steps)
+    return steps
+
+
+def collate(samples: list[dict], pad_id: int, device) -> dict:
+    """Right-padded tensors. The attention mask and labels come from the lengths, never from `ids != pad`."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    L = max(lengths)
+    ids = torch.full((len(samples), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), L), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), L), dtype=torch.long)
+    for r, s in enumerate(samples):
+        n = lengths[r]
+        ids[r, :n] = torch.tensor(s["input_ids"])
+        labels[r, :n] = torch.tensor(s["labels"])
+        mask[r, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            # without padding, no mask lets SDPA take its plain causal path
+            "attention_mask": None if min(lengths) == L else mask.to(device),
+            "n_tokens": sum(lengths), "n_padded": L * len(samples)}
+
+
+def _micro_loss(model, batch: dict, n_items, amp) -> torch.Tensor:
+    """Sum of token losses of one micro-batch divided by n_items (the trained tokens of the whole step)."""
+    with amp:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    num_items_in_batch=n_items, use_cache=False)
+    return out.loss
+
+
+def _n_trained(sample: dict) -> int:
+    return sum(1 for l in sample["labels"][1:] if l != IGNORE)  # position 0 is never predicted
+
+
+# --------------------------------------------------------------------------- distributed
+class _Dist:
+    def __init__(self):
+        self.on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+        self.main = self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.on:
+            dist.barrier()
+
+
+def _init_distributed() -> None:
+    """torchrun / accelerate launch set WORLD_SIZE>1: one process per GPU (gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(_local_rank())
+            dist.init_process_group("nccl", device_id=torch.device(f"cuda:{_local_rank()}"))
+        else:
+            dist.init_process_group("gloo")
+
+
+def _all_reduce_grads(params, d: _Dist) -> None:
+    """Sum LoRA gradients over processes in one flat buffer (tens of MB for a 7B model: cheap)."""
+    if not d.on:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    k = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[k:k + n].view_as(p).to(p.dtype)
+        k += n
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _make_optimizer(params, args, device):
+    kw = {"lr": args.lr, "weight_decay": args.weight_decay}
+    if args.optim in ("adamw_torch", "adamw_torch_fused"):
+        return torch.optim.AdamW(params, fused=args.optim == "adamw_torch_fused" or None, **kw)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[args.optim]
+    return cls(params, **kw)  # on CPU bitsandbytes warns that paging falls back to plain memory: harmless
+
+
+def _fingerprint(samples: list[dict], per_step: int, total: int, args) -> dict:
+    """What fixes the data order and the schedule: a resumed run must match it."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(array("q", s["input_ids"]).tobytes() + b"|" + array("q", s["labels"]).tobytes() + b"\n")
+    return {"samples_sha256": h.hexdigest(), "samples_per_step": per_step, "total_steps": total,
+            "seed": args.seed, "group_by_length": args.group_by_length, "shuffle": args.shuffle}
+
+
+def checkpoints(out_dir) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _last_checkpoint(out_dir) -> Path | None:
+    found = checkpoints(out_dir) if out_dir is not None else []
+    return found[-1] if found else None
+
+
+def _save_checkpoint(model, optimizer, scheduler, scaler, state: dict, fp: dict, out_dir, keep: int, d: _Dist):
+    if d.main:
+        root = Path(out_dir) / "checkpoints"
+        final, tmp = root / f"step-{state['step']}", root / f".step-{state['step']}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None}, tmp / "training_state.pt")
+        write_json_atomic(tmp / "trainer_state.json", {**state, "fingerprint": fp})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a kill leaves either the old set or the complete new checkpoint
+        for old in checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, device) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    saved = state.pop("fingerprint")
+    diff = [k for k in fp if saved.get(k) != fp[k]]
+    if diff:
+        raise InputError(f"{path} was made with different data or settings ({', '.join(diff)} differ); "
+                         "--resume needs the same --jsonl, --seed, --epochs/--max_steps and "
+                         "--batch x --grad_accum x processes; or start over with --overwrite")
+    result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors", device=str(device)))
+    if getattr(result, "unexpected_keys", None):
+        raise InputError(f"{path}: adapter does not match the model ({result.unexpected_keys[:3]}...)")
+    ts = torch.load(path / "training_state.pt", map_location=device, weights_only=False)
+    optimizer.load_state_dict(ts["optimizer"])
+    scheduler.load_state_dict(ts["scheduler"])
+    if scaler is not None and ts.get("scaler"):
+        scaler.load_state_dict(ts["scaler"])
+    return state
+
+
+# --------------------------------------------------------------------------- training loop
+def _peak_memory(device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9, "cuda_max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "cpu_max_rss"
+
+
+def _evaluate(model, samples: list[dict], micro: int, amp, pad_id: int, device, d: _Dist) -> float:
+    mine = sorted(samples[d.rank::d.world], key=lambda s: -len(s["input_ids"]))
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    model.eval()
+    with torch.no_grad():
+        for k in range(0, len(mine), micro):
+            batch = collate(mine[k:k + micro], pad_id, device)
+            total[0] += _micro_loss(model, batch, 1, amp).double()
+            total[1] += sum(_n_trained(s) for s in mine[k:k + micro])
+    model.train()
+    d.all_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _log(msg: str, d: _Dist, bar=None) -> None:
+    if d.main:
+        (bar.write if bar is not None else print)(msg)
+        sys.stdout.flush()
+
+
+def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_step=None) -> dict:
+    """Train the LoRA parameters of `model` on pre-tokenized samples; return metrics.
+
+    samples: [{"input_ids": [...], "labels": [...]}], labels -100 where not trained. on_step(step, loss,
+    n_trained_tokens, n_input_tokens) runs after each optimizer step (tokens of the whole step, all
+    processes). out_dir None: no checkpoints and no files (benchmarks).
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    t_start = time.perf_counter()
+    d = _Dist()
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    dtype, _ = resolve_precision(args, device)
+    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if not train_samples:
+        raise InputError("no training samples")
+
+    per_step = args.batch * args.grad_accum * d.world
+    lengths = [len(s["input_ids"]) for s in train_samples]
+    trained = [_n_trained(s) for s in train_samples]
+    steps_per_epoch = math.ceil(len(train_samples) / per_step)
+    total = args.max_steps or steps_per_epoch * args.epochs
+    eval_every = args.eval_steps or args.save_steps
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if d.on:  # identical start on every process whatever each one's RNG did
+        for p in params:
+            dist.broadcast(p.data, 0)
+    optimizer = _make_optimizer(params, args, device)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
+                              num_training_steps=total)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    fp = _fingerprint(train_samples, per_step, total, args)
+    state = {"step": 0, "micro": args.batch, "train": [], "val": [], "oom_backoffs": [], "train_seconds": 0.0,
+             "trained_tokens": 0, "input_tokens": 0, "padded_tokens": 0}
+    resumed_from = None
+    if out_dir is not None and args.resume:
+        if checkpoints(out_dir):
+            latest = checkpoints(out_dir)[-1]
+            state = _load_checkpoint(latest, model, optimizer, scheduler, scaler, fp, device)
+            resumed_from = state["step"]
+            _log(f"resumed from {latest} (step {resumed_from}/{total}, micro-batch {state['micro']})", d)
+        else:
+            _log(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; starting from step 0", d)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    _log(f"training {len(train_samples)} samples ({sum(trained):,} trained tokens), {len(val_samples)} validation; "
+         f"{total} steps of {per_step} samples ({args.batch} x {args.grad_accum} accumulation x {d.world} "
+         f"process(es)), {steps_per_epoch} steps/epoch", d)
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], disable=None if d.main else True, dynamic_ncols=True,
+               desc="train")
+    plans: dict[int, list] = {}
+    while state["step"] < total:
+        step = state["step"]
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: epoch_plan(lengths, per_step, args.seed, epoch, args.group_by_length, args.shuffle)}
+        ids = sorted(plans[epoch][k], key=lambda i: -lengths[i])
+        mine = [train_samples[i] for i in ids[d.rank::d.world]]  # round robin: ranks get similar lengths
+        n_items = max(1, sum(trained[i] for i in ids))
+        t0 = time.perf_counter()
+        while True:
+            torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + d.rank)  # dropout: same on a retry or resume
+            stats = torch.zeros(4, dtype=torch.float64, device=device)  # oom, loss, tokens, padded tokens
+            try:
+                for j in range(0, len(mine), state["micro"]):
+                    batch = collate(mine[j:j + state["micro"]], pad_id, device)
+                    loss = _micro_loss(model, batch, n_items, amp)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    stats[1] += loss.detach().double()
+                    stats[2] += batch["n_tokens"]
+                    stats[3] += batch["n_padded"]
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or an allocator error from a library kernel
+                if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                    raise
+                stats[0] = 1
+            batch = loss = None
+            d.all_sum(stats)  # every process learns of an OOM anywhere before gradients are exchanged
+            if stats[0] == 0:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if state["micro"] == 1:
+                raise TrainingError(
+                    f"out of memory at step {step + 1} even with micro-batch 1: the longest sample in this "
+                    f"step has {lengths[ids[0]]} tokens; lower --max_seq_len, or keep --gradient_checkpointing on")
+            new = state["micro"] // 2
+            _log(f"out of memory at step {step + 1} with micro-batch {state['micro']}: retrying with micro-batch "
+                 f"{new} x {math.ceil(args.batch * args.grad_accum / new)} accumulation (same effective batch)",
+                 d, bar)
+            state["oom_backoffs"].append({"step": step + 1, "from": state["micro"], "to": new})
+            state["micro"] = new
+
+        loss_value = stats[1].item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"loss is {loss_value} at step {step + 1}; stopped before the update. Last good checkpoint: "
+                f"{_last_checkpoint(out_dir) or 'none'}. Lower --lr (now {args.lr}), use --bf16 instead of --fp16, "
+                "or check the data; then rerun with --resume")
+        _all_reduce_grads(params, d)
+        if scaler:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        if scaler is None and not math.isfinite(norm.item()):  # fp16's scaler skips such steps itself
+            raise TrainingError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before the update. "
+                                f"Last good checkpoint: {_last_checkpoint(out_dir) or 'none'}. Lower --lr and "
+                                "rerun with --resume")
+        lr = scheduler.get_last_lr()[0]
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dt = time.perf_counter() - t0
+        n_tr = sum(trained[i] for i in ids)
+        n_in, n_pad = int(stats[2].item()), int(stats[3].item())
+        state["step"] = step + 1
+        state["train_seconds"] += dt
+        state["trained_tokens"] += n_tr
+        state["input_tokens"] += n_in
+        state["padded_tokens"] += n_pad
+        state["train"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": loss_value,
+                               "lr": lr, "grad_norm": float(norm), "trained_tokens": n_tr, "input_tokens": n_in,
+                               "padded_tokens": n_pad, "seconds": dt, "tokens_per_s": n_in / dt,
+                               "micro_batch": state["micro"]})
+        if on_step is not None:
+            on_step(step + 1, loss_value, n_tr, n_in)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_in / dt:,.0f}", micro=state["micro"])
+        if (step + 1) % args.logging_steps == 0:
+            _log(f"step {step + 1}/{total} | epoch {(step + 1) / steps_per_epoch:.2f} | loss {loss_value:.4f} | "
+                 f"lr {lr:.2e} | {n_in / dt:,.0f} tok/s | micro-batch {state['micro']}", d, bar)
+        done = state["step"] == total
+        if val_samples and (state["step"] % eval_every == 0 or done):
+            vl = _evaluate(model, val_samples, state["micro"], amp, pad_id, device, d)
+            state["val"].append({"step": state["step"], "loss": vl})
+            _log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
+        if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
+            _save_checkpoint(model, optimizer, scheduler, scaler, state, fp, out_dir, args.save_total_limit, d)
+            if d.main:
+                write_metrics(out_dir, _metrics(state, t_start, device, d, resumed_from, finished=False))
+    bar.close()
+    return _metrics(state, t_start, device, d, resumed_from, finished=True)
+
+
+def _metrics(state: dict, t_start: float, device, d: _Dist, resumed_from, finished: bool) -> dict:
+    peak, kind = _peak_memory(device)
+    secs = max(state["train_seconds"], 1e-9)
+    return {"finished": finished, "steps": state["step"], "train": state["train"], "val": state["val"],
+            "final_train_loss": state["train"][-1]["loss"] if state["train"] else None,
+            "final_val_loss": state["val"][-1]["loss"] if state["val"] else None,
+            "trained_tokens": state["trained_tokens"], "input_tokens": state["input_tokens"],
+            "padded_tokens": state["padded_tokens"],
+            "padding_share": 1 - state["input_tokens"] / max(state["padded_tokens"], 1),
+            "tokens_per_s": state["input_tokens"] / secs, "trained_tokens_per_s": state["trained_tokens"] / secs,
+            "train_seconds": state["train_seconds"], "wall_seconds": time.perf_counter() - t_start,
+            "peak_memory_gb": peak, "peak_memory_kind": kind, "oom_backoffs": state["oom_backoffs"],
+            "final_micro_batch": state["micro"], "world_size": d.world, "device": str(device),
+            "resumed_from_step": resumed_from}
+
+
+# --------------------------------------------------------------------------- outputs
+def write_metrics(out_dir, metrics: dict) -> None:
+    write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if metrics["train"]:
+        ax.plot([r["step"] for r in metrics["train"]], [r["loss"] for r in metrics["train"]], label="train", lw=1)
+    if metrics["val"]:
+        ax.plot([r["step"] for r in metrics["val"]], [r["loss"] for r in metrics["val"]], "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per trained token")
+    ax.set_title("QLoRA training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(out_dir) / ".loss.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, Path(out_dir) / "loss.png")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    out["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return out
+
+
+def _run_config(args, tokenizer, report, n_train, n_val, precision_note, world) -> dict:
+    return {"base_model": args.model, "args": vars(args), "versions": _versions(),
+            "data_sha256": sha256_file(args.jsonl), "n_train": n_train, "n_val": n_val,
+            "dropped_too_long": report["dropped_too_long"], "trimmed_earlier_turns": report["trimmed_earlier_turns"],
+            "chat_template": tokenizer.chat_template, "precision": precision_note, "world_size": world}
+
+
+def _check_out_dir(out: Path, args) -> None:
+    finished = (out / "adapter_model.safetensors").exists()
+    if finished and not args.overwrite:
+        raise InputError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
+    if not finished and checkpoints(out) and not (args.resume or args.overwrite):
+        raise InputError(f"{out} holds an unfinished run (checkpoints/{checkpoints(out)[-1].name}); "
+                         "pass --resume to continue it or --overwrite to start over")
+
+
+def _clear_out_dir(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def _save_final(model, tokenizer, out: Path, metrics: dict, run_config: dict, keep_checkpoints: bool) -> None:
+    tokenizer.save_pretrained(out)
+    write_json_atomic(out / "run_config.json", run_config)
+    write_metrics(out, metrics)
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_model.safetensors"):  # weights last: done marker
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    if not keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- main
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    out = Path(args.out)
+    if not args.inspect:
+        _check_out_dir(out, args)
+    _init_distributed()
+    d = _Dist()
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before anything random is built: LoRA init is reproducible
+
+    chats = load_chats(args.jsonl, args.system_prompt)
+    tokenizer = load_tokenizer(args)
+    samples, report = build_samples(tokenizer, chats, args.max_seq_len, args.jsonl)
+    if args.inspect:
+        if d.main:
+            print_inspect(tokenizer, samples, report, args)
+        return 0
+    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed)
+    device = _device()
+    dtype, precision = resolve_precision(args, device)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        _log("note: this script does data parallel (one 4-bit copy per GPU); the FSDP/DeepSpeed settings of "
+             "your accelerate config are ignored", d)
+    _log(f"{args.jsonl}: {len(samples)} samples from {report['n_records']} records -> {len(train_s)} train, "
+         f"{len(val_s)} validation; {report['dropped_too_long']} dropped as longer than --max_seq_len="
+         f"{args.max_seq_len}" + (f" (lines {report['dropped_lines']}, longest {report['longest_dropped']} tokens)"
+                                  if report["dropped_too_long"] else "")
+         + f"; {report['trimmed_earlier_turns']} lost earlier turns to fit", d)
+    _log("flags: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()), d)
+    _log(f"model {args.model} in 4-bit NF4, {precision}, device {device}, {d.world} process(es)", d)
+    run_config = _run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world)
+    if d.main:
+        if args.overwrite:
+            _clear_out_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "run_config.json", run_config)
+    d.barrier()
+
+    model = load_model(args)
+    metrics = train(model, tokenizer, train_s, val_s, args, out_dir=out)
+    if d.main:
+        _save_final(model, tokenizer, out, metrics, run_config, args.keep_checkpoints)
+        val = f", validation loss {metrics['final_val_loss']:.4f}" if metrics["final_val_loss"] is not None else ""
+        print(f"done: {metrics['steps']} steps, train loss {metrics['final_train_loss']:.4f}{val}, "
+              f"{metrics['tokens_per_s']:,.0f} tok/s, peak memory {metrics['peak_memory_gb']:.2f} GB "
+              f"({metrics['peak_memory_kind']}); adapter in {out}")
+    d.barrier()
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except InputError as e:
+        if _Dist().main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        if _Dist().main:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
