@@ -1,0 +1,207 @@
+"""generate_qa.py: the offline backend, curation filters, near-duplicate removal and the split by paper."""
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import common
+import generate_qa
+from generate_qa import check_pair, cross_group_near_duplicates, jaccard, question_tokens
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(path):
+    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def run_offline(tmp_path, *args, inputs=(DATA / "abstracts.jsonl",)):
+    out = tmp_path / "out"
+    rc = generate_qa.main(["--backend", "offline", "--input", *map(str, inputs), "--out", str(out / "train.jsonl"),
+                           "--eval-out", str(out / "eval.jsonl"), *args])
+    return rc, out
+
+
+def assert_split_is_clean(train, evals, threshold=0.8):
+    train_papers = {r["meta"]["paper_id"] for r in train}
+    assert not train_papers & {e["paper_id"] for e in evals}
+    train_q = [question_tokens(r["messages"][1]["content"]) for r in train]
+    for e in evals:
+        q = question_tokens(e["question"])
+        assert all(jaccard(q, t) < threshold for t in train_q), e["question"]
+
+
+def test_offline_backend_records_follow_the_contract(tmp_path):
+    rc, out = run_offline(tmp_path, "--eval-papers", "2")
+    assert rc == 0
+    train, evals = load(out / "train.jsonl"), load(out / "eval.jsonl")
+    assert len(train) + len(evals) >= 8 * 10
+    for r in train:
+        assert common.record_messages(r) == r["messages"]
+        assert r["text"] == common.render_zephyr(r["messages"])
+        assert r["messages"][0] == {"role": "system", "content": common.DEFAULT_SYSTEM_PROMPT}
+        assert r["meta"]["backend"] == "offline" and r["meta"]["model"] == generate_qa.OFFLINE_MODEL
+        assert r["meta"]["type"] in generate_qa.TYPES
+    assert set(Counter(r["meta"]["type"] for r in train)) == set(generate_qa.TYPES)
+    for e in evals:
+        assert set(e) == {"id", "question", "reference", "type", "paper_id", "context"}
+    assert len({e["paper_id"] for e in evals}) == 2 and len({e["type"] for e in evals}) >= 4
+    assert len({e["id"] for e in evals}) == len(evals)
+    assert_split_is_clean(train, evals)
+
+    man = json.loads((out / "train.manifest.json").read_text())
+    assert man["backend"] == "offline" and len(man["prompt_sha256"]) == 64
+    assert man["counts"]["train"] == len(train) and man["counts"]["eval"] == len(evals)
+    assert sum(man["counts"]["train_by_type"].values()) == len(train)
+    assert man["counts"]["generated"] - man["counts"]["kept"] == sum(man["counts"]["filters"].values())
+    assert man["estimated_cost_usd"]["this_run"] == 0
+    assert not (out / ".cache").exists()  # nothing to cache without an LLM
+
+
+def test_offline_is_deterministic_and_system_prompt_configurable(tmp_path):
+    _, a = run_offline(tmp_path / "a")
+    _, b = run_offline(tmp_path / "b")
+    assert (a / "train.jsonl").read_bytes() == (b / "train.jsonl").read_bytes()
+    assert (a / "eval.jsonl").read_bytes() == (b / "eval.jsonl").read_bytes()
+    _, c = run_offline(tmp_path / "c", "--system-prompt", "Be brief.", "--eval-papers", "0.25", "--seed", "3")
+    train = load(c / "train.jsonl")
+    assert {r["messages"][0]["content"] for r in train} == {"Be brief."}
+    assert len({e["paper_id"] for e in load(c / "eval.jsonl")}) == 2  # 25% of 8 papers
+
+
+def test_offline_pairs_are_grounded_and_edge_cases_behave():
+    papers = generate_qa.read_abstract_file(DATA / "abstracts.jsonl")
+    quotas = generate_qa.type_quotas(12, 0.2)
+    args = generate_qa.build_parser().parse_args([])
+    for paper in papers:
+        pairs = generate_qa.offline_pairs(paper, quotas)
+        assert len(pairs) == 12, paper["id"]
+        got = Counter(p["type"] for p in pairs)
+        assert all(got[t] == quotas[t] for t in generate_qa.EDGE_CASES)
+        assert all(got[t] >= 1 for t in generate_qa.ANSWERABLE)  # a short type lends its quota to the others
+        for p in pairs:
+            assert check_pair(p, paper["abstract"], args) is None, p
+            assert paper["title"] in p["question"]
+        assert max(Counter(p["answer"] for p in pairs).values()) <= 2  # a sentence answers at most two questions
+
+
+@pytest.mark.parametrize("n,ratio", [(12, 0.2), (10, 0.2), (5, 0.0), (3, 1.0), (8, 0.5)])
+def test_type_quotas(n, ratio):
+    q = generate_qa.type_quotas(n, ratio)
+    assert sum(q.values()) == n
+    edge = q["unanswerable"] + q["false_premise"]
+    assert abs(edge - n * ratio) <= 1 and (ratio > 0 or edge == 0)
+
+
+ABSTRACT = ("QLoRA finetunes a 65B parameter model on a single 48GB GPU. It backpropagates through a frozen 4-bit "
+            "quantized model into low-rank adapters.")
+
+
+@pytest.mark.parametrize("pair,reason", [
+    ({"type": "factual", "question": "How large a model does QLoRA finetune?",
+      "answer": "A 65B parameter model on a single 48GB GPU."}, None),
+    ({"type": "factual", "question": "What GPU does QLoRA need?",
+      "answer": "An 80GB GPU is needed."}, "ungrounded_number"),
+    ({"type": "conceptual", "question": "Why does QLoRA matter for biology?",
+      "answer": "It revolutionises protein folding pipelines and drug discovery workflows worldwide."}, "ungrounded"),
+    ({"type": "unanswerable", "question": "What learning rate does QLoRA use?",
+      "answer": "It uses a learning rate that works well."}, "no_refusal"),
+    ({"type": "unanswerable", "question": "What learning rate does QLoRA use?",
+      "answer": "The abstract does not state the learning rate."}, None),
+    ({"type": "false_premise", "question": "Why does QLoRA need eight GPUs for the 65B model?",
+      "answer": "It uses eight GPUs for the 65B model."}, "no_correction"),
+    ({"type": "false_premise", "question": "Why does QLoRA need 8 GPUs for the 65B model?",
+      "answer": "That premise is wrong: it needs a single 48GB GPU, not 8."}, None),
+    ({"type": "factual", "question": "Q?", "answer": "A 65B parameter model on a single 48GB GPU."}, "length"),
+    ({"type": "factual", "question": "What went wrong with the request?",
+      "answer": "Error: rate limit reached for requests."}, "error_text"),
+])
+def test_check_pair_filters(pair, reason):
+    args = generate_qa.build_parser().parse_args([])
+    got = check_pair(pair, ABSTRACT, args)
+    assert (got.split(":")[0] if got else None) == reason, got
+
+
+def test_prefix_filter_join_matches_brute_force():
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(30)]
+    sets = [frozenset(rng.sample(vocab, rng.randint(3, 9))) for _ in range(300)]
+    sets += [s | {"extra"} for s in sets[:40]]  # plant near-duplicates
+    groups = [i % 7 for i in range(len(sets))]
+    for t in (0.5, 0.8, 1.0):
+        fast = cross_group_near_duplicates(sets, groups, t)
+        kept, slow = [], {}
+        for i, s in enumerate(sets):
+            hit = next((j for j in kept if groups[j] != groups[i] and jaccard(s, sets[j]) >= t), None)
+            if hit is None:
+                kept.append(i)
+            else:
+                slow[i] = hit
+        assert set(fast) == set(slow)
+
+
+def test_duplicates_removed_within_and_across_papers():
+    papers = {"p1": {"abstract": ABSTRACT, "title": "QLoRA"}, "p2": {"abstract": ABSTRACT, "title": "Other"}}
+    ans = "A 65B parameter model on a single 48GB GPU."
+    pairs = [
+        {"paper_id": "p1", "type": "factual", "question": "How large a model does QLoRA finetune on one GPU?", "answer": ans},
+        {"paper_id": "p1", "type": "factual", "question": "How large a model does QLoRA finetune on one GPU?", "answer": ans},
+        {"paper_id": "p1", "type": "factual", "question": "How large a model does QLoRA finetune on a GPU?", "answer": ans},
+        {"paper_id": "p2", "type": "factual", "question": "how large a model does QLoRA finetune on one GPU", "answer": ans},
+        {"paper_id": "p2", "type": "factual", "question": "How large a model does QLoRA finetune on one single GPU?", "answer": ans},
+        {"paper_id": "p2", "type": "factual", "question": "Which GPU does QLoRA fit a 65B model on?", "answer": ans},
+    ]
+    counts, rejects = Counter(), []
+    kept = generate_qa.curate(pairs, papers, generate_qa.build_parser().parse_args([]), counts, rejects)
+    assert [p["question"] for p in kept] == [pairs[0]["question"], pairs[5]["question"]]
+    assert counts == {"duplicate": 2, "near_duplicate": 2}
+    assert all(r["stage"] == "curate" for r in rejects)
+
+
+def test_split_holds_out_whole_papers():
+    ids = [f"p{i}" for i in range(10)]
+    assert len(generate_qa.split_papers(ids, 3, 0)) == 3
+    assert len(generate_qa.split_papers(ids, 0.2, 0)) == 2
+    assert generate_qa.split_papers(ids, 3, 1) == generate_qa.split_papers(ids, 3, 1)
+    assert generate_qa.split_papers(["only"], 3, 0) == set()
+    assert len(generate_qa.split_papers(ids[:2], 3, 0)) == 1
+    assert generate_qa.split_papers(ids, 0, 0) == set()
+
+
+SAMPLE = ROOT / "data" / "sample_abstracts.jsonl"
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="data/sample_abstracts.jsonl not written yet")
+def test_demo_on_sample_abstracts_gives_300_pairs_and_10_eval_questions(tmp_path):
+    """The README's offline demo, with default flags."""
+    rc, out = run_offline(tmp_path, inputs=(SAMPLE,))
+    assert rc == 0
+    train, evals = load(out / "train.jsonl"), load(out / "eval.jsonl")
+    assert len(train) >= 300
+    assert len(evals) >= 10 and len({e["type"] for e in evals}) >= 4
+    assert_split_is_clean(train, evals)
+
+
+@pytest.mark.parametrize("answer,refuses", [
+    ("The abstract does not state the learning rate.", True),
+    ("The abstract doesn't specify which optimizer was used.", True),
+    ("No information about the hardware is given.", True),
+    ("This cannot be determined from the abstract.", True),
+    ("The model does not use dropout and trains for a week.", False),
+    ("It uses the standard learning rate.", False),
+])
+def test_refusal_detection(answer, refuses):
+    assert bool(generate_qa._REFUSAL_RE.search(answer)) == refuses
+
+
+def test_error_text_filter_spares_papers_about_rate_limits():
+    args = generate_qa.build_parser().parse_args([])
+    abstract = "We study API rate limiting and key rotation for web services under heavy load."
+    ok = {"type": "factual", "question": "What does the paper study about web services?",
+          "answer": "API rate limiting and key rotation for web services under heavy load."}
+    assert check_pair(ok, abstract, args) is None
+    bad = dict(ok, answer="I'm sorry, I cannot help with API rate limiting for web services.")
+    assert check_pair(bad, abstract, args).startswith("error_text")
