@@ -1,0 +1,156 @@
+"""quick_infer.py on the tiny model: one-shot answer, scripted interactive session, merged model export."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+import eval_compare as ec
+import quick_infer as qi
+from test_eval_compare import LOGIT_TOL_FT, make_run, teacher_forced_logits
+
+N = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and when the 2 CPUs are shared, OpenMP spin-waits made
+    these tests up to 50x slower (32 s instead of 0.5 s for the interactive session)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tmp_path_factory):
+    return make_run(tiny_model, tmp_path_factory.mktemp("qi") / "tiny-qlora")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run):
+    """The reference path (4-bit + adapter) and a function giving its greedy answer to a question."""
+    run = ec.read_run(tiny_run)
+    tok = ec.load_tokenizer(run)
+    model = ec.attach_adapter(ec.load_base(run), run)
+
+    def answer(question: str, side: str = "ft", system: str = run.system_prompt, n: int = N):
+        ids = ec.prompt_ids(tok, question, system)
+        if side == "base":
+            with model.disable_adapter():
+                return ec.generate_batch(model, tok, [ids], ec.Decoding(max_new_tokens=n))[0]
+        return ec.generate_batch(model, tok, [ids], ec.Decoding(max_new_tokens=n))[0]
+
+    return {"run": run, "tok": tok, "model": model, "answer": answer}
+
+
+def test_one_shot_both(tiny_run, reference, capsys):
+    q = "What does the paper propose?"
+    assert qi.main(["--adapter", str(tiny_run), "--prompt", q, "--model", "both", "--max_new_tokens", str(N)]) == 0
+    out = capsys.readouterr().out
+    base, ft = out.split("--- fine-tuned ---")
+    assert base.startswith("--- base ---")
+    assert base.split("--- base ---", 1)[1].strip() == reference["answer"](q, "base")[0]
+    assert ft.strip() == reference["answer"](q, "ft")[0]
+    assert reference["answer"](q, "base")[0] != reference["answer"](q, "ft")[0]
+
+
+def test_interactive_session(tiny_run, reference, capsys, monkeypatch):
+    script = ("What is QLoRA?\n/base\nWhat is QLoRA?\n/both\nWhy four bits?\n/system Answer in one word.\n/ft\n"
+              "Why four bits?\n/nonsense\n\n/quit\nnever asked\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert qi.main(["--adapter", str(tiny_run), "--max_new_tokens", str(N)]) == 0
+    out = capsys.readouterr().out
+    ans = reference["answer"]
+    expected = [
+        qi.HELP,
+        "[ft] > " + ans("What is QLoRA?")[0],
+        "[ft] > now answering: base",
+        "[base] > " + ans("What is QLoRA?", "base")[0],
+        "[base] > now answering: both",
+        "[both] > --- base ---", ans("Why four bits?", "base")[0], "--- fine-tuned ---", ans("Why four bits?")[0],
+        "[both] > system prompt set",
+        "[both] > now answering: ft",
+        "[ft] > " + ans("Why four bits?", system="Answer in one word.")[0],
+        "[ft] > " + qi.HELP,
+    ]
+    squash = lambda text: " ".join(text.split())  # noqa: E731 - streamed text keeps the model's leading space
+    assert squash(out).startswith(squash("\n".join(expected)))
+    assert "never asked" not in out and "[ft] > [ft] > " in out  # the empty line was skipped, /quit ended it
+
+
+def test_interactive_ends_on_eof(tiny_run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/both\n"))
+    assert qi.main(["--adapter", str(tiny_run), "--max_new_tokens", "2"]) == 0
+    assert "now answering: both" in capsys.readouterr().out
+
+
+def test_merge_out_loads_in_plain_transformers(tiny_run, reference, tmp_path, capsys):
+    """bf16 run: the merged checkpoint is a plain bf16 model (no quantization_config) that reproduces the
+    in-memory fast path bit for bit and the adapter path within the logit tolerance."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    assert qi.main(["--adapter", str(tiny_run), "--merge_out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
+    assert json.loads((out / "merge_info.json").read_text())["adapter_sha256"] == reference["run"].adapter_sha
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16 and tok.chat_template
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+    q = "What does the paper propose?"
+    ids = ec.prompt_ids(tok, q, reference["run"].system_prompt)
+    assert ids == ec.prompt_ids(reference["tok"], q, reference["run"].system_prompt)  # same template
+    in_memory = ec.merged_model(reference["run"])
+    with torch.no_grad():
+        a = merged(input_ids=torch.tensor([ids])).logits
+        b = in_memory(input_ids=torch.tensor([ids])).logits
+    assert torch.equal(a, b)
+    _, _, ref_ids = reference["answer"](q, n=12)
+    diff = (teacher_forced_logits(merged, ids, ref_ids) - teacher_forced_logits(reference["model"], ids, ref_ids))
+    assert diff.abs().max().item() <= LOGIT_TOL_FT
+
+    assert qi.main(["--adapter", str(tiny_run), "--merge_out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_merged_greedy_equals_adapter_path_fp32(tiny_model, tmp_path):
+    """fp32 run (the merge is exact to float rounding): the saved merged model's greedy output equals
+    the adapter path's token for token."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = make_run(tiny_model, tmp_path / "fp32-run", bf16=False)
+    assert qi.main(["--adapter", str(run_dir), "--merge_out", str(tmp_path / "m")]) == 0
+    run = ec.read_run(run_dir)
+    tok = ec.load_tokenizer(run)
+    adapter_path = ec.attach_adapter(ec.load_base(run), run)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    prompts = [ec.prompt_ids(tok, q, run.system_prompt) for q in ("What is proposed?", "Why four bits?")]
+    dec = ec.Decoding(max_new_tokens=12)
+    for p in prompts:
+        assert ec.generate_batch(merged, tok, [p], dec) == ec.generate_batch(adapter_path, tok, [p], dec)
+
+
+def test_bad_inputs_exit_2(tmp_path, tiny_run, capsys):
+    assert qi.main(["--adapter", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "adapter folder not found" in capsys.readouterr().err
+    assert qi.main(["--adapter", str(tiny_run), "--prompt", "  "]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    assert qi.main(["--adapter", str(tiny_run), "--temperature", "-1"]) == 2
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        qi.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--adapter", "--base_model", "--prompt", "--model", "--system", "--max_new_tokens", "--temperature",
+                 "--top_p", "--seed", "--mode", "--merge_out", "--overwrite"):
+        assert flag in out
