@@ -15,15 +15,8 @@ N = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and when the 2 CPUs are shared, OpenMP spin-waits made
-    these tests up to 50x slower (32 s instead of 0.5 s for the interactive session)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

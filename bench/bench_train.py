@@ -1,0 +1,1066 @@
+"""Training-speed benchmark for issue 5: the seed QLoRA recipe vs the project's training path.
+
+In one invocation on one GPU it builds a random-init Mistral-7B-shaped model once (in /dev/shm), loads it in
+4-bit, runs the seed recipe and the project's path (and any research variants) on the workloads defined in
+shared/PERF.md, checks that they learn the same thing, prints a table with ratios and writes JSON.
+
+    # the issue's table: seed recipe vs train_qlora_hf.py's own path, both workloads (~6 min on an H100)
+    python bench/bench_train.py --workloads qa,long --variants seed --project auto
+    # research: recipes composed from switches (see RECIPES and MODIFIERS below)
+    python bench/bench_train.py --variants seed,bf16,bf16_pack,fast,fast+nodrop,fast+gc8 --project off
+    # CPU smoke test of every code path on a tiny model (seconds; no speed meaning)
+    python bench/bench_train.py --smoke
+
+Workloads (PERF.md): "qa" = 96 samples, lengths max(96, min(1500, int(lognormvariate(log 350, 0.45)))) from
+random.Random(0), drawn in order then shuffled with the same Random, random token ids, micro-batches of 8 in that
+order, first 2 batches are warm-up; "long" = 6 samples of 4096 tokens, batch 1, first 2 warm-up.
+Useful tokens = sum of sample lengths (padding excluded). Labels are on every token of a sample.
+
+Equivalence, two checks per variant against the seed recipe:
+  * function check (batch 0 of "qa", before training, LoRA B set to the same seeded random values, dropout off):
+    relative error of the final hidden states of the real tokens, |loss difference|, and relative error of the
+    full LoRA gradient. A packed variant also runs a negative control (documents allowed to see each other) to
+    show the check would catch a packing bug.
+  * trajectory: per-step losses. When the variant keeps the seed's batches (padded or packed per batch, no
+    re-ordering) they are compared step by step; otherwise the token-weighted mean loss over the epoch (same data)
+    is compared. Trained tokens (label != -100 after the shift) must be equal.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import gc
+import inspect
+import json
+import math
+import platform
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import MethodType
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 2e-4
+MICRO_BATCH = {"qa": 8, "long": 1}
+WARMUP_STEPS = 2
+
+# --------------------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def qa_mix_lengths(n: int = 96) -> list[int]:
+    r = random.Random(0)
+    lengths = [max(96, min(1500, int(r.lognormvariate(math.log(350), 0.45)))) for _ in range(n)]
+    r.shuffle(lengths)
+    return lengths
+
+
+def make_samples(lengths: list[int], vocab: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def workload(name: str, vocab: int, smoke: bool = False) -> list[dict]:
+    if name == "qa":
+        lengths = qa_mix_lengths()
+        if smoke:
+            lengths = [max(8, n // 20) for n in lengths[:24]]
+        return make_samples(lengths, vocab, seed=1)
+    if name == "long":
+        return make_samples([64 if smoke else 4096] * 6, vocab, seed=2)
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def chunk(samples: list[dict], size: int) -> list[list[dict]]:
+    return [samples[i:i + size] for i in range(0, len(samples), size)]
+
+
+def length_grouped(samples: list[dict], size: int, seed: int) -> list[list[dict]]:
+    """Neighbours of similar length in one micro-batch, micro-batches in random order (PERF.md's 'grouped')."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
+    batches = [[samples[i] for i in order[j:j + size]] for j in range(0, len(order), size)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def trained_tokens(batch: list[dict]) -> int:
+    # labels are shifted by one inside the loss: the first label of each sample is never a target
+    return sum(sum(1 for t in s["labels"][1:] if t != -100) for s in batch)
+
+
+def collate_padded(batch: list[dict], device, pad_id: int = 0) -> dict:
+    width = max(len(s["input_ids"]) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, s in enumerate(batch):  # right padding: real tokens keep positions 0..n-1, as in the packed layout
+        n = len(s["input_ids"])
+        ids[i, :n] = torch.tensor(s["input_ids"])
+        labels[i, :n] = torch.tensor(s["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def collate_packed(batch: list[dict], device) -> dict:
+    """All samples of a micro-batch in one row, no padding; positions restart per sample and the attention
+    kernel gets the sample boundaries (cu_seq_lens), so no token attends across samples."""
+    ids, labels, pos, cu = [], [], [], [0]
+    for s in batch:
+        n = len(s["input_ids"])
+        ids += s["input_ids"]
+        labels += [-100] + list(s["labels"][1:])  # no target across the boundary to the previous sample
+        pos += list(range(n))
+        cu.append(cu[-1] + n)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+    max_len = max(len(s["input_ids"]) for s in batch)
+    return {"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device),
+            "position_ids": torch.tensor([pos], device=device), "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t,
+            "max_length_q": max_len, "max_length_k": max_len}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packed attention: per-document causal attention through a flash kernel, no dense mask
+
+
+_VARLEN = {"impl": None}  # "varlen" (torch.nn.attention.varlen) or "loop" (one SDPA call per document)
+
+
+def _sdpa(module, q, k, v, scaling):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling, is_causal=True)[0]
+
+
+def _varlen_call(q, k, v, cu, max_len, scaling):
+    """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), whatever this torch's varlen_attn signature is."""
+    from torch.nn.attention.varlen import varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    kw = {}
+    if "scale" in params:
+        kw["scale"] = scaling
+    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
+        kw["enable_gqa"] = True
+    if "is_causal" in params:
+        kw["is_causal"] = True
+    elif "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    else:
+        raise RuntimeError("varlen_attn has neither is_causal nor window_size")
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             sliding_window=None, **kwargs):
+    """AttentionInterface function. query (1, Hq, T, D); key/value (1, Hkv, T, D). Returns (1, T, Hq, D)."""
+    if attention_mask is not None:  # a padded batch (e.g. evaluation): plain SDPA with its mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # one sequence per row, no padding: plain causal flash attention
+        return _sdpa(module, query, key, value, scaling), None
+    max_len = int(kwargs["max_length_q"])
+    if sliding_window is not None and max_len > sliding_window:
+        raise ValueError(f"sample of {max_len} tokens exceeds the sliding window {sliding_window}")
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one packed row per micro-batch")
+    if _VARLEN["impl"] == "varlen":
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        return _varlen_call(q, k, v, cu, max_len, scaling).unsqueeze(0), None
+    bounds = cu.tolist()  # fallback only: one host sync per layer
+    outs = [_sdpa(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling)
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=1), None
+
+
+def register_packed_attention() -> str:
+    from transformers import AttentionInterface
+    AttentionInterface.register("bench_packed", packed_attention_forward)
+    return "bench_packed"
+
+
+def choose_packed_impl(device) -> dict:
+    """Self-test varlen_attn (forward and backward) against per-document SDPA; use it only if it agrees."""
+    info = {"impl": "loop"}
+    if device.type != "cuda":
+        _VARLEN["impl"] = "loop"
+        return info
+    try:
+        torch.manual_seed(0)
+        lens = [37, 300, 129, 511, 1]
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+        T, Hq, Hkv, D = sum(lens), 32, 8, 128
+        q = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        go = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16)
+        out = _varlen_call(q, k, v, cu, max(lens), D ** -0.5)
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        # float64 reference, one document at a time
+        qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+        outs = []
+        for s, e in zip(cu.tolist()[:-1], cu.tolist()[1:]):
+            qq = qr[s:e].transpose(0, 1)
+            kk = kr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+            vv = vr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+            outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(0, 1))
+        ref = torch.cat(outs)
+        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), go.double())
+        errs = [float((a.double() - b).norm() / b.norm()) for a, b in zip((out, *grads), (ref, *ref_grads))]
+        info.update(varlen_rel_err={"out": errs[0], "dq": errs[1], "dk": errs[2], "dv": errs[3]})
+        if all(e < 2e-2 for e in errs):
+            info["impl"] = "varlen"
+    except Exception as e:  # noqa: BLE001 - any failure means: use the per-document loop
+        info["varlen_error"] = f"{type(e).__name__}: {e}"[:300]
+    _VARLEN["impl"] = info["impl"]
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    upcast: bool = False          # prepare_model_for_kbit_training: fp32 norms/embeddings/lm_head (the seed)
+    batching: str = "pad"         # pad | pack | group (padded, length-grouped)
+    lora_impl: str = "peft"       # peft | fused (one addmm: base + scale * (x A^T) B^T, bf16 compute)
+    #                               | lean (one autograd node per layer: dequant + GEMM + LoRA, hand-written backward)
+    lora_dtype: str = "fp32"      # fp32 | bf16 (LoRA parameters)
+    optim: str = "adamw_fused"    # paged_adamw_8bit | adamw_8bit | adamw_fused
+    dropout: float = 0.05
+    liger: str = ""               # Liger kernels: "all" (RoPE, RMSNorm, SwiGLU, fused linear CE) | "flce" | ""
+    norm: str = "hf"              # hf (MistralRMSNorm, 8 ops) | torch (F.rms_norm, one fused op)
+    gc_skip: int = 0              # decoder layers (the last ones) without gradient checkpointing
+    offload: bool = False         # checkpointed layer inputs kept in pinned host memory
+    pygc: bool = True             # False: gc.freeze() before the steps (no full collections over the model's objects)
+    init_seed: int = 0            # added to --seed for the LoRA init (a noise-floor run of the same recipe)
+
+
+SEED = Recipe("seed", upcast=True, batching="pad", lora_impl="peft", optim="paged_adamw_8bit")
+RECIPES = {
+    "seed": SEED,
+    "grouped": dataclasses.replace(SEED, name="grouped", batching="group"),
+    "bf16": Recipe("bf16", batching="pad"),
+    "bf16_group": Recipe("bf16_group", batching="group"),
+    "bf16_pack": Recipe("bf16_pack", batching="pack"),
+    "bf16_pack_fused": Recipe("bf16_pack_fused", batching="pack", lora_impl="fused"),
+    "fast": Recipe("fast", batching="pack", lora_impl="fused", liger="all"),
+    # call-2 candidate: fewer, cheaper host-side ops (the step is CPU-bound)
+    "lean": Recipe("lean", batching="pack", lora_impl="lean", liger="flce", norm="torch", optim="adamw_8bit"),
+}
+MODIFIERS = {
+    "nodrop": dict(dropout=0.0), "pad": dict(batching="pad"), "pack": dict(batching="pack"),
+    "group": dict(batching="group"), "peftlora": dict(lora_impl="peft"), "fusedlora": dict(lora_impl="fused"),
+    "bf16lora": dict(lora_dtype="bf16"), "adam8": dict(optim="adamw_8bit"), "paged8": dict(optim="paged_adamw_8bit"),
+    "liger": dict(liger="all"), "flce": dict(liger="flce"), "noliger": dict(liger=""), "offload": dict(offload=True),
+    "tnorm": dict(norm="torch"), "hfnorm": dict(norm="hf"), "lean": dict(lora_impl="lean"),
+    "adamw": dict(optim="adamw_fused"), "nogc": dict(pygc=False),
+}
+
+
+# The recommended recipe (see bench/README.md): QA within the seed's memory by skipping checkpointing on 10
+# layers; Long within 6.5 GB by offloading the checkpointed layer inputs to pinned host memory.
+DEFAULT_STANDIN = "qa=lean+nodrop+adamw+gc10+nogc,long=lean+nodrop+adamw+offload+nogc"
+STANDIN = "project(bench stand-in)"
+
+
+def standin_recipe(spec: str, wl: str) -> Recipe:
+    table = dict(kv.split("=", 1) for kv in spec.split(",")) if "=" in spec else {wl: spec}
+    return dataclasses.replace(parse_recipe(table[wl]), name=f"{STANDIN} {table[wl]}")
+
+
+def parse_recipe(spec: str) -> Recipe:
+    base, *mods = spec.split("+")
+    if base not in RECIPES:
+        raise ValueError(f"unknown recipe {base!r}; known: {sorted(RECIPES)}")
+    r = dataclasses.replace(RECIPES[base], name=spec)
+    for m in mods:
+        if m.startswith("gc") and m[2:].isdigit():
+            r = dataclasses.replace(r, gc_skip=int(m[2:]))
+        elif m.startswith("s") and m[1:].isdigit():
+            r = dataclasses.replace(r, init_seed=int(m[1:]))
+        elif m in MODIFIERS:
+            r = dataclasses.replace(r, **MODIFIERS[m])
+        else:
+            raise ValueError(f"unknown modifier {m!r}; known: {sorted(MODIFIERS)} and gcN")
+    return r
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(model_dir: Path, device, smoke: bool) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    if smoke:
+        from tools.make_tiny_model import build
+        build(model_dir)
+        return
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 32000)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                     model_max_length=4096)
+    try:
+        from common import ZEPHYR_CHAT_TEMPLATE
+        hf_tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    except ImportError:
+        pass
+    cfg = MistralConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False,
+                        bos_token_id=1, eos_token_id=2)  # sliding_window keeps Mistral's default (4096), as Zephyr
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MistralForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)
+    hf_tok.save_pretrained(model_dir)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def load_4bit(model_dir: Path, device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    kw = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                                                attn_implementation="sdpa", **kw)
+
+
+def _fused_lora4bit_forward(self, x, *args, **kwargs):
+    """bnb 4-bit base + LoRA in one more GEMM: addmm(base_out, dropout(x) A^T, B^T, alpha=scaling), bf16 compute
+    on fp32 master weights. Replaces PEFT's clone + cast to fp32 + two fp32 GEMMs + cast + mul + add."""
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        return result
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a = self.lora_A[name].weight.to(x.dtype)
+        b = self.lora_B[name].weight.to(x.dtype)
+        h = F.linear(self.lora_dropout[name](x), a)
+        out2d = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
+                            alpha=self.scaling[name])
+        result = out2d.view(result.shape)
+    return result
+
+
+def _torch_rmsnorm_forward(self, x):
+    return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+
+
+def _dequant(weight, quant_state):
+    import bitsandbytes.functional as bnbF
+    return bnbF.dequantize_4bit(weight, quant_state)
+
+
+class _LoRA4bit(torch.autograd.Function):
+    """y = x W^T + s * dropout(x) A^T B^T with W the 4-bit base weight, as ONE autograd node.
+
+    PEFT + bitsandbytes build this from ~6 autograd nodes and a dozen Python-level ops per layer (module
+    wrappers, a defensive clone, fp32 casts, a torch.library custom op); at ~3k tokens per step the step is
+    bound by that host-side work, not by the GPU. Here: forward = dequant, 2 GEMMs, one addmm; backward =
+    dequant + 4 small GEMMs. W is never saved (dequantized again in backward), the input x is saved by
+    reference (other consumers keep it anyway), plus the (tokens x r) projection and the dropout mask.
+    LoRA master weights stay fp32; they are cast to the compute dtype for the GEMMs, gradients come back fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling, p):
+        x2 = x.reshape(-1, x.shape[-1])
+        w = _dequant(weight, quant_state)
+        out = torch.mm(x2, w.t())
+        del w
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if p > 0:
+            xd, mask = torch.native_dropout(x2, p, True)
+        else:
+            xd, mask = x2, None
+        h = torch.mm(xd, a.t())
+        out.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, mask, h, a, b)
+        ctx.weight, ctx.quant_state, ctx.scaling, ctx.p = weight, quant_state, scaling, p
+        ctx.x_shape, ctx.dtypes = x.shape, (lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, mask, h, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        s, p = ctx.scaling, ctx.p
+        gh = torch.mm(g, b).mul_(s)                      # d loss / d h, (tokens, r)
+        grad_b = torch.mm(g.t(), h).mul_(s)              # (out, r)
+        xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
+        grad_a = torch.mm(gh.t(), xd)                    # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = _dequant(ctx.weight, ctx.quant_state)
+            grad_x = torch.mm(g, w)
+            del w
+            if mask is None:
+                grad_x.addmm_(gh, a)
+            else:
+                grad_x.add_(torch.mm(gh, a) * mask * (1.0 / (1.0 - p)))
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None
+
+
+def _lean_lora4bit_forward(self, x, *args, **kwargs):
+    if self.disable_adapters or self.merged or len(self.active_adapters) != 1 or self.base_layer.bias is not None:
+        return _fused_lora4bit_forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    drop = self.lora_dropout[name]
+    p = drop.p if (self.training and isinstance(drop, torch.nn.Dropout)) else 0.0
+    w = self.base_layer.weight
+    return _LoRA4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, w.data, w.quant_state,
+                           self.scaling[name], p)
+
+
+def _offloaded_checkpoint(function, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+class Liger:
+    """apply_liger_kernel_to_mistral on a loaded model, and its undo (the bench reuses one loaded model)."""
+
+    def __init__(self):
+        from transformers.models.mistral import modeling_mistral as mm
+        self.mm = mm
+        self.saved = {k: getattr(mm, k) for k in ("apply_rotary_pos_emb", "MistralRMSNorm", "MistralMLP")}
+        self.saved_cls_forward = mm.MistralForCausalLM.forward
+
+    def apply(self, model, which: str):
+        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+        every = which == "all"
+        apply_liger_kernel_to_mistral(rope=every, rms_norm=every, swiglu=every, cross_entropy=False,
+                                      fused_linear_cross_entropy=True, model=model)
+
+    def undo(self, model):
+        for k, v in self.saved.items():
+            setattr(self.mm, k, v)
+        self.mm.MistralForCausalLM.forward = self.saved_cls_forward
+        for m in [model, *model.modules()]:
+            if type(m).__name__ in ("MistralRMSNorm", "MistralMLP", "MistralForCausalLM"):
+                for attr in ("forward", "_get_name", "extra_repr"):
+                    m.__dict__.pop(attr, None)
+
+
+class Session:
+    """One loaded 4-bit base model, set up and torn down for each recipe."""
+
+    def __init__(self, base, device, smoke: bool):
+        self.base, self.device, self.smoke = base, device, smoke
+        self.liger = None
+
+    def setup(self, recipe: Recipe, seed: int):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        base = self.base
+        if recipe.upcast:
+            prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+        else:
+            for p in base.parameters():
+                p.requires_grad_(False)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = base.model.layers
+        for i, layer in enumerate(layers):
+            if i >= len(layers) - recipe.gc_skip:
+                layer.gradient_checkpointing = False
+            elif recipe.offload:
+                layer._gradient_checkpointing_func = _offloaded_checkpoint
+        if recipe.liger:
+            if self.device.type != "cuda":
+                raise RuntimeError("Liger kernels need CUDA")
+            self.liger = self.liger or Liger()
+            self.liger.apply(base, recipe.liger)
+        if recipe.norm == "torch" and recipe.liger != "all":
+            for m in base.modules():
+                if type(m).__name__ == "MistralRMSNorm":
+                    m.forward = MethodType(_torch_rmsnorm_forward, m)
+        if recipe.batching == "pack":
+            name = register_packed_attention()
+            try:
+                base.set_attn_implementation(name)
+            except Exception:  # noqa: BLE001 - older/newer transformers: set it on the config directly
+                base.config._attn_implementation = name
+        torch.manual_seed(seed + recipe.init_seed)
+        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=recipe.dropout, target_modules=TARGET_MODULES,
+                         bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(base, cfg)
+        lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
+        if recipe.lora_dtype == "bf16":
+            for p in lora_params:
+                p.data = p.data.to(torch.bfloat16)
+        if recipe.lora_impl in ("fused", "lean"):
+            from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+            fwd = _fused_lora4bit_forward if recipe.lora_impl == "fused" else _lean_lora4bit_forward
+            for m in model.modules():
+                if isinstance(m, LoraLinear4bit):
+                    m.forward = MethodType(fwd, m)
+        model.train()
+        return model, make_optimizer(recipe, lora_params, self.device)
+
+    def teardown(self, model, recipe: Recipe):
+        """Back to the freshly loaded base model (also after a setup that failed half-way, model=None)."""
+        base = self.base
+        if model is not None:
+            assert model.unload() is base  # LoRA layers out, the original bnb Linear4bit modules back in
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            base.__dict__.pop(attr, None)
+        if self.liger is not None:
+            self.liger.undo(base)
+        for m in base.modules():  # the torch-norm patch (and anything else bound on an instance)
+            if type(m).__name__ in ("MistralRMSNorm", "MistralMLP"):
+                m.__dict__.pop("forward", None)
+        try:
+            base.gradient_checkpointing_disable()
+        except Exception:  # noqa: BLE001
+            pass
+        for layer in base.model.layers:
+            layer.__dict__.pop("gradient_checkpointing", None)
+        try:
+            base.disable_input_require_grads()
+        except Exception:  # noqa: BLE001 - no hook was registered
+            pass
+        for p in base.parameters():  # undo the seed's fp32 upcast: the values came from bf16, the round trip is exact
+            if p.dtype == torch.float32 and p.__class__.__name__ != "Params4bit":
+                p.data = p.data.to(torch.bfloat16)
+        if base.config._attn_implementation != "sdpa":
+            try:
+                base.set_attn_implementation("sdpa")
+            except Exception:  # noqa: BLE001
+                base.config._attn_implementation = "sdpa"
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def make_optimizer(recipe: Recipe, params, device):
+    if recipe.optim == "adamw_fused":
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+    if device.type != "cuda":  # bitsandbytes' 8-bit optimizers need CUDA; the smoke test stands in torch AdamW
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    import bitsandbytes as bnb
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}[recipe.optim]
+    return cls(params, lr=LR, weight_decay=0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batches_for(recipe: Recipe, samples: list[dict], wl: str, seed: int) -> list[list[dict]]:
+    if recipe.batching == "group" and MICRO_BATCH[wl] > 1:
+        return length_grouped(samples, MICRO_BATCH[wl], seed)
+    return chunk(samples, MICRO_BATCH[wl])
+
+
+def to_inputs(recipe: Recipe, batch: list[dict], device) -> dict:
+    return collate_packed(batch, device) if recipe.batching == "pack" else collate_padded(batch, device)
+
+
+def function_check(model, recipe: Recipe, batch: list[dict], device, ref: dict | None, leak_control: bool) -> dict:
+    """Same inputs, same LoRA weights (B made non-zero), dropout off: hidden states, loss and LoRA grads."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for n, p in named:
+            if "lora_B" in n:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+    drops = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m, _ in drops:
+        m.p = 0.0
+    captured = {}
+    norm = model.get_base_model().model.norm
+    handle = norm.register_forward_hook(lambda mod, i, o: captured.__setitem__("h", o))
+
+    def run(inputs):
+        out = model(**inputs)
+        out.loss.backward()
+        h = captured["h"]
+        if recipe.batching == "pack":
+            hs = h[0].float()
+        else:
+            hs = torch.cat([h[i, :len(s["input_ids"])].float() for i, s in enumerate(batch)])
+        grads = torch.cat([p.grad.float().flatten() for _, p in named]).cpu()
+        for _, p in named:
+            p.grad = None
+        return {"h": hs.cpu(), "loss": float(out.loss), "grad": grads}
+
+    try:
+        res = run(to_inputs(recipe, batch, device))
+        report = {"loss": res["loss"]}
+        if ref is not None:
+            report.update(compare_check(res, ref))
+        if leak_control and recipe.batching == "pack":
+            inputs = to_inputs(recipe, batch, device)
+            for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+                inputs.pop(k)  # every token attends to all earlier tokens of the row: across samples
+            leak = run(inputs)
+            report["negative_control_cross_sample_attention"] = compare_check(leak, ref) if ref else {}
+    finally:
+        handle.remove()
+        for m, p in drops:
+            m.p = p
+        with torch.no_grad():
+            for n, p in named:
+                if "lora_B" in n:
+                    p.zero_()
+                p.grad = None
+    return report if ref is not None else {**report, "_ref": res}
+
+
+def compare_check(res: dict, ref: dict) -> dict:
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    return {"hidden_rel_err": rel(res["h"], ref["h"]), "loss_abs_diff": abs(res["loss"] - ref["loss"]),
+            "lora_grad_rel_err": rel(res["grad"], ref["grad"])}
+
+
+def train_loop(model, opt, recipe: Recipe, batches, device, warmup: int, repeat: int = 1) -> dict:
+    """The workload's batches `repeat` times in the same order (repeat > 1 only steadies the timing: the first
+    `warmup` steps are excluded once). Step boundaries are timed with CUDA events, so no extra host sync."""
+    run = batches * repeat
+    losses, per_step_tokens, events = [], [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        static = torch.cuda.memory_allocated(device)
+    if not recipe.pygc:  # move every object alive now (model, optimizer) out of the collector's reach
+        gc.collect()
+        gc.freeze()
+    try:
+        t0 = time.perf_counter()
+        for step, batch in enumerate(run):
+            if step == warmup:
+                sync(device)
+                t0 = time.perf_counter()
+            out = model(**to_inputs(recipe, batch, device))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.detach())
+            per_step_tokens.append(trained_tokens(batch))
+            if device.type == "cuda":
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
+        sync(device)
+        elapsed = time.perf_counter() - t0
+    finally:
+        gc.unfreeze()
+    timed = run[warmup:]
+    useful = sum(len(s["input_ids"]) for b in timed for s in b)
+    computed = useful if recipe.batching == "pack" else sum(len(b) * max(len(s["input_ids"]) for s in b)
+                                                            for b in timed)
+    n = len(batches)
+    res = {"steps": len(run), "repeat": repeat, "timed_steps": len(timed), "time_s": elapsed,
+           "useful_tokens": useful, "computed_tokens": computed, "tok_s": useful / elapsed,
+           "tok_s_incl_padding": computed / elapsed,
+           "losses": [float(x) for x in losses], "trained_tokens_per_step": per_step_tokens,
+           "trained_tokens": sum(per_step_tokens[:n]), "batch_lengths": [[len(s["input_ids"]) for s in b]
+                                                                        for b in batches]}
+    if events:
+        ms = [events[i - 1].elapsed_time(events[i]) for i in range(warmup + 1, len(events))]
+        res["step_ms"] = [round(x, 1) for x in ms]  # steps warmup+1.. (the first timed step has no start event)
+        toks = [sum(len(s["input_ids"]) for s in b) for b in run]
+        res["tok_s_by_pass"] = []
+        for k in range(repeat):  # each pass's steps after warm-up, from the event times
+            idx = [i for i in range(max(warmup + 1, k * n), (k + 1) * n)]
+            t = sum(events[i - 1].elapsed_time(events[i]) for i in idx) / 1e3
+            res["tok_s_by_pass"].append(round(sum(toks[i] for i in idx) / t, 1) if t else None)
+    if device.type == "cuda":
+        res.update(peak_gb=torch.cuda.max_memory_allocated(device) / 1e9, static_gb=static / 1e9,
+                   peak_reserved_gb=torch.cuda.max_memory_reserved(device) / 1e9)
+    return res
+
+
+def profile_steps(model, opt, recipe: Recipe, batches, device, out_txt: Path) -> dict:
+    """torch.profiler over two more steps: where the GPU time goes, and how busy the GPU is."""
+    from torch.profiler import ProfilerActivity, profile
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            out = model(**to_inputs(recipe, batch, device))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+    wall = time.perf_counter() - t0
+    from torch.autograd import DeviceType
+    ka = prof.key_averages()
+    key = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") else "self_cuda_time_total"
+    kernels = [e for e in ka if e.device_type == DeviceType.CUDA and getattr(e, key) > 0]
+    rows = sorted(kernels, key=lambda e: getattr(e, key), reverse=True)
+    gpu_us = sum(getattr(e, key) for e in kernels)
+    cats: dict[str, float] = {}
+    for e in kernels:
+        n = e.key.lower()
+        cat = ("attention" if ("flash" in n or "fmha" in n or "attention" in n) else
+               "bnb 4-bit dequant/gemm" if ("dequant" in n or "4bit" in n) else
+               "optimizer" if ("adam" in n or "koptimizer" in n or "multi_tensor" in n) else
+               "dropout" if "dropout" in n else
+               "matmul" if ("gemm" in n or "sm90" in n or "nvjet" in n or "cutlass" in n or "xmma" in n) else
+               "elementwise/copy/cast/reduce" if any(w in n for w in ("elementwise", "copy", "reduce", "cat",
+                                                                      "index", "fill", "unrolled")) else
+               "triton (liger etc.)" if ("triton" in n or "_kernel" in n) else "other")
+        cats[cat] = cats.get(cat, 0.0) + getattr(e, key)
+    with open(out_txt, "w") as f:
+        f.write(f"{recipe.name}: {len(batches)} steps, wall {wall:.3f}s, GPU kernel time {gpu_us / 1e6:.3f}s\n")
+        f.write(json.dumps({k: round(v / 1e6, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}) + "\n")
+        f.write(ka.table(sort_by=key, row_limit=40, max_name_column_width=90))
+    return {"wall_s": wall, "gpu_kernel_s": gpu_us / 1e6, "gpu_busy": gpu_us / 1e6 / wall,
+            "categories_s": {k: v / 1e6 for k, v in cats.items()},
+            "top": [(e.key[:90], getattr(e, key) / 1e6, e.count) for e in rows[:25]]}
+
+
+def loss_agreement(run: dict, seed_run: dict, same_order: bool, tol: float) -> dict:
+    a, b = run["losses"], seed_run["losses"]
+    ta, tb = run["trained_tokens_per_step"], seed_run["trained_tokens_per_step"]
+    mean = lambda ls, ts: sum(l * t for l, t in zip(ls, ts)) / sum(ts)  # noqa: E731
+    out = {"same_trained_tokens": run["trained_tokens"] == seed_run["trained_tokens"],
+           "mean_loss": mean(a, ta), "seed_mean_loss": mean(b, tb),
+           "mean_loss_abs_diff": abs(mean(a, ta) - mean(b, tb)), "compared": "token-weighted mean"}
+    if same_order and len(a) == len(b) and ta == tb:
+        diffs = [abs(x - y) for x, y in zip(a, b)]
+        out.update(compared="per step", max_step_abs_diff=max(diffs),
+                   mean_step_abs_diff=sum(diffs) / len(diffs))
+        out["agree"] = out["same_trained_tokens"] and max(diffs) <= tol
+    else:
+        out["agree"] = out["same_trained_tokens"] and out["mean_loss_abs_diff"] <= tol
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The project's path (train_qlora_hf.py) — through its own functions
+
+
+def project_module():
+    try:
+        import train_qlora_hf as T
+    except Exception as e:  # noqa: BLE001
+        return None, f"import train_qlora_hf failed: {type(e).__name__}: {e}"
+    missing = [f for f in ("build_parser", "load_model_and_tokenizer", "train") if not hasattr(T, f)]
+    return (None, f"train_qlora_hf lacks {missing}") if missing else (T, "")
+
+
+def project_args(T, model_dir: Path, wl: str, extra: list[str], repeat: int = 1, budget_gb: float | None = None):
+    """train_qlora_hf's own defaults for everything about speed; the seed recipe's hyper-parameters (micro-batch of
+    the workload, no accumulation, one epoch, constant lr 2e-4, no clipping) so that the losses are comparable.
+    Only flags the parser knows are passed; --project-args adds or overrides."""
+    parser = T.build_parser()
+    known = {o for a in parser._actions for o in a.option_strings}
+    wanted = [("--model", str(model_dir)), ("--batch", str(MICRO_BATCH[wl])), ("--grad_accum", "1"),
+              ("--epochs", str(repeat)), ("--lr", str(LR)), ("--lr_scheduler", "constant"), ("--warmup_ratio", "0"),
+              ("--max_grad_norm", "0"), ("--seed", "0")]
+    if budget_gb is not None:  # the issue's memory goal for this workload, as the project's own budget flag
+        wanted.append(("--gpu_mem_budget", f"{budget_gb:.2f}"))
+    argv = [x for opt, val in wanted if opt in known for x in (opt, val)]
+    return parser.parse_args(argv + extra)
+
+
+def run_project_module(T, model_dir: Path, wl: str, samples: list[dict], device, extra: list[str],
+                       repeat: int = 1, budget_gb: float | None = None) -> dict:
+    args = project_args(T, model_dir, wl, extra, repeat, budget_gb)
+    model, tok = T.load_model_and_tokenizer(args)
+    steps = []
+
+    def on_step(step, loss, n_trained, n_input):
+        sync(device)
+        steps.append((time.perf_counter(), float(loss), int(n_trained), int(n_input)))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        static = torch.cuda.memory_allocated(device)
+    metrics = T.train(model, tok, samples, [], args, out_dir=None, on_step=on_step)
+    sync(device)
+    if len(steps) <= WARMUP_STEPS:
+        raise RuntimeError(f"project path made {len(steps)} optimizer steps; need > {WARMUP_STEPS}")
+    t0 = steps[WARMUP_STEPS - 1][0]
+    useful = sum(s[3] for s in steps[WARMUP_STEPS:])
+    res = {"steps": len(steps), "timed_steps": len(steps) - WARMUP_STEPS, "time_s": steps[-1][0] - t0,
+           "useful_tokens": useful, "tok_s": useful / (steps[-1][0] - t0), "losses": [s[1] for s in steps],
+           "trained_tokens_per_step": [s[2] for s in steps], "trained_tokens": sum(s[2] for s in steps) // repeat,
+           "input_tokens": sum(s[3] for s in steps), "project_args": {k: (v if isinstance(v, (int, float, str,
+           bool, type(None))) else str(v)) for k, v in vars(args).items()},
+           "project_metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))}}
+    share = (metrics or {}).get("padding_share")
+    if isinstance(share, (int, float)) and share < 1:
+        res["computed_tokens"] = round(useful / (1 - share))  # padding share of the whole run, applied to the timed part
+    if device.type == "cuda":
+        res.update(peak_gb=torch.cuda.max_memory_allocated(device) / 1e9, static_gb=static / 1e9,
+                   peak_reserved_gb=torch.cuda.max_memory_reserved(device) / 1e9)
+    del model, tok
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "peft", "bitsandbytes", "accelerate", "liger_kernel"):
+        try:
+            from importlib.metadata import version
+            out[mod] = version(mod.replace("_", "-"))
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def table(results: list[dict]) -> str:
+    seeds = {r["workload"]: r for r in results if r["variant"] == "seed" and "tok_s" in r}
+    head = (f"{'workload':8} {'variant':46} {'tok/s':>8} {'x seed':>7} {'pad%':>5} {'peak GB':>8} {'x seed':>7} "
+            f"{'loss agree':>11} {'fn check h/g':>13}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "tok_s" not in r:
+            lines.append(f"{r['workload']:8} {r['variant'][:46]:46} FAILED: {r.get('error', '')[:80]}")
+            continue
+        s = seeds.get(r["workload"])
+        ratio = f"{r['tok_s'] / s['tok_s']:.2f}" if s else "-"
+        pad = 100 * (1 - r["useful_tokens"] / r["computed_tokens"]) if r.get("computed_tokens") else float("nan")
+        peak = r.get("peak_gb", float("nan"))
+        mratio = f"{peak / s['peak_gb']:.2f}" if s and "peak_gb" in s else "-"
+        la = r.get("loss_agreement", {})
+        agree = "-" if not la else (("ok " if la["agree"] else "NO ") + f"{la.get('max_step_abs_diff', la['mean_loss_abs_diff']):.3f}")
+        fc = r.get("function_check", {})
+        fcs = f"{fc['hidden_rel_err']:.3f}/{fc['lora_grad_rel_err']:.3f}" if "hidden_rel_err" in fc else "-"
+        lines.append(f"{r['workload']:8} {r['variant'][:46]:46} {r['tok_s']:8.0f} {ratio:>7} {pad:5.1f} {peak:8.2f} "
+                     f"{mratio:>7} {agree:>11} {fcs:>13}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="qa,long", help="comma list of qa,long (default: %(default)s)")
+    p.add_argument("--variants", default="seed",
+                   help="comma list of recipes, each NAME[+MOD...]; 'seed' is the reference (default: %(default)s)")
+    p.add_argument("--project", choices=["auto", "module", "bench", "off"], default="auto",
+                   help="the project's path: train_qlora_hf's functions (module), the bench's stand-in for the "
+                        "recommended recipe (bench), module if importable else bench (auto), or none "
+                        "(default: %(default)s)")
+    p.add_argument("--project-recipe", default=DEFAULT_STANDIN,
+                   help="recipe the 'bench' stand-in runs: one spec, or qa=SPEC,long=SPEC (default: %(default)s)")
+    p.add_argument("--project-args", default="", help="extra CLI args for train_qlora_hf's parser")
+    p.add_argument("--project-budget", action=argparse.BooleanOptionalAction, default=True,
+                   help="pass the goal's memory as --gpu_mem_budget (qa: the seed's measured peak, long: 6.5 GB) "
+                        "when train_qlora_hf has that flag (default: %(default)s)")
+    p.add_argument("--model-dir", type=Path, default=Path("/dev/shm/bench-mistral7b"),
+                   help="where the random-init model is built/reused (default: %(default)s)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results",
+                   help="JSON output folder (default: %(default)s)")
+    p.add_argument("--loss-tol", type=float, default=0.02,
+                   help="max |loss difference| vs the seed, per step or of the epoch mean (default: %(default)s)")
+    p.add_argument("--no-check", action="store_true", help="skip the function check")
+    p.add_argument("--profile", default="", help="comma list of variants to profile (2 extra qa steps)")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds; variants not started by then are skipped, so the table still prints (0: none)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each workload's batches this many times (same order) for a steadier timing; the "
+                        "project path gets --epochs REPEAT (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="LoRA init / ordering seed (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny workloads: code paths only")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    T0 = time.perf_counter()
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --smoke for the CPU code-path test", file=sys.stderr)
+        return 2
+    workloads = [w for w in args.workloads.split(",") if w]
+    recipes = [parse_recipe(v) for v in args.variants.split(",") if v]
+    if any(r.name == "seed" for r in recipes):  # the reference runs first
+        recipes.sort(key=lambda r: r.name != "seed")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    meta = {"gpu": gpu, "date_utc": stamp, "versions": versions(), "argv": sys.argv[1:] if argv is None else argv,
+            "workloads": workloads, "micro_batch": MICRO_BATCH, "warmup_steps": WARMUP_STEPS, "lr": LR}
+    print(json.dumps(meta), flush=True)
+    meta["packed_attention"] = choose_packed_impl(device)
+    print("packed attention:", meta["packed_attention"], flush=True)
+    results: list[dict] = []
+    out_json = args.out_dir / f"train_{stamp}.json"
+
+    def save():
+        tmp = out_json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        tmp.replace(out_json)
+
+    model_dir = args.model_dir if not args.smoke else Path("/tmp/bench-tiny-model")
+    t = time.perf_counter()
+    if not (model_dir / "config.json").exists():
+        build_model(model_dir, device, args.smoke)
+        meta["build_s"] = time.perf_counter() - t
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    data = {wl: workload(wl, vocab, args.smoke) for wl in workloads}
+
+    # -- seed recipe and research variants, one loaded model -----------------------------------------------------
+    mode, why = args.project, ""
+    T = None
+    if mode in ("auto", "module"):
+        T, why = project_module()
+        if T is None:
+            if mode == "module":
+                print(f"--project module: {why}", file=sys.stderr)
+                return 1
+            mode = "bench"
+        else:
+            mode = "module"
+    if mode == "bench":
+        banner = "!" * 100
+        print(f"{banner}\n!! PROJECT PATH = BENCH STAND-IN (--project-impl bench): recipe "
+              f"'{args.project_recipe}' implemented inside bench_train.py, NOT train_qlora_hf.py. {why}\n{banner}",
+              flush=True)
+        meta["project_path"] = f"bench stand-in, recipe {args.project_recipe}: {why}"
+        for wl in workloads:
+            standin_recipe(args.project_recipe, wl)  # fail early on a bad spec
+        recipes.append(Recipe(STANDIN))
+    elif mode == "module":
+        meta["project_path"] = "train_qlora_hf.py (load_model_and_tokenizer + train)"
+
+    if recipes:
+        t = time.perf_counter()
+        base = load_4bit(model_dir, device)
+        meta["load_s"] = time.perf_counter() - t
+        print(f"loaded 4-bit model in {meta['load_s']:.1f}s", flush=True)
+        session = Session(base, device, args.smoke)
+        check_ref = None
+        qa_batch0 = chunk(data["qa"], MICRO_BATCH["qa"])[0] if "qa" in data else None
+        leak_done = False
+        for wl in workloads:
+            seed_run = None
+            for recipe in recipes:
+                if recipe.name == STANDIN:
+                    recipe = standin_recipe(args.project_recipe, wl)
+                rec = {"workload": wl, "variant": recipe.name, "recipe": dataclasses.asdict(recipe)}
+                if args.time_budget and time.perf_counter() - T0 > args.time_budget:
+                    rec["error"] = "skipped: --time-budget reached"
+                    results.append(rec)
+                    continue
+                print(f"== {wl} / {recipe.name}  (t={time.perf_counter() - T0:.0f}s)", flush=True)
+                t_var = time.perf_counter()
+                model = opt = None
+                try:
+                    model, opt = session.setup(recipe, args.seed)
+                    if wl == "qa" and not args.no_check:
+                        t = time.perf_counter()
+                        fc = function_check(model, recipe, qa_batch0, device, check_ref,
+                                            leak_control=not leak_done)
+                        if check_ref is None and recipe.name == "seed":
+                            check_ref = fc.pop("_ref")
+                        fc.pop("_ref", None)
+                        leak_done = leak_done or "negative_control_cross_sample_attention" in fc
+                        rec["function_check"] = fc
+                        rec["function_check_s"] = time.perf_counter() - t
+                    batches = batches_for(recipe, data[wl], wl, args.seed)
+                    rec.update(train_loop(model, opt, recipe, batches, device, WARMUP_STEPS, args.repeat))
+                    if recipe.name in args.profile.split(",") and wl == "qa":
+                        rec["profile"] = profile_steps(model, opt, recipe, batches[2:4], device,
+                                                       args.out_dir / f"profile_{stamp}_{len(results)}.txt")
+                    if recipe.name == "seed":
+                        seed_run = rec
+                    elif seed_run is not None:
+                        same_order = recipe.batching != "group" or MICRO_BATCH[wl] == 1
+                        rec["loss_agreement"] = loss_agreement(rec, seed_run, same_order, args.loss_tol)
+                except Exception as e:  # noqa: BLE001 - record and go on with the next variant
+                    rec["error"] = f"{type(e).__name__}: {e}"
+                    rec["traceback"] = traceback.format_exc()[-3000:]
+                    print(rec["traceback"], file=sys.stderr, flush=True)
+                finally:
+                    opt = None
+                    try:
+                        session.teardown(model, recipe)
+                        model = None  # the PEFT wrapper still points at the base: drop it, or it outlives the loop
+                    except Exception:  # noqa: BLE001
+                        rec["teardown_error"] = traceback.format_exc()[-2000:]
+                        print(rec["teardown_error"], file=sys.stderr, flush=True)
+                        results.append(rec)
+                        save()
+                        print("model state unknown after a failed teardown: stopping the variants")
+                        raise
+                rec["variant_wall_s"] = time.perf_counter() - t_var
+                results.append(rec)
+                save()
+                short = {k: rec.get(k) for k in ("tok_s", "peak_gb", "static_gb", "time_s", "error")}
+                print(json.dumps(short), json.dumps(rec.get("function_check", {})),
+                      json.dumps(rec.get("loss_agreement", {})), flush=True)
+        del session, base
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the project's own path, its own model load per workload --------------------------------------------------
+    if mode == "module":
+        extra = args.project_args.split()
+        for wl in workloads:
+            rec = {"workload": wl, "variant": "project(train_qlora_hf)"}
+            if args.time_budget and time.perf_counter() - T0 > args.time_budget:
+                rec["error"] = "skipped: --time-budget reached"
+                results.append(rec)
+                continue
+            print(f"== {wl} / project (train_qlora_hf)", flush=True)
+            try:
+                seed_run = next((r for r in results if r["workload"] == wl and r["variant"] == "seed"
+                                 and "tok_s" in r), None)
+                budget = None
+                if args.project_budget:  # qa: the seed's measured peak (the goal: no more memory); long: 6.5 GB
+                    budget = 6.5 if wl == "long" else (math.floor(seed_run["peak_gb"] * 10) / 10
+                                                      if seed_run and "peak_gb" in seed_run else None)
+                rec["gpu_mem_budget"] = budget
+                rec.update(run_project_module(T, model_dir, wl, data[wl], device, extra, args.repeat, budget))
+                if seed_run:
+                    rec["loss_agreement"] = loss_agreement(rec, seed_run, False, args.loss_tol)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {e}"
+                rec["traceback"] = traceback.format_exc()[-3000:]
+                print(rec["traceback"], file=sys.stderr, flush=True)
+            results.append(rec)
+            save()
+
+    print()
+    print(f"GPU: {gpu} | {stamp} | " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    report = f"GPU: {gpu} | {stamp} | " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    report += "\n" + table(results)
+    (args.out_dir / f"train_{stamp}.txt").write_text(report + "\n")
+    print(table(results))
+    print(f"\nJSON: {out_json}")
+    failed = [r for r in results if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
