@@ -268,3 +268,41 @@ def encode_text(tokenizer, text: str) -> list[int]:
     if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+# --------------------------------------------------------------------------- refusal / correction detection
+# One detector for both ends: generate_qa.py keeps an edge-case pair only if its answer reads as a refusal
+# (unanswerable) or a correction (false premise), and eval_compare.py scores model answers with the same
+# test, so "what we trained on" and "what we count as right" cannot drift apart.
+REFUSAL_PATTERNS = [
+    r"\b(does|do|did)\s*(not|n't)\s+(state|say|mention|specify|report|provide|describe|discuss|include|give|"
+    r"indicate|address|contain|reveal|disclose)",
+    r"\bnot\s+(stated|mentioned|specified|reported|provided|described|discussed|given|indicated|"
+    r"addressed|available|disclosed|clear)\b",
+    r"\bno\s+(information|details?|mention|data|indication)\b",
+    r"\b(cannot|can't|can ?not|unable to)\s+(be\s+)?(determine|determined|answer|answered|tell|infer|inferred|know)",
+    r"\b(i|we)\s+(do\s*(not|n't)|don't)\s+know\b",
+    r"\bnot\s+enough\s+information\b", r"\binsufficient\s+information\b", r"\bunknown\b",
+    r"\bis\s+not\s+(possible|clear)\s+(to|from)\b", r"\bbeyond\s+the\s+scope\b",
+]
+CORRECTION_PATTERNS = [
+    r"^\s*(no|not quite|actually|in fact|incorrect|that's not|that is not)\b",
+    r"\b(false|incorrect|mistaken|wrong|inaccurate)\s+(premise|assumption|claim)\b",
+    r"\b(the|that|this|your|its)\s+(premise|assumption|question|claim)\s+(is|seems)\s+(false|incorrect|wrong|"
+    r"mistaken|not\s+(correct|true|accurate))\b",
+    r"\b(actually|in fact|contrary to|rather than|instead)\b",
+    r"\b(does|do|did)\s*(not|n't)\s+(claim|propose|use|show|find|report|state|say)\b",
+    r"\bnot\s+(the case|correct|true|accurate)\b",
+]
+REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
+CORRECTION_RE = re.compile("|".join(CORRECTION_PATTERNS), re.IGNORECASE | re.MULTILINE)
+
+
+def is_refusal(text: str) -> bool:
+    """True when an answer declines: says the source does not give it, or is empty."""
+    return not text.strip() or bool(REFUSAL_RE.search(text))
+
+
+def corrects_premise(text: str) -> bool:
+    """True when an answer pushes back on the question's premise."""
+    return bool(CORRECTION_RE.search(text))

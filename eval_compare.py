@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, atomic_write_text, chat_text,
-                    check_outputs_free, encode_text, qa_messages, read_jsonl, read_jsonl_tolerant, run_main,
-                    sha256_file, sha256_text, write_json_atomic)
+                    check_outputs_free, corrects_premise, encode_text, is_refusal, qa_messages, read_jsonl,
+                    read_jsonl_tolerant, run_main, sha256_file, sha256_text, write_json_atomic)
 
 DEFAULT_ADAPTER = "models/zephyr-7b-qlora"
 DEFAULT_QUESTIONS = "data/eval_questions.jsonl"
@@ -371,29 +371,6 @@ def _sync() -> None:
 # --------------------------------------------------------------------------- scores
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NON_WORD = re.compile(r"[^0-9a-z]+")
-REFUSAL_PATTERNS = [
-    r"\b(does|do|did)\s*(not|n't)\s+(state|say|mention|specify|report|provide|describe|discuss|include|give|"
-    r"indicate|address|contain|reveal|disclose)",
-    r"\bnot\s+(stated|mentioned|specified|reported|provided|described|discussed|given|indicated|"
-    r"addressed|available|disclosed|clear)\b",
-    r"\bno\s+(information|details?|mention|data|indication)\b",
-    r"\b(cannot|can't|can ?not|unable to)\s+(be\s+)?(determine|determined|answer|answered|tell|infer|inferred|know)",
-    r"\b(i|we)\s+(do\s*(not|n't)|don't)\s+know\b",
-    r"\bnot\s+enough\s+information\b", r"\binsufficient\s+information\b", r"\bunknown\b",
-    r"\bis\s+not\s+(possible|clear)\s+(to|from)\b", r"\bbeyond\s+the\s+scope\b",
-]
-CORRECTION_PATTERNS = [
-    r"^\s*(no|not quite|actually|in fact|incorrect|that's not|that is not)\b",
-    r"\b(false|incorrect|mistaken|wrong|inaccurate)\s+(premise|assumption|claim)\b",
-    r"\bthe\s+(premise|assumption|question)\s+(is|seems)\s+(false|incorrect|wrong|mistaken)\b",
-    r"\b(actually|in fact|contrary to|rather than|instead)\b",
-    r"\b(does|do|did)\s*(not|n't)\s+(claim|propose|use|show|find|report|state|say)\b",
-    r"\bnot\s+(the case|correct|true|accurate)\b",
-]
-_REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
-_CORRECTION_RE = re.compile("|".join(CORRECTION_PATTERNS), re.IGNORECASE | re.MULTILINE)
-
-
 def normalize_tokens(text: str) -> list[str]:
     """SQuAD-style normalisation: lower case, no punctuation, no articles, split on whitespace."""
     return _ARTICLES.sub(" ", _NON_WORD.sub(" ", text.lower())).split()
@@ -433,14 +410,6 @@ def rouge_l(pred: str, ref: str) -> float:
         return 0.0
     prec, rec = lcs / len(p), lcs / len(r)
     return 2 * prec * rec / (prec + rec)
-
-
-def is_refusal(text: str) -> bool:
-    return not text.strip() or bool(_REFUSAL_RE.search(text))
-
-
-def corrects_premise(text: str) -> bool:
-    return bool(_CORRECTION_RE.search(text))
 
 
 def score_answer(answer: str, q: dict) -> dict:

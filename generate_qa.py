@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, chat_record, check_outputs_free, qa_messages,
+from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, chat_record, check_outputs_free,
+                    corrects_premise, is_refusal, qa_messages,
                     read_jsonl, read_jsonl_tolerant, run_main, sha256_file, sha256_text, write_json_atomic,
                     write_jsonl_atomic)
 
@@ -961,13 +962,6 @@ def parse_pairs(out: Outcome) -> tuple[list[dict], list[tuple[dict, str]]]:
 
 
 # =========================================================================== curation
-_REFUSAL_RE = re.compile(r"(\bnot|n't|\bnever) (explicitly |directly )?(state|say|mention|specif|report|provide|give|"
-                         r"disclose|include|describe|discuss|detail|list|contain|address|cover)\w*|"
-                         r"\bno (information|details?|mention|indication|data)\b|"
-                         r"\bcannot be (determined|answered|inferred|found)\b|\b(unknown|unspecified|unreported)\b", re.I)
-_CORRECTION_RE = re.compile(r"\b(premise|incorrect|not correct|false|wrong|mistaken|actually|in fact|contrary|"
-                            r"rather|not true|opposite|instead|misconception|does ?n[o']t|did ?n[o']t|is ?n[o']t|"
-                            r"not the case)\b", re.I)
 # Error messages and refusals that a careless pipeline would keep as answers
 _ERROR_TEXT_RE = re.compile(r"^\s*(error|exception|traceback|i'm sorry|sorry, |i cannot|i can't)\b|"
                             r"internal server error|rate limit (exceeded|reached)|as an ai (language )?model", re.I)
@@ -990,9 +984,9 @@ def check_pair(p: dict, abstract: str, args) -> str | None:
         if g < args.min_grounding:
             return (f"ungrounded: only {g:.0%} of the answer's content words are in the abstract "
                     f"(< {args.min_grounding:.0%})")
-    elif p["type"] == "unanswerable" and not _REFUSAL_RE.search(a):
+    elif p["type"] == "unanswerable" and not is_refusal(a):
         return "no_refusal: an unanswerable question's answer must say the abstract does not give it"
-    elif p["type"] == "false_premise" and not _CORRECTION_RE.search(a):
+    elif p["type"] == "false_premise" and not corrects_premise(a):
         return "no_correction: a false-premise question's answer must correct the premise"
     return None
 
