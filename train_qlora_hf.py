@@ -7,9 +7,13 @@ Run as:
     python train_qlora_hf.py ... --resume                  # continue an interrupted run from its last checkpoint
     torchrun --nproc_per_node 4 train_qlora_hf.py ...      # data parallel: one 4-bit copy per GPU
     accelerate launch --num_processes 4 train_qlora_hf.py ...
+    python train_qlora_hf.py ... --gpu_mem_budget 20      # spend up to 20 GB on speed (less checkpointing)
+    python train_qlora_hf.py ... --lora_dropout 0.05 --kbit_upcast --no-packing --no-fused_lora --liger off
+                                                           # the seed recipe (slow path), e.g. to compare
+    pip install -r requirements-gpu.txt                    # optional: Liger's fused cross-entropy on CUDA
 
 What it does: base model in 4-bit NF4 with double quantisation, bf16 compute (TF32 on where the GPU has it),
-k-bit training preparation, LoRA on every linear layer. Each record's `messages` (or `text`, in Zephyr's form
+LoRA on every linear layer. Each record's `messages` (or `text`, in Zephyr's form
 or the seed's flat form) is rendered with the model's own chat template and the loss covers only assistant
 tokens, each turn's closing `</s>` included. Writes a PEFT adapter, the tokenizer, run_config.json,
 metrics.json and loss.png to --out; checkpoints/ while training.
@@ -20,6 +24,15 @@ each step. Every optimizer step is a fixed set of samples (from --seed and the e
 normalised by the trained tokens of the whole step, and its dropout RNG is seeded from (seed, step, rank):
 so a step gives the same update whatever the micro-batch size, whether it is retried after an OOM, and
 whether the run was resumed.
+
+Speed (issue 5, measured in bench/README.md: ~2.3-3x the seed recipe's tokens/s on an H100 at no more memory;
+each piece has a flag): the frozen base stays in bf16 (no fp32 upcast, no autocast; --kbit_upcast restores
+it); each micro-batch is packed into one row without padding, with attention per sample (flash varlen on
+CUDA, one SDPA call per sample on CPU) (--packing); the 4-bit base and its LoRA run as one autograd node
+(--fused_lora) with the LoRA delta added in fp32 (--lora_fp32_sum); RMSNorm is one fused op (--fused_norm);
+Liger's fused linear cross-entropy never builds the logits (--liger, CUDA, optional dependency); Python's
+garbage collector does not scan the model during the steps; --gpu_mem_budget turns checkpointing off on the
+last layers that fit, or offloads checkpoints to host memory when even full checkpointing does not fit.
 """
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -36,6 +50,7 @@ import sys
 import time
 from array import array
 from pathlib import Path
+from types import MethodType
 
 import torch
 import torch.distributed as dist
@@ -100,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_r", type=int, default=16, help=f"adapter rank {d}")
     lo.add_argument("--lora_alpha", type=float, default=32, help=f"adapter scale numerator {d}")
-    lo.add_argument("--lora_dropout", type=float, default=0.05, help=f"dropout on the adapter input {d}")
+    lo.add_argument("--lora_dropout", type=float, default=0.0,
+                    help=f"dropout on the adapter input; 0 is ~10%% faster, pass 0.05 for the seed recipe's "
+                         f"regularisation {d}")
     lo.add_argument("--target_modules", default="all-linear",
                     help=f"'all-linear' or comma-separated module names, e.g. q_proj,v_proj {d}")
 
@@ -111,7 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"micro-batches of neighbours in length (less padding), steps in random order {d}")
     sp.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                     help=f"shuffle the data every epoch; --no-shuffle keeps file order (benchmarks) {d}")
-    sp.add_argument("--attn_implementation", default="sdpa", help=f"attention kernel (sdpa, eager, flash_attention_2) {d}")
+    sp.add_argument("--attn_implementation", default="sdpa",
+                    help=f"attention kernel (sdpa, eager, flash_attention_2); --packing replaces it in training {d}")
+    sp.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                    help="each micro-batch as one row without padding, attention per sample (flash varlen on "
+                         f"CUDA, one SDPA call per sample elsewhere) {d}")
+    sp.add_argument("--fused_lora", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"4-bit base + LoRA of each layer as one autograd node (same math as PEFT's) {d}")
+    sp.add_argument("--lora_fp32_sum", action=argparse.BooleanOptionalAction, default=True,
+                    help="fused LoRA on CUDA: base GEMM with an fp32 result, LoRA delta added in fp32, one rounding "
+                         "to bf16 (small adapter updates are not rounded away; matches the fp32-upcast seed "
+                         f"recipe's learning) {d}")
+    sp.add_argument("--fused_norm", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"RMSNorm modules as one torch.nn.functional.rms_norm call {d}")
+    sp.add_argument("--liger", choices=("auto", "flce", "all", "off"), default="auto",
+                    help="Liger kernels (optional: pip install -r requirements-gpu.txt): flce = fused linear "
+                         "cross-entropy (never builds the logits), all = also RoPE/RMSNorm/SwiGLU, auto = flce "
+                         f"when CUDA and liger-kernel are there {d}")
+    sp.add_argument("--kbit_upcast", action="store_true",
+                    help="the seed recipe's peft.prepare_model_for_kbit_training (norms, embeddings and lm_head "
+                         "in fp32, autocast); slower, more memory; turns --fused_lora/--fused_norm off")
+    sp.add_argument("--gpu_mem_budget", type=float, default=None, metavar="GB",
+                    help="spend up to GB of GPU memory on speed: leave gradient checkpointing off on as many of "
+                         "the last layers as fit, or keep checkpoints in host memory if even full "
+                         "checkpointing does not fit (default: checkpoint every layer, no offload)")
     sp.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     return p
 
@@ -141,6 +181,8 @@ def validate_args(args) -> None:
         bad.append("--resume continues a run and --overwrite starts it over: pick one")
     if not args.target_modules.strip(" ,"):
         bad.append("--target_modules is empty")
+    if args.gpu_mem_budget is not None and not args.gpu_mem_budget > 0:
+        bad.append("--gpu_mem_budget must be > 0 (GB)")
     if args.inspect < 0:
         bad.append("--inspect N needs N >= 1")
     if not Path(args.jsonl).is_file():
@@ -410,11 +452,17 @@ def _ensure_pad(tok) -> None:
 
 
 def load_model(args):
-    """The 4-bit base + LoRA model exactly as training uses it (NF4, double quant, k-bit prep, LoRA)."""
+    """The 4-bit base + LoRA model exactly as training uses it (NF4, double quant, LoRA) with the speed flags.
+
+    Default: the frozen base stays in the compute dtype (no fp32 upcast of norms, embeddings and lm_head;
+    non-reentrant gradient checkpointing needs no input grads); --kbit_upcast is the seed recipe's
+    prepare_model_for_kbit_training instead.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = _device()
+    d = _Dist()
     dtype, _ = resolve_precision(args, device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls (LoRA, lm_head) on Ampere+
@@ -424,17 +472,402 @@ def load_model(args):
         args.model, quantization_config=quant, device_map={"": str(device)}, dtype=dtype,
         attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.kbit_upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast = not args.kbit_upcast  # the fused pieces assume one compute dtype throughout
+    liger = _apply_liger(model, args.liger, device) if fast else "off (--kbit_upcast)"
+    n_norm = 0
+    if args.fused_norm and fast and "RMSNorm" not in liger:  # Liger's own RMSNorm when --liger all applied
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm") and not type(m).__name__.startswith("Liger") \
+                    and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
+                m.forward = MethodType(_torch_rmsnorm_forward, m)
+                n_norm += 1
+    packed = "off"
+    if args.packing:
+        info = choose_packed_impl(device)
+        _set_attn(model, register_packed_attention())
+        packed = ("flash varlen_attn" if info["impl"] == "varlen" else
+                  "one SDPA call per sample" + (" (varlen_attn failed its self-test: "
+                                                f"{info.get('varlen_error') or info.get('varlen_rel_err')})"
+                                                if device.type == "cuda" else ""))
     targets = args.target_modules if args.target_modules == "all-linear" else \
         [t.strip() for t in args.target_modules.split(",") if t.strip()]
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    n_lean = 0
+    LORA_FP32_SUM["on"] = bool(args.lora_fp32_sum)
+    if args.fused_lora and fast:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+        for m in model.modules():
+            if isinstance(m, LoraLinear4bit):
+                m.forward = MethodType(_lean_lora4bit_forward, m)
+                n_lean += 1
+    _log(f"speed: {'fp32 upcast + autocast (--kbit_upcast)' if args.kbit_upcast else 'no fp32 upcast'}; "
+         f"packing: {packed}; fused LoRA: {n_lean} layers"
+         f"{' (fp32 sum)' if n_lean and args.lora_fp32_sum and device.type == 'cuda' else ''}; fused RMSNorm: {n_norm} modules; Liger: {liger}", d)
+    return model
 
 
 def load_model_and_tokenizer(args):
     return load_model(args), load_tokenizer(args)
+
+
+# --------------------------------------------------------------------------- speed (issue 5; bench/README.md)
+# Measured on an H100 with a 7B shape: the seed recipe spends its time on padding, fp32 round trips and
+# host-side Python ops, not on matmuls. Each piece below is a flag; all but Liger and varlen run on CPU too.
+PACKED_ATTN = "qlora_packed"
+_VARLEN = {"impl": None}  # "varlen" (torch.nn.attention.varlen) or "loop" (one SDPA call per document)
+
+
+def _torch_rmsnorm_forward(self, x):
+    """RMSNorm as one fused op instead of HF's ~8 (cast, pow, mean, rsqrt, mul, cast, mul)."""
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+
+
+def _fused_lora4bit_forward(self, x, *args, **kwargs):
+    """bnb 4-bit base + LoRA as addmm(base_out, dropout(x) A^T, B^T, alpha=scaling) in the compute dtype.
+    The fallback of the lean path for layers it does not handle (bias, several adapters, merged)."""
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        return result
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a = self.lora_A[name].weight.to(x.dtype)
+        b = self.lora_B[name].weight.to(x.dtype)
+        h = torch.nn.functional.linear(self.lora_dropout[name](x), a)
+        out2d = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
+                            alpha=self.scaling[name])
+        result = out2d.view(result.shape)
+    return result
+
+
+def _dequant(weight, quant_state):
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.dequantize_4bit(weight, quant_state)
+
+
+LORA_FP32_SUM = {"on": False}  # --lora_fp32_sum, set by load_model; see _LoRA4bit.forward
+
+
+class _LoRA4bit(torch.autograd.Function):
+    """y = x W^T + s * dropout(x) A^T B^T with W the 4-bit base weight, as ONE autograd node.
+
+    PEFT + bitsandbytes build this from ~6 autograd nodes and a dozen Python-level ops per layer; at a few
+    thousand tokens per step the step is bound by that host-side work. Forward = dequant, 2 GEMMs, one addmm;
+    backward = dequant + 4 small GEMMs. W is never saved (dequantized again in backward). LoRA master weights
+    stay fp32: cast to the compute dtype for the GEMMs, gradients come back in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling, p):
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if p > 0:
+            xd, mask = torch.native_dropout(x2, p, True)
+        else:
+            xd, mask = x2, None
+        h = torch.mm(xd, a.t())
+        w = _dequant(weight, quant_state).to(x.dtype)
+        if LORA_FP32_SUM["on"] and x2.is_cuda and x2.dtype != torch.float32:
+            # base GEMM with an fp32 result, LoRA delta added in fp32, one rounding: a delta under half a bf16
+            # step of the base output is not lost. Measured (bench/README.md): the bf16 path memorised slower
+            # than the fp32-upcast seed on a second pass (+0.12/+0.17 loss); this closes most of that gap.
+            out = torch.mm(x2, w.t(), out_dtype=torch.float32).addmm_(h.float(), b.t().float(), alpha=scaling)
+            out = out.to(x.dtype)
+        else:
+            out = torch.mm(x2, w.t()).addmm_(h, b.t(), alpha=scaling)
+        del w
+        ctx.save_for_backward(x2, mask, h, a, b)
+        ctx.weight, ctx.quant_state, ctx.scaling, ctx.p = weight, quant_state, scaling, p
+        ctx.x_shape, ctx.dtypes = x.shape, (lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, mask, h, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        s, p = ctx.scaling, ctx.p
+        gh = torch.mm(g, b).mul_(s)                      # d loss / d h, (tokens, r)
+        grad_b = torch.mm(g.t(), h).mul_(s)              # (out, r)
+        xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
+        grad_a = torch.mm(gh.t(), xd)                    # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = _dequant(ctx.weight, ctx.quant_state).to(g.dtype)
+            grad_x = torch.mm(g, w)
+            del w
+            if mask is None:
+                grad_x.addmm_(gh, a)
+            else:
+                grad_x.add_(torch.mm(gh, a) * mask * (1.0 / (1.0 - p)))
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None
+
+
+def _lean_lora4bit_forward(self, x, *args, **kwargs):
+    """Forward of peft.tuners.lora.bnb.Linear4bit through _LoRA4bit; PEFT's own path where it does not apply."""
+    if kwargs.get("adapter_names") is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    if self.disable_adapters or self.merged or len(self.active_adapters) != 1 or self.base_layer.bias is not None \
+            or self.active_adapters[0] not in self.lora_A:
+        return _fused_lora4bit_forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    drop = self.lora_dropout[name]
+    p = drop.p if (self.training and isinstance(drop, torch.nn.Dropout)) else 0.0
+    w = self.base_layer.weight
+    return _LoRA4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, w.data, w.quant_state,
+                           self.scaling[name], p)
+
+
+def _offloaded_checkpoint(function, *args, **kwargs):
+    """Non-reentrant checkpoint whose saved layer inputs live in pinned host memory."""
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def collate_packed(samples: list[dict], device) -> dict:
+    """All samples of a micro-batch in one row, no padding. Positions restart per sample, the attention kernel
+    gets the sample boundaries (cu_seq_lens), and the first label of each sample is -100: no token attends to
+    or predicts across a boundary. Trained tokens are those of the padded layout (label 0 is never a target)."""
+    ids, labels, pos, cu = [], [], [], [0]
+    for s in samples:
+        n = len(s["input_ids"])
+        ids += s["input_ids"]
+        labels += [IGNORE] + list(s["labels"][1:])
+        pos += list(range(n))
+        cu.append(cu[-1] + n)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+    max_len = max(len(s["input_ids"]) for s in samples)
+    return {"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device),
+            "attention_mask": None, "position_ids": torch.tensor([pos], device=device),
+            "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": max_len, "max_length_k": max_len,
+            "n_samples": len(samples), "n_tokens": cu[-1], "n_padded": cu[-1]}
+
+
+def _sdpa(module, q, k, v, scaling):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling, is_causal=True)[0]
+
+
+def _varlen_call(q, k, v, cu, max_len, scaling):
+    """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), whatever this torch's varlen_attn signature is."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kw = {}
+    if "scale" in params:
+        kw["scale"] = scaling
+    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
+        kw["enable_gqa"] = True
+    if "is_causal" in params:
+        kw["is_causal"] = True
+    elif "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    else:
+        raise RuntimeError("varlen_attn has neither is_causal nor window_size")
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             sliding_window=None, **kwargs):
+    """AttentionInterface function: query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D).
+
+    Transformers builds no mask for a custom attention function, so a right-padded batch (no cu_seq_lens)
+    gets plain causal attention: exact for its real tokens, which only see earlier (real) tokens.
+    """
+    if attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return _sdpa(module, query, key, value, scaling), None
+    max_len = int(kwargs["max_length_q"])
+    if sliding_window is not None and max_len > sliding_window:
+        raise ValueError(f"a sample of {max_len} tokens exceeds the model's sliding window {sliding_window}")
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one packed row per micro-batch")
+    if _VARLEN["impl"] == "varlen":
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        return _varlen_call(q, k, v, cu, max_len, scaling).unsqueeze(0), None
+    bounds = cu.tolist()  # CPU, or a GPU whose varlen kernel failed its self-test: one SDPA call per document
+    outs = [_sdpa(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling)
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=1), None
+
+
+def choose_packed_impl(device) -> dict:
+    """Self-test varlen_attn (forward and backward, GQA) against a float64 per-document reference; use it only
+    if it agrees, else one SDPA call per document."""
+    info = {"impl": "loop"}
+    if device.type != "cuda":
+        _VARLEN["impl"] = "loop"
+        return info
+    try:
+        torch.manual_seed(0)
+        lens = [37, 300, 129, 511, 1]
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+        T, Hq, Hkv, D = sum(lens), 32, 8, 128
+        q = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+        go = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16)
+        out = _varlen_call(q, k, v, cu, max(lens), D ** -0.5)
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+        outs = []
+        for s, e in zip(cu.tolist()[:-1], cu.tolist()[1:]):
+            qq = qr[s:e].transpose(0, 1)
+            kk = kr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+            vv = vr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(0, 1))
+        ref = torch.cat(outs)
+        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), go.double())
+        errs = [float((a.double() - b).norm() / b.norm()) for a, b in zip((out, *grads), (ref, *ref_grads))]
+        info.update(varlen_rel_err={"out": errs[0], "dq": errs[1], "dk": errs[2], "dv": errs[3]})
+        if all(e < 2e-2 for e in errs):
+            info["impl"] = "varlen"
+    except Exception as e:  # noqa: BLE001 - any failure means: use the per-document loop
+        info["varlen_error"] = f"{type(e).__name__}: {e}"[:300]
+    _VARLEN["impl"] = info["impl"]
+    return info
+
+
+def register_packed_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTN, packed_attention_forward)
+    return PACKED_ATTN
+
+
+def uses_packed_attention(model) -> bool:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_attn_implementation", None) == PACKED_ATTN
+
+
+def _set_attn(model, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # noqa: BLE001 - a transformers without the setter: the config field is what is read
+        model.config._attn_implementation = name
+
+
+def _apply_liger(model, mode: str, device) -> str:
+    """Liger's fused linear cross-entropy (and with 'all' RoPE/RMSNorm/SwiGLU); returns what was applied."""
+    if mode == "off":
+        return "off"
+    if device.type != "cuda":
+        return f"skipped (--liger {mode}: Liger's Triton kernels need CUDA)"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError:
+        if mode != "auto":
+            raise InputError(f"--liger {mode}: liger-kernel is not installed; pip install -r requirements-gpu.txt "
+                             "or pass --liger off") from None
+        return "skipped (liger-kernel not installed: pip install -r requirements-gpu.txt)"
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"skipped (Liger has no kernels for model type {model_type!r})"
+    every = mode == "all"
+    _apply_liger_kernel_to_instance(model, rope=every, rms_norm=every, swiglu=every, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    return "RoPE, RMSNorm, SwiGLU, fused linear cross-entropy" if every else "fused linear cross-entropy"
+
+
+def _decoder_layers(model) -> list:
+    """The decoder layers whose gradient checkpointing can be switched one by one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    best = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > len(best) and \
+                all(isinstance(x, GradientCheckpointingLayer) for x in m):
+            best = list(m)
+    return best
+
+
+def activation_bytes_per_token_layer(hidden: int, intermediate: int, dropout: float) -> float:
+    """Activations one decoder layer keeps per token when it is not checkpointed (bf16). Measured on a 7B
+    shape (hidden 4096, MLP 14336): ~145 KB without LoRA dropout, ~166 KB with it; scaled by the tensors a
+    Mistral/Llama layer saves (~6 of width hidden, ~4 of width intermediate) for other shapes."""
+    per_7b = 166e3 if dropout > 0 else 145e3
+    return per_7b * (6 * hidden + 4 * intermediate) / (6 * 4096 + 4 * 14336)
+
+
+def plan_checkpointing(budget_gb: float, static_bytes: float, n_lora: int, optim: str, max_tokens: int,
+                       hidden: int, intermediate: int, n_layers: int, dropout: float) -> dict:
+    """Spend a GPU memory budget on speed. Estimate (bytes) for k layers without checkpointing:
+    static + 4·n_lora (fp32 grads) + (8 | 2)·n_lora (AdamW state, fp32 | 8-bit) + T·2·hidden·n_layers
+    (checkpointed layer inputs, bf16) + (k+1)·T·c (k full layers + the one being recomputed) + 0.35 GB
+    (workspace), T = largest micro-batch in tokens. If k = 0 does not fit, the checkpoints go to pinned host
+    memory ("offload"); otherwise the largest k that fits ("skip": the last k layers keep their activations).
+    """
+    c = activation_bytes_per_token_layer(hidden, intermediate, dropout)
+    opt_bytes = 2 if "8bit" in optim else 8
+    fixed = static_bytes + (4 + opt_bytes) * n_lora + 0.35e9
+    ckpt = max_tokens * 2 * hidden * n_layers
+    budget = budget_gb * 1e9
+
+    def estimate(k):
+        return fixed + ckpt + (k + 1) * max_tokens * c
+
+    if estimate(0) > budget:
+        est = fixed + max_tokens * c
+        return {"mode": "offload", "skip_layers": 0, "estimate_gb": est / 1e9, "budget_gb": budget_gb,
+                "fits": est <= budget, "act_bytes_per_token_layer": c}
+    k = 0
+    while k < n_layers and estimate(k + 1) <= budget:
+        k += 1
+    return {"mode": "skip", "skip_layers": k, "estimate_gb": estimate(k) / 1e9, "budget_gb": budget_gb,
+            "fits": True, "act_bytes_per_token_layer": c}
+
+
+def _apply_checkpoint_plan(layers: list, plan: dict) -> None:
+    for i, layer in enumerate(layers):
+        if plan["mode"] == "offload":
+            layer._gradient_checkpointing_func = _offloaded_checkpoint
+        elif i >= len(layers) - plan["skip_layers"]:
+            layer.gradient_checkpointing = False
+
+
+def _max_micro_tokens(lengths: list[int], per_step: int, micro: int, seed: int, epochs: int, group: bool,
+                      shuffle: bool, rank: int, world: int, packed: bool) -> int:
+    """Largest micro-batch of the whole run in computed tokens (packed: the sum; padded: rows x longest)."""
+    top = 0
+    for epoch in range(epochs):
+        for step in epoch_plan(lengths, per_step, seed, epoch, group, shuffle):
+            mine = sorted(step, key=lambda i: -lengths[i])[rank::world]
+            for j in range(0, len(mine), micro):
+                part = [lengths[i] for i in mine[j:j + micro]]
+                top = max(top, sum(part) if packed else len(part) * max(part))
+    return top
+
+
+@contextlib.contextmanager
+def _frozen_gc():
+    """Move every object alive now (model, optimizer, data) out of the collector's reach while training:
+    full collections over them cost ~10% of a fast step."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # --------------------------------------------------------------------------- data order and batches
@@ -474,14 +907,16 @@ def collate(samples: list[dict], pad_id: int, device) -> dict:
     return {"input_ids": ids.to(device), "labels": labels.to(device),
             # without padding, no mask lets SDPA take its plain causal path
             "attention_mask": None if min(lengths) == L else mask.to(device),
-            "n_tokens": sum(lengths), "n_padded": L * len(samples)}
+            "n_samples": len(samples), "n_tokens": sum(lengths), "n_padded": L * len(samples)}
 
 
 def _micro_loss(model, batch: dict, n_items, amp) -> torch.Tensor:
     """Sum of token losses of one micro-batch divided by n_items (the trained tokens of the whole step)."""
+    packed = {k: batch[k] for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+              if k in batch}
     with amp:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    num_items_in_batch=n_items, use_cache=False)
+                    num_items_in_batch=n_items, use_cache=False, **packed)
     return out.loss
 
 
@@ -610,13 +1045,13 @@ def _peak_memory(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "cpu_max_rss"
 
 
-def _evaluate(model, samples: list[dict], micro: int, amp, pad_id: int, device, d: _Dist) -> float:
+def _evaluate(model, samples: list[dict], micro: int, amp, pad_id: int, device, d: _Dist, packed: bool) -> float:
     mine = sorted(samples[d.rank::d.world], key=lambda s: -len(s["input_ids"]))
     total = torch.zeros(2, dtype=torch.float64, device=device)
     model.eval()
     with torch.no_grad():
         for k in range(0, len(mine), micro):
-            batch = collate(mine[k:k + micro], pad_id, device)
+            batch = collate_packed(mine[k:k + micro], device) if packed else collate(mine[k:k + micro], pad_id, device)
             total[0] += _micro_loss(model, batch, 1, amp).double()
             total[1] += sum(_n_trained(s) for s in mine[k:k + micro])
     model.train()
@@ -628,6 +1063,34 @@ def _log(msg: str, d: _Dist, bar=None) -> None:
     if d.main:
         (bar.write if bar is not None else print)(msg)
         sys.stdout.flush()
+
+
+def _plan_memory(model, args, device, lengths, per_step, steps_per_epoch, total, packed, d: _Dist) -> dict | None:
+    """--gpu_mem_budget: choose which layers skip checkpointing (or offload the checkpoints) and log it."""
+    budget = getattr(args, "gpu_mem_budget", None)
+    if budget is None:
+        return None
+    if device.type != "cuda":
+        _log(f"--gpu_mem_budget {budget}: ignored on {device.type} (it plans GPU memory)", d)
+        return None
+    layers = [l for l in _decoder_layers(model) if getattr(l, "gradient_checkpointing", False)]
+    if not layers:
+        _log(f"--gpu_mem_budget {budget}: ignored (gradient checkpointing is off)", d)
+        return None
+    cfg = model.config
+    epochs = min(math.ceil(total / steps_per_epoch), 64)  # the plans repeat their length mix; bound the scan
+    top = _max_micro_tokens(lengths, per_step, args.batch, args.seed, epochs, args.group_by_length, args.shuffle,
+                            d.rank, d.world, packed)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = plan_checkpointing(budget, torch.cuda.memory_allocated(device), n_lora, args.optim, top,
+                              cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size), len(layers),
+                              args.lora_dropout)
+    _apply_checkpoint_plan(layers, plan)
+    what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)"
+            if plan["mode"] == "offload" else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
+    _log(f"--gpu_mem_budget {budget} GB: largest micro-batch {top:,} tokens -> {what}; estimated peak "
+         f"{plan['estimate_gb']:.2f} GB" + ("" if plan["fits"] else " (over the budget: lower --batch)"), d)
+    return plan
 
 
 def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_step=None) -> dict:
@@ -644,7 +1107,11 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
     d = _Dist()
     device = next(p for p in model.parameters() if p.requires_grad).device
     dtype, _ = resolve_precision(args, device)
-    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    # Autocast only for the seed's fp32-upcast model (--kbit_upcast); otherwise the model already computes in
+    # `dtype` and autocast would only add casts.
+    upcast = getattr(args, "kbit_upcast", False)
+    amp = torch.autocast(device.type, dtype=dtype) if upcast and dtype != torch.float32 else contextlib.nullcontext()
+    packed = getattr(args, "packing", False) and uses_packed_attention(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not train_samples:
         raise InputError("no training samples")
@@ -664,6 +1131,7 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
                               num_training_steps=total)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    _plan_memory(model, args, device, lengths, per_step, steps_per_epoch, total, packed, d)
     fp = _fingerprint(train_samples, per_step, total, args)
     state = {"step": 0, "micro": args.batch, "train": [], "val": [], "oom_backoffs": [], "train_seconds": 0.0,
              "trained_tokens": 0, "input_tokens": 0, "padded_tokens": 0}
@@ -686,100 +1154,103 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
     bar = tqdm(total=total, initial=state["step"], disable=None if d.main else True, dynamic_ncols=True,
                desc="train")
     plans: dict[int, list] = {}
-    while state["step"] < total:
-        step = state["step"]
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in plans:
-            plans = {epoch: epoch_plan(lengths, per_step, args.seed, epoch, args.group_by_length, args.shuffle)}
-        ids = sorted(plans[epoch][k], key=lambda i: -lengths[i])
-        mine = [train_samples[i] for i in ids[d.rank::d.world]]  # round robin: ranks get similar lengths
-        n_items = max(1, sum(trained[i] for i in ids))
-        t0 = time.perf_counter()
-        while True:
-            torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + d.rank)  # dropout: same on a retry or resume
-            stats = torch.zeros(4, dtype=torch.float64, device=device)  # oom, loss, tokens, padded tokens
-            try:
-                for j in range(0, len(mine), state["micro"]):
-                    batch = collate(mine[j:j + state["micro"]], pad_id, device)
-                    loss = _micro_loss(model, batch, n_items, amp)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    stats[1] += loss.detach().double()
-                    stats[2] += batch["n_tokens"]
-                    stats[3] += batch["n_padded"]
-            except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or an allocator error from a library kernel
-                if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
-                    raise
-                stats[0] = 1
-            batch = loss = None
-            d.all_sum(stats)  # every process learns of an OOM anywhere before gradients are exchanged
-            if stats[0] == 0:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if state["micro"] == 1:
+    with _frozen_gc():  # bar.close() and the metrics stay outside
+        while state["step"] < total:
+            step = state["step"]
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch not in plans:
+                plans = {epoch: epoch_plan(lengths, per_step, args.seed, epoch, args.group_by_length, args.shuffle)}
+            ids = sorted(plans[epoch][k], key=lambda i: -lengths[i])
+            mine = [train_samples[i] for i in ids[d.rank::d.world]]  # round robin: ranks get similar lengths
+            n_items = max(1, sum(trained[i] for i in ids))
+            t0 = time.perf_counter()
+            while True:
+                torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + d.rank)  # dropout: same on a retry or resume
+                stats = torch.zeros(4, dtype=torch.float64, device=device)  # oom, loss, tokens, padded tokens
+                try:
+                    for j in range(0, len(mine), state["micro"]):
+                        part = mine[j:j + state["micro"]]
+                        batch = collate_packed(part, device) if packed else collate(part, pad_id, device)
+                        loss = _micro_loss(model, batch, n_items, amp)
+                        (scaler.scale(loss) if scaler else loss).backward()
+                        stats[1] += loss.detach().double()
+                        stats[2] += batch["n_tokens"]
+                        stats[3] += batch["n_padded"]
+                except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or an allocator error from a library kernel
+                    if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                        raise
+                    stats[0] = 1
+                batch = loss = None
+                d.all_sum(stats)  # every process learns of an OOM anywhere before gradients are exchanged
+                if stats[0] == 0:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if state["micro"] == 1:
+                    raise TrainingError(
+                        f"out of memory at step {step + 1} even with micro-batch 1: the longest sample in this "
+                        f"step has {lengths[ids[0]]} tokens; lower --max_seq_len, or keep --gradient_checkpointing on")
+                new = state["micro"] // 2
+                _log(f"out of memory at step {step + 1} with micro-batch {state['micro']}: retrying with micro-batch "
+                     f"{new} x {math.ceil(args.batch * args.grad_accum / new)} accumulation (same effective batch)",
+                     d, bar)
+                state["oom_backoffs"].append({"step": step + 1, "from": state["micro"], "to": new})
+                state["micro"] = new
+
+            loss_value = stats[1].item()
+            if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"out of memory at step {step + 1} even with micro-batch 1: the longest sample in this "
-                    f"step has {lengths[ids[0]]} tokens; lower --max_seq_len, or keep --gradient_checkpointing on")
-            new = state["micro"] // 2
-            _log(f"out of memory at step {step + 1} with micro-batch {state['micro']}: retrying with micro-batch "
-                 f"{new} x {math.ceil(args.batch * args.grad_accum / new)} accumulation (same effective batch)",
-                 d, bar)
-            state["oom_backoffs"].append({"step": step + 1, "from": state["micro"], "to": new})
-            state["micro"] = new
+                    f"loss is {loss_value} at step {step + 1}; stopped before the update. Last good checkpoint: "
+                    f"{_last_checkpoint(out_dir) or 'none'}. Lower --lr (now {args.lr}), use --bf16 instead of --fp16, "
+                    "or check the data; then rerun with --resume")
+            _all_reduce_grads(params, d)
+            if scaler:
+                scaler.unscale_(optimizer)
+            clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if scaler is None and not math.isfinite(norm.item()):  # fp16's scaler skips such steps itself
+                raise TrainingError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before the update. "
+                                    f"Last good checkpoint: {_last_checkpoint(out_dir) or 'none'}. Lower --lr and "
+                                    "rerun with --resume")
+            lr = scheduler.get_last_lr()[0]
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        loss_value = stats[1].item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"loss is {loss_value} at step {step + 1}; stopped before the update. Last good checkpoint: "
-                f"{_last_checkpoint(out_dir) or 'none'}. Lower --lr (now {args.lr}), use --bf16 instead of --fp16, "
-                "or check the data; then rerun with --resume")
-        _all_reduce_grads(params, d)
-        if scaler:
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-        if scaler is None and not math.isfinite(norm.item()):  # fp16's scaler skips such steps itself
-            raise TrainingError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before the update. "
-                                f"Last good checkpoint: {_last_checkpoint(out_dir) or 'none'}. Lower --lr and "
-                                "rerun with --resume")
-        lr = scheduler.get_last_lr()[0]
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        dt = time.perf_counter() - t0
-        n_tr = sum(trained[i] for i in ids)
-        n_in, n_pad = int(stats[2].item()), int(stats[3].item())
-        state["step"] = step + 1
-        state["train_seconds"] += dt
-        state["trained_tokens"] += n_tr
-        state["input_tokens"] += n_in
-        state["padded_tokens"] += n_pad
-        state["train"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": loss_value,
-                               "lr": lr, "grad_norm": float(norm), "trained_tokens": n_tr, "input_tokens": n_in,
-                               "padded_tokens": n_pad, "seconds": dt, "tokens_per_s": n_in / dt,
-                               "micro_batch": state["micro"]})
-        if on_step is not None:
-            on_step(step + 1, loss_value, n_tr, n_in)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_in / dt:,.0f}", micro=state["micro"])
-        if (step + 1) % args.logging_steps == 0:
-            _log(f"step {step + 1}/{total} | epoch {(step + 1) / steps_per_epoch:.2f} | loss {loss_value:.4f} | "
-                 f"lr {lr:.2e} | {n_in / dt:,.0f} tok/s | micro-batch {state['micro']}", d, bar)
-        done = state["step"] == total
-        if val_samples and (state["step"] % eval_every == 0 or done):
-            vl = _evaluate(model, val_samples, state["micro"], amp, pad_id, device, d)
-            state["val"].append({"step": state["step"], "loss": vl})
-            _log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
-        if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
-            _save_checkpoint(model, optimizer, scheduler, scaler, state, fp, out_dir, args.save_total_limit, d)
-            if d.main:
-                write_metrics(out_dir, _metrics(state, t_start, device, d, resumed_from, finished=False))
+            dt = time.perf_counter() - t0
+            n_tr = sum(trained[i] for i in ids)
+            n_in, n_pad = int(stats[2].item()), int(stats[3].item())
+            state["step"] = step + 1
+            state["train_seconds"] += dt
+            state["trained_tokens"] += n_tr
+            state["input_tokens"] += n_in
+            state["padded_tokens"] += n_pad
+            state["train"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
+                                   "loss": loss_value, "lr": lr, "grad_norm": float(norm), "trained_tokens": n_tr,
+                                   "input_tokens": n_in, "padded_tokens": n_pad, "seconds": dt, "tokens_per_s": n_in / dt,
+                                   "micro_batch": state["micro"]})
+            if on_step is not None:
+                on_step(step + 1, loss_value, n_tr, n_in)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_in / dt:,.0f}", micro=state["micro"])
+            if (step + 1) % args.logging_steps == 0:
+                _log(f"step {step + 1}/{total} | epoch {(step + 1) / steps_per_epoch:.2f} | loss {loss_value:.4f} | "
+                     f"lr {lr:.2e} | {n_in / dt:,.0f} tok/s | micro-batch {state['micro']}", d, bar)
+            done = state["step"] == total
+            if val_samples and (state["step"] % eval_every == 0 or done):
+                vl = _evaluate(model, val_samples, state["micro"], amp, pad_id, device, d, packed)
+                state["val"].append({"step": state["step"], "loss": vl})
+                _log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
+            if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
+                _save_checkpoint(model, optimizer, scheduler, scaler, state, fp, out_dir, args.save_total_limit, d)
+                if d.main:
+                    write_metrics(out_dir, _metrics(state, t_start, device, d, resumed_from, finished=False))
     bar.close()
     return _metrics(state, t_start, device, d, resumed_from, finished=True)
 

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import gc
-import inspect
 import json
 import math
 import platform
@@ -46,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+import train_qlora_hf as T  # noqa: E402  (the project's training path and its speed helpers)
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 2e-4
@@ -115,117 +115,18 @@ def collate_padded(batch: list[dict], device, pad_id: int = 0) -> dict:
 
 
 def collate_packed(batch: list[dict], device) -> dict:
-    """All samples of a micro-batch in one row, no padding; positions restart per sample and the attention
-    kernel gets the sample boundaries (cu_seq_lens), so no token attends across samples."""
-    ids, labels, pos, cu = [], [], [], [0]
-    for s in batch:
-        n = len(s["input_ids"])
-        ids += s["input_ids"]
-        labels += [-100] + list(s["labels"][1:])  # no target across the boundary to the previous sample
-        pos += list(range(n))
-        cu.append(cu[-1] + n)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
-    max_len = max(len(s["input_ids"]) for s in batch)
-    return {"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device),
-            "position_ids": torch.tensor([pos], device=device), "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t,
-            "max_length_q": max_len, "max_length_k": max_len}
+    """train_qlora_hf.collate_packed without its bookkeeping keys (model(**inputs) takes the rest)."""
+    out = T.collate_packed(batch, device)
+    for k in ("n_samples", "n_tokens", "n_padded", "attention_mask"):
+        out.pop(k)
+    return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Packed attention: per-document causal attention through a flash kernel, no dense mask
-
-
-_VARLEN = {"impl": None}  # "varlen" (torch.nn.attention.varlen) or "loop" (one SDPA call per document)
-
-
-def _sdpa(module, q, k, v, scaling):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling, is_causal=True)[0]
-
-
-def _varlen_call(q, k, v, cu, max_len, scaling):
-    """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), whatever this torch's varlen_attn signature is."""
-    from torch.nn.attention.varlen import varlen_attn
-    params = inspect.signature(varlen_attn).parameters
-    kw = {}
-    if "scale" in params:
-        kw["scale"] = scaling
-    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
-        kw["enable_gqa"] = True
-    if "is_causal" in params:
-        kw["is_causal"] = True
-    elif "window_size" in params:
-        kw["window_size"] = (-1, 0)
-    else:
-        raise RuntimeError("varlen_attn has neither is_causal nor window_size")
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
-
-
-def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                             sliding_window=None, **kwargs):
-    """AttentionInterface function. query (1, Hq, T, D); key/value (1, Hkv, T, D). Returns (1, T, Hq, D)."""
-    if attention_mask is not None:  # a padded batch (e.g. evaluation): plain SDPA with its mask
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:  # one sequence per row, no padding: plain causal flash attention
-        return _sdpa(module, query, key, value, scaling), None
-    max_len = int(kwargs["max_length_q"])
-    if sliding_window is not None and max_len > sliding_window:
-        raise ValueError(f"sample of {max_len} tokens exceeds the sliding window {sliding_window}")
-    if query.shape[0] != 1:
-        raise ValueError("packed attention expects one packed row per micro-batch")
-    if _VARLEN["impl"] == "varlen":
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        return _varlen_call(q, k, v, cu, max_len, scaling).unsqueeze(0), None
-    bounds = cu.tolist()  # fallback only: one host sync per layer
-    outs = [_sdpa(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling)
-            for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs, dim=1), None
-
-
-def register_packed_attention() -> str:
-    from transformers import AttentionInterface
-    AttentionInterface.register("bench_packed", packed_attention_forward)
-    return "bench_packed"
-
-
-def choose_packed_impl(device) -> dict:
-    """Self-test varlen_attn (forward and backward) against per-document SDPA; use it only if it agrees."""
-    info = {"impl": "loop"}
-    if device.type != "cuda":
-        _VARLEN["impl"] = "loop"
-        return info
-    try:
-        torch.manual_seed(0)
-        lens = [37, 300, 129, 511, 1]
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
-        T, Hq, Hkv, D = sum(lens), 32, 8, 128
-        q = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-        go = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16)
-        out = _varlen_call(q, k, v, cu, max(lens), D ** -0.5)
-        grads = torch.autograd.grad(out, (q, k, v), go)
-        # float64 reference, one document at a time
-        qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-        outs = []
-        for s, e in zip(cu.tolist()[:-1], cu.tolist()[1:]):
-            qq = qr[s:e].transpose(0, 1)
-            kk = kr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
-            vv = vr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
-            outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(0, 1))
-        ref = torch.cat(outs)
-        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), go.double())
-        errs = [float((a.double() - b).norm() / b.norm()) for a, b in zip((out, *grads), (ref, *ref_grads))]
-        info.update(varlen_rel_err={"out": errs[0], "dq": errs[1], "dk": errs[2], "dv": errs[3]})
-        if all(e < 2e-2 for e in errs):
-            info["impl"] = "varlen"
-    except Exception as e:  # noqa: BLE001 - any failure means: use the per-document loop
-        info["varlen_error"] = f"{type(e).__name__}: {e}"[:300]
-    _VARLEN["impl"] = info["impl"]
-    return info
+# The packed attention (per-document flash varlen_attn, or one SDPA call per document), the lean LoRA kernel,
+# the fused RMSNorm and checkpoint offload live in train_qlora_hf.py (the path users run); the research
+# recipes below reuse them.
+register_packed_attention = T.register_packed_attention
+choose_packed_impl = T.choose_packed_impl
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,6 +149,7 @@ class Recipe:
     offload: bool = False         # checkpointed layer inputs kept in pinned host memory
     pygc: bool = True             # False: gc.freeze() before the steps (no full collections over the model's objects)
     init_seed: int = 0            # added to --seed for the LoRA init (a noise-floor run of the same recipe)
+    fp32_out: bool = False        # lean LoRA: base GEMM with fp32 output + LoRA delta in fp32, one rounding
 
 
 SEED = Recipe("seed", upcast=True, batching="pad", lora_impl="peft", optim="paged_adamw_8bit")
@@ -268,7 +170,7 @@ MODIFIERS = {
     "bf16lora": dict(lora_dtype="bf16"), "adam8": dict(optim="adamw_8bit"), "paged8": dict(optim="paged_adamw_8bit"),
     "liger": dict(liger="all"), "flce": dict(liger="flce"), "noliger": dict(liger=""), "offload": dict(offload=True),
     "tnorm": dict(norm="torch"), "hfnorm": dict(norm="hf"), "lean": dict(lora_impl="lean"),
-    "adamw": dict(optim="adamw_fused"), "nogc": dict(pygc=False),
+    "adamw": dict(optim="adamw_fused"), "nogc": dict(pygc=False), "f32out": dict(fp32_out=True),
 }
 
 
@@ -344,99 +246,10 @@ def load_4bit(model_dir: Path, device):
                                                 attn_implementation="sdpa", **kw)
 
 
-def _fused_lora4bit_forward(self, x, *args, **kwargs):
-    """bnb 4-bit base + LoRA in one more GEMM: addmm(base_out, dropout(x) A^T, B^T, alpha=scaling), bf16 compute
-    on fp32 master weights. Replaces PEFT's clone + cast to fp32 + two fp32 GEMMs + cast + mul + add."""
-    result = self.base_layer(x, *args, **kwargs)
-    if self.disable_adapters or self.merged:
-        return result
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        a = self.lora_A[name].weight.to(x.dtype)
-        b = self.lora_B[name].weight.to(x.dtype)
-        h = F.linear(self.lora_dropout[name](x), a)
-        out2d = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
-                            alpha=self.scaling[name])
-        result = out2d.view(result.shape)
-    return result
-
-
-def _torch_rmsnorm_forward(self, x):
-    return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
-
-
-def _dequant(weight, quant_state):
-    import bitsandbytes.functional as bnbF
-    return bnbF.dequantize_4bit(weight, quant_state)
-
-
-class _LoRA4bit(torch.autograd.Function):
-    """y = x W^T + s * dropout(x) A^T B^T with W the 4-bit base weight, as ONE autograd node.
-
-    PEFT + bitsandbytes build this from ~6 autograd nodes and a dozen Python-level ops per layer (module
-    wrappers, a defensive clone, fp32 casts, a torch.library custom op); at ~3k tokens per step the step is
-    bound by that host-side work, not by the GPU. Here: forward = dequant, 2 GEMMs, one addmm; backward =
-    dequant + 4 small GEMMs. W is never saved (dequantized again in backward), the input x is saved by
-    reference (other consumers keep it anyway), plus the (tokens x r) projection and the dropout mask.
-    LoRA master weights stay fp32; they are cast to the compute dtype for the GEMMs, gradients come back fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling, p):
-        x2 = x.reshape(-1, x.shape[-1])
-        w = _dequant(weight, quant_state)
-        out = torch.mm(x2, w.t())
-        del w
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        if p > 0:
-            xd, mask = torch.native_dropout(x2, p, True)
-        else:
-            xd, mask = x2, None
-        h = torch.mm(xd, a.t())
-        out.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, mask, h, a, b)
-        ctx.weight, ctx.quant_state, ctx.scaling, ctx.p = weight, quant_state, scaling, p
-        ctx.x_shape, ctx.dtypes = x.shape, (lora_a.dtype, lora_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, mask, h, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        s, p = ctx.scaling, ctx.p
-        gh = torch.mm(g, b).mul_(s)                      # d loss / d h, (tokens, r)
-        grad_b = torch.mm(g.t(), h).mul_(s)              # (out, r)
-        xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
-        grad_a = torch.mm(gh.t(), xd)                    # (r, in)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w = _dequant(ctx.weight, ctx.quant_state)
-            grad_x = torch.mm(g, w)
-            del w
-            if mask is None:
-                grad_x.addmm_(gh, a)
-            else:
-                grad_x.add_(torch.mm(gh, a) * mask * (1.0 / (1.0 - p)))
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None
-
-
-def _lean_lora4bit_forward(self, x, *args, **kwargs):
-    if self.disable_adapters or self.merged or len(self.active_adapters) != 1 or self.base_layer.bias is not None:
-        return _fused_lora4bit_forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
-    drop = self.lora_dropout[name]
-    p = drop.p if (self.training and isinstance(drop, torch.nn.Dropout)) else 0.0
-    w = self.base_layer.weight
-    return _LoRA4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, w.data, w.quant_state,
-                           self.scaling[name], p)
-
-
-def _offloaded_checkpoint(function, *args, **kwargs):
-    from torch.utils.checkpoint import checkpoint
-    with torch.autograd.graph.save_on_cpu(pin_memory=True):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+_fused_lora4bit_forward = T._fused_lora4bit_forward
+_torch_rmsnorm_forward = T._torch_rmsnorm_forward
+_lean_lora4bit_forward = T._lean_lora4bit_forward
+_offloaded_checkpoint = T._offloaded_checkpoint
 
 
 class Liger:
@@ -474,6 +287,7 @@ class Session:
     def setup(self, recipe: Recipe, seed: int):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         base = self.base
+        T.LORA_FP32_SUM["on"] = recipe.fp32_out
         if recipe.upcast:
             prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
         else:
@@ -521,6 +335,7 @@ class Session:
     def teardown(self, model, recipe: Recipe):
         """Back to the freshly loaded base model (also after a setup that failed half-way, model=None)."""
         base = self.base
+        T.LORA_FP32_SUM["on"] = False
         if model is not None:
             assert model.unload() is base  # LoRA layers out, the original bnb Linear4bit modules back in
         for attr in ("peft_config", "_hf_peft_config_loaded"):
@@ -608,7 +423,9 @@ def function_check(model, recipe: Recipe, batch: list[dict], device, ref: dict |
         grads = torch.cat([p.grad.float().flatten() for _, p in named]).cpu()
         for _, p in named:
             p.grad = None
-        return {"h": hs.cpu(), "loss": float(out.loss), "grad": grads}
+        # detached: a kept reference's autograd graph would hold the base model's 4-bit weights (via the
+        # nodes' ctx) after the session ends, and count them in the project path's memory
+        return {"h": hs.detach().cpu(), "loss": float(out.loss), "grad": grads}
 
     try:
         res = run(to_inputs(recipe, batch, device))
@@ -776,7 +593,10 @@ def project_args(T, model_dir: Path, wl: str, extra: list[str], repeat: int = 1,
               ("--max_grad_norm", "0"), ("--seed", "0")]
     if budget_gb is not None:  # the issue's memory goal for this workload, as the project's own budget flag
         wanted.append(("--gpu_mem_budget", f"{budget_gb:.2f}"))
-    argv = [x for opt, val in wanted if opt in known for x in (opt, val)]
+    # file order, no length grouping: the steps are the seed's batches, so losses compare step by step (with
+    # packing, grouping only changes which samples share a row, not the padding)
+    wanted += [("--no-shuffle", None), ("--no-group_by_length", None)]
+    argv = [x for opt, val in wanted if opt in known for x in ((opt,) if val is None else (opt, val))]
     return parser.parse_args(argv + extra)
 
 
@@ -871,7 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--project-recipe", default=DEFAULT_STANDIN,
                    help="recipe the 'bench' stand-in runs: one spec, or qa=SPEC,long=SPEC (default: %(default)s)")
-    p.add_argument("--project-args", default="", help="extra CLI args for train_qlora_hf's parser")
+    p.add_argument("--project-args", default="",
+                   help="extra CLI args for train_qlora_hf's parser; ';' separates several project runs, e.g. "
+                        "\";--optim adamw_torch_fused\" = defaults, then fused AdamW (default: none)")
     p.add_argument("--project-budget", action=argparse.BooleanOptionalAction, default=True,
                    help="pass the goal's memory as --gpu_mem_budget (qa: the seed's measured peak, long: 6.5 GB) "
                         "when train_qlora_hf has that flag (default: %(default)s)")
@@ -1025,31 +847,37 @@ def main(argv=None) -> int:
 
     # -- the project's own path, its own model load per workload --------------------------------------------------
     if mode == "module":
-        extra = args.project_args.split()
+        runs = [x.split() for x in args.project_args.split(";")]  # one project run per ';'-separated set
         for wl in workloads:
-            rec = {"workload": wl, "variant": "project(train_qlora_hf)"}
-            if args.time_budget and time.perf_counter() - T0 > args.time_budget:
-                rec["error"] = "skipped: --time-budget reached"
+            for extra in runs:
+                name = "project(train_qlora_hf)" + (" " + " ".join(extra) if extra else "")
+                rec = {"workload": wl, "variant": name}
+                if args.time_budget and time.perf_counter() - T0 > args.time_budget:
+                    rec["error"] = "skipped: --time-budget reached"
+                    results.append(rec)
+                    continue
+                print(f"== {wl} / {name}  (t={time.perf_counter() - T0:.0f}s)", flush=True)
+                try:
+                    seed_run = next((r for r in results if r["workload"] == wl and r["variant"] == "seed"
+                                     and "tok_s" in r), None)
+                    budget = None
+                    if args.project_budget:  # qa: the seed's measured peak (the goal: no more memory); long: 6.5 GB
+                        budget = 6.5 if wl == "long" else (math.floor(seed_run["peak_gb"] * 10) / 10
+                                                          if seed_run and "peak_gb" in seed_run else None)
+                    rec["gpu_mem_budget"] = budget
+                    rec.update(run_project_module(T, model_dir, wl, data[wl], device, extra, args.repeat, budget))
+                    if seed_run:
+                        pa = rec.get("project_args", {})
+                        same_order = pa.get("shuffle") is False and pa.get("group_by_length") is False
+                        rec["loss_agreement"] = loss_agreement(rec, seed_run, same_order, args.loss_tol)
+                except Exception as e:  # noqa: BLE001
+                    rec["error"] = f"{type(e).__name__}: {e}"
+                    rec["traceback"] = traceback.format_exc()[-3000:]
+                    print(rec["traceback"], file=sys.stderr, flush=True)
                 results.append(rec)
-                continue
-            print(f"== {wl} / project (train_qlora_hf)", flush=True)
-            try:
-                seed_run = next((r for r in results if r["workload"] == wl and r["variant"] == "seed"
-                                 and "tok_s" in r), None)
-                budget = None
-                if args.project_budget:  # qa: the seed's measured peak (the goal: no more memory); long: 6.5 GB
-                    budget = 6.5 if wl == "long" else (math.floor(seed_run["peak_gb"] * 10) / 10
-                                                      if seed_run and "peak_gb" in seed_run else None)
-                rec["gpu_mem_budget"] = budget
-                rec.update(run_project_module(T, model_dir, wl, data[wl], device, extra, args.repeat, budget))
-                if seed_run:
-                    rec["loss_agreement"] = loss_agreement(rec, seed_run, False, args.loss_tol)
-            except Exception as e:  # noqa: BLE001
-                rec["error"] = f"{type(e).__name__}: {e}"
-                rec["traceback"] = traceback.format_exc()[-3000:]
-                print(rec["traceback"], file=sys.stderr, flush=True)
-            results.append(rec)
-            save()
+                save()
+                short = {k: rec.get(k) for k in ("tok_s", "peak_gb", "static_gb", "time_s", "error")}
+                print(json.dumps(short), json.dumps(rec.get("loss_agreement", {})), flush=True)
 
     print()
     print(f"GPU: {gpu} | {stamp} | " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))

@@ -1,0 +1,272 @@
+"""The speed path of train_qlora_hf.py (issue 5) against the plain one, on the tiny model, on CPU.
+
+Packing (one row per micro-batch, per-sample attention), the lean 4-bit+LoRA kernel and the fused RMSNorm
+must compute what the padded PEFT path computes (fp32 here, so the tolerance is fp32 rounding); the
+--gpu_mem_budget planner is a pure function checked with the 7B numbers measured on an H100.
+Liger and flash varlen attention need CUDA: on CPU they must be skipped with a log line (tested), and
+bench/bench_train.py exercises them on the GPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_qlora_hf as T
+
+FP32 = ["--no-bf16", "--lora_dropout", "0"]
+
+
+def _args(tiny_model, *flags):
+    return T.build_parser().parse_args(["--model", str(tiny_model), *FP32, *map(str, flags)])
+
+
+def _samples(n_lengths=(23, 41, 9, 30), seed=0):
+    """Random token ids; the first third of each sample is prompt (-100), as in a chat."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in n_lengths:
+        ids = torch.randint(3, 1000, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    return out
+
+
+def _nonzero_lora_b(model, seed=1):
+    """LoRA B starts at zero (the adapter is a no-op); make it non-zero so the adapter path is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _lora_grads(model):
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.fixture(scope="module")
+def packed_model(tiny_model):
+    model = T.load_model(_args(tiny_model))  # defaults: packing, fused LoRA, fused norm
+    assert T.uses_packed_attention(model.get_base_model())
+    _nonzero_lora_b(model)
+    return model
+
+
+# --------------------------------------------------------------------------- packing
+def test_packed_equals_padded_per_sample_losses_and_grads(packed_model):
+    model, samples = packed_model, _samples()
+    base = model.get_base_model()
+    n_items = sum(T._n_trained(s) for s in samples)
+
+    packed = T.collate_packed(samples, torch.device("cpu"))
+    # the label mask is the padded one: same trained tokens, nothing predicted across a sample boundary
+    assert int((packed["labels"] != -100).sum()) == n_items
+    assert packed["input_ids"].shape == (1, sum(len(s["input_ids"]) for s in samples))
+    loss_p = T._micro_loss(model, packed, n_items, torch.autocast("cpu", enabled=False))
+    out_p = model(**{k: packed[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                                            "max_length_q", "max_length_k")})
+    loss_p.backward()
+    grads_p = _lora_grads(model)
+    cu = packed["cu_seq_lens_q"].tolist()
+    per_p = _per_sample_losses_packed(out_p.logits[0], cu, samples)
+
+    T._set_attn(base, "sdpa")  # the reference: plain SDPA with the padding mask, the pre-issue-5 path
+    try:
+        padded = T.collate(samples, 0, torch.device("cpu"))
+        assert padded["attention_mask"] is not None  # lengths differ: a real mask is used
+        loss_r = T._micro_loss(model, padded, n_items, torch.autocast("cpu", enabled=False))
+        out_r = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
+        loss_r.backward()
+        grads_r = _lora_grads(model)
+    finally:
+        T._set_attn(base, T.PACKED_ATTN)
+    per_r = torch.stack([torch.nn.functional.cross_entropy(
+        out_r.logits[i, :len(s["input_ids"]) - 1].float(), torch.tensor(s["labels"][1:]), ignore_index=-100,
+        reduction="sum") for i, s in enumerate(samples)])
+
+    assert torch.allclose(per_p, per_r, rtol=1e-5, atol=1e-4), (per_p, per_r)
+    assert loss_p.item() == pytest.approx(loss_r.item(), rel=1e-5)
+    assert grads_p.keys() == grads_r.keys() and len(grads_p) == 2 * 7 * 2
+    for n in grads_r:
+        assert torch.allclose(grads_p[n], grads_r[n], rtol=1e-4, atol=1e-6), n
+
+    # negative control: the same row without the sample boundaries lets samples attend to each other,
+    # and the check above would have caught it
+    leak = {k: packed[k] for k in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        out_leak = model(**leak)
+    per_leak = _per_sample_losses_packed(out_leak.logits[0], cu, samples)
+    assert not torch.allclose(per_leak[1:], per_r[1:], rtol=1e-3, atol=1e-2)
+
+
+def _per_sample_losses_packed(logits, cu, samples):
+    """Token-summed cross-entropy of each sample of a packed row (no target across a boundary)."""
+    return torch.stack([torch.nn.functional.cross_entropy(
+        logits[a:b - 1].float(), torch.tensor(s["labels"][1:]), ignore_index=-100, reduction="sum")
+        for a, b, s in zip(cu[:-1], cu[1:], samples)])
+
+
+def test_validation_loss_packed_equals_padded(packed_model):
+    samples = _samples((12, 35, 20), seed=3)
+    d, amp = T._Dist(), torch.autocast("cpu", enabled=False)
+    packed = T._evaluate(packed_model, samples, 2, amp, 0, torch.device("cpu"), d, True)
+    padded = T._evaluate(packed_model, samples, 2, amp, 0, torch.device("cpu"), d, False)
+    assert packed == pytest.approx(padded, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- lean 4-bit + LoRA kernel
+def test_lean_lora_forward_backward_equals_peft(tiny_model):
+    from peft.tuners.lora.bnb import Linear4bit
+
+    model = T.load_model(_args(tiny_model, "--no-fused_lora", "--no-packing"))
+    _nonzero_lora_b(model, seed=5)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 2 * 7 and all("forward" not in m.__dict__ for m in layers)  # PEFT's own forward
+    g = torch.Generator().manual_seed(0)
+    for m in (layers[0], layers[5]):  # q_proj (64 -> 64) and up_proj (64 -> MLP width)
+        x = torch.randn(2, 7, m.in_features, generator=g, requires_grad=True)
+        go = torch.randn(2, 7, m.out_features, generator=g)
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        outs = []
+        for fwd in (lambda t: m(t), lambda t: T._lean_lora4bit_forward(m, t)):
+            y = fwd(x)
+            y.backward(go)
+            outs.append((y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()))
+            x.grad = a.grad = b.grad = None
+        for ref, got, what in zip(outs[0], outs[1], ("output", "grad x", "grad A", "grad B")):
+            assert got.dtype == ref.dtype, what
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (what, (got - ref).abs().max())
+        assert a.dtype == torch.float32  # LoRA masters stay fp32
+        with model.disable_adapter():  # adapters off: the lean path falls back to the base layer alone
+            assert torch.allclose(T._lean_lora4bit_forward(m, x), m.base_layer(x), atol=1e-6)
+
+
+def test_lean_lora_dropout_is_reproducible_and_scaled(tiny_model):
+    """With dropout the lean kernel draws its own mask: same seed, same output; gradients consistent with it."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    model = T.load_model(_args(tiny_model, "--no-packing", "--lora_dropout", "0.5"))
+    _nonzero_lora_b(model, seed=6)
+    m = next(x for x in model.modules() if isinstance(x, Linear4bit))
+    x = torch.randn(3, 5, m.in_features, requires_grad=True)
+    torch.manual_seed(0)
+    y1 = m(x)
+    torch.manual_seed(0)
+    y2 = m(x)
+    assert torch.equal(y1, y2)
+    model.eval()  # no dropout in eval: equals PEFT's own forward
+    assert torch.allclose(m(x), Linear4bit.forward(m, x), atol=1e-5)
+    model.train()
+    # finite-difference check of d(sum y)/dx along a random direction, same mask (same seed)
+    v = torch.randn_like(x)
+    torch.manual_seed(1)
+    m(x).sum().backward()
+    eps = 1e-2
+    with torch.no_grad():
+        torch.manual_seed(1)
+        plus = m(x + eps * v).sum()
+        torch.manual_seed(1)
+        minus = m(x - eps * v).sum()
+    assert float((x.grad * v).sum()) == pytest.approx(float((plus - minus) / (2 * eps)), rel=2e-2, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- fused RMSNorm
+def test_fused_rmsnorm_matches_hf(tiny_model):
+    model = T.load_model(_args(tiny_model, "--no-packing"))
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all("forward" in m.__dict__ for m in norms)
+    x = torch.randn(2, 5, norms[0].weight.shape[0])
+    for m in norms:
+        assert torch.allclose(m(x), type(m).forward(m, x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- --gpu_mem_budget
+# 7B shape as measured on the H100 (bench/README.md): 4.5 GB static (4-bit weights + LoRA fp32 masters),
+# 41.9M LoRA parameters, 32 layers, hidden 4096, MLP 14336.
+SEVEN_B = dict(static_bytes=4.5e9, n_lora=41_943_040, hidden=4096, intermediate=14336, n_layers=32)
+
+
+def test_plan_long_under_6_5_gb_offloads():
+    plan = T.plan_checkpointing(6.5, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
+    assert plan["mode"] == "offload" and plan["fits"]
+    assert 5.4 < plan["estimate_gb"] < 6.0  # measured: 5.77 GB
+    full = T.plan_checkpointing(8.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
+    assert full["mode"] == "skip" and full["skip_layers"] >= 1  # measured full checkpointing: 6.86 GB
+
+
+def test_plan_qa_spends_the_seed_memory_on_layers_without_checkpointing():
+    plan = T.plan_checkpointing(15.6, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.0, **SEVEN_B)
+    assert plan["mode"] == "skip" and 8 <= plan["skip_layers"] <= 12 and plan["estimate_gb"] <= 15.6
+    fused = T.plan_checkpointing(15.6, optim="adamw_torch_fused", max_tokens=5600, dropout=0.0, **SEVEN_B)
+    drop = T.plan_checkpointing(15.6, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.05, **SEVEN_B)
+    assert fused["skip_layers"] <= plan["skip_layers"] and drop["skip_layers"] < plan["skip_layers"]
+    ks = [T.plan_checkpointing(b, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.0, **SEVEN_B)["skip_layers"]
+          for b in (8, 10, 12, 16, 20, 40, 80)]
+    assert ks == sorted(ks) and ks[-1] == 32  # more memory, more layers; everything fits at 80 GB
+    tiny = T.plan_checkpointing(1.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
+    assert tiny["mode"] == "offload" and not tiny["fits"]  # reported, the run still tries
+    assert T.activation_bytes_per_token_layer(4096, 14336, 0.0) == pytest.approx(145e3)
+    assert T.activation_bytes_per_token_layer(4096, 14336, 0.05) == pytest.approx(166e3)
+
+
+def test_checkpoint_plan_is_applied_to_the_last_layers(tiny_model):
+    model = T.load_model(_args(tiny_model, "--no-packing"))
+    layers = T._decoder_layers(model)
+    assert len(layers) == 2 and all(l.gradient_checkpointing for l in layers)
+    T._apply_checkpoint_plan(layers, {"mode": "skip", "skip_layers": 1})
+    assert [l.gradient_checkpointing for l in layers] == [True, False]
+    T._apply_checkpoint_plan(layers, {"mode": "offload", "skip_layers": 0})
+    assert layers[0]._gradient_checkpointing_func is T._offloaded_checkpoint
+
+
+def test_max_micro_tokens_packed_and_padded():
+    lengths = [10, 50, 20, 40, 30, 60]
+    # file order, steps of 4 samples, micro-batches of 2 (sorted longest first inside a step)
+    assert T._max_micro_tokens(lengths, 4, 2, 0, 1, False, False, 0, 1, packed=True) == 90   # 50 + 40
+    assert T._max_micro_tokens(lengths, 4, 2, 0, 1, False, False, 0, 1, packed=False) == 120  # 2 x 60
+    assert T._max_micro_tokens(lengths, 6, 6, 0, 2, True, True, 0, 1, packed=True) == sum(lengths)
+
+
+# --------------------------------------------------------------------------- the CLI with the new flags
+def test_fast_and_plain_paths_train_the_same(tiny_model, tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    from common import chat_record, qa_messages
+
+    rows = [chat_record(qa_messages(f"Question {i}?" + " More." * (i % 4), f"Answer number {i}."),
+                        {"paper_id": f"p{i}"}) for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    common = ["--jsonl", str(data), "--model", str(tiny_model), "--max_steps", "3", "--batch", "4",
+              "--grad_accum", "1", "--lr", "1e-3", "--val_fraction", "0", "--optim", "adamw_torch", *FP32]
+    assert T.main(common + ["--out", str(tmp_path / "fast"), "--liger", "all", "--gpu_mem_budget", "10"]) == 0
+    log = capsys.readouterr().out
+    assert "packing: one SDPA call per sample" in log and "fused LoRA: 14 layers" in log
+    assert "Liger: skipped (--liger all: Liger's Triton kernels need CUDA)" in log
+    assert "fused RMSNorm: 5 modules" in log  # Liger's RMSNorm was not applied, so the torch one is
+    assert "--gpu_mem_budget 10.0: ignored on cpu" in log
+    plain = ["--no-packing", "--no-fused_lora", "--no-fused_norm", "--liger", "off"]
+    assert T.main(common + ["--out", str(tmp_path / "plain"), *plain]) == 0
+    assert T.main(common + ["--out", str(tmp_path / "seed"), *plain, "--kbit_upcast"]) == 0
+    assert "fp32 upcast + autocast (--kbit_upcast)" in capsys.readouterr().out
+    m = {k: json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("fast", "plain", "seed")}
+    assert m["fast"]["trained_tokens"] == m["plain"]["trained_tokens"] == m["seed"]["trained_tokens"]
+    assert m["fast"]["padded_tokens"] == m["fast"]["input_tokens"] < m["plain"]["padded_tokens"]  # no padding
+    loss = {k: [r["loss"] for r in v["train"]] for k, v in m.items()}
+    assert loss["fast"] == pytest.approx(loss["plain"], abs=1e-4)  # fp32: the same updates
+    assert loss["fast"] == pytest.approx(loss["seed"], abs=1e-4)
+
+
+def test_bad_speed_flags_exit_2(tiny_model, tmp_path, capsys):
+    data = Path(__file__).resolve().parent / "data"
+    jsonl = next(iter(sorted(data.glob("*.jsonl"))), None) if data.is_dir() else None
+    if jsonl is None:
+        jsonl = tmp_path / "x.jsonl"
+        jsonl.write_text("{}\n")
+    assert T.main(["--jsonl", str(jsonl), "--out", str(tmp_path / "o"), "--gpu_mem_budget", "0"]) == 2
+    assert "--gpu_mem_budget must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        T.build_parser().parse_args(["--liger", "bogus"])
+    assert e.value.code == 2
