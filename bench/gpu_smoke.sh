@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU-only checks of the real command lines on the tiny model (CI has no GPU): the four scripts as a user
+# runs them on CUDA (varlen packing, Liger auto, paged AdamW, TF32, the fast eval path, merge export),
+# plus a resume. Usage: bash bench/gpu_smoke.sh OUTDIR      (about 1-2 minutes on an H100)
+set -euo pipefail
+out=${1:-/tmp/gpu_smoke}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+python3 -c "import torch; assert torch.cuda.is_available(), 'needs a CUDA GPU'; print(torch.cuda.get_device_name())"
+python3 tools/make_tiny_model.py --out "$out/tiny"
+python3 generate_qa.py --backend offline --input data/sample_abstracts.jsonl --out "$out/data/qa.jsonl" \
+  --eval-out "$out/data/eval.jsonl" --overwrite
+python3 train_qlora_hf.py --jsonl "$out/data/qa.jsonl" --model "$out/tiny" --out "$out/run" --epochs 2 --batch 8 \
+  --grad_accum 2 --lr 2e-3 --bf16 --max_seq_len 4096 --max_steps 12 --save_steps 4 --keep_checkpoints --overwrite
+# resume from the step-8 checkpoint into a copy: must finish with the same final loss
+cp -r "$out/run" "$out/run_resume"
+rm -f "$out/run_resume/adapter_model.safetensors"
+rm -rf "$out/run_resume/checkpoints/step-12"
+python3 train_qlora_hf.py --jsonl "$out/data/qa.jsonl" --model "$out/tiny" --out "$out/run_resume" --epochs 2 --batch 8 \
+  --grad_accum 2 --lr 2e-3 --bf16 --max_seq_len 4096 --max_steps 12 --save_steps 4 --keep_checkpoints --resume
+python3 - "$out" <<'PY'
+import json, sys
+a = json.load(open(f"{sys.argv[1]}/run/metrics.json")); b = json.load(open(f"{sys.argv[1]}/run_resume/metrics.json"))
+fa, fb = a["final_train_loss"], b["final_train_loss"]
+print("final train loss: uninterrupted", fa, "resumed", fb, "resumed_from_step", b["resumed_from_step"], "peak GB", a["peak_memory_gb"], a["peak_memory_kind"])
+PY
+python3 eval_compare.py --adapter "$out/run" --questions "$out/data/eval.jsonl" --out "$out/outputs/evaluation.csv" \
+  --max_new_tokens 32 --overwrite
+python3 eval_compare.py --adapter "$out/run" --questions "$out/data/eval.jsonl" --out "$out/outputs_ref/evaluation.csv" \
+  --max_new_tokens 32 --mode reference --overwrite
+python3 quick_infer.py --adapter "$out/run" --model both --max_new_tokens 16 --prompt "What does QLoRA quantize?"
+python3 quick_infer.py --adapter "$out/run" --merge_out "$out/merged" --overwrite
+echo "GPU smoke: all commands exited 0"
