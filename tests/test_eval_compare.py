@@ -91,7 +91,7 @@ def libreoffice_cells(csv_path: Path, workdir: Path) -> list[list[tuple[str, boo
     return every cell as (text, is_formula)."""
     soffice = shutil.which("soffice") or shutil.which("libreoffice")
     if not soffice:
-        pytest.skip("LibreOffice is not installed (apt-get install libreoffice-calc-nogui); "
+        pytest.skip(reason="LibreOffice is not installed (apt-get install libreoffice-calc-nogui); "
                     "spreadsheet read-back not checked")
     outdir = workdir / "lo-out"
     subprocess.run([soffice, f"-env:UserInstallation={(workdir / 'lo-profile').as_uri()}", "--headless",
