@@ -270,6 +270,15 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def nf4_config(compute_dtype):
+    """How the frozen base is quantised, in one place: training loads it this way and evaluation/inference
+    reload it the same way, so the dequantised weights they use are the very ones training saw.
+    QLoRA's recipe: 4-bit NormalFloat with double quantisation of the scales."""
+    from transformers import BitsAndBytesConfig  # imported here: common.py stays free of heavy imports
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
 # --------------------------------------------------------------------------- refusal / correction detection
 # One detector for both ends: generate_qa.py keeps an edge-case pair only if its answer reads as a refusal
 # (unanswerable) or a correction (false premise), and eval_compare.py scores model answers with the same

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, atomic_write_text, chat_text,
-                    check_outputs_free, corrects_premise, encode_text, is_refusal, qa_messages, read_jsonl,
-                    read_jsonl_tolerant, run_main, sha256_file, sha256_text, write_json_atomic)
+                    check_outputs_free, corrects_premise, encode_text, is_refusal, nf4_config, qa_messages,
+                    read_jsonl, read_jsonl_tolerant, run_main, sha256_file, sha256_text, write_json_atomic)
 
 DEFAULT_ADAPTER = "models/zephyr-7b-qlora"
 DEFAULT_QUESTIONS = "data/eval_questions.jsonl"
@@ -156,11 +156,10 @@ def load_base(run: Run):
     """The base model as training loads it (train_qlora_hf.load_model): NF4, double quant, the training
     compute dtype."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(run)
-    kw: dict = {"dtype": dtype, "quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)}
+    kw: dict = {"dtype": dtype, "quantization_config": nf4_config(dtype)}
     if torch.cuda.is_available():
         kw["device_map"] = {"": torch.cuda.current_device()}
     try:

@@ -55,8 +55,8 @@ from types import MethodType
 import torch
 import torch.distributed as dist
 
-from common import (InputError, chat_text, encode_text, ensure_chat_template, read_jsonl, record_messages,
-                    sha256_file, write_json_atomic)
+from common import (InputError, chat_text, encode_text, ensure_chat_template, nf4_config, read_jsonl,
+                    record_messages, sha256_file, write_json_atomic)
 
 IGNORE = -100
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
@@ -459,15 +459,14 @@ def load_model(args):
     prepare_model_for_kbit_training instead.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     device = _device()
     d = _Dist()
     dtype, _ = resolve_precision(args, device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls (LoRA, lm_head) on Ampere+
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
+    quant = nf4_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(
         args.model, quantization_config=quant, device_map={"": str(device)}, dtype=dtype,
         attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
