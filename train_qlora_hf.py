@@ -502,13 +502,13 @@ def load_model(args):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     n_lean = 0
-    LORA_FP32_SUM["on"] = bool(args.lora_fp32_sum)
     if args.fused_lora and fast:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
         for m in model.modules():
             if isinstance(m, LoraLinear4bit):
                 m.forward = MethodType(_lean_lora4bit_forward, m)
+                m.lora_fp32_sum = bool(args.lora_fp32_sum)
                 n_lean += 1
     _log(f"speed: {'fp32 upcast + autocast (--kbit_upcast)' if args.kbit_upcast else 'no fp32 upcast'}; "
          f"packing: {packed}; fused LoRA: {n_lean} layers"
@@ -556,7 +556,6 @@ def _dequant(weight, quant_state):
     return bnbF.dequantize_4bit(weight, quant_state)
 
 
-LORA_FP32_SUM = {"on": False}  # --lora_fp32_sum, set by load_model; see _LoRA4bit.forward
 
 
 class _LoRA4bit(torch.autograd.Function):
@@ -569,7 +568,7 @@ class _LoRA4bit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling, p):
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling, p, fp32_sum=False):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         if p > 0:
@@ -578,7 +577,7 @@ class _LoRA4bit(torch.autograd.Function):
             xd, mask = x2, None
         h = torch.mm(xd, a.t())
         w = _dequant(weight, quant_state).to(x.dtype)
-        if LORA_FP32_SUM["on"] and x2.is_cuda and x2.dtype != torch.float32:
+        if fp32_sum and x2.is_cuda and x2.dtype != torch.float32:
             # base GEMM with an fp32 result, LoRA delta added in fp32, one rounding: a delta under half a bf16
             # step of the base output is not lost. Measured (bench/README.md): the bf16 path memorised slower
             # than the fp32-upcast seed on a second pass (+0.12/+0.17 loss); this closes most of that gap.
@@ -611,7 +610,7 @@ class _LoRA4bit(torch.autograd.Function):
             else:
                 grad_x.add_(torch.mm(gh, a) * mask * (1.0 / (1.0 - p)))
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None
+        return grad_x, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None, None
 
 
 def _lean_lora4bit_forward(self, x, *args, **kwargs):
@@ -625,8 +624,9 @@ def _lean_lora4bit_forward(self, x, *args, **kwargs):
     drop = self.lora_dropout[name]
     p = drop.p if (self.training and isinstance(drop, torch.nn.Dropout)) else 0.0
     w = self.base_layer.weight
+    # --lora_fp32_sum travels on the module (set where load_model patches it), not in a process-wide switch
     return _LoRA4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, w.data, w.quant_state,
-                           self.scaling[name], p)
+                           self.scaling[name], p, getattr(self, "lora_fp32_sum", False))
 
 
 def _offloaded_checkpoint(function, *args, **kwargs):

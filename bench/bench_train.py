@@ -287,7 +287,6 @@ class Session:
     def setup(self, recipe: Recipe, seed: int):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         base = self.base
-        T.LORA_FP32_SUM["on"] = recipe.fp32_out
         if recipe.upcast:
             prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
         else:
@@ -329,13 +328,13 @@ class Session:
             for m in model.modules():
                 if isinstance(m, LoraLinear4bit):
                     m.forward = MethodType(fwd, m)
+                    m.lora_fp32_sum = recipe.fp32_out
         model.train()
         return model, make_optimizer(recipe, lora_params, self.device)
 
     def teardown(self, model, recipe: Recipe):
         """Back to the freshly loaded base model (also after a setup that failed half-way, model=None)."""
         base = self.base
-        T.LORA_FP32_SUM["on"] = False
         if model is not None:
             assert model.unload() is base  # LoRA layers out, the original bnb Linear4bit modules back in
         for attr in ("peft_config", "_hf_peft_config_loaded"):
