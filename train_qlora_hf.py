@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import hashlib
 import inspect
@@ -136,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fused_lora", action=argparse.BooleanOptionalAction, default=True,
                     help=f"4-bit base + LoRA of each layer as one autograd node (same math as PEFT's) {d}")
     sp.add_argument("--lora_fp32_sum", action=argparse.BooleanOptionalAction, default=True,
-                    help="fused LoRA on CUDA: base GEMM with an fp32 result, LoRA delta added in fp32, one rounding "
-                         "to bf16 (small adapter updates are not rounded away; matches the fp32-upcast seed "
-                         f"recipe's learning) {d}")
+                    help="fused LoRA: the base GEMM accumulates onto the LoRA delta in fp32 and rounds once to bf16 "
+                         "(small adapter updates are not rounded away; matches the fp32-upcast seed recipe's "
+                         f"learning; costs nothing) {d}")
+    sp.add_argument("--flat_optim", action=argparse.BooleanOptionalAction, default=True,
+                    help="the optimizer updates all LoRA tensors as one flat buffer (one kernel per step instead "
+                         f"of one per tensor; the same update) {d}")
     sp.add_argument("--fused_norm", action=argparse.BooleanOptionalAction, default=True,
                     help=f"RMSNorm modules as one torch.nn.functional.rms_norm call {d}")
     sp.add_argument("--liger", choices=("auto", "flce", "all", "off"), default="auto",
@@ -512,7 +516,7 @@ def load_model(args):
                 n_lean += 1
     _log(f"speed: {'fp32 upcast + autocast (--kbit_upcast)' if args.kbit_upcast else 'no fp32 upcast'}; "
          f"packing: {packed}; fused LoRA: {n_lean} layers"
-         f"{' (fp32 sum)' if n_lean and args.lora_fp32_sum and device.type == 'cuda' else ''}; fused RMSNorm: {n_norm} modules; Liger: {liger}", d)
+         f"{' (fp32 sum)' if n_lean and args.lora_fp32_sum else ''}; fused RMSNorm: {n_norm} modules; Liger: {liger}", d)
     return model
 
 
@@ -577,12 +581,13 @@ class _LoRA4bit(torch.autograd.Function):
             xd, mask = x2, None
         h = torch.mm(xd, a.t())
         w = _dequant(weight, quant_state).to(x.dtype)
-        if fp32_sum and x2.is_cuda and x2.dtype != torch.float32:
-            # base GEMM with an fp32 result, LoRA delta added in fp32, one rounding: a delta under half a bf16
-            # step of the base output is not lost. Measured (bench/README.md): the bf16 path memorised slower
-            # than the fp32-upcast seed on a second pass (+0.12/+0.17 loss); this closes most of that gap.
-            out = torch.mm(x2, w.t(), out_dtype=torch.float32).addmm_(h.float(), b.t().float(), alpha=scaling)
-            out = out.to(x.dtype)
+        if fp32_sum:
+            # LoRA delta first, then the base GEMM accumulates onto it in place (beta = scaling): the GEMM adds C
+            # to its fp32 accumulator and rounds once, so a delta under half a bf16 step of the base output is not
+            # rounded away. Same kernels and memory traffic as the order below, which rounds the base output to
+            # bf16 before adding the delta: that order memorised slower than the fp32-upcast seed recipe on a
+            # second pass (+0.12/+0.17 loss, bench/README.md). tests: test_lora_sum_keeps_small_deltas.
+            out = torch.mm(h, b.t()).addmm_(x2, w.t(), beta=scaling)
         else:
             out = torch.mm(x2, w.t()).addmm_(h, b.t(), alpha=scaling)
         del w
@@ -662,11 +667,18 @@ def _sdpa(module, q, k, v, scaling):
     return sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling, is_causal=True)[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _varlen_params() -> frozenset:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)  # once: this runs for every layer of every step
+
+
 def _varlen_call(q, k, v, cu, max_len, scaling):
     """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), whatever this torch's varlen_attn signature is."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     kw = {}
     if "scale" in params:
         kw["scale"] = scaling
@@ -966,6 +978,55 @@ def _all_reduce_grads(params, d: _Dist) -> None:
         k += n
 
 
+class FlatParams:
+    """LoRA tensors as views into one flat buffer, which the optimizer sees as a single parameter.
+
+    Why: a bitsandbytes optimizer updates one tensor at a time and synchronises the GPU after each; a 7B model
+    has ~450 LoRA tensors, so the update cost ~35 ms of host time per step (bench/README.md). Flat, it is one
+    kernel and one sync. The update is the same: AdamW is elementwise, each tensor starts on a multiple of ALIGN
+    elements (bitsandbytes' 8-bit state is quantised in blocks of 256 elements, so no block straddles two
+    tensors), and tensors under MIN_NUMEL elements (which bitsandbytes keeps in 32-bit state) stay separate
+    parameters. tests: test_flat_optimizer_update_equals_per_tensor. The tensors' gradients are copied into
+    the flat gradient (gather_grads) after the all-reduce, before unscaling, clipping and the update.
+    """
+    ALIGN, MIN_NUMEL = 4096, 4096
+
+    def __init__(self, params: list):
+        self.flat_members = [p for p in params if p.numel() >= self.MIN_NUMEL and p.dtype == params[0].dtype]
+        self.separate = [p for p in params if all(p is not q for q in self.flat_members)]
+        self.param = None
+        if len(self.flat_members) < 2:
+            self.flat_members, self.separate = [], list(params)
+            return
+        offsets, k = [], 0
+        for p in self.flat_members:
+            offsets.append(k)
+            k += -(-p.numel() // self.ALIGN) * self.ALIGN
+        buf = torch.zeros(k, dtype=self.flat_members[0].dtype, device=self.flat_members[0].device)
+        grad = torch.zeros_like(buf)
+        self.grad_views = []
+        for p, o in zip(self.flat_members, offsets):
+            buf[o:o + p.numel()].copy_(p.data.reshape(-1))
+            p.data = buf[o:o + p.numel()].view_as(p)  # the model's LoRA tensors now live in the buffer
+            self.grad_views.append(grad[o:o + p.numel()].view_as(p))
+        self.param = torch.nn.Parameter(buf, requires_grad=False)
+        self._grad = grad
+
+    def optimizer_params(self) -> list:
+        return ([self.param] if self.param is not None else []) + self.separate
+
+    def gather_grads(self) -> None:
+        if self.param is None:
+            return
+        got = [(v, p.grad) for v, p in zip(self.grad_views, self.flat_members) if p.grad is not None]
+        missing = [v for v, p in zip(self.grad_views, self.flat_members) if p.grad is None]
+        if got:
+            torch._foreach_copy_([v for v, _ in got], [g.to(v.dtype) for v, g in got])
+        if missing:
+            torch._foreach_zero_(missing)
+        self.param.grad = self._grad
+
+
 # --------------------------------------------------------------------------- checkpoints
 def _make_optimizer(params, args, device):
     kw = {"lr": args.lr, "weight_decay": args.weight_decay}
@@ -978,13 +1039,20 @@ def _make_optimizer(params, args, device):
     return cls(params, **kw)  # on CPU bitsandbytes warns that paging falls back to plain memory: harmless
 
 
+def _zero_grads(optimizer, params) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+
+
 def _fingerprint(samples: list[dict], per_step: int, total: int, args) -> dict:
     """What fixes the data order and the schedule: a resumed run must match it."""
     h = hashlib.sha256()
     for s in samples:
         h.update(array("q", s["input_ids"]).tobytes() + b"|" + array("q", s["labels"]).tobytes() + b"\n")
     return {"samples_sha256": h.hexdigest(), "samples_per_step": per_step, "total_steps": total,
-            "seed": args.seed, "group_by_length": args.group_by_length, "shuffle": args.shuffle}
+            "seed": args.seed, "group_by_length": args.group_by_length, "shuffle": args.shuffle,
+            "optimizer": f"{args.optim}{' flat' if getattr(args, 'flat_optim', False) else ''}"}
 
 
 def checkpoints(out_dir) -> list[Path]:
@@ -1127,7 +1195,11 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
     if d.on:  # identical start on every process whatever each one's RNG did
         for p in params:
             dist.broadcast(p.data, 0)
-    optimizer = _make_optimizer(params, args, device)
+    flat = FlatParams(params) if args.flat_optim else None
+    optimizer = _make_optimizer(flat.optimizer_params() if flat else params, args, device)
+    if flat is not None and flat.param is not None:
+        _log(f"optimizer: {args.optim}, {len(flat.flat_members)} LoRA tensors as one flat buffer"
+             f"{f' + {len(flat.separate)} small ones separately' if flat.separate else ''}", d)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
                               num_training_steps=total)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -1184,7 +1256,7 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
                 d.all_sum(stats)  # every process learns of an OOM anywhere before gradients are exchanged
                 if stats[0] == 0:
                     break
-                optimizer.zero_grad(set_to_none=True)
+                _zero_grads(optimizer, params)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -1199,17 +1271,19 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
                 state["oom_backoffs"].append({"step": step + 1, "from": state["micro"], "to": new})
                 state["micro"] = new
 
-            loss_value = stats[1].item()
+            _, loss_value, n_in, n_pad = stats.tolist()  # one host sync for the three counters
             if not math.isfinite(loss_value):
                 raise TrainingError(
                     f"loss is {loss_value} at step {step + 1}; stopped before the update. Last good checkpoint: "
                     f"{_last_checkpoint(out_dir) or 'none'}. Lower --lr (now {args.lr}), use --bf16 instead of --fp16, "
                     "or check the data; then rerun with --resume")
             _all_reduce_grads(params, d)
+            if flat is not None:  # from here on the optimizer's own parameters carry the gradients
+                flat.gather_grads()
             if scaler:
                 scaler.unscale_(optimizer)
             clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = torch.nn.utils.clip_grad_norm_(flat.optimizer_params() if flat else params, clip)
             if scaler is None and not math.isfinite(norm.item()):  # fp16's scaler skips such steps itself
                 raise TrainingError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before the update. "
                                     f"Last good checkpoint: {_last_checkpoint(out_dir) or 'none'}. Lower --lr and "
@@ -1221,11 +1295,11 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
             else:
                 optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            _zero_grads(optimizer, params)
 
             dt = time.perf_counter() - t0
             n_tr = sum(trained[i] for i in ids)
-            n_in, n_pad = int(stats[2].item()), int(stats[3].item())
+            n_in, n_pad = int(n_in), int(n_pad)
             state["step"] = step + 1
             state["train_seconds"] += dt
             state["trained_tokens"] += n_tr

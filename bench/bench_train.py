@@ -524,12 +524,20 @@ def profile_steps(model, opt, recipe: Recipe, batches, device, out_txt: Path) ->
             opt.zero_grad(set_to_none=True)
         sync(device)
     wall = time.perf_counter() - t0
+    return summarize_profile(prof, wall, f"{recipe.name}: {len(batches)} steps", out_txt)
+
+
+def summarize_profile(prof, wall: float, label: str, out_txt: Path) -> dict:
+    """GPU kernel time by category against the wall time of the profiled steps, and the top ops by GPU and by
+    host (self CPU) time: whether a step is bound by the GPU or by the Python/launch work that feeds it."""
     from torch.autograd import DeviceType
     ka = prof.key_averages()
     key = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") else "self_cuda_time_total"
     kernels = [e for e in ka if e.device_type == DeviceType.CUDA and getattr(e, key) > 0]
     rows = sorted(kernels, key=lambda e: getattr(e, key), reverse=True)
     gpu_us = sum(getattr(e, key) for e in kernels)
+    n_launch = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                                                   "cuLaunchKernelEx"))
     cats: dict[str, float] = {}
     for e in kernels:
         n = e.key.lower()
@@ -543,10 +551,12 @@ def profile_steps(model, opt, recipe: Recipe, batches, device, out_txt: Path) ->
                "triton (liger etc.)" if ("triton" in n or "_kernel" in n) else "other")
         cats[cat] = cats.get(cat, 0.0) + getattr(e, key)
     with open(out_txt, "w") as f:
-        f.write(f"{recipe.name}: {len(batches)} steps, wall {wall:.3f}s, GPU kernel time {gpu_us / 1e6:.3f}s\n")
+        f.write(f"{label}, wall {wall:.3f}s, GPU kernel time {gpu_us / 1e6:.3f}s, kernel launches {n_launch}\n")
         f.write(json.dumps({k: round(v / 1e6, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}) + "\n")
         f.write(ka.table(sort_by=key, row_limit=40, max_name_column_width=90))
-    return {"wall_s": wall, "gpu_kernel_s": gpu_us / 1e6, "gpu_busy": gpu_us / 1e6 / wall,
+        f.write("\n\nby host (self CPU) time:\n")
+        f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
+    return {"wall_s": wall, "gpu_kernel_s": gpu_us / 1e6, "gpu_busy": gpu_us / 1e6 / wall, "kernel_launches": n_launch,
             "categories_s": {k: v / 1e6 for k, v in cats.items()},
             "top": [(e.key[:90], getattr(e, key) / 1e6, e.count) for e in rows[:25]]}
 
@@ -600,26 +610,41 @@ def project_args(T, model_dir: Path, wl: str, extra: list[str], repeat: int = 1,
 
 
 def run_project_module(T, model_dir: Path, wl: str, samples: list[dict], device, extra: list[str],
-                       repeat: int = 1, budget_gb: float | None = None) -> dict:
+                       repeat: int = 1, budget_gb: float | None = None, profile_txt: Path | None = None) -> dict:
+    """profile_txt: also run torch.profiler over 2 steps after the warm-up (those two steps are slower and are
+    then left out of the timing)."""
     args = project_args(T, model_dir, wl, extra, repeat, budget_gb)
     model, tok = T.load_model_and_tokenizer(args)
     steps = []
+    prof, prof_steps = None, (WARMUP_STEPS + 1, WARMUP_STEPS + 3)  # profile steps 4 and 5 (1-based)
+    prof_res, skip = {}, set()
 
     def on_step(step, loss, n_trained, n_input):
+        nonlocal prof
         sync(device)
         steps.append((time.perf_counter(), float(loss), int(n_trained), int(n_input)))
+        if profile_txt is not None and step == prof_steps[0]:
+            from torch.profiler import ProfilerActivity, profile
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.start()
+        elif prof is not None and step == prof_steps[1]:
+            prof.stop()
+            prof_res["wall_s"] = steps[-1][0] - steps[-3][0]
+            # the profiled steps, and the next one (it starts late, after the profiler's stop), are not timed
+            skip.update(range(prof_steps[0] + 1, prof_steps[1] + 2))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         static = torch.cuda.memory_allocated(device)
     metrics = T.train(model, tok, samples, [], args, out_dir=None, on_step=on_step)
     sync(device)
-    if len(steps) <= WARMUP_STEPS:
-        raise RuntimeError(f"project path made {len(steps)} optimizer steps; need > {WARMUP_STEPS}")
-    t0 = steps[WARMUP_STEPS - 1][0]
-    useful = sum(s[3] for s in steps[WARMUP_STEPS:])
-    res = {"steps": len(steps), "timed_steps": len(steps) - WARMUP_STEPS, "time_s": steps[-1][0] - t0,
-           "useful_tokens": useful, "tok_s": useful / (steps[-1][0] - t0), "losses": [s[1] for s in steps],
+    if len(steps) <= WARMUP_STEPS + len(skip):
+        raise RuntimeError(f"project path made {len(steps)} optimizer steps; need > {WARMUP_STEPS + len(skip)}")
+    timed = [i for i in range(WARMUP_STEPS, len(steps)) if i + 1 not in skip]  # 0-based; step i took t[i] - t[i-1]
+    elapsed = sum(steps[i][0] - steps[i - 1][0] for i in timed)
+    useful = sum(steps[i][3] for i in timed)
+    res = {"steps": len(steps), "timed_steps": len(timed), "time_s": elapsed,
+           "useful_tokens": useful, "tok_s": useful / elapsed, "losses": [s[1] for s in steps],
            "trained_tokens_per_step": [s[2] for s in steps], "trained_tokens": sum(s[2] for s in steps) // repeat,
            "input_tokens": sum(s[3] for s in steps), "project_args": {k: (v if isinstance(v, (int, float, str,
            bool, type(None))) else str(v)) for k, v in vars(args).items()},
@@ -630,6 +655,10 @@ def run_project_module(T, model_dir: Path, wl: str, samples: list[dict], device,
     if device.type == "cuda":
         res.update(peak_gb=torch.cuda.max_memory_allocated(device) / 1e9, static_gb=static / 1e9,
                    peak_reserved_gb=torch.cuda.max_memory_reserved(device) / 1e9)
+    if prof_res:
+        res["profile"] = summarize_profile(prof, prof_res["wall_s"], f"{wl} {' '.join(extra) or 'defaults'}: steps "
+                                           f"{prof_steps[0] + 1}-{prof_steps[1]}", profile_txt)
+    res["step_ms"] = [round((steps[i][0] - steps[i - 1][0]) * 1e3, 1) for i in range(1, len(steps))]
     del model, tok
     gc.collect()
     if device.type == "cuda":
@@ -703,7 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-tol", type=float, default=0.02,
                    help="max |loss difference| vs the seed, per step or of the epoch mean (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the function check")
-    p.add_argument("--profile", default="", help="comma list of variants to profile (2 extra qa steps)")
+    p.add_argument("--profile", default="",
+                   help="comma list of variants to profile (2 extra qa steps); 'project' profiles 2 qa steps of "
+                        "each project run (left out of its timing)")
     p.add_argument("--time-budget", type=float, default=0,
                    help="seconds; variants not started by then are skipped, so the table still prints (0: none)")
     p.add_argument("--repeat", type=int, default=1,
@@ -864,7 +895,10 @@ def main(argv=None) -> int:
                         budget = 6.5 if wl == "long" else (math.floor(seed_run["peak_gb"] * 10) / 10
                                                           if seed_run and "peak_gb" in seed_run else None)
                     rec["gpu_mem_budget"] = budget
-                    rec.update(run_project_module(T, model_dir, wl, data[wl], device, extra, args.repeat, budget))
+                    prof_txt = (args.out_dir / f"profile_{stamp}_{len(results)}.txt"
+                                if "project" in args.profile.split(",") and wl == "qa" else None)
+                    rec.update(run_project_module(T, model_dir, wl, data[wl], device, extra, args.repeat, budget,
+                                                  prof_txt))
                     if seed_run:
                         pa = rec.get("project_args", {})
                         same_order = pa.get("shuffle") is False and pa.get("group_by_length") is False

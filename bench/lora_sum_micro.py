@@ -2,9 +2,13 @@
 
     python bench/lora_sum_micro.py
 
-Compares, for Mistral-7B projection shapes at ~3,200 tokens, the bf16 sum, the current fp32 sum
-(mm with fp32 output + fp32 addmm_ + cast) and a two-kernel form (small GEMM to fp32, then addmm with
-out_dtype=fp32 accumulating into it, then one cast). Prints ms per call and the max difference.
+Compares, for Mistral-7B projection shapes at ~3,200 tokens, the bf16 sum (base GEMM rounded to bf16, then
+the LoRA GEMM added onto it: two roundings), the first fp32 sum (mm with fp32 output + fp32 addmm_ + cast), a
+two-kernel form (small GEMM to fp32, then addmm with out_dtype=fp32 accumulating into it, then one cast) and the
+epilogue form (LoRA GEMM first, in bf16; then the base GEMM accumulates onto it in place with beta=scaling:
+cuBLAS adds C in its fp32 epilogue and rounds once). Prints ms per call, the max and mean error against fp64,
+and, for deltas 1000x smaller than usual (a fresh adapter), how much of the delta survives in the output on
+average (1 = all of it, 0 = rounded away).
 """
 import json
 import sys
@@ -39,11 +43,23 @@ def main() -> int:
         cur = lambda: torch.mm(x, w.t(), out_dtype=torch.float32).addmm_(h.float(), b.t().float(), alpha=s).to(bf)
         two = lambda: torch.addmm(torch.mm(h, b.t(), out_dtype=torch.float32), x, w.t(), beta=s,
                                   out_dtype=torch.float32).to(bf)
+        epi = lambda: torch.mm(h, b.t()).addmm_(x, w.t(), beta=s)
         ref = (x.double() @ w.double().t() + s * (h.double() @ b.double().t()))
+        forms = (("bf16_sum", bf16_sum), ("current", cur), ("two", two), ("epilogue", epi))
         row = {"shape": f"{k}->{n}", "ms_bf16_sum": bench(bf16_sum), "ms_fp32_sum_current": bench(cur),
-               "ms_fp32_sum_two_kernels": bench(two)}
-        for name, fn in (("bf16_sum", bf16_sum), ("current", cur), ("two", two)):
-            row[f"maxerr_{name}"] = float((fn().double() - ref).abs().max())
+               "ms_fp32_sum_two_kernels": bench(two), "ms_epilogue": bench(epi)}
+        for name, fn in forms:
+            err = fn().double() - ref
+            row[f"maxerr_{name}"] = float(err.abs().max())
+            row[f"meanerr_{name}"] = float(err.abs().mean())
+        b_real = b
+        b = b_real * 1e-3  # a tiny delta (fresh adapter): does it survive the rounding?
+        base = (x.double() @ w.double().t()).to(bf).double()  # base rounded once, no delta
+        delta = s * (h.double() @ b.double().t())
+        for name, fn in forms:
+            kept = ((fn().double() - base) * delta).sum() / (delta * delta).sum()
+            row[f"delta_kept_{name}"] = round(float(kept), 4)
+        b = b_real
         rows.append(row)
         print(json.dumps(row))
     return 0

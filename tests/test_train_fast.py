@@ -174,6 +174,67 @@ def test_lean_lora_dropout_is_reproducible_and_scaled(tiny_model):
     assert float((x.grad * v).sum()) == pytest.approx(float((plus - minus) / (2 * eps)), rel=2e-2, abs=1e-3)
 
 
+def test_lora_sum_keeps_small_deltas(tiny_model):
+    """bf16: a LoRA delta far under half a bf16 step of the base output must survive the rounding on average
+    (--lora_fp32_sum: one rounding of base + delta), while the two-rounding order (--no-lora_fp32_sum, the
+    negative control) loses most of it. A fresh adapter's updates are that small."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    model = T.load_model(T.build_parser().parse_args(["--model", str(tiny_model), "--no-packing"]))
+    m = [x for x in model.modules() if isinstance(x, Linear4bit)][5]  # up_proj
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, m.in_features, generator=g).to(torch.bfloat16)
+    a = m.lora_A["default"].weight.to(torch.bfloat16).double()
+    w = T._dequant(m.base_layer.weight.data, m.base_layer.weight.quant_state).double()
+    base64 = x.double() @ w.t()
+    with torch.no_grad():
+        b = torch.randn(m.lora_B["default"].weight.shape, generator=g)
+        delta = m.scaling["default"] * (x.double() @ a.t()).to(torch.bfloat16).double() @ b.double().t()
+        # scale B so that the delta is ~1/20 of half a bf16 step of the base output
+        half_ulp = (base64.abs().mean() * 2.0 ** -8).item()
+        m.lora_B["default"].weight.copy_(b * (half_ulp / 20 / delta.std().item()))
+        b16 = m.lora_B["default"].weight.to(torch.bfloat16).double()
+        delta = m.scaling["default"] * (x.double() @ a.t()).to(torch.bfloat16).double() @ b16.t()
+        base_rounded = base64.to(torch.bfloat16).double()
+        kept = {}
+        for on in (True, False):
+            m.lora_fp32_sum = on
+            y = T._lean_lora4bit_forward(m, x).double()
+            kept[on] = float(((y - base_rounded) * delta).sum() / (delta * delta).sum())
+    assert kept[True] > 0.8, kept
+    assert kept[False] < 0.3, kept  # the check can fail: the two-rounding order loses the delta
+
+
+@pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw_torch"])
+def test_flat_optimizer_update_equals_per_tensor(optim):
+    """--flat_optim: one flat parameter gives bit for bit the update of one parameter per tensor (8-bit state
+    blocks do not straddle tensors; tensors too small for 8-bit state stay separate)."""
+    args = T.build_parser().parse_args(["--model", "x", "--optim", optim, "--lr", "1e-2"])
+    shapes = [(16, 4096), (1024, 16), (16, 300), (4096, 16), (8, 100)]  # 4,800: not a multiple of 256
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    runs = []
+    for flat_on in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        flat = T.FlatParams(params) if flat_on else None
+        if flat_on:
+            assert len(flat.flat_members) == 4 and flat.separate == [params[4]]  # 800 elements: 32-bit state
+            assert all(p.data.data_ptr() != t.data_ptr() for p, t in zip(params, init))
+        opt = T._make_optimizer(flat.optimizer_params() if flat_on else params, args, torch.device("cpu"))
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            if flat_on:
+                flat.gather_grads()
+            opt.step()
+            T._zero_grads(opt, params)
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], init[0])  # the optimizer did move them
+
+
 # --------------------------------------------------------------------------- fused RMSNorm
 def test_fused_rmsnorm_matches_hf(tiny_model):
     model = T.load_model(_args(tiny_model, "--no-packing"))

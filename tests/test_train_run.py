@@ -167,8 +167,10 @@ def test_learns_the_answers(tiny_model, qa8, tmp_path):
 
 # --------------------------------------------------------------------------- kill and resume
 def test_kill_and_resume_matches_uninterrupted(tiny_model, qa24, tmp_path, monkeypatch, capsys):
+    # dropout on (the default is 0 since issue 5); rank 64: the LoRA tensors are big enough (4,096 elements) to
+    # live in --flat_optim's flat buffer, so its checkpoint and resume are exercised too
     flags = ["--max_steps", 7, "--batch", 2, "--grad_accum", 2, "--save_steps", 2, "--lr", "1e-3",
-             "--lora_dropout", "0.05", *FAST]  # dropout on (the default is 0 since issue 5)
+             "--lora_dropout", "0.05", "--lora_r", 64, *FAST]
     assert run(qa24, tiny_model, tmp_path / "a", *flags) == 0
     reference = losses(tmp_path / "a")
 
@@ -204,6 +206,17 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model, qa24, tmp_path, monke
     monkeypatch.setattr(T, "train", real_train)
     assert run(qa24, tiny_model, c, *flags, "--resume", "--seed", 7) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_flat_optimizer_trains_like_per_tensor(tiny_model, qa24, tmp_path, capsys):
+    """--flat_optim (default) against --no-flat_optim on a whole run: same losses, same adapter."""
+    flags = ["--max_steps", 4, "--batch", 4, "--lr", "1e-3", "--lora_r", 64, *FAST]
+    assert run(qa24, tiny_model, tmp_path / "flat", *flags) == 0
+    assert re.search(r"\d+ LoRA tensors as one flat buffer", capsys.readouterr().out)
+    assert run(qa24, tiny_model, tmp_path / "per", *flags, "--no-flat_optim") == 0
+    assert losses(tmp_path / "flat") == pytest.approx(losses(tmp_path / "per"), abs=1e-6)
+    a, b = adapter(tmp_path / "flat"), adapter(tmp_path / "per")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 # --------------------------------------------------------------------------- OOM back-off

@@ -1,23 +1,43 @@
-"""GPU check: --lora_fp32_sum reaches the patched LoRA modules and selects the fp32-sum formula.
+"""GPU check: --lora_fp32_sum reaches the patched LoRA modules, and on CUDA (cuBLAS) the one-rounding form keeps a
+LoRA delta far under half a bf16 step of the base output, while the two-rounding order loses it (the CPU twin is
+tests/test_train_fast.py::test_lora_sum_keeps_small_deltas).
 
     python bench/checks/fp32_sum_flag.py MODEL_DIR     (CUDA; e.g. the tiny model from tools/make_tiny_model.py)
 """
-import sys, torch
+import sys
+
+import torch
+
 sys.path.insert(0, ".")
-import train_qlora_hf as T
-from peft.tuners.lora.bnb import Linear4bit as L4
+import train_qlora_hf as T  # noqa: E402
+from peft.tuners.lora.bnb import Linear4bit as L4  # noqa: E402
+
 args = T.build_parser().parse_args(["--model", sys.argv[1], "--max_steps", "1"])
 model = T.load_model(args)
 mods = [m for m in model.modules() if isinstance(m, L4)]
 assert mods and all(m.lora_fp32_sum is True for m in mods), "flag not on the modules"
-m = mods[0]
-torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02)
-x = torch.randn(64, m.in_features, device="cuda", dtype=torch.bfloat16)
-y_on = T._lean_lora4bit_forward(m, x)
-w = T._dequant(m.base_layer.weight.data, m.base_layer.weight.quant_state).to(x.dtype)
-a, b = m.lora_A["default"].weight.to(x.dtype), m.lora_B["default"].weight.to(x.dtype)
-ref = (torch.mm(x, w.t(), out_dtype=torch.float32) + m.scaling["default"] * (torch.mm(x, a.t()).float() @ b.t().float())).to(x.dtype)
-m.lora_fp32_sum = False
-y_off = T._lean_lora4bit_forward(m, x)
-print("fp32-sum path == fp32 formula:", torch.equal(y_on, ref), "| differs from bf16 sum:", not torch.equal(y_on, y_off))
-assert torch.equal(y_on, ref)
+g = torch.Generator(device="cuda").manual_seed(3)
+for m in (mods[0], mods[5]):
+    x = torch.randn(512, m.in_features, device="cuda", generator=g).to(torch.bfloat16)
+    a = m.lora_A["default"].weight.to(torch.bfloat16).double()
+    w = T._dequant(m.base_layer.weight.data, m.base_layer.weight.quant_state).double()
+    base64 = x.double() @ w.t()
+    with torch.no_grad():
+        b = torch.randn(m.lora_B["default"].weight.shape, device="cuda", generator=g)
+        h = (x.double() @ a.t()).to(torch.bfloat16).double()
+        delta = m.scaling["default"] * h @ b.double().t()
+        m.lora_B["default"].weight.copy_(b * ((base64.abs().mean() * 2.0 ** -8) / 20 / delta.std()).float())
+        b16 = m.lora_B["default"].weight.to(torch.bfloat16).double()
+        delta = m.scaling["default"] * h @ b16.t()
+        base_rounded = base64.to(torch.bfloat16).double()
+        kept, err = {}, {}
+        for on in (True, False):
+            m.lora_fp32_sum = on
+            y = T._lean_lora4bit_forward(m, x).double()
+            kept[on] = float(((y - base_rounded) * delta).sum() / (delta * delta).sum())
+            err[on] = float((y - base64 - delta).abs().mean())
+        m.lora_fp32_sum = True
+    print(f"{m.in_features}->{m.out_features}: delta kept {kept[True]:.3f} (one rounding) vs {kept[False]:.3f} "
+          f"(two roundings); mean error vs fp64 {err[True]:.3e} vs {err[False]:.3e}")
+    assert kept[True] > 0.8 and kept[False] < 0.3, kept
+print("ok")
