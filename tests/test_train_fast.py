@@ -235,6 +235,36 @@ def test_flat_optimizer_update_equals_per_tensor(optim):
     assert not torch.equal(runs[0][0], init[0])  # the optimizer did move them
 
 
+def test_cached_scales_dequantize_bit_for_bit(tiny_model):
+    """The fused LoRA layers dequantise with the fp32 block scales expanded once at load: same weights as
+    bitsandbytes' own dequantize_4bit, bit for bit."""
+    import bitsandbytes.functional as bnbF
+    from peft.tuners.lora.bnb import Linear4bit
+
+    model = T.load_model(T.build_parser().parse_args(["--model", str(tiny_model), "--no-packing"]))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for m in layers:
+        w = m.base_layer.weight
+        assert getattr(w.quant_state, "qlora_absmax32", None) is not None  # the cached path is the one tested
+        assert torch.equal(T._dequant(w.data, w.quant_state), bnbF.dequantize_4bit(w.data, w.quant_state))
+
+
+def test_compute_copy_is_used_only_while_the_weights_are_unchanged():
+    params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(3)]
+    flat = T.FlatParams(params)
+    flat.refresh_compute(torch.bfloat16)
+    p = params[1]
+    c = T._compute_copy(p, torch.bfloat16)
+    assert c.data_ptr() == p.qlora_compute[2].data_ptr() and torch.equal(c, p.detach().to(torch.bfloat16))
+    with torch.no_grad():
+        p.add_(1.0)  # changed after the refresh: the stale copy must not be used
+    c = T._compute_copy(p, torch.bfloat16)
+    assert c.data_ptr() != p.qlora_compute[2].data_ptr() and torch.equal(c, p.detach().to(torch.bfloat16))
+    flat.refresh_compute(torch.bfloat16)
+    assert T._compute_copy(p, torch.bfloat16).data_ptr() == p.qlora_compute[2].data_ptr()
+    assert torch.equal(T._compute_copy(p, torch.float32), p)  # another dtype: no copy involved
+
+
 # --------------------------------------------------------------------------- fused RMSNorm
 def test_fused_rmsnorm_matches_hf(tiny_model):
     model = T.load_model(_args(tiny_model, "--no-packing"))
