@@ -72,6 +72,20 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- arguments
+LIGER_PARTS = ("flce", "rope", "swiglu", "rmsnorm")
+LIGER_AUTO = ("flce",)  # measured on an H100 (bench/README.md)
+
+
+def _liger_arg(value: str) -> str:
+    v = value.strip().lower()
+    if v in ("auto", "all", "off"):
+        return v
+    parts = [x.strip() for x in v.split(",") if x.strip()]
+    if not parts or any(x not in LIGER_PARTS for x in parts):
+        raise argparse.ArgumentTypeError(f"{value!r}: use auto, all, off or a comma list of {', '.join(LIGER_PARTS)}")
+    return ",".join(dict.fromkeys(parts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = "(default: %(default)s)"
@@ -145,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"of one per tensor; the same update) {d}")
     sp.add_argument("--fused_norm", action=argparse.BooleanOptionalAction, default=True,
                     help=f"RMSNorm modules as one torch.nn.functional.rms_norm call {d}")
-    sp.add_argument("--liger", choices=("auto", "flce", "all", "off"), default="auto",
-                    help="Liger kernels (optional: pip install -r requirements-gpu.txt): flce = fused linear "
-                         "cross-entropy (never builds the logits), all = also RoPE/RMSNorm/SwiGLU, auto = flce "
-                         f"when CUDA and liger-kernel are there {d}")
+    sp.add_argument("--liger", type=_liger_arg, default="auto",
+                    help="Liger kernels (optional: pip install -r requirements-gpu.txt): a comma list of flce (fused "
+                         "linear cross-entropy: never builds the logits), rope, swiglu, rmsnorm; or all, off, or "
+                         f"auto = {','.join(LIGER_AUTO)} when CUDA and liger-kernel are there {d}")
     sp.add_argument("--kbit_upcast", action="store_true",
                     help="the seed recipe's peft.prepare_model_for_kbit_training (norms, embeddings and lm_head "
                          "in fp32, autocast); slower, more memory; turns --fused_lora/--fused_norm off")
@@ -818,7 +832,7 @@ def _set_attn(model, name: str) -> None:
 
 
 def _apply_liger(model, mode: str, device) -> str:
-    """Liger's fused linear cross-entropy (and with 'all' RoPE/RMSNorm/SwiGLU); returns what was applied."""
+    """The Liger kernels --liger names (see LIGER_PARTS / LIGER_AUTO); returns what was applied."""
     if mode == "off":
         return "off"
     if device.type != "cuda":
@@ -833,10 +847,12 @@ def _apply_liger(model, mode: str, device) -> str:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"skipped (Liger has no kernels for model type {model_type!r})"
-    every = mode == "all"
-    _apply_liger_kernel_to_instance(model, rope=every, rms_norm=every, swiglu=every, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
-    return "RoPE, RMSNorm, SwiGLU, fused linear cross-entropy" if every else "fused linear cross-entropy"
+    parts = set(LIGER_PARTS if mode == "all" else LIGER_AUTO if mode == "auto" else mode.split(","))
+    _apply_liger_kernel_to_instance(model, rope="rope" in parts, rms_norm="rmsnorm" in parts,
+                                    swiglu="swiglu" in parts, cross_entropy=False,
+                                    fused_linear_cross_entropy="flce" in parts)
+    names = {"rope": "RoPE", "rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "flce": "fused linear cross-entropy"}
+    return ", ".join(names[p] for p in LIGER_PARTS[1:] + LIGER_PARTS[:1] if p in parts)
 
 
 def _decoder_layers(model) -> list:
@@ -1130,6 +1146,26 @@ def _save_checkpoint(model, optimizer, scheduler, scaler, state: dict, fp: dict,
     d.barrier()
 
 
+def _repage_optimizer_state(optimizer) -> None:
+    """A paged bitsandbytes optimizer keeps large state tensors in CUDA managed memory, marked `is_paged`. Saved
+    and loaded, they come back as ordinary GPU tensors that still carry the mark, and the optimizer's prefetch of
+    them fails ("Error invalid argument ... pythonInterface.cpp"; found by bench/gpu_smoke.sh's resume). Put them
+    back into paged memory (on CPU, where nothing is paged, just drop the mark)."""
+    for st in optimizer.state.values():
+        for k, v in list(st.items()):
+            if not (torch.is_tensor(v) and getattr(v, "is_paged", False)):
+                continue
+            if v.device.type == "cuda" and hasattr(optimizer, "page_mng"):
+                import bitsandbytes.functional as bnbF
+
+                buf = bnbF.get_paged(*v.shape, dtype=v.dtype, device=v.device)
+                buf.copy_(v)
+                optimizer.page_mng.paged_tensors.append(buf)
+                st[k] = buf
+            else:
+                v.is_paged = False
+
+
 def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, device) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -1146,6 +1182,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, 
         raise InputError(f"{path}: adapter does not match the model ({result.unexpected_keys[:3]}...)")
     ts = torch.load(path / "training_state.pt", map_location=device, weights_only=False)
     optimizer.load_state_dict(ts["optimizer"])
+    _repage_optimizer_state(optimizer)
     scheduler.load_state_dict(ts["scheduler"])
     if scaler is not None and ts.get("scaler"):
         scaler.load_state_dict(ts["scaler"])

@@ -361,3 +361,7 @@ def test_bad_speed_flags_exit_2(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         T.build_parser().parse_args(["--liger", "bogus"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        T.build_parser().parse_args(["--liger", "flce,softmax"])
+    assert e.value.code == 2
+    assert T.build_parser().parse_args(["--liger", "FLCE, rope,flce"]).liger == "flce,rope"

@@ -222,6 +222,31 @@ def test_flat_optimizer_trains_like_per_tensor(tiny_model, qa24, tmp_path, capsy
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_loaded_optimizer_state_is_not_left_marked_paged(tmp_path):
+    """Saved paged state comes back from torch.load as ordinary memory still marked is_paged; left so, the
+    optimizer's prefetch fails on CUDA. On CPU the mark must just be gone after loading."""
+    args = T.build_parser().parse_args(["--model", "x"])  # --optim paged_adamw_8bit
+    p = torch.nn.Parameter(torch.randn(256, 512))
+    opt = T._make_optimizer([p], args, torch.device("cpu"))
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.state[p]["state1"].is_paged = True  # as bitsandbytes marks a paged buffer on CUDA
+    torch.save({"optimizer": opt.state_dict()}, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=False)["optimizer"]
+    # the mark does survive torch.save/load (the bug's cause); bitsandbytes nests its 8-bit state one level down
+    marked = [v for st in loaded["state"].values() for x in st.values()
+              for v in (x.values() if isinstance(x, dict) else [x]) if getattr(v, "is_paged", False)]
+    assert len(marked) == 1
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = T._make_optimizer([q], args, torch.device("cpu"))
+    opt2.load_state_dict(loaded)
+    T._repage_optimizer_state(opt2)
+    assert not any(getattr(v, "is_paged", False) for st in opt2.state.values() for v in st.values()
+                   if torch.is_tensor(v))
+    q.grad = torch.randn_like(q)
+    opt2.step()  # and the optimizer still steps
+
+
 # --------------------------------------------------------------------------- OOM back-off
 def test_oom_backoff_halves_micro_batch_and_continues(tiny_model, qa24, tmp_path, monkeypatch, capsys):
     flags = ["--max_steps", 3, "--batch", 8, "--grad_accum", 1, "--lora_dropout", 0, "--save_steps", 100, *FAST]
