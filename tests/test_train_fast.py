@@ -301,7 +301,7 @@ def test_plan_qa_spends_the_seed_memory_on_layers_without_checkpointing():
     tiny = T.plan_checkpointing(1.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
     assert tiny["mode"] == "offload" and not tiny["fits"]  # reported, the run still tries
     assert T.activation_bytes_per_token_layer(4096, 14336, 0.0) == pytest.approx(145e3)
-    assert T.activation_bytes_per_token_layer(4096, 14336, 0.05) == pytest.approx(166e3)
+    assert T.activation_bytes_per_token_layer(4096, 14336, 0.05) == pytest.approx(190e3)
 
 
 def test_checkpoint_plan_is_applied_to_the_last_layers(tiny_model):
