@@ -609,6 +609,10 @@ def _compute_copy(p, dtype):
     return p.to(dtype)
 
 
+def _generator(device):
+    return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+
+
 class _LoRA4bit(torch.autograd.Function):
     """y = x W^T + s * dropout(x) A^T B^T with W the 4-bit base weight, as ONE autograd node.
 
@@ -622,10 +626,15 @@ class _LoRA4bit(torch.autograd.Function):
     def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling, p, fp32_sum=False):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = _compute_copy(lora_a, x.dtype), _compute_copy(lora_b, x.dtype)
+        rng = None
         if p > 0:
-            xd, mask = torch.native_dropout(x2, p, True)
+            # keep the generator state, not the mask: backward draws the same mask again (the way activation
+            # checkpointing replays dropout), so dropout adds no saved activations
+            gen = _generator(x2.device)
+            rng = gen.get_state()
+            xd, _ = torch.native_dropout(x2, p, True)
         else:
-            xd, mask = x2, None
+            xd = x2
         h = torch.mm(xd, a.t())
         w = _dequant(weight, quant_state).to(x.dtype)
         if fp32_sum:
@@ -637,18 +646,24 @@ class _LoRA4bit(torch.autograd.Function):
             out = torch.mm(h, b.t()).addmm_(x2, w.t(), beta=scaling)
         else:
             out = torch.mm(x2, w.t()).addmm_(h, b.t(), alpha=scaling)
-        del w
-        # with dropout, backward needs the dropped input (for grad A) and the mask (for grad x), not x itself
-        ctx.save_for_backward(xd, mask, h, a, b)
-        ctx.weight, ctx.quant_state, ctx.scaling, ctx.p = weight, quant_state, scaling, p
+        del w, xd
+        ctx.save_for_backward(x2, h, a, b)
+        ctx.weight, ctx.quant_state, ctx.scaling, ctx.p, ctx.rng = weight, quant_state, scaling, p, rng
         ctx.x_shape, ctx.dtypes = x.shape, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        xd, mask, h, a, b = ctx.saved_tensors
+        x2, h, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         s, p = ctx.scaling, ctx.p
+        xd, mask = x2, None
+        if ctx.rng is not None:  # the forward's dropout mask, drawn again from the same generator state
+            gen = _generator(x2.device)
+            now = gen.get_state()
+            gen.set_state(ctx.rng)
+            xd, mask = torch.native_dropout(x2, p, True)
+            gen.set_state(now)
         gh = torch.mm(g, b).mul_(s)                      # d loss / d h, (tokens, r)
         if g.is_cuda and g.dtype != torch.float32 and ctx.dtypes == (torch.float32, torch.float32):
             # the fp32 masters' gradients straight out of the GEMM: no bf16 rounding, no cast kernels
@@ -869,10 +884,10 @@ def _decoder_layers(model) -> list:
 
 def activation_bytes_per_token_layer(hidden: int, intermediate: int, dropout: float) -> float:
     """Activations one decoder layer keeps per token when it is not checkpointed (bf16). Measured on a 7B
-    shape (hidden 4096, MLP 14336): ~145 KB without LoRA dropout; with it each LoRA layer keeps its own dropped
-    input and mask (~190 KB, measured 166 KB before the dropped input was kept instead of recomputed); scaled by
-    the tensors a Mistral/Llama layer saves (~6 of width hidden, ~4 of width intermediate) for other shapes."""
-    per_7b = 190e3 if dropout > 0 else 145e3
+    shape (hidden 4096, MLP 14336): ~145 KB without LoRA dropout, ~166 KB with PEFT's dropout (a mask and a
+    dropped copy per LoRA layer; the fused LoRA node keeps neither, so pass dropout=0 for it); scaled by the
+    tensors a Mistral/Llama layer saves (~6 of width hidden, ~4 of width intermediate) for other shapes."""
+    per_7b = 166e3 if dropout > 0 else 145e3
     return per_7b * (6 * hidden + 4 * intermediate) / (6 * 4096 + 4 * 14336)
 
 
@@ -902,6 +917,10 @@ def plan_checkpointing(budget_gb: float, static_bytes: float, n_lora: int, optim
         k += 1
     return {"mode": "skip", "skip_layers": k, "estimate_gb": estimate(k) / 1e9, "budget_gb": budget_gb,
             "fits": True, "act_bytes_per_token_layer": c}
+
+
+def _uses_fused_lora(model) -> bool:
+    return any(getattr(m.forward, "__func__", None) is _lean_lora4bit_forward for m in model.modules())
 
 
 def _apply_checkpoint_plan(layers: list, plan: dict) -> None:
@@ -1238,7 +1257,7 @@ def _plan_memory(model, args, device, lengths, per_step, steps_per_epoch, total,
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = plan_checkpointing(budget, torch.cuda.memory_allocated(device), n_lora, args.optim, top,
                               cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size), len(layers),
-                              args.lora_dropout)
+                              0.0 if _uses_fused_lora(model) else args.lora_dropout)
     _apply_checkpoint_plan(layers, plan)
     what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)"
             if plan["mode"] == "offload" else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")

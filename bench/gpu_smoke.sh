@@ -12,14 +12,14 @@ python3 generate_qa.py --backend offline --input data/sample_abstracts.jsonl --o
   --eval-out "$out/data/eval.jsonl" --overwrite
 python3 train_qlora_hf.py --jsonl "$out/data/qa.jsonl" --model "$out/tiny" --out "$out/run" --epochs 2 --batch 8 \
   --grad_accum 2 --lr 2e-3 --bf16 --max_seq_len 4096 --max_steps 12 --save_steps 4 --keep_checkpoints --overwrite \
-  --lora_r 64  # rank 64: the LoRA tensors of this tiny model are big enough for the flat optimizer buffer
+  --lora_r 64 --lora_dropout 0.05  # rank 64: LoRA tensors big enough for the flat optimizer buffer; dropout replayed in backward
 # resume from the step-8 checkpoint into a copy: must finish with the same final loss
 cp -r "$out/run" "$out/run_resume"
 rm -f "$out/run_resume/adapter_model.safetensors"
 rm -rf "$out/run_resume/checkpoints/step-12"
 python3 train_qlora_hf.py --jsonl "$out/data/qa.jsonl" --model "$out/tiny" --out "$out/run_resume" --epochs 2 --batch 8 \
   --grad_accum 2 --lr 2e-3 --bf16 --max_seq_len 4096 --max_steps 12 --save_steps 4 --keep_checkpoints --resume \
-  --lora_r 64
+  --lora_r 64 --lora_dropout 0.05
 python3 - "$out" <<'PY'
 import json, sys
 a = json.load(open(f"{sys.argv[1]}/run/metrics.json")); b = json.load(open(f"{sys.argv[1]}/run_resume/metrics.json"))

@@ -173,6 +173,18 @@ def test_lean_lora_dropout_is_reproducible_and_scaled(tiny_model):
         minus = m(x - eps * v).sum()
     assert float((x.grad * v).sum()) == pytest.approx(float((plus - minus) / (2 * eps)), rel=2e-2, abs=1e-3)
 
+    # dropout keeps no mask or dropped copy for backward (the mask is drawn again there): same saved bytes as p=0
+    def saved_bytes():
+        got = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: got.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            m(x)
+        return sum(got)
+
+    with_dropout = saved_bytes()
+    m.lora_dropout["default"].p = 0.0
+    assert saved_bytes() == with_dropout
+
 
 def test_lora_sum_keeps_small_deltas(tiny_model):
     """bf16: a LoRA delta far under half a bf16 step of the base output must survive the rounding on average
@@ -301,7 +313,7 @@ def test_plan_qa_spends_the_seed_memory_on_layers_without_checkpointing():
     tiny = T.plan_checkpointing(1.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
     assert tiny["mode"] == "offload" and not tiny["fits"]  # reported, the run still tries
     assert T.activation_bytes_per_token_layer(4096, 14336, 0.0) == pytest.approx(145e3)
-    assert T.activation_bytes_per_token_layer(4096, 14336, 0.05) == pytest.approx(190e3)
+    assert T.activation_bytes_per_token_layer(4096, 14336, 0.05) == pytest.approx(166e3)
 
 
 def test_checkpoint_plan_is_applied_to_the_last_layers(tiny_model):
