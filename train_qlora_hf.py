@@ -25,11 +25,12 @@ normalised by the trained tokens of the whole step, and its dropout RNG is seede
 so a step gives the same update whatever the micro-batch size, whether it is retried after an OOM, and
 whether the run was resumed.
 
-Speed (issue 5, measured in bench/README.md: ~2.3-3x the seed recipe's tokens/s on an H100 at no more memory;
+Speed (issue 5, measured in bench/README.md: 3.3-4.3x the seed recipe's tokens/s on an H100 at no more memory;
 each piece has a flag): the frozen base stays in bf16 (no fp32 upcast, no autocast; --kbit_upcast restores
 it); each micro-batch is packed into one row without padding, with attention per sample (flash varlen on
 CUDA, one SDPA call per sample on CPU) (--packing); the 4-bit base and its LoRA run as one autograd node
-(--fused_lora) with the LoRA delta added in fp32 (--lora_fp32_sum); RMSNorm is one fused op (--fused_norm);
+(--fused_lora) with the LoRA delta added in the base GEMM's fp32 accumulator (--lora_fp32_sum); the optimizer
+updates all LoRA tensors as one flat buffer (--flat_optim); RMSNorm is one fused op (--fused_norm);
 Liger's fused linear cross-entropy never builds the logits (--liger, CUDA, optional dependency); Python's
 garbage collector does not scan the model during the steps; --gpu_mem_budget turns checkpointing off on the
 last layers that fit, or offloads checkpoints to host memory when even full checkpointing does not fit.
@@ -533,7 +534,7 @@ def load_model(args):
     _log(f"speed: {'fp32 upcast + autocast (--kbit_upcast)' if args.kbit_upcast else 'no fp32 upcast'}; "
          f"packing: {packed}; fused LoRA: {n_lean} layers"
          f"{' (fp32 sum)' if n_lean and args.lora_fp32_sum else ''}"
-         f"{f', 4-bit scales expanded once ({absmax_bytes / 2**20:,.0f} MiB)' if n_lean and absmax_bytes else ''}; "
+         f"{f', 4-bit scales expanded once ({absmax_bytes / 2**20:,.1f} MiB)' if n_lean and absmax_bytes else ''}; "
          f"fused RMSNorm: {n_norm} modules; Liger: {liger}", d)
     return model
 
