@@ -599,8 +599,6 @@ def _expand_absmax(quant_state) -> int:
     return quant_state.qlora_absmax32.numel() * 4
 
 
-
-
 def _compute_copy(p, dtype):
     """p in the compute dtype: the copy FlatParams.refresh_compute made for this optimizer step if p has not
     changed since (its version counter), else a cast. Saves two cast kernels per LoRA layer call."""
@@ -1079,7 +1077,7 @@ class FlatParams:
             k += -(-p.numel() // self.ALIGN) * self.ALIGN
         buf = torch.zeros(k, dtype=self.flat_members[0].dtype, device=self.flat_members[0].device)
         grad = torch.zeros_like(buf)
-        self.grad_views = []
+        self.grad_views, self.offsets = [], offsets
         for p, o in zip(self.flat_members, offsets):
             buf[o:o + p.numel()].copy_(p.data.reshape(-1))
             p.data = buf[o:o + p.numel()].view_as(p)  # the model's LoRA tensors now live in the buffer
@@ -1096,9 +1094,8 @@ class FlatParams:
         if self.param is None or dtype == self.param.dtype:
             return
         comp = self.param.detach().to(dtype)
-        for p, g in zip(self.flat_members, self.grad_views):
-            off = g.storage_offset()  # the same offset in the gradient buffer as in the weight buffer
-            p.qlora_compute = (p._version, dtype, comp[off:off + p.numel()].view_as(p))
+        for p, o in zip(self.flat_members, self.offsets):
+            p.qlora_compute = (p._version, dtype, comp[o:o + p.numel()].view_as(p))
 
     def gather_grads(self) -> None:
         if self.param is None:
@@ -1196,7 +1193,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, 
     diff = [k for k in fp if saved.get(k) != fp[k]]
     if diff:
         raise InputError(f"{path} was made with different data or settings ({', '.join(diff)} differ); "
-                         "--resume needs the same --jsonl, --seed, --epochs/--max_steps and "
+                         "--resume needs the same --jsonl, --seed, --epochs/--max_steps, --optim/--flat_optim and "
                          "--batch x --grad_accum x processes; or start over with --overwrite")
     result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors", device=str(device)))
     if getattr(result, "unexpected_keys", None):

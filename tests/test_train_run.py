@@ -322,7 +322,9 @@ def test_train_api_on_pretokenized_samples(tiny_model):
 
 # --------------------------------------------------------------------------- DDP: 2 CPU processes, gloo
 def test_ddp_two_processes_gloo_matches_one_process(tiny_model, qa24, tmp_path):
-    flags = ["--max_steps", 3, "--grad_accum", 1, "--save_steps", 2, "--lora_dropout", 0, "--val_fraction", 0, *FAST]
+    # rank 64: the LoRA tensors live in --flat_optim's buffer, gathered after the all-reduce
+    flags = ["--max_steps", 3, "--grad_accum", 1, "--save_steps", 2, "--lora_dropout", 0, "--val_fraction", 0,
+             "--lora_r", 64, *FAST]
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
