@@ -1066,7 +1066,8 @@ class FlatParams:
 
     def __init__(self, params: list):
         self.flat_members = [p for p in params if p.numel() >= self.MIN_NUMEL and p.dtype == params[0].dtype]
-        self.separate = [p for p in params if all(p is not q for q in self.flat_members)]
+        members = {id(p) for p in self.flat_members}
+        self.separate = [p for p in params if id(p) not in members]
         self.param = None
         if len(self.flat_members) < 2:
             self.flat_members, self.separate = [], list(params)

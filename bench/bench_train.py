@@ -149,7 +149,9 @@ class Recipe:
     offload: bool = False         # checkpointed layer inputs kept in pinned host memory
     pygc: bool = True             # False: gc.freeze() before the steps (no full collections over the model's objects)
     init_seed: int = 0            # added to --seed for the LoRA init (a noise-floor run of the same recipe)
-    fp32_out: bool = False        # lean LoRA: base GEMM with fp32 output + LoRA delta in fp32, one rounding
+    fp32_out: bool = False        # lean LoRA with --lora_fp32_sum: one rounding of base + delta (since 06:00 UTC
+    #                               2026-11-24 inside the base GEMM's fp32 accumulator; the research rows measured an
+    #                               fp32-output GEMM + fp32 add + cast)
 
 
 SEED = Recipe("seed", upcast=True, batching="pad", lora_impl="peft", optim="paged_adamw_8bit")
