@@ -117,8 +117,9 @@ def chat_record(messages: list[dict], meta: dict | None = None) -> dict:
     return {"text": render_zephyr(messages), "messages": messages, "meta": meta or {}}
 
 
-def qa_messages(question: str, answer: str | None = None, system: str = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
-    msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+def qa_messages(question: str, answer: str | None = None, system: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+    """One exchange; `system` None or empty means no system turn (data that had none is evaluated without)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
     return msgs
@@ -228,6 +229,15 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def eval_questions_path(train_jsonl: str | os.PathLike) -> Path:
+    """Where generate_qa.py writes the held-out questions of a training file: beside it, so a run's questions
+    are found from the training file alone (data/synthetic_qa.jsonl -> data/eval_questions.jsonl,
+    runs/x.jsonl -> runs/x_eval_questions.jsonl)."""
+    train = Path(train_jsonl)
+    name = "eval_questions.jsonl" if train.stem == "synthetic_qa" else f"{train.stem}_eval_questions.jsonl"
+    return train.with_name(name)
+
+
 def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
     """Refuse to clobber finished outputs unless --overwrite was given."""
     existing = [str(p) for p in paths if Path(p).exists()]
@@ -278,40 +288,3 @@ def nf4_config(compute_dtype):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
-
-# --------------------------------------------------------------------------- refusal / correction detection
-# One detector for both ends: generate_qa.py keeps an edge-case pair only if its answer reads as a refusal
-# (unanswerable) or a correction (false premise), and eval_compare.py scores model answers with the same
-# test, so "what we trained on" and "what we count as right" cannot drift apart.
-REFUSAL_PATTERNS = [
-    r"\b(does|do|did)\s*(not|n't)\s+(state|say|mention|specify|report|provide|describe|discuss|include|give|"
-    r"indicate|address|contain|reveal|disclose)",
-    r"\bnot\s+(stated|mentioned|specified|reported|provided|described|discussed|given|indicated|"
-    r"addressed|available|disclosed|clear)\b",
-    r"\bno\s+(information|details?|mention|data|indication)\b",
-    r"\b(cannot|can't|can ?not|unable to)\s+(be\s+)?(determine|determined|answer|answered|tell|infer|inferred|know)",
-    r"\b(i|we)\s+(do\s*(not|n't)|don't)\s+know\b",
-    r"\bnot\s+enough\s+information\b", r"\binsufficient\s+information\b", r"\bunknown\b",
-    r"\bis\s+not\s+(possible|clear)\s+(to|from)\b", r"\bbeyond\s+the\s+scope\b",
-]
-CORRECTION_PATTERNS = [
-    r"^\s*(no|not quite|actually|in fact|incorrect|that's not|that is not)\b",
-    r"\b(false|incorrect|mistaken|wrong|inaccurate)\s+(premise|assumption|claim)\b",
-    r"\b(the|that|this|your|its)\s+(premise|assumption|question|claim)\s+(is|seems)\s+(false|incorrect|wrong|"
-    r"mistaken|not\s+(correct|true|accurate))\b",
-    r"\b(actually|in fact|contrary to|rather than|instead)\b",
-    r"\b(does|do|did)\s*(not|n't)\s+(claim|propose|use|show|find|report|state|say)\b",
-    r"\bnot\s+(the case|correct|true|accurate)\b",
-]
-REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
-CORRECTION_RE = re.compile("|".join(CORRECTION_PATTERNS), re.IGNORECASE | re.MULTILINE)
-
-
-def is_refusal(text: str) -> bool:
-    """True when an answer declines: says the source does not give it, or is empty."""
-    return not text.strip() or bool(REFUSAL_RE.search(text))
-
-
-def corrects_premise(text: str) -> bool:
-    """True when an answer pushes back on the question's premise."""
-    return bool(CORRECTION_RE.search(text))

@@ -1,52 +1,59 @@
-"""Did fine-tuning help? Answer held-out questions with the base model and the fine-tuned adapter,
-score both, and write a spreadsheet a person can check.
+"""Did fine-tuning help? Answer held-out questions with the base model and the fine-tuned adapter, score
+both, and say plainly whether the fine-tuned model is better, with the evidence.
 
-    python eval_compare.py                                     # models/zephyr-7b-qlora on data/eval_questions.jsonl
+    python eval_compare.py                                     # models/zephyr-7b-qlora on its held-out questions
     python eval_compare.py --adapter models/my-run --n 20 --out outputs/my-run/evaluation.csv
-    python eval_compare.py --judge_model gpt-4o-mini           # + pairwise LLM judge (key: OPENAI_API_KEY)
+    python eval_compare.py --judge_model gpt-4o-mini           # + LLM judge: rubric scores and pairwise (OPENAI_API_KEY)
+    python eval_compare.py --rescore outputs/evaluation.csv    # recompute scores/verdict/plots from the CSV, no model
+    python eval_compare.py --checkpoints                       # + learning curve over the run's saved checkpoints
     python eval_compare.py --mode reference --batch_size 1     # the seed's way: 4-bit + LoRA, one at a time
 
-One model load serves both sides. The base is loaded in 4-bit exactly as training loaded it. Then:
-  fast path (auto on a CUDA GPU with room for bf16 weights): dequantise the 4-bit weights to bf16 --
-    the very values training's forward pass computed with -- answer as the base, merge the LoRA into
-    those weights (PEFT merge_and_unload) and answer as the fine-tuned model;
-  reference path (CPU, small GPUs): 4-bit + PEFT adapter, base answers under `disable_adapter()`.
-On an H100 the fast path answers 100 questions x 2 models x 256 tokens of a 7B model in 50 s, load
-included, ~190x the seed's per-token speed (bench/README.md); on the tiny test model it gives the same
-greedy tokens as the reference path in fp32 and logits within 0.03 in bf16 (tests/test_eval_compare.py).
-Both sides use the training chat template (common.qa_messages -> common.chat_text), the same decoding,
-and batched generation with left padding. Answers go to an append-only cache next to the output
-(<out stem>.cache.jsonl, keyed by question, prompt, model and decoding), so an interrupted run resumes
-where it stopped; delete the cache to force regeneration.
+Questions (first that exists): --questions; the held-out papers generate_qa.py wrote beside the run's
+training file (data/eval_questions.jsonl); the held-out samples train_qlora_hf.py kept in the run folder.
+Prompts are built exactly as in training: the run's chat template and the system prompt its data used
+(run_config.json), unless a question row carries its own or --system overrides both.
 
-Writes <out> (one row per question: answers, token-F1, ROUGE-L, refusal, false-premise correction,
-length, judge verdict), <out stem>_for_marking.csv (empty `winner` column), summary.json and
-results_bar.png beside it, and prints a summary by question type. The CSVs are spreadsheet-safe:
-UTF-8 with BOM, cells that a spreadsheet would run as a formula get a leading apostrophe.
+Each answer gets a behaviour label (answered, refused, corrected_premise, degenerate, empty), a 0/1
+`correct` (the type's expected behaviour: a substantive answer that agrees with the reference for
+answerable types, a refusal that invents nothing for unanswerable ones, an explicit correction for
+false premises) and a primary score in [0, 1]. The verdict compares the two models question by question:
+win/tie/loss, a paired bootstrap interval of the mean difference and a sign test; it says "fine-tuned
+better" or "base better" only when both agree and there are enough questions, else "no clear difference".
+
+One model load serves both sides. The base is loaded in 4-bit exactly as training loaded it. Then:
+  fast path (auto on a CUDA GPU with room for bf16 weights): dequantise the 4-bit weights to bf16 -- the
+    very values training's forward pass computed with -- answer as the base, merge the LoRA into those
+    weights (PEFT merge_and_unload) and answer as the fine-tuned model;
+  reference path (CPU, small GPUs): 4-bit + PEFT adapter.
+Answers go to an append-only cache beside the output (<out stem>.cache.jsonl, keyed by question, prompt,
+model and decoding): an interrupted run resumes where it stopped.
+
+Writes <out> (one row per question), <out stem>_for_marking.csv (empty `winner` column for marking by
+hand), summary.json (verdict first) and results_bar.png beside it; with --checkpoints also
+learning_curve.csv and learning_curve.png. The CSVs are spreadsheet-safe: UTF-8 with BOM, cells a
+spreadsheet would run as a formula get a leading apostrophe.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
-import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, atomic_write_text, chat_text,
-                    check_outputs_free, corrects_premise, encode_text, is_refusal, nf4_config, qa_messages,
-                    read_jsonl, read_jsonl_tolerant, run_main, sha256_file, sha256_text, write_json_atomic)
+from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, chat_text, check_outputs_free, encode_text,
+                    eval_questions_path, nf4_config, qa_messages, read_jsonl, read_jsonl_tolerant, run_main,
+                    sha256_file, sha256_text, write_json_atomic)
+from paperqa_tune import charts, report
+from paperqa_tune.report import SIDES
 
 DEFAULT_ADAPTER = "models/zephyr-7b-qlora"
-DEFAULT_QUESTIONS = "data/eval_questions.jsonl"
 DEFAULT_OUT = "outputs/evaluation.csv"
-TYPES = ("factual", "conceptual", "methodology", "unanswerable", "false_premise")
-SIDES = (("base", "base"), ("finetuned", "ft"))  # (cache/model name, column prefix)
+HELDOUT_FILE = "eval_questions.jsonl"  # what train_qlora_hf.py writes into the run folder
+NO_SYSTEM = object()  # a question row without a "system" key: use the run's prompt
 
 
 # --------------------------------------------------------------------------- questions
@@ -80,10 +87,40 @@ def read_questions(path: Path) -> list[dict]:
         if qid in seen and seen[qid] != q:
             raise InputError(f"{where}: id {qid!r} already used by another question; ids must be unique")
         seen[qid] = q
+        system = rec.get("system", NO_SYSTEM)
+        if system is not NO_SYSTEM and system is not None and not isinstance(system, str):
+            raise InputError(f"{where}: 'system' must be a string (or null for no system turn)")
+        if path.suffix.lower() == ".csv" and not (system if isinstance(system, str) else "").strip():
+            system = NO_SYSTEM  # an empty CSV cell means "not given"
         out.append({"id": qid, "question": q.strip(), "reference": str(rec.get("reference") or "").strip(),
                     "type": str(rec.get("type") or "").strip().lower() or "unknown",
-                    "paper_id": str(rec.get("paper_id") or ""), "context": str(rec.get("context") or "")})
+                    "paper_id": str(rec.get("paper_id") or ""), "context": str(rec.get("context") or ""),
+                    "system": system})
     return out
+
+
+def resolve_questions(given: str | None, run: "Run") -> tuple[Path, str]:
+    """The questions to ask, and a sentence saying where they came from."""
+    if given:
+        return Path(given), f"questions: {given}"
+    train = run.args.get("jsonl")
+    beside = eval_questions_path(train) if train else None
+    if beside is not None and beside.is_file():
+        return beside, f"questions: {beside} (held-out papers written by generate_qa.py beside {train})"
+    heldout = run.adapter / HELDOUT_FILE
+    if heldout.is_file():
+        return heldout, (f"questions: {heldout} (samples train_qlora_hf.py held out of {train or 'the training data'}"
+                         " and never trained on; no questions file beside the training data)")
+    raise InputError(f"no evaluation questions: {beside or 'no questions file beside the training data'} does not "
+                     f"exist and {heldout} was not written (the run held out no samples: --val_fraction 0?); pass "
+                     "--questions FILE (JSONL or CSV with a 'question' column)")
+
+
+def system_for(q: dict, run: "Run", override: str | None) -> str | None:
+    """--system wins, then the question row's own, then the prompt the run's training data used."""
+    if override is not None:
+        return override or None
+    return run.system_prompt if q["system"] is NO_SYSTEM else q["system"]
 
 
 # --------------------------------------------------------------------------- run folder and model
@@ -92,7 +129,7 @@ class Run:
     adapter: Path
     base_model: str
     args: dict = field(default_factory=dict)
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the training data had no system turn
     dtype: str = "bfloat16"         # compute dtype of training
     adapter_sha: str = ""
 
@@ -123,8 +160,10 @@ def read_run(adapter: str | Path, base_model: str | None = None) -> Run:
     # without bf16, which torch_dtype() repeats here)
     dtype = "float16" if args.get("fp16") else "float32" if args.get("bf16") is False else "bfloat16"
     weights = adapter / "adapter_model.safetensors"
-    return Run(adapter=adapter, base_model=str(base), args=args,
-               system_prompt=args.get("system_prompt") or DEFAULT_SYSTEM_PROMPT, dtype=dtype,
+    # run_config.json records the prompt the data used (None = no system turn); runs from before it did
+    # only know --system_prompt
+    system = cfg["system_prompt"] if "system_prompt" in cfg else args.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+    return Run(adapter=adapter, base_model=str(base), args=args, system_prompt=system, dtype=dtype,
                adapter_sha=sha256_file(weights) if weights.is_file() else "")
 
 
@@ -185,17 +224,17 @@ def dequantize_(model) -> None:
         torch.cuda.empty_cache()
 
 
-def attach_adapter(model, run: Run):
+def attach_adapter(model, adapter: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False).eval()
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
 
 
 def merged_model(run: Run, model=None):
     """Dense model with the LoRA merged in: base (dequantised if it was 4-bit) + merge_and_unload."""
     model = model if model is not None else load_base(run)
     dequantize_(model)
-    return attach_adapter(model, run).merge_and_unload()
+    return attach_adapter(model, run.adapter).merge_and_unload()
 
 
 def bytes_to_dequantize(model) -> int:
@@ -282,7 +321,7 @@ class Decoding:
         return kw
 
 
-def prompt_ids(tokenizer, question: str, system: str) -> list[int]:
+def prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
     """Exactly the training format: system + user turns, then the assistant header."""
     text = chat_text(tokenizer, qa_messages(question, system=system), add_generation_prompt=True)
     return encode_text(tokenizer, text)
@@ -367,282 +406,190 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-# --------------------------------------------------------------------------- scores
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_NON_WORD = re.compile(r"[^0-9a-z]+")
-def normalize_tokens(text: str) -> list[str]:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, split on whitespace."""
-    return _ARTICLES.sub(" ", _NON_WORD.sub(" ", text.lower())).split()
+
+# --------------------------------------------------------------------------- which adapters answer
+@dataclass
+class Adapter:
+    """One set of LoRA weights to evaluate: the run's final adapter or a saved checkpoint."""
+    label: str                      # "finetuned" or "step-N"
+    path: Path
+    step: int | None
+    sha: str = ""
 
 
-def token_f1(pred: str, ref: str) -> float:
-    p, r = normalize_tokens(pred), normalize_tokens(ref)
-    if not p or not r:
-        return float(p == r)
-    common: dict[str, int] = {}
-    for t in r:
-        common[t] = common.get(t, 0) + 1
-    overlap = 0
-    for t in p:
-        if common.get(t, 0) > 0:
-            overlap += 1
-            common[t] -= 1
-    if not overlap:
-        return 0.0
-    prec, rec = overlap / len(p), overlap / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 on lower-cased alphanumeric tokens (rouge-score's default tokenizer, no stemming)."""
-    p, r = _NON_WORD.sub(" ", pred.lower()).split(), _NON_WORD.sub(" ", ref.lower()).split()
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)  # LCS by dynamic programming, one row at a time
-    for tp in p:
-        cur = [0]
-        for j, tr in enumerate(r, 1):
-            cur.append(prev[j - 1] + 1 if tp == tr else max(prev[j], cur[j - 1]))
-        prev = cur
-    lcs = prev[-1]
-    if not lcs:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def score_answer(answer: str, q: dict) -> dict:
-    """Per-answer scores. behaviour_ok: refusal for unanswerable, correction for false_premise, a real
-    answer (no refusal) for every answerable type."""
-    refused = is_refusal(answer)
-    s = {"token_f1": token_f1(answer, q["reference"]) if q["reference"] else None,
-         "rougeL": rouge_l(answer, q["reference"]) if q["reference"] else None,
-         "refusal": int(refused), "premise_corrected": None, "words": len(answer.split())}
-    if q["type"] == "unanswerable":
-        s["behaviour_ok"] = int(refused)
-    elif q["type"] == "false_premise":
-        s["premise_corrected"] = int(corrects_premise(answer))
-        s["behaviour_ok"] = s["premise_corrected"]
+def find_checkpoints(run: Run, given: list[str]) -> list[Adapter]:
+    """--checkpoints: the listed folders, or (none listed) every checkpoint the run kept, by step."""
+    if given:
+        paths = [Path(p) for p in given]
     else:
-        s["behaviour_ok"] = int(not refused)
-    return s
+        root = run.adapter / "checkpoints"
+        paths = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        if not paths:
+            raise InputError(f"--checkpoints: no checkpoint in {root}; train with --keep_checkpoints and a "
+                             "--save_total_limit large enough to keep them all (e.g. 100), or list checkpoint folders")
+    out = []
+    for p in paths:
+        if not (p / "adapter_model.safetensors").is_file():
+            raise InputError(f"--checkpoints: {p} holds no adapter_model.safetensors (a PEFT checkpoint folder "
+                             "such as models/<run>/checkpoints/step-50)")
+        step = int(p.name[5:]) if p.name.startswith("step-") and p.name[5:].isdigit() else None
+        state = p / "trainer_state.json"
+        if state.is_file():
+            step = json.loads(state.read_text(encoding="utf-8")).get("step", step)
+        if step is None:
+            raise InputError(f"--checkpoints: cannot tell the training step of {p} (no trainer_state.json, name "
+                             "not step-N)")
+        out.append(Adapter(f"step-{step}", p, step, sha256_file(p / "adapter_model.safetensors")))
+    return sorted(out, key=lambda a: a.step)
 
 
-METRICS = ("token_f1", "rougeL", "refusal", "premise_corrected", "behaviour_ok", "words")
+def final_step(run: Run) -> int | None:
+    metrics = run.adapter / "metrics.json"
+    try:
+        return json.loads(metrics.read_text(encoding="utf-8")).get("steps") if metrics.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def generate_all(run: Run, tokenizer, todo: dict[str, list], adapters: list[Adapter], dec: Decoding, args,
+                 n_questions: int, seq_len: int, cache: AnswerCache) -> dict:
+    """Answer what is not cached: base first, then each checkpoint, the final adapter last. One base load."""
+    import torch
+
+    timing: dict = {}
+    t0 = time.perf_counter()
+    model = load_base(run)
+    _sync()
+    timing["load_s"] = round(time.perf_counter() - t0, 3)
+    mode = choose_mode(args.mode, model, n_questions, seq_len)
+    timing["mode"] = mode
+    how = "bf16 dequantised + merged LoRA" if mode == "fast" else "4-bit + adapter"
+    print(f"generation: {mode} path ({how}), loaded in {timing['load_s']:.1f}s", flush=True)
+    if mode == "fast":
+        t0 = time.perf_counter()
+        dequantize_(model)
+        _sync()
+        timing["dequantize_s"] = round(time.perf_counter() - t0, 3)
+    bs = args.batch_size or auto_batch_size(model, n_questions, seq_len)
+    timing["batch_size"] = bs
+    timing["base"] = generate_missing(model, tokenizer, todo["base"], "base", dec, bs, cache)
+    for a in adapters:
+        if not todo[a.label]:
+            continue
+        if a.label != "finetuned":  # a checkpoint: unmerged on top of the base, then removed again
+            peft_model = attach_adapter(model, a.path)
+            timing[a.label] = generate_missing(peft_model, tokenizer, todo[a.label], a.label, dec, bs, cache)
+            model = peft_model.unload()
+        elif mode == "fast":
+            t0 = time.perf_counter()
+            model = attach_adapter(model, a.path).merge_and_unload()
+            _sync()
+            timing["merge_s"] = round(time.perf_counter() - t0, 3)
+            timing["finetuned"] = generate_missing(model, tokenizer, todo["finetuned"], "finetuned", dec, bs, cache)
+        else:
+            model = attach_adapter(model, a.path)
+            timing["finetuned"] = generate_missing(model, tokenizer, todo["finetuned"], "finetuned", dec, bs, cache)
+    del model
+    if torch.cuda.is_available():
+        timing["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    return timing
 
 
 # --------------------------------------------------------------------------- judge
-JUDGE_SYSTEM = (
-    "You compare two answers to a question about a scientific paper. Judge only against the paper's "
-    "abstract: prefer the answer that is correct and supported by it; if the abstract does not contain the "
-    "answer, prefer the answer that says so; if the question rests on a false premise, prefer the answer "
-    "that corrects it. Ignore length and style. Reply with JSON only: "
-    '{"winner": "A" | "B" | "tie", "reason": "<one sentence>"}'
-)
+def judge_rubric(args) -> list[tuple[str, str]]:
+    """The rubric's criteria (name, description), or [] without a judge or with --judge_rubric none."""
+    if not args.judge_model or args.judge_rubric.lower() == "none":
+        return []
+    from paperqa_tune import judge
+
+    return judge.read_rubric(judge.DEFAULT_RUBRIC if args.judge_rubric == "default" else Path(args.judge_rubric))
 
 
-def judge_prompt(q: dict, a: str, b: str) -> str:
-    ref = f"\n\nReference answer (written from the abstract): {q['reference']}" if q["reference"] else ""
-    return (f"Abstract:\n{q['context'] or '(not available)'}\n\nQuestion: {q['question']}{ref}\n\n"
-            f"Answer A:\n{a}\n\nAnswer B:\n{b}")
+def run_judges(rows: list[dict], questions: dict, args, cache: AnswerCache) -> tuple[list[str], bool, dict]:
+    """Rubric scores per answer (blind) and the pairwise verdict in both orders. Returns (rubric criteria,
+    pairwise ran, stats). Failed judge calls are recorded as failures on the row, never as scores or ties."""
+    if not args.judge_model:
+        return [], False, {}
+    from paperqa_tune import judge
 
-
-def parse_verdict(text: str | None) -> tuple[str, str]:
-    text = text or ""
-    m = re.search(r"\{.*\}", text, re.DOTALL)
-    if m:
-        try:
-            obj = json.loads(m.group(0))
-            w = str(obj.get("winner", "")).strip().strip('"').upper()
-            if w in ("A", "B", "TIE"):
-                return w.lower() if w == "TIE" else w, str(obj.get("reason", "")).strip()
-        except json.JSONDecodeError:
-            pass
-    m = re.search(r"winner\W+(A|B|tie)\b", text, re.IGNORECASE)
-    if m:
-        w = m.group(1).upper()
-        return ("tie" if w == "TIE" else w), text.strip()[:300]
-    return "tie", f"unparseable judge reply: {text.strip()[:200]!r}"
-
-
-def combine_verdicts(base_first: str, ft_first: str) -> tuple[str, bool]:
-    """Two orders -> one winner. base_first: A=base,B=ft; ft_first: A=ft,B=base. Consistent votes win;
-    a vote against a tie wins; opposite votes cancel to a tie (the position bias the swap exposes)."""
-    v1 = {"A": "base", "B": "finetuned"}.get(base_first, "tie")
-    v2 = {"A": "finetuned", "B": "base"}.get(ft_first, "tie")
-    if v1 == v2:
-        return v1, True
-    if "tie" in (v1, v2):
-        return (v1 if v2 == "tie" else v2), False
-    return "tie", False
-
-
-def run_judge(rows: list[dict], questions: dict, args, cache: AnswerCache) -> None:
-    """Fill judge_winner / judge_reason / judge_consistent on each row (cached, both answer orders)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import openai
-    from tqdm import tqdm
-
-    client = openai.OpenAI(base_url=args.judge_base_url, api_key=os.environ["OPENAI_API_KEY"], max_retries=6,
-                           timeout=120)
-
-    def one(row: dict, order: str) -> tuple[str, str]:
-        q = questions[row["id"]]
-        a, b = ((row["base_answer"], row["finetuned_answer"]) if order == "base_first"
-                else (row["finetuned_answer"], row["base_answer"]))
-        key = sha256_text(json.dumps({"judge": args.judge_model, "url": args.judge_base_url or "", "q": q["question"],
-                                      "ctx": q["context"], "ref": q["reference"], "a": a, "b": b}, sort_keys=True))[:32]
-        hit = cache.get(key)
-        if hit is None:
-            resp = client.chat.completions.create(
-                model=args.judge_model, temperature=0, max_tokens=300,
-                messages=[{"role": "system", "content": JUDGE_SYSTEM},
-                          {"role": "user", "content": judge_prompt(q, a, b)}])
-            winner, reason = parse_verdict(resp.choices[0].message.content)
-            hit = {"key": key, "id": row["id"], "model": "judge", "order": order, "winner": winner, "reason": reason}
-            cache.put(hit)
-        return hit["winner"], hit["reason"]
-
-    jobs = [(row, order) for row in rows for order in ("base_first", "ft_first")]
-    with ThreadPoolExecutor(max_workers=max(1, args.judge_workers)) as pool:
-        verdicts = list(tqdm(pool.map(lambda j: one(*j), jobs), total=len(jobs), desc="judge", unit="call"))
-    for i, row in enumerate(rows):
-        (w1, r1), (w2, r2) = verdicts[2 * i], verdicts[2 * i + 1]
-        row["judge_winner"], row["judge_consistent"] = combine_verdicts(w1, w2)
-        row["judge_consistent"] = int(row["judge_consistent"])
-        row["judge_reason"] = f"[base shown first: {w1}] {r1} | [fine-tuned shown first: {w2}] {r2}"
+    cfg = judge.JudgeConfig(model=args.judge_model, base_url=args.judge_base_url,
+                            api_key=os.environ["OPENAI_API_KEY"], workers=args.judge_workers, timeout=120,
+                            max_retries=4)
+    client = judge.make_client(cfg)
+    stats = {}
+    criteria: list[str] = []
+    rubric = judge_rubric(args)
+    if rubric:
+        criteria = [name for name, _ in rubric]
+        stats["rubric"] = judge.rubric_scores(rows, questions, rubric, cfg, cache, client=client)
+    stats["pairwise"] = judge.pairwise(rows, questions, cfg, cache, client=client)
+    stats["config"] = cfg.describe()
+    failed = sum(s.get("failed", 0) for k, s in stats.items() if k != "config")
+    if failed:
+        print(f"warning: {failed} judge call(s) failed; they are marked 'failed' in the CSV with the raw reply "
+              "and are asked again on the next run", file=sys.stderr)
+    return criteria, True, stats
 
 
 # --------------------------------------------------------------------------- outputs
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")  # + full-width forms
-
-
-def safe_cell(v):
-    """OWASP CSV-injection guidance: text a spreadsheet would run as a formula gets a leading apostrophe.
-    Line breaks inside text become \\n (what spreadsheets store; a lone \\r would come back as \\n anyway),
-    other control characters (no spreadsheet keeps them) U+FFFD. None/NaN become empty cells; numbers stay numbers."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, float):
-        return round(v, 4)
-    if isinstance(v, str):
-        if v.startswith(FORMULA_START):
-            v = "'" + v
-        return _CONTROL_RE.sub("\ufffd", v.replace("\r\n", "\n").replace("\r", "\n"))
-    return v
-
-
-def csv_text(rows: list[dict], columns: list[str]) -> str:
-    """UTF-8-with-BOM CSV text (Excel reads accents right), every cell made safe, embedded newlines quoted."""
-    buf = io.StringIO()
-    w = csv.writer(buf, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([safe_cell(r.get(c)) for c in columns])
-    return "\ufeff" + buf.getvalue()
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    atomic_write_text(path, csv_text(rows, columns))
-
-
-def result_columns(judge: bool) -> list[str]:
-    cols = ["id", "type", "question", "reference", "base_answer", "finetuned_answer"]
-    for m in METRICS:
-        cols += [f"base_{m}", f"ft_{m}"]
-    cols += ["base_new_tokens", "ft_new_tokens"]
-    if judge:
-        cols += ["judge_winner", "judge_consistent", "judge_reason"]
-    return cols
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return round(sum(xs) / len(xs), 4) if xs else None
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Means per question type (and `all`) for each metric and side; judge win rates when judged."""
-    types = [t for t in TYPES if any(r["type"] == t for r in rows)]
-    types += sorted({r["type"] for r in rows} - set(types))
-    out = {}
-    for t in types + ["all"]:
-        sel = [r for r in rows if t == "all" or r["type"] == t]
-        s: dict = {"n": len(sel)}
-        for m in METRICS:
-            s[m] = {"base": _mean([r[f"base_{m}"] for r in sel]), "finetuned": _mean([r[f"ft_{m}"] for r in sel])}
-        if sel and "judge_winner" in sel[0]:
-            s["judge"] = {w: round(sum(r["judge_winner"] == w for r in sel) / len(sel), 4)
-                          for w in ("base", "finetuned", "tie")}
-        out[t] = s
-    return out
-
-
-def summary_table(by_type: dict) -> str:
-    """Plain-text table, one row per type: base and fine-tuned side by side for each metric."""
-    spec = [("F1", "token_f1", "{:.3f}"), ("ROUGE-L", "rougeL", "{:.3f}"), ("ok%", "behaviour_ok", "{:.0%}"),
-            ("refusal%", "refusal", "{:.0%}"), ("words", "words", "{:.1f}")]
-    header = ["type", "n"] + [f"{name} {side}" for name, _, _ in spec for side in ("base", "ft")]
-    judged = any("judge" in s for s in by_type.values())
-    if judged:
-        header += ["judge ft/base/tie"]
-    table = [header]
-    for t, s in by_type.items():
-        row = [t, str(s["n"])]
-        for _, m, f in spec:
-            row += ["-" if s[m][side] is None else f.format(s[m][side]) for side in ("base", "finetuned")]
-        if judged:
-            j = s.get("judge") or {}
-            row.append("/".join(f"{j.get(w, 0):.0%}" for w in ("finetuned", "base", "tie")))
-        table.append(row)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines) + "\nok% = expected behaviour: answered (answerable), refused (unanswerable), " \
-        "premise corrected (false_premise)"
-
-
-def plot_results(by_type: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:  # a bare GPU box: the numbers are in the CSV and summary.json anyway
-        print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
-        return False
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("token_f1", "token-F1"), ("rougeL", "ROUGE-L"), ("behaviour_ok", "expected behaviour rate"),
-              ("refusal", "refusal rate")]
-    labels = list(by_type)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for ax, (m, title) in zip(axes, panels):
-        xs = range(len(labels))
-        for off, side, color in ((-0.2, "base", "#9aa5b1"), (0.2, "finetuned", "#2f6fdf")):
-            vals = [by_type[t][m][side] or 0.0 for t in labels]
-            ax.bar([x + off for x in xs], vals, width=0.4, label=side, color=color)
-        ax.set_title(title)
-        ax.set_xticks(list(xs), labels, rotation=35, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("base vs fine-tuned, by question type")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
-
-
 def output_paths(out: Path) -> dict[str, Path]:
     return {"csv": out, "marking": out.with_name(f"{out.stem}_for_marking.csv"),
             "summary": out.with_name("summary.json"), "plot": out.with_name("results_bar.png"),
-            "cache": out.with_name(f"{out.stem}.cache.jsonl")}
+            "cache": out.with_name(f"{out.stem}.cache.jsonl"),
+            "curve_csv": out.with_name("learning_curve.csv"), "curve_plot": out.with_name("learning_curve.png")}
+
+
+def write_outputs(paths: dict, rows: list[dict], summary: dict, criteria: list[str], pairwise: bool) -> None:
+    """evaluation.csv, the marking sheet, summary.json and the chart; then the table and verdict on stdout."""
+    per_row_system = len({r.get("system_prompt") for r in rows}) > 1
+    report.write_csv(paths["csv"], rows, report.result_columns(rows, criteria, pairwise, per_row_system))
+    report.write_csv(paths["marking"], [{**r, "winner": ""} for r in rows],
+                     report.QUESTION_COLUMNS + report.ANSWER_COLUMNS + ["winner"])
+    write_json_atomic(paths["summary"], summary)
+    charts.plot_results(summary, paths["plot"])
+    print(report.summary_table(summary))
+    print(f"wrote {paths['csv']}, {paths['marking']}, {paths['summary']}, {paths['plot']}")
+
+
+CURVE_SERIES = {"mean_score": "mean primary score", "correct_rate": "correct (all)",
+                "refusal_rate_unanswerable": "refuses unanswerable", "correction_rate_false_premise":
+                "corrects false premise", "over_refusal_rate_answerable": "refuses answerable",
+                "degenerate_rate": "degenerate or empty", "token_f1": "token F1"}
+
+
+def curve_point(step: int, label: str, rows: list[dict], side: str, losses: dict) -> dict:
+    s = report.summarize(rows)
+    point = {"step": step, "label": label, "n": len(rows),
+             "mean_score": s["by_type"]["all"][side]["mean_score"], "correct_rate": s["by_type"]["all"][side]["correct_rate"],
+             "token_f1": s["by_type"]["all"][side]["token_f1"]}
+    point.update({k: v[side] for k, v in s["rates"].items()})
+    point.update({f"correct_{t}": v[side]["correct_rate"] for t, v in s["by_type"].items() if t != "all"})
+    point.update(losses.get(step, {}))
+    return point
+
+
+def learning_curve(run: Run, rows: list[dict], answers: dict[str, dict], adapters: list[Adapter],
+                   questions: dict, f1_threshold: float, paths: dict) -> list[dict]:
+    """One point per adapter (step 0 = the base model), scored like the final evaluation."""
+    metrics = run.adapter / "metrics.json"
+    losses: dict[int, dict] = {}
+    if metrics.is_file():
+        m = json.loads(metrics.read_text(encoding="utf-8"))
+        for r in m.get("train", []):
+            losses.setdefault(r["step"], {})["train_loss"] = round(r["loss"], 4)
+        for r in m.get("val", []):
+            losses.setdefault(r["step"], {})["val_loss"] = round(r["loss"], 4)
+    points = [curve_point(0, "base", rows, "base", losses)]
+    for a in adapters:
+        ck_rows = [{**r, "finetuned_answer": answers[a.label][r["id"]]} for r in rows]
+        report.score_rows(ck_rows, questions, f1_threshold)
+        points.append(curve_point(a.step if a.step is not None else -1, a.label, ck_rows, "finetuned", losses))
+    columns = list(dict.fromkeys(k for p in points for k in p))
+    report.write_csv(paths["curve_csv"], points, columns)
+    charts.plot_curve(points, CURVE_SERIES, paths["curve_plot"])
+    print(f"learning curve over {len(points)} points (base + {len(adapters)} adapters): {paths['curve_csv']}, "
+          f"{paths['curve_plot']}")
+    return points
 
 
 # --------------------------------------------------------------------------- main
@@ -651,16 +598,29 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--adapter", default=DEFAULT_ADAPTER, help="run folder from train_qlora_hf.py (default: %(default)s)")
     a("--base_model", default=None, help="base model (default: run_config.json base_model, else the adapter's)")
-    a("--questions", default=DEFAULT_QUESTIONS,
-      help="JSONL, or CSV with question[,reference,type] (default: %(default)s)")
+    a("--questions", default=None,
+      help="JSONL, or CSV with question[,reference,type,system] (default: the held-out questions beside the run's "
+           "training file, else the run folder's held-out samples)")
+    a("--system", default=None,
+      help="system prompt for every question; '' for none (default: the question row's, else the one the run's "
+           "training data used)")
     a("--n", type=int, default=None, help="evaluate only the first N questions (default: all)")
-    a("--out", default=DEFAULT_OUT, help="results CSV; the other outputs go beside it (default: %(default)s)")
+    a("--out", default=None, help=f"results CSV; the other outputs go beside it (default: {DEFAULT_OUT}; with "
+                                  "--rescore: the rescored CSV itself)")
+    a("--rescore", default=None, metavar="CSV",
+      help="recompute every score, the summary, verdict and charts from the answers in this evaluation.csv (as "
+           "written or edited in a spreadsheet); no model is loaded (default: off)")
+    a("--checkpoints", nargs="*", default=None, metavar="DIR",
+      help="also evaluate these checkpoint folders, or with no folder every checkpoint the run kept "
+           "(train with --keep_checkpoints), and write learning_curve.csv/.png (default: off)")
+    a("--f1_threshold", type=float, default=0.4,
+      help="token F1 against the reference at which an answerable question counts as correct (default: %(default)s)")
     a("--max_new_tokens", type=int, default=256, help="answer length limit (default: %(default)s)")
     a("--min_new_tokens", type=int, default=0,
       help="suppress EOS before this many tokens; for benchmarks (default: %(default)s)")
     a("--batch_size", type=int, default=None,
       help="prompts per generate call (default: from free GPU memory; 8 on CPU)")
-    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed for sampling and the bootstrap (default: %(default)s)")
     a("--do_sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
     a("--temperature", type=float, default=0.7, help="sampling temperature with --do_sample (default: %(default)s)")
     a("--top_p", type=float, default=0.9, help="nucleus sampling with --do_sample (default: %(default)s)")
@@ -668,12 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
       help="fast: dequantised bf16 + merged LoRA; reference: 4-bit + adapter; auto: fast when a CUDA GPU "
            "has room (default: %(default)s)")
     a("--cache", choices=("static", "dynamic"), default="static",
-      help="KV cache allocated once per batch, or grown every step; static was 2.4x faster for the base "
-           "answers on an H100, see bench/README.md (default: %(default)s)")
-    a("--compile", action="store_true", help="static KV cache + torch.compile of the decoding step; the compile "
-      "costs ~40 s and pays only for several hundred questions, see bench/README.md (default: off)")
-    a("--judge_model", default=None, help="OpenAI-compatible model for a pairwise judge (default: no judge)")
+      help="KV cache allocated once per batch, or grown every step (default: %(default)s)")
+    a("--compile", action="store_true", help="static KV cache + torch.compile of the decoding step; pays only "
+      "for several hundred questions, see bench/README.md (default: off)")
+    a("--judge_model", default=None,
+      help="OpenAI-compatible model that scores each answer on the rubric and picks the better answer of each pair "
+           "(default: no judge)")
     a("--judge_base_url", default=None, help="judge endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)")
+    a("--judge_rubric", default="default",
+      help="rubric file, one 'name: description' line per criterion; the first criterion is correctness; "
+           "'none' for the pairwise judge only (default: the shipped paperqa_tune/rubric_default.txt)")
     a("--judge_workers", type=int, default=4, help="concurrent judge requests (default: %(default)s)")
     a("--overwrite", action="store_true", help="replace existing outputs (the answer cache is kept)")
     return p
@@ -689,24 +653,64 @@ def validate(args) -> None:
         problems.append("--min_new_tokens must be between 0 and --max_new_tokens")
     if args.batch_size is not None and args.batch_size < 1:
         problems.append("--batch_size must be >= 1")
+    if not 0 < args.f1_threshold <= 1:
+        problems.append("--f1_threshold must be in (0, 1]")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         problems.append("--temperature must be > 0 and --top_p in (0, 1] when sampling")
     if args.judge_model and not os.environ.get("OPENAI_API_KEY"):
         problems.append("--judge_model needs the OPENAI_API_KEY environment variable (any value for a local server)")
+    if not problems:
+        judge_rubric(args)  # a bad rubric file fails here, before any model loads
+    if args.rescore and args.checkpoints is not None:
+        problems.append("--rescore reads answers from a CSV; --checkpoints needs the model: use one or the other")
     if problems:
         raise InputError("; ".join(problems))
+
+
+def rescore(args) -> int:
+    """--rescore: scores, summary, verdict and charts again from a CSV's answers; no model load."""
+    src = Path(args.rescore)
+    rows = report.read_results_csv(src)[: args.n]
+    out = Path(args.out) if args.out else src
+    paths = output_paths(out)
+    if out != src:
+        check_outputs_free([paths[k] for k in ("csv", "marking", "summary", "plot")], args.overwrite)
+    old_summary = src.with_name("summary.json")
+    qfile = args.questions or (json.loads(old_summary.read_text(encoding="utf-8")).get("questions")
+                               if old_summary.is_file() else None)
+    questions = {}
+    if qfile and Path(qfile).is_file():  # for the abstracts the judge grounds on
+        questions = {q["id"]: q for q in read_questions(Path(qfile))}
+        print(f"abstracts for the judge from {qfile}")
+    questions = {r["id"]: {"context": "", **questions.get(r["id"], {}), **r} for r in rows}
+    cache = AnswerCache(paths["cache"])
+    criteria, pairwise, judge_stats = run_judges(rows, questions, args, cache)
+    report.score_rows(rows, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+    summary = {**report.summarize(rows, criteria, seed=args.seed), "rescored_from": str(src),
+               "f1_threshold": args.f1_threshold, "questions": qfile, "judge_model": args.judge_model,
+               "judge_stats": judge_stats}
+    if old_summary.is_file():  # what generated the answers is still true of them
+        prev = json.loads(old_summary.read_text(encoding="utf-8"))
+        summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
+    write_outputs(paths, rows, summary, criteria, pairwise)
+    return 0
 
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
     print("eval_compare: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
+    if args.rescore:
+        return rescore(args)
     t_start = time.perf_counter()
 
-    questions = read_questions(Path(args.questions))[: args.n]
     run = read_run(args.adapter, args.base_model)
-    paths = output_paths(Path(args.out))
+    qpath, where = resolve_questions(args.questions, run)
+    print(where, flush=True)
+    questions = read_questions(qpath)[: args.n]
+    paths = output_paths(Path(args.out or DEFAULT_OUT))
     check_outputs_free([paths[k] for k in ("csv", "marking", "summary", "plot")], args.overwrite)
+    checkpoints = find_checkpoints(run, args.checkpoints) if args.checkpoints is not None else []
 
     from transformers import set_seed
 
@@ -714,81 +718,53 @@ def _main(argv=None) -> int:
     tokenizer = load_tokenizer(run)
     dec = Decoding(args.max_new_tokens, args.min_new_tokens, args.do_sample, args.temperature, args.top_p,
                    args.seed, args.cache, args.compile)
-    prompts = {q["id"]: prompt_ids(tokenizer, q["question"], run.system_prompt) for q in questions}
-    names = {"base": f"base:{run.base_model}", "finetuned": f"finetuned:{run.base_model}+{run.adapter_sha}"}
-    keys = {(q["id"], side): answer_key(q, prompts[q["id"]], names[side], dec) for q in questions for side, _ in SIDES}
+    systems = {q["id"]: system_for(q, run, args.system) for q in questions}
+    prompts = {q["id"]: prompt_ids(tokenizer, q["question"], systems[q["id"]]) for q in questions}
+    adapters = checkpoints + [Adapter("finetuned", run.adapter, final_step(run), run.adapter_sha)]
+    names = {"base": f"base:{run.base_model}", **{a.label: f"finetuned:{run.base_model}+{a.sha}" for a in adapters}}
+    keys = {(q["id"], m): answer_key(q, prompts[q["id"]], name, dec) for q in questions for m, name in names.items()}
     cache = AnswerCache(paths["cache"])
-    todo = {side: [(keys[q["id"], side], q, prompts[q["id"]]) for q in questions
-                   if cache.get(keys[q["id"], side]) is None] for side, _ in SIDES}
-    timing: dict = {"mode": None}
+    todo = {m: [(keys[q["id"], m], q, prompts[q["id"]]) for q in questions if cache.get(keys[q["id"], m]) is None]
+            for m in names}
     print(f"{len(questions)} questions; cached answers: base {len(questions) - len(todo['base'])}, "
-          f"fine-tuned {len(questions) - len(todo['finetuned'])}", flush=True)
-
-    timing["prepare_s"] = round(time.perf_counter() - t_start, 3)
-    if todo["base"] or todo["finetuned"]:
-        t0 = time.perf_counter()
-        model = load_base(run)
-        _sync()
-        timing["load_s"] = round(time.perf_counter() - t0, 3)
+          f"fine-tuned {len(questions) - len(todo['finetuned'])}"
+          + (f"; {len(checkpoints)} checkpoint(s)" if checkpoints else ""), flush=True)
+    timing: dict = {"mode": None, "prepare_s": round(time.perf_counter() - t_start, 3)}
+    if any(todo.values()):
         seq_len = max(len(p) for p in prompts.values()) + args.max_new_tokens
-        mode = choose_mode(args.mode, model, len(questions), seq_len)
-        timing["mode"] = mode
-        how = "bf16 dequantised + merged LoRA" if mode == "fast" else "4-bit + adapter"
-        print(f"generation: {mode} path ({how}), loaded in {timing['load_s']:.1f}s", flush=True)
-        if mode == "fast":
-            t0 = time.perf_counter()
-            dequantize_(model)
-            _sync()
-            timing["dequantize_s"] = round(time.perf_counter() - t0, 3)
-            bs = args.batch_size or auto_batch_size(model, len(questions), seq_len)
-            timing["base"] = generate_missing(model, tokenizer, todo["base"], "base", dec, bs, cache)
-            if todo["finetuned"]:
-                t0 = time.perf_counter()
-                model = merged_model(run, model)
-                _sync()
-                timing["merge_s"] = round(time.perf_counter() - t0, 3)
-                timing["finetuned"] = generate_missing(model, tokenizer, todo["finetuned"], "finetuned", dec, bs, cache)
-        else:
-            model = attach_adapter(model, run)
-            bs = args.batch_size or auto_batch_size(model, len(questions), seq_len)
-            with model.disable_adapter():
-                timing["base"] = generate_missing(model, tokenizer, todo["base"], "base", dec, bs, cache)
-            timing["finetuned"] = generate_missing(model, tokenizer, todo["finetuned"], "finetuned", dec, bs, cache)
-        timing["batch_size"] = bs
-        del model
-        import torch
-
-        if torch.cuda.is_available():
-            timing["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        timing.update(generate_all(run, tokenizer, todo, adapters, dec, args, len(questions), seq_len, cache))
 
     t_scores = time.perf_counter()
+    answers = {m: {q["id"]: cache.get(keys[q["id"], m]) for q in questions} for m in names}
     rows = []
     for q in questions:
         row = {k: q[k] for k in ("id", "type", "question", "reference")}
-        for side, prefix in SIDES:
-            hit = cache.get(keys[q["id"], side])
-            row[f"{side}_answer"] = hit["answer"]
-            row[f"{prefix}_new_tokens"] = hit["new_tokens"]
-            for m, v in score_answer(hit["answer"], q).items():
-                row[f"{prefix}_{m}"] = v
+        for side in SIDES:
+            row[f"{side}_answer"] = answers[side][q["id"]]["answer"]
+            row[f"{side}_new_tokens"] = answers[side][q["id"]]["new_tokens"]
+        row["system_prompt"] = systems[q["id"]]
         rows.append(row)
-    if args.judge_model:
-        run_judge(rows, {q["id"]: q for q in questions}, args, cache)
-
-    by_type = summarize(rows)
-    write_csv(paths["csv"], rows, result_columns(bool(args.judge_model)))
-    write_csv(paths["marking"], [{**r, "winner": ""} for r in rows],
-              ["id", "type", "question", "reference", "base_answer", "finetuned_answer", "winner"])
+    by_id = {q["id"]: q for q in questions}
+    criteria, pairwise, judge_stats = run_judges(rows, by_id, args, cache)
+    report.score_rows(rows, by_id, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+    summary = report.summarize(rows, criteria, seed=args.seed)
+    used = {}
+    for s in systems.values():
+        used[s] = used.get(s, 0) + 1
+    summary.update({
+        "adapter": str(run.adapter), "base_model": run.base_model, "questions": str(qpath), "questions_source": where,
+        "n": len(rows), "system_prompt": run.system_prompt if args.system is None else (args.system or None),
+        "system_prompts_used": [{"prompt": p, "questions": n} for p, n in used.items()],
+        "decoding": dec.key(), "f1_threshold": args.f1_threshold, "judge_model": args.judge_model,
+        "judge_rubric": args.judge_rubric if args.judge_model else None, "judge_stats": judge_stats})
+    if checkpoints:
+        summary["learning_curve"] = learning_curve(run, rows, {m: {i: a["answer"] for i, a in v.items()}
+                                                              for m, v in answers.items()}, adapters, by_id,
+                                                   args.f1_threshold, paths)
     timing["score_write_s"] = round(time.perf_counter() - t_scores, 3)
     timing["total_s"] = round(time.perf_counter() - t_start, 3)
-    write_json_atomic(paths["summary"], {
-        "adapter": str(run.adapter), "base_model": run.base_model, "questions": args.questions, "n": len(rows),
-        "decoding": dec.key(), "system_prompt": run.system_prompt, "judge_model": args.judge_model,
-        "timing": timing, "by_type": by_type})
-    plot_results(by_type, paths["plot"])
-    print(summary_table(by_type))
-    print(f"wrote {paths['csv']}, {paths['marking']}, {paths['summary']}, {paths['plot']} "
-          f"({timing['total_s']:.1f}s)")
+    summary["timing"] = timing
+    write_outputs(paths, rows, summary, criteria, pairwise)
     return 0
 
 

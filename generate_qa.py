@@ -42,9 +42,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, chat_record, check_outputs_free,
-                    corrects_premise, is_refusal, qa_messages,
+                    eval_questions_path,
+                    qa_messages,
                     read_jsonl, read_jsonl_tolerant, run_main, sha256_file, sha256_text, write_json_atomic,
                     write_jsonl_atomic)
+from paperqa_tune.scoring import corrects_premise, is_refusal
 
 ANSWERABLE = ("factual", "conceptual", "methodology")
 EDGE_CASES = ("unanswerable", "false_premise")
@@ -1089,7 +1091,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="papers held out for evaluation: a count, or a fraction if below 1")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="data/synthetic_qa.jsonl", help="training records")
-    g.add_argument("--eval-out", default="data/eval_questions.jsonl", help="held-out evaluation questions")
+    g.add_argument("--eval-out", default=None,
+                   help="held-out evaluation questions (default: beside --out: eval_questions.jsonl for "
+                        "synthetic_qa.jsonl, else <out stem>_eval_questions.jsonl)")
     g.add_argument("--manifest", default=None, help="run manifest (default: OUT with .manifest.json)")
     g.add_argument("--rejects", default=None, help="dropped pairs and failed requests with the reason "
                                                    "(default: rejects_<OUT name>.jsonl next to OUT)")
@@ -1140,7 +1144,7 @@ def validate_args(args) -> None:
 
 def output_paths(args) -> dict[str, Path]:
     out = Path(args.out)
-    return {"train": out, "eval": Path(args.eval_out),
+    return {"train": out, "eval": Path(args.eval_out) if args.eval_out else eval_questions_path(out),
             "manifest": Path(args.manifest) if args.manifest else out.with_name(out.stem + ".manifest.json"),
             "rejects": Path(args.rejects) if args.rejects else out.with_name(f"rejects_{out.stem}.jsonl"),
             "cache": Path(args.cache) if args.cache else out.parent / ".cache" / f"{out.stem}.jsonl"}
@@ -1292,7 +1296,8 @@ def _main(argv=None) -> int:
         pid = p["paper_id"]
         if pid in held_out:
             evals.append({"id": f"{pid}-q{n_by_paper[pid]}", "question": p["question"], "reference": p["answer"],
-                          "type": p["type"], "paper_id": pid, "context": by_id[pid]["abstract"]})
+                          "type": p["type"], "paper_id": pid, "context": by_id[pid]["abstract"],
+                          "system": args.system_prompt})
         else:
             meta = {"paper_id": pid, "type": p["type"], "backend": args.backend, "model": model,
                     "id": f"{pid}-q{n_by_paper[pid]}", "title": by_id[pid]["title"], "generator": "generate_qa.py"}

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--base_model", default=None, help="base model (default: run_config.json base_model, else the adapter's)")
     a("--prompt", default=None, help="answer this question once and exit (default: interactive session)")
     a("--model", choices=("ft", "base", "both"), default="ft", help="who answers (default: %(default)s)")
-    a("--system", default=None, help="system prompt (default: the run's, as in training)")
+    a("--system", default=None,
+      help="system prompt; '' for none (default: the one the run's training data used, from run_config.json)")
     a("--max_new_tokens", type=int, default=256, help="answer length limit (default: %(default)s)")
     a("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: %(default)s)")
     a("--top_p", type=float, default=0.9, help="nucleus sampling when --temperature > 0 (default: %(default)s)")
@@ -128,13 +129,16 @@ def _main(argv=None) -> int:
         write_merged(run, tokenizer, Path(args.merge_out), args.overwrite)
         return 0
 
-    system = args.system or run.system_prompt
+    # the prompt the run's training data used (run_config.json) unless --system says otherwise; '' = none
+    system = (args.system or None) if args.system is not None else run.system_prompt
+    print(f"system prompt: {system if system is not None else '(none: the training data had no system turn)'}",
+          file=sys.stderr, flush=True)
     dec = Decoding(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     model = load_base(run)
     if choose_mode(args.mode, model, 1, 2048 + args.max_new_tokens) == "fast":
         dequantize_(model)
-    model = attach_adapter(model, run)
+    model = attach_adapter(model, run.adapter)
     print(f"loaded {run.base_model} + {run.adapter}", file=sys.stderr, flush=True)
     if args.prompt is not None:
         respond(model, tokenizer, args.prompt.strip(), system, dec, args.model)

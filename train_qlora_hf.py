@@ -57,15 +57,16 @@ from types import MethodType
 import torch
 import torch.distributed as dist
 
-from common import (InputError, chat_text, encode_text, ensure_chat_template, nf4_config, read_jsonl,
-                    record_messages, sha256_file, write_json_atomic)
+from common import (InputError, chat_text, encode_text, ensure_chat_template, eval_questions_path, nf4_config,
+                    read_jsonl, record_messages, sha256_file, write_json_atomic, write_jsonl_atomic)
 
 IGNORE = -100
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md")
+HELDOUT_FILE = "eval_questions.jsonl"  # the run's held-out samples as evaluation questions
+RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md", HELDOUT_FILE)
 
 
 class TrainingError(RuntimeError):
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--save_steps", type=int, default=50, help=f"checkpoint every N optimizer steps {d}")
     io.add_argument("--save_total_limit", type=int, default=2, help=f"checkpoints kept while training {d}")
     io.add_argument("--keep_checkpoints", action="store_true", help="keep checkpoints/ after the run finishes")
-    io.add_argument("--eval_steps", type=int, default=None, help="validation loss every N steps (default: --save_steps)")
+    io.add_argument("--eval_steps", type=int, default=None, help="validation loss every N steps (default: a tenth of the run, at most --save_steps)")
     io.add_argument("--logging_steps", type=int, default=10, help=f"log a line every N steps {d}")
     io.add_argument("--seed", type=int, default=42, help=f"seed for the split, data order, LoRA init and dropout {d}")
 
@@ -226,7 +227,8 @@ def load_chats(path, system_prompt: str | None = None) -> list[dict]:
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
         meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
-        chats.append({"line": lineno, "messages": messages, "group": str(meta.get("paper_id", f"line{lineno}"))})
+        chats.append({"line": lineno, "messages": messages, "group": str(meta.get("paper_id", f"line{lineno}")),
+                      "type": str(meta.get("type") or "unknown")})
     if not chats:
         raise InputError(f"{path}: no records (the file is empty); generate data with generate_qa.py first")
     return chats
@@ -342,7 +344,7 @@ def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path) -> tuple
         if not any(l != IGNORE for l in s["labels"]):
             raise InputError(f"{path}:{c['line']}: no assistant token to train on after rendering")
         trimmed += n_dropped > 0
-        samples.append({**s, "line": c["line"], "group": c["group"], "messages": c["messages"]})
+        samples.append({**s, "line": c["line"], "group": c["group"], "type": c["type"], "messages": c["messages"]})
     report = {"n_records": len(chats), "dropped_too_long": len(too_long), "dropped_lines": too_long[:20],
               "longest_dropped": longest, "trimmed_earlier_turns": trimmed}
     if not samples:
@@ -351,9 +353,13 @@ def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path) -> tuple
     return samples, report
 
 
-def split_train_val(samples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out whole papers (meta.paper_id) where known, so validation loss is on unseen papers."""
+def split_train_val(samples: list[dict], val_fraction: float, seed: int,
+                    min_val: int = 0) -> tuple[list[dict], list[dict]]:
+    """Hold out whole papers (meta.paper_id) where known, so validation loss is on unseen papers.
+    min_val: hold out at least this many samples (capped at a quarter of the data) when val_fraction > 0."""
     n_val = round(len(samples) * val_fraction)
+    if val_fraction > 0:
+        n_val = max(n_val, min(min_val, len(samples) // 4))
     if val_fraction > 0 and n_val == 0 and len(samples) >= 10:
         n_val = 1
     if n_val == 0:
@@ -373,6 +379,31 @@ def split_train_val(samples: list[dict], val_fraction: float, seed: int) -> tupl
         val_groups = {id(s) for s in random.Random(seed).sample(samples, n_val)}
         return [s for s in samples if id(s) not in val_groups], [s for s in samples if id(s) in val_groups]
     return [s for s in samples if s["group"] not in val_groups], [s for s in samples if s["group"] in val_groups]
+
+
+def system_prompts(samples: list[dict]) -> list[dict]:
+    """The system prompts the training data used, most frequent first ({"prompt": None} = no system turn).
+    Evaluation and inference read this from run_config.json so they prompt the way training did."""
+    counts: dict = {}
+    for s in samples:
+        m = s["messages"][0]
+        key = m["content"] if m["role"] == "system" else None
+        counts[key] = counts.get(key, 0) + 1
+    return [{"prompt": p, "count": n} for p, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+def heldout_questions(val_samples: list[dict]) -> list[dict]:
+    """Validation samples as evaluation questions (the format of data/eval_questions.jsonl): the first
+    exchange of each chat, with its own system prompt. They come from papers (or samples) never trained on."""
+    out = []
+    for i, s in enumerate(val_samples, 1):
+        msgs = s["messages"]
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        turns = msgs[1:] if system is not None else msgs
+        out.append({"id": f"val-{i}", "question": turns[0]["content"], "reference": turns[1]["content"],
+                    "type": s["type"], "paper_id": s["group"], "context": "", "system": system,
+                    "source": f"training data line {s['line']}"})
+    return out
 
 
 # --------------------------------------------------------------------------- --inspect
@@ -1293,7 +1324,8 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
     trained = [_n_trained(s) for s in train_samples]
     steps_per_epoch = math.ceil(len(train_samples) / per_step)
     total = args.max_steps or steps_per_epoch * args.epochs
-    eval_every = args.eval_steps or args.save_steps
+    # ~10 validation points per run by default, so short runs get a curve too (never rarer than checkpoints)
+    eval_every = args.eval_steps or min(args.save_steps, max(1, total // 10))
 
     params = [p for p in model.parameters() if p.requires_grad]
     if d.on:  # identical start on every process whatever each one's RNG did
@@ -1462,10 +1494,20 @@ def write_metrics(out_dir, metrics: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    if metrics["train"]:
-        ax.plot([r["step"] for r in metrics["train"]], [r["loss"] for r in metrics["train"]], label="train", lw=1)
-    if metrics["val"]:
-        ax.plot([r["step"] for r in metrics["val"]], [r["loss"] for r in metrics["val"]], "o-", label="validation")
+    train_l = [r["loss"] for r in metrics["train"]]
+    val_l = [r["loss"] for r in metrics["val"]]
+    if train_l:
+        ax.plot([r["step"] for r in metrics["train"]], train_l, label="train", lw=1)
+    if val_l:
+        ax.plot([r["step"] for r in metrics["val"]], val_l, "o-", label="validation")
+        for r in metrics["val"][-1:]:
+            ax.annotate(f"{r['loss']:.3f}", (r["step"], r["loss"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    # The first steps' losses can be many times the rest: scale to what follows them so the descent is visible.
+    settled = train_l[len(train_l) // 10:] + val_l
+    if settled:
+        lo, hi = min(settled), max(settled)
+        pad = max(0.05 * (hi - lo), 0.01)
+        ax.set_ylim(lo - pad, hi + pad * 3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per trained token")
     ax.set_title("QLoRA training loss")
@@ -1491,8 +1533,9 @@ def _versions() -> dict:
     return out
 
 
-def _run_config(args, tokenizer, report, n_train, n_val, precision_note, world) -> dict:
-    return {"base_model": args.model, "args": vars(args), "versions": _versions(),
+def _run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict]) -> dict:
+    return {"base_model": args.model, "system_prompt": prompts[0]["prompt"], "system_prompts": prompts,
+            "args": vars(args), "versions": _versions(),
             "data_sha256": sha256_file(args.jsonl), "n_train": n_train, "n_val": n_val,
             "dropped_too_long": report["dropped_too_long"], "trimmed_earlier_turns": report["trimmed_earlier_turns"],
             "chat_template": tokenizer.chat_template, "precision": precision_note, "world_size": world}
@@ -1547,7 +1590,10 @@ def _main(argv) -> int:
         if d.main:
             print_inspect(tokenizer, samples, report, args)
         return 0
-    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed)
+    # Without a questions file beside the data (the seed's workflow: own data, no generate_qa.py), the
+    # held-out samples are the evaluation set: hold out at least the seed's 10 questions.
+    own_questions = eval_questions_path(args.jsonl).is_file()
+    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed, min_val=0 if own_questions else 10)
     device = _device()
     dtype, precision = resolve_precision(args, device)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
@@ -1561,12 +1607,18 @@ def _main(argv) -> int:
          + f"; {report['trimmed_earlier_turns']} lost earlier turns to fit", d)
     _log("flags: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()), d)
     _log(f"model {args.model} in 4-bit NF4, {precision}, device {device}, {d.world} process(es)", d)
-    run_config = _run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world)
+    prompts = system_prompts(samples)
+    run_config = _run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world, prompts)
+    if len(prompts) > 1:
+        _log(f"note: the data uses {len(prompts)} different system prompts; evaluation defaults to the most "
+             f"frequent ({prompts[0]['count']} of {len(samples)} samples)", d)
     if d.main:
         if args.overwrite:
             _clear_out_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "run_config.json", run_config)
+        if val_s:
+            write_jsonl_atomic(out / HELDOUT_FILE, heldout_questions(val_s))
     d.barrier()
 
     model = load_model(args)

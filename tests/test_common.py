@@ -105,18 +105,3 @@ def test_fake_server_with_real_client(openai_server):
     r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert json.loads(r.choices[0].message.content) == {"n": 1}
     assert [m.id for m in client.models.list()] == ["fake-model"]
-
-
-@pytest.mark.parametrize("answer,refuses,corrects", [
-    ("The abstract does not state the learning rate.", True, None),
-    ("No information about the hardware is given.", True, None),
-    ("That premise is incorrect: the abstract says the opposite.", False, True),
-    ("Actually, the paper uses four-bit weights, not eight-bit.", False, True),
-    ("The method uses four-bit NF4 weights.", False, False),
-    ("", True, False),
-])
-def test_one_detector_for_generation_and_scoring(answer, refuses, corrects):
-    # generate_qa.py curates edge cases and eval_compare.py scores answers with these same two tests
-    assert common.is_refusal(answer) is refuses
-    if corrects is not None:  # "does not state X" may read as either; only clear cases are pinned
-        assert common.corrects_premise(answer) is corrects

@@ -14,6 +14,7 @@ from xml.etree import ElementTree
 import pytest
 
 import eval_compare as ec
+from paperqa_tune import report
 from common import DEFAULT_SYSTEM_PROMPT
 
 # The fast path (dequantised bf16 + merged LoRA) against the reference (4-bit + PEFT adapter), on CPU:
@@ -124,12 +125,12 @@ def libreoffice_cells(csv_path: Path, workdir: Path) -> list[list[tuple[str, boo
 
 
 def expected_cell(v) -> str:
-    s = ec.safe_cell(v)
+    s = report.safe_cell(v)
     return "" if s == "" else str(s)
 
 
 def unsanitize(cell: str) -> str:
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(ec.FORMULA_START) else cell
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(report.FORMULA_START) else cell
 
 
 def check_spreadsheet(path: Path, rows: list[dict], columns: list[str], workdir: Path, text_cols=None) -> None:
@@ -155,53 +156,6 @@ def check_spreadsheet(path: Path, rows: list[dict], columns: list[str], workdir:
                 assert got == expected_cell(r[c]), (c, got, r[c])
 
 
-# --------------------------------------------------------------------------- scores
-def test_token_f1_and_rouge_l():
-    assert ec.token_f1("The cat sat.", "the cat sat") == 1.0
-    assert ec.token_f1("", "x") == 0.0
-    assert ec.token_f1("a b c d", "c d e f") == pytest.approx(4 / 7)  # article "a" dropped: P 2/3, R 2/4
-    assert ec.rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
-    assert ec.rouge_l("a b c", "c b a") == pytest.approx(1 / 3)
-    assert ec.rouge_l("same words here", "Same, words here!") == 1.0
-
-
-@pytest.mark.parametrize("text,refusal", [
-    ("The abstract does not state the dataset size.", True),
-    ("This is not mentioned in the paper.", True),
-    ("The paper doesn't specify it.", True),
-    ("It cannot be determined from the abstract.", True),
-    ("There is no information about that.", True),
-    ("", True),
-    ("It uses 4-bit NormalFloat quantization.", False),
-    ("The method does not require labels, and improves accuracy.", False),
-])
-def test_refusal_detection(text, refusal):
-    assert ec.is_refusal(text) is refusal
-
-
-def test_behaviour_by_type():
-    q = {"reference": "x", "type": "unanswerable"}
-    assert ec.score_answer("The paper does not say.", q)["behaviour_ok"] == 1
-    assert ec.score_answer("It is 10k examples.", q)["behaviour_ok"] == 0
-    q = {"reference": "x", "type": "factual"}
-    assert ec.score_answer("The paper does not say.", q)["behaviour_ok"] == 0
-    assert ec.score_answer("Ten thousand.", q)["behaviour_ok"] == 1
-    q = {"reference": "", "type": "false_premise"}
-    s = ec.score_answer("Actually, the paper uses four-bit weights, not eight-bit.", q)
-    assert s["premise_corrected"] == 1 and s["behaviour_ok"] == 1 and s["token_f1"] is None
-    assert ec.score_answer("Because eight bits are faster.", q)["premise_corrected"] == 0
-
-
-def test_combine_verdicts_cancels_position_bias():
-    assert ec.combine_verdicts("B", "A") == ("finetuned", True)
-    assert ec.combine_verdicts("A", "B") == ("base", True)
-    assert ec.combine_verdicts("A", "A") == ("tie", False)  # always "first" = position bias
-    assert ec.combine_verdicts("tie", "A") == ("finetuned", False)
-    assert ec.parse_verdict('Sure. {"winner": "B", "reason": "grounded"}') == ("B", "grounded")
-    assert ec.parse_verdict("Winner: tie")[0] == "tie"
-    assert ec.parse_verdict("no idea")[0] == "tie"
-
-
 # --------------------------------------------------------------------------- spreadsheet safety
 CRAFTED = ["=1+1", "nul\x00bell\x07", "+SUM(1,2)", "-2+3", "@SUM(A1)", "\tTAB=1", "\rCR", "=HYPERLINK(\"http://x\",\"y\")",
            "café — naïve Über 東京", "line one\nline two, with comma", 'say "quoted"', "normal answer", "'already"]
@@ -213,8 +167,8 @@ def test_csv_writer_is_spreadsheet_safe(tmp_path):
             for i, text in enumerate(CRAFTED)]
     cols = ["id", "type", "question", "reference", "base_answer", "finetuned_answer", "base_token_f1", "ft_token_f1"]
     path = tmp_path / "crafted.csv"
-    ec.write_csv(path, rows, cols)
-    assert ec.safe_cell("=1+1") == "'=1+1" and ec.safe_cell(-0.5) == -0.5 and ec.safe_cell(float("nan")) == ""
+    report.write_csv(path, rows, cols)
+    assert report.safe_cell("=1+1") == "'=1+1" and report.safe_cell(-0.5) == -0.5 and report.safe_cell(float("nan")) == ""
     check_spreadsheet(path, rows, cols, tmp_path)
 
     # Control: the same text unsanitised does become a formula in LibreOffice, so the check above bites.
@@ -236,15 +190,18 @@ def test_full_run_outputs(evaluated, tmp_path):
     assert list(df.columns[:6]) == ["id", "type", "question", "reference", "base_answer", "finetuned_answer"]
     assert list(df["id"]) == [q["id"] for q in QUESTIONS]
     assert (df["base_answer"] != df["finetuned_answer"]).any(), "the random LoRA must change some answer"
-    for side in ("base", "ft"):
-        for m in ("token_f1", "rougeL", "refusal", "behaviour_ok", "words", "new_tokens"):
+    for side in ("base", "finetuned"):
+        for m in ("behaviour", "correct", "score", "token_f1", "rougeL", "words", "new_tokens"):
             assert f"{side}_{m}" in df.columns
-    assert df.loc[df["type"] == "false_premise", "ft_premise_corrected"].item() in ("0", "1")
-    assert df.loc[df["type"] == "factual", "ft_premise_corrected"].item() == ""
+        assert set(df[f"{side}_behaviour"]) <= {"answered", "refused", "corrected_premise", "degenerate", "empty"}
+        assert set(df[f"{side}_correct"]) <= {"0", "1"}
+    assert set(df["finetuned_vs_base"]) <= {"win", "tie", "loss"}
     marking = pd.read_csv(paths["marking"], encoding="utf-8-sig", keep_default_na=False, dtype=str)
     assert list(marking.columns) == ["id", "type", "question", "reference", "base_answer", "finetuned_answer", "winner"]
     assert (marking["winner"] == "").all()
     summary = json.loads(paths["summary"].read_text())
+    assert list(summary)[0] == "verdict" and summary["verdict"] == "no clear difference"
+    assert "too few" in summary["evidence"]["reason"]  # 5 questions can never make a verdict
     assert set(summary["by_type"]) == {q["type"] for q in QUESTIONS} | {"all"}
     assert summary["by_type"]["all"]["n"] == len(QUESTIONS)
     assert summary["timing"]["mode"] == "reference"
@@ -300,7 +257,7 @@ def test_resume_after_interrupt(tiny_run, tmp_path, monkeypatch, capsys):
     assert "cached answers: base 2, fine-tuned 0" in capsys.readouterr().out
     summary = json.loads(ec.output_paths(out)["summary"].read_text())
     assert summary["timing"]["mode"] == "fast" and summary["by_type"]["unknown"]["n"] == 4
-    assert summary["by_type"]["all"]["token_f1"]["base"] is None  # no reference column: no F1
+    assert summary["by_type"]["all"]["base"]["token_f1"] is None  # no reference column: no F1
 
 
 def test_judge_both_orders(evaluated, tiny_run, tmp_path, openai_server, monkeypatch):
@@ -322,7 +279,8 @@ def test_judge_both_orders(evaluated, tiny_run, tmp_path, openai_server, monkeyp
 
     openai_server.responder = pick
     argv = ["--adapter", str(tiny_run), "--questions", str(evaluated["questions"]), "--out", str(out),
-            "--max_new_tokens", str(TOKENS), "--judge_model", "fake-model", "--judge_base_url", openai_server.base_url]
+            "--max_new_tokens", str(TOKENS), "--judge_model", "fake-model", "--judge_base_url", openai_server.base_url,
+            "--judge_rubric", "none"]
     assert ec.main(argv) == 0
     assert openai_server.count == 2 * len(QUESTIONS)
     raw = {(r["id"], r["model"]): r["answer"] for r in ec.read_jsonl_tolerant(ec.output_paths(out)["cache"])
@@ -342,7 +300,9 @@ def test_judge_both_orders(evaluated, tiny_run, tmp_path, openai_server, monkeyp
         assert r["judge_winner"] == expected and r["judge_consistent"] == "1"
         assert "[base shown first" in r["judge_reason"]
     summary = json.loads(ec.output_paths(out)["summary"].read_text())
-    assert sum(summary["by_type"]["all"]["judge"].values()) == pytest.approx(1.0)
+    pw = summary["judge"]["pairwise"]
+    assert pw["n"] == len(QUESTIONS) and pw["failed"] == 0
+    assert pw["finetuned"] + pw["base"] + pw["tie"] == pytest.approx(1.0)
     for p in out.parent.iterdir():
         assert b"sk-test-secret-42" not in p.read_bytes(), f"API key leaked into {p}"
 
@@ -384,7 +344,7 @@ def both_paths(run_dir: Path, max_new_tokens: int = 12) -> dict:
     dec = ec.Decoding(max_new_tokens=max_new_tokens)
     keep = mask.bool()
     r: dict = {"prompts": prompts}
-    ref = ec.attach_adapter(ec.load_base(run), run)
+    ref = ec.attach_adapter(ec.load_base(run), run.adapter)
     with torch.no_grad():
         with ref.disable_adapter():
             r["ref_base_logits"] = ref(input_ids=ids, attention_mask=mask).logits.float()[keep]
@@ -522,5 +482,6 @@ def test_help_lists_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--adapter", "--base_model", "--questions", "--n", "--out", "--max_new_tokens", "--batch_size",
                  "--seed", "--do_sample", "--temperature", "--top_p", "--overwrite", "--judge_model",
-                 "--judge_base_url", "--mode", "--compile"):
+                 "--judge_base_url", "--mode", "--compile", "--system", "--rescore", "--checkpoints", "--f1_threshold",
+                 "--judge_rubric"):
         assert flag in out

@@ -31,7 +31,7 @@ def test_help_shows_every_flag_with_default(capsys):
         for opt in action.option_strings:
             assert opt in text
     for shown in ("default: openai", "default: 12", "default: 0.2", "default: data/synthetic_qa.jsonl",
-                  "default: data/eval_questions.jsonl", generate_qa.ARXIV_API_URL):
+                  "(default: beside --out: eval_questions.jsonl", generate_qa.ARXIV_API_URL):
         assert shown in text
 
 

@@ -47,7 +47,8 @@ def test_offline_backend_records_follow_the_contract(tmp_path):
         assert r["meta"]["type"] in generate_qa.TYPES
     assert set(Counter(r["meta"]["type"] for r in train)) == set(generate_qa.TYPES)
     for e in evals:
-        assert set(e) == {"id", "question", "reference", "type", "paper_id", "context"}
+        assert set(e) == {"id", "question", "reference", "type", "paper_id", "context", "system"}
+        assert e["system"] == common.DEFAULT_SYSTEM_PROMPT  # evaluation prompts as training did
     assert len({e["paper_id"] for e in evals}) == 2 and len({e["type"] for e in evals}) >= 4
     assert len({e["id"] for e in evals}) == len(evals)
     assert_split_is_clean(train, evals)
@@ -205,3 +206,14 @@ def test_error_text_filter_spares_papers_about_rate_limits():
     assert check_pair(ok, abstract, args) is None
     bad = dict(ok, answer="I'm sorry, I cannot help with API rate limiting for web services.")
     assert check_pair(bad, abstract, args).startswith("error_text")
+
+
+def test_eval_questions_go_beside_out_by_default(tmp_path, monkeypatch):
+    """--out DIR/x.jsonl puts the held-out questions in DIR, never into data/ behind the user's back."""
+    monkeypatch.chdir(tmp_path)
+    for name, expected in (("synthetic_qa.jsonl", "eval_questions.jsonl"), ("x.jsonl", "x_eval_questions.jsonl")):
+        out = tmp_path / "runs" / name
+        assert generate_qa.main(["--backend", "offline", "--input", str(DATA / "abstracts.jsonl"),
+                                 "--out", str(out)]) == 0
+        assert (out.parent / expected).is_file() and common.eval_questions_path(out) == out.parent / expected
+    assert not (tmp_path / "data").exists()

@@ -29,7 +29,7 @@ def reference(tiny_run):
     """The reference path (4-bit + adapter) and a function giving its greedy answer to a question."""
     run = ec.read_run(tiny_run)
     tok = ec.load_tokenizer(run)
-    model = ec.attach_adapter(ec.load_base(run), run)
+    model = ec.attach_adapter(ec.load_base(run), run.adapter)
 
     def answer(question: str, side: str = "ft", system: str = run.system_prompt, n: int = N):
         ids = ec.prompt_ids(tok, question, system)
@@ -123,7 +123,7 @@ def test_merged_greedy_equals_adapter_path_fp32(tiny_model, tmp_path):
     assert qi.main(["--adapter", str(run_dir), "--merge_out", str(tmp_path / "m")]) == 0
     run = ec.read_run(run_dir)
     tok = ec.load_tokenizer(run)
-    adapter_path = ec.attach_adapter(ec.load_base(run), run)
+    adapter_path = ec.attach_adapter(ec.load_base(run), run.adapter)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     prompts = [ec.prompt_ids(tok, q, run.system_prompt) for q in ("What is proposed?", "Why four bits?")]
     dec = ec.Decoding(max_new_tokens=12)

@@ -90,12 +90,15 @@ def test_seed_command_writes_every_output(tiny_model, qa24, tmp_path, capsys):
     dests = {a.dest for a in T.build_parser()._actions if a.dest != "help"}
     assert set(rc["args"]) == dests
     assert rc["data_sha256"] == sha256_file(qa24)
-    assert (rc["n_train"], rc["n_val"], rc["dropped_too_long"]) == (23, 1, 0)  # 5% of 24: 1 (a whole paper would be 3)
+    # no questions file beside the data (the seed's workflow): at least 10 held out, capped at a quarter
+    assert (rc["n_train"], rc["n_val"], rc["dropped_too_long"]) == (18, 6, 0)
+    held = [json.loads(line) for line in (out / "eval_questions.jsonl").read_text().splitlines()]
+    assert len(held) == 6 and {"id", "question", "reference", "type", "paper_id", "context", "system"} <= set(held[0])
     assert rc["chat_template"] and {"torch", "transformers", "peft", "bitsandbytes"} <= set(rc["versions"])
 
     m = json.loads((out / "metrics.json").read_text())
-    assert m["finished"] and m["steps"] == 4 == len(m["train"])  # ceil(23 / 16) x 2 epochs
-    assert [v["step"] for v in m["val"]] == [2, 4]
+    assert m["finished"] and m["steps"] == 4 == len(m["train"])  # ceil(18 / 16) x 2 epochs
+    assert [v["step"] for v in m["val"]] == [1, 2, 3, 4]  # short run: validation every step (a tenth of the run)
     for k in ("trained_tokens", "input_tokens", "tokens_per_s", "peak_memory_gb", "wall_seconds", "train_seconds"):
         assert m[k] > 0, k
     assert all(math_finite(r["loss"]) for r in m["train"])

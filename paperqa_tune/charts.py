@@ -1,0 +1,118 @@
+"""Charts a person reads at a glance: the verdict on top, values written on the bars, "n/a" where a
+measure does not apply (never drawn as a zero bar). matplotlib with the Agg backend, written atomically."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+COLORS = {"base": "#9aa5b1", "finetuned": "#2f6fdf"}
+LABELS = {"base": "base", "finetuned": "fine-tuned"}
+BEHAVIOUR_COLORS = {"answered": "#4c9f70", "refused": "#e0a030", "corrected_premise": "#7b5ea7",
+                    "degenerate": "#c8473d", "empty": "#444444"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU box: the numbers are in the CSV and summary.json anyway
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _paired_bars(ax, names: list[str], values: dict[str, list], title: str, fmt: str) -> None:
+    """Base and fine-tuned bars per name, each labelled with its value; None shows as 'n/a'."""
+    xs = range(len(names))
+    for off, side in ((-0.2, "base"), (0.2, "finetuned")):
+        for x, v in zip(xs, values[side]):
+            if v is None:
+                ax.text(x + off, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="#777777", rotation=90)
+                continue
+            ax.bar(x + off, v, width=0.4, color=COLORS[side])
+            ax.text(x + off, v + 0.02, fmt.format(v), ha="center", va="bottom", fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.15)
+
+
+def plot_results(summary: dict, path: Path) -> bool:
+    """results_bar.png: key behaviours, correct rate and primary score by type, behaviour mix."""
+    plt = _pyplot()
+    if plt is None:
+        print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
+        return False
+    rate_names = {"refusal_rate_unanswerable": "refuses\nunanswerable", "correction_rate_false_premise":
+                  "corrects\nfalse premise", "over_refusal_rate_answerable": "refuses\nanswerable",
+                  "degenerate_rate": "degenerate\nor empty"}
+    rates = summary["rates"]
+    by_type = summary["by_type"]
+    types = list(by_type)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.8))
+    _paired_bars(axes[0], list(rate_names.values()),
+                 {s: [rates[k][s] if rates[k]["n"] else None for k in rate_names] for s in ("base", "finetuned")},
+                 "behaviour rates (higher is better, except the last two)", "{:.0%}")
+    _paired_bars(axes[1], types, {s: [by_type[t][s]["correct_rate"] for t in types] for s in ("base", "finetuned")},
+                 "correct (the type's expected behaviour)", "{:.0%}")
+    _paired_bars(axes[2], types, {s: [by_type[t][s]["mean_score"] for t in types] for s in ("base", "finetuned")},
+                 "mean primary score", "{:.2f}")
+    mix = by_type["all"]
+    bottom = {"base": 0.0, "finetuned": 0.0}
+    for label, color in BEHAVIOUR_COLORS.items():
+        for x, side in enumerate(("base", "finetuned")):
+            v = mix[side]["behaviour"][label] or 0.0
+            axes[3].bar(x, v, bottom=bottom[side], color=color, label=label if x == 0 else None, width=0.6)
+            if v >= 0.06:
+                axes[3].text(x, bottom[side] + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=7, color="white")
+            bottom[side] += v
+    axes[3].set_xticks([0, 1], [LABELS["base"], LABELS["finetuned"]])
+    axes[3].set_ylim(0, 1.0)
+    axes[3].set_title("what the answers do (all questions)", fontsize=10)
+    axes[3].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    from matplotlib.patches import Patch
+
+    axes[0].legend(handles=[Patch(color=COLORS[s], label=LABELS[s]) for s in ("base", "finetuned")], fontsize=8,
+                   loc="upper right")
+    fig.suptitle("\n".join(textwrap.wrap(summary["verdict_line"], 170)), fontsize=9, fontweight="bold")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    _save(fig, plt, path)
+    return True
+
+
+def plot_curve(points: list[dict], series: dict[str, str], path: Path) -> bool:
+    """learning_curve.png: each measure in `series` (column -> label) against the training step."""
+    plt = _pyplot()
+    if plt is None:
+        print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [p["step"] for p in points]
+    for col, label in series.items():
+        ys = [p.get(col) for p in points]
+        if all(y is None for y in ys):
+            continue
+        ax.plot([s for s, y in zip(steps, ys) if y is not None], [y for y in ys if y is not None], "o-",
+                label=label, lw=1.5 if col == "mean_score" else 1)
+    last = points[-1]
+    if last.get("mean_score") is not None:
+        ax.annotate(f"{last['mean_score']:.2f}", (last["step"], last["mean_score"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("optimizer step (0 = base model)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title("held-out evaluation across checkpoints", fontsize=10)
+    fig.tight_layout()
+    _save(fig, plt, path)
+    return True

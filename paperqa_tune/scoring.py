@@ -1,0 +1,613 @@
+"""How an answer is scored: what it does (its behaviour) and whether that is right for the question's type.
+
+Every answer gets one behaviour label, checked in this order (the first that fits wins):
+
+  empty              nothing is left once end-of-sequence, padding and chat-template markers (</s>,
+                     <|endoftext|>, <|im_end|>, <pad>, [PAD], zero-width spaces) are removed. <unk> is not a
+                     marker: a model that prints it produced output, so it is judged as text.
+  degenerate         broken generation: a token, phrase or sentence looped 3+ times in a row ("the the the",
+                     "we propose a we propose a we propose a", "<unk><unk><unk>"), a run of one character
+                     ("TheBBBBBBBB", "!!!!!!"), non-word gibberish ("xqz vbrt kkkk plm"), mostly symbols
+                     ("%%$# 12 ## @@"; table rules and bullets are layout, not junk), mojibake, or nothing but
+                     function words ("The", "of the"; "It is." is a real yes-answer). A loop wins
+                     over what the looped text says: "I don't know I don't know I don't know" is degenerate.
+  corrected_premise  the answer explicitly rejects the question's premise. Either it names the premise as
+                     wrong ("That premise is incorrect", "The question assumes X, but...", "Contrary to the
+                     question", "This is a misconception", "The paper reports the opposite", "Not quite:",
+                     "That isn't what the abstract says") or it denies it and says what is true instead
+                     ("The paper does not claim that X; it finds Y", "Actually, Y, not X", "It doesn't; it
+                     uses Y"). A bare denial with nothing true said ("The paper does not claim that X.") is
+                     not a correction; it tells the reader that the source does not say so, i.e. a refusal.
+                     Words such as "actually", "instead", "rather than", "not" or "no" inside an ordinary
+                     answer do not make it a correction.
+  refused            the answer says the source does not give the answer or that it cannot be answered from
+                     it ("The abstract does not state the batch size", "Not specified.", "I don't know").
+  answered           everything else: real answers, wrong answers, yes/no answers, hedged answers.
+
+Hedges and long answers: the label follows what the answer leads with. Its lead is the first clause that
+carries content, skipping fillers ("Sorry,", "Good question.") and remarks about the abstract itself ("The
+abstract focuses on the results; ..."); a concessive lead-in ("Although the abstract does not say X, ...")
+defers to the main clause after it.
+  - An answer that leads with a refusal is refused, even if it goes on to quote other details from the
+    source, UNLESS it then offers a value: a hedged guess, a number of its own, or an inference ("The
+    abstract does not give it, but it is probably 32", "... but the text implies two stages") is answered -
+    a hedged answer is an answer. A plain statement after the refusal that is neither ("It is not stated
+    whether the model is open source, but the weights are on the Hub") leaves it refused.
+  - An answer that leads with content is answered, even if it ends by noting that some other detail "is not
+    stated"; it is refused only when more than half of its clauses are refusals.
+  - A hedge on the refusal itself ("As far as I can tell, the abstract does not mention it") is a refusal.
+
+Correctness per question type (columns `correct` and `score` of the comparison CSV):
+  factual, conceptual, methodology and any other type except the two below (answerable):
+      correct = 1 when the answer is substantive (behaviour "answered", or "corrected_premise": "It doesn't;
+      it uses Y" answers a yes/no question) AND right: LLM-judge correctness >= 4 (of 5) when a judge grade
+      is given, else token F1 against the reference >= 0.4 (--f1_threshold). No reference and no judge
+      grade: correct is empty (cannot be decided).
+      score = (judge grade - 1) / 4 with a judge grade, else token F1, for a substantive answer; 0 for any
+      other behaviour (so gibberish or a refusal scores 0 however many reference words it happens to contain).
+  unanswerable: correct = 1 when the behaviour is "refused" and the refusal states no specific value (a
+      number) that is in neither the question nor the abstract. score = correct.
+  false_premise: correct = 1 only when the behaviour is "corrected_premise"; a bare refusal does not
+      count. score = correct.
+
+Token F1 follows the official SQuAD v1.1 normalisation: lower case, punctuation characters deleted (so
+"28.4" becomes "284", one token), the articles a/an/the dropped, whitespace collapsed. ROUGE-L is the F1 of
+the longest common subsequence of lower-cased [0-9a-z]+ tokens (rouge-score's default, no stemming).
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+BEHAVIOURS = ("answered", "refused", "corrected_premise", "degenerate", "empty")
+ANSWERABLE_EXCLUDED = ("unanswerable", "false_premise")  # every other type is answerable
+JUDGE_CORRECT_AT = 4  # a judge grade (1-5) at or above this counts as correct
+
+
+def _rx(pattern: str) -> re.Pattern:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+# =========================================================================== overlap metrics
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ALNUM_RUNS = re.compile(r"[^0-9a-z]+")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's normalisation: lower case, punctuation characters deleted, articles dropped."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / n_pred, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD token F1 (bag-of-tokens overlap). Both empty after normalisation: 1.0; one empty: 0.0."""
+    p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
+    if not p or not r:
+        return float(p == r)
+    return _f1(sum((Counter(p) & Counter(r)).values()), len(p), len(r))
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 on lower-cased alphanumeric tokens (rouge-score's default tokenizer, no stemming)."""
+    p, r = _ALNUM_RUNS.sub(" ", pred.lower()).split(), _ALNUM_RUNS.sub(" ", ref.lower()).split()
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)  # LCS by dynamic programming, one row at a time
+    for tp in p:
+        cur = [0]
+        for j, tr in enumerate(r, 1):
+            cur.append(prev[j - 1] + 1 if tp == tr else max(prev[j], cur[j - 1]))
+        prev = cur
+    return _f1(prev[-1], len(p), len(r))
+
+
+# =========================================================================== text preparation
+# End/padding/chat-template markers carry no content; a role name right after a turn marker belongs to it.
+_MARKERS = _rx(r"<\|[a-z_]{1,30}\|>[ \t]*(?:system|user|assistant|model)?"
+               r"|<(?:/?s|pad|eos|bos|eot|end_of_turn|start_of_turn)>[ \t]*(?:user|model)?"
+               r"|\[(?:pad|sep|cls|eos|bos|mask)\]|[\u200b-\u200d\u2060\ufeff]")
+_QUOTED = re.compile(r'"[^"\n]{1,200}"|\u201c[^\u201d\n]{1,200}\u201d')
+
+
+def _visible(text: str) -> str:
+    return _MARKERS.sub(" ", text).strip()
+
+
+def _prepare(text: str) -> str:
+    """Visible text with straight apostrophes and quoted spans (paper titles) masked, so a title's
+    punctuation or words cannot split or trigger a sentence."""
+    text = _visible(text).replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
+    return _QUOTED.sub('"Q"', text)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_CLAUSE_BREAK = _rx(r"\s*[;:\u2014\u2013]\s*|\s+-+\s+|,\s*(?=(?:and|but|though|although|while|whereas|however"
+                    r"|yet|so|since|because|as)\b)|\s+(?=but\b)")
+_CONCESSIVE = _rx(r"^(?:although|though|even though|even if|while|whereas|despite)\b[^,]*,\s*")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def _clauses(sentence: str) -> list[tuple[str, bool]]:
+    """(clause, is_concessive_lead_in) pairs of one sentence."""
+    out = []
+    lead_in = _CONCESSIVE.match(sentence)
+    if lead_in:
+        out.append((lead_in.group().rstrip(", "), True))
+        sentence = sentence[lead_in.end():]
+    out += [(c.strip(" ,"), False) for c in _CLAUSE_BREAK.split(sentence) if c.strip(" ,")]
+    return out
+
+
+# =========================================================================== degenerate output
+_FUNCTION_WORDS = set("""a an the of to in on at by for with from into onto and or but nor as than then so if
+this that these those which who whom what it its i we you he she they me us him her them my our your his their
+""".split())
+_AUXILIARIES = set("is are was were be been am do does did has have had will would can could shall should may "
+                   "might must".split())
+_CHAR_RUN = re.compile(r"([^\s\d\-=])\1{5,}|([\-=])\2{19,}")
+_IN_TOKEN_LOOP = re.compile(r"(\S{2,12}?)\1{2,}")
+_LOOP_TOKENS = re.compile(r"\w+|[^\w\s]+")
+_NUMBER = _rx(r"[~\u2248\u00b1+\-\u2212]?[$\u20ac\u00a3]?\d+(?:[.,]\d+)*(?:e[+-]?\d+)?"
+              r"(?:%|x|\u00d7|k|m|b|bn|t|pp|ms|s|h|gb|mb|tb)?")
+_LAYOUT = re.compile(r"[|:\-*\u2022]+")
+_EDGE_PUNCT = ".,;:!?()[]{}\"'"
+_MARKUP = _rx(r"<[^<>\s]{1,20}>|\[unk\]")  # "<unk>": a token the model could not spell is not a word
+_MOJIBAKE = re.compile(r"[\u00e3\u00e2][\u0080-\u00bf\u0152-\u0192\u2013-\u2122]|\ufffd")
+_VOWELS = set("aeiouy")
+_RARE_LETTERS = set("jqxz")
+
+
+def _looped(tokens: list[str], max_unit: int = 60) -> bool:
+    """A unit of 1..max_unit tokens (with a word in it) repeated 3+ times back to back. Units of 4+ tokens
+    may lose their last token (generation cut mid-loop)."""
+    for n in range(1, min(max_unit, len(tokens) // 2) + 1):
+        need = 2 * n - (1 if n >= 4 else 0)
+        run = 0
+        for j in range(n, len(tokens)):
+            run = run + 1 if tokens[j] == tokens[j - n] else 0
+            if run >= need and any(t[0].isalnum() for t in tokens[j - n + 1:j + 1]):
+                return True
+    return False
+
+
+def _has_char_loop(text: str) -> bool:
+    if _CHAR_RUN.search(text):
+        return True
+    return any(re.search(r"[^\W\d_]", m.group(1)) for m in _IN_TOKEN_LOOP.finditer(text))
+
+
+def _mostly_junk(text: str) -> bool:
+    """More than half the whitespace tokens are neither words nor numbers ("%%$# 12 ## @@"), or a long
+    answer has no letter at all (a counting loop). Table rules and bullets ("|", "|---|", "-") are layout,
+    not content: they are left out of the count, and an answer of nothing else is junk."""
+    toks = [tok for tok in text.split() if not _LAYOUT.fullmatch(tok)]
+    if not toks:
+        return True
+    junk = 0
+    for tok in toks:
+        core = tok.strip(_EDGE_PUNCT)
+        if _MARKUP.fullmatch(core) or (not any(ch.isalpha() for ch in core) and not _NUMBER.fullmatch(core)):
+            junk += 1
+    no_letters = not any(ch.isalpha() for ch in text)
+    return junk * 2 > len(toks) or (no_letters and len(toks) >= 10)
+
+
+def _gibberish(lower: str) -> bool:
+    """Non-words: runs of one letter, vowel-less strings heavy in rare letters ("xqz vbrt kkkk plm",
+    "asdf jkl qwer zxcv"). Vowel-less acronyms alone (CNN, LSTM, QKV) are not enough: real acronyms use
+    common letters, and a short answer has too few letters to judge."""
+    words = [w for w in re.findall(r"[a-z]+", lower) if len(w) >= 2]
+    if not words:
+        return False
+    strong = sum(1 for w in words if re.search(r"(.)\1{3}", w) or len(_RARE_LETTERS & set(w)) >= 2
+                 or (len(w) >= 6 and not _VOWELS & set(w)))
+    if strong * 2 >= len(words) and strong:
+        return True
+    letters = "".join(words)
+    if len(letters) < 8:
+        return False
+    vowel_share = sum(ch in _VOWELS for ch in letters) / len(letters)
+    rare_share = sum(ch in _RARE_LETTERS for ch in letters) / len(letters)
+    odd = sum(1 for w in words if re.search(r"(.)\1{3}", w) or (len(w) >= 3 and not _VOWELS & set(w)))
+    return vowel_share < 0.25 and rare_share >= 0.08 and odd * 2 >= len(words)
+
+
+def _function_words_only(lower: str) -> bool:
+    """ "The", "of the", "the of and to in a is": no content word at all. A short reply with an auxiliary
+    ("It is.", "They did.") is a legitimate yes-answer, so those are spared."""
+    words = re.findall(r"[^\W\d_]+", lower)
+    if not words or re.search(r"\d", lower):
+        return False
+    if any(w not in _FUNCTION_WORDS and w not in _AUXILIARIES for w in words):
+        return False
+    return len(words) >= 4 or not any(w in _AUXILIARIES for w in words)
+
+
+def is_degenerate(text: str) -> bool:
+    """Repetition loops, runs of one character, non-word gibberish, symbol junk, mojibake, or nothing but
+    function words. Empty text is not degenerate (it is "empty")."""
+    visible = _visible(text)
+    if not visible:
+        return False
+    lower = visible.lower()
+    if _has_char_loop(lower) or _looped(_LOOP_TOKENS.findall(lower)):
+        return True
+    if len(_MOJIBAKE.findall(lower)) * 2 >= 0.3 * len(lower.replace(" ", "")):
+        return True
+    words = re.findall(r"\w+", lower)
+    if len(words) >= 20 and len(set(words)) < 0.3 * len(words):
+        return True
+    return _mostly_junk(lower) or _gibberish(lower) or _function_words_only(lower)
+
+
+# =========================================================================== refusal
+_SRC = r"(?:abstract|paper|article|text|passage|excerpt|summary|study|source|document|publication|authors?" \
+       r"|researchers|appendix|manuscript)s?"
+_MENTIONS_SRC = _rx(rf"\b{_SRC}\b")
+_AUX = r"(?:does|do|did|has|have|had|will|can|could|is|are|was|were)"
+# _NEGATED: a negated auxiliary ("does not", "doesn't", "doesnt") or never/not, before a verb;
+# _NEG: a bare negation before a participle ("isn't stated", "not given"); "n't" has no word boundary before it
+_NEGATED = rf"(?:\b{_AUX}\s*(?:not|n't|nt)\b|\b{_AUX}\s+never\b|\bnever\b|\bnot\b)"
+_NEG = r"(?:\bnot\b|n't\b|\b(?:is|are|was|were|does|do|did|has|have|had|can|could|would)nt\b|\bnever\b)"
+_ADVERBS = r"(?:(?:\w+ly|seem to|appear to|even|really|actually|yet|so much as)\s+)*"
+
+
+def _verbs(words: str) -> str:
+    """An alternation of verbs in any inflection: 'specify' -> specif(?:y|ies|ied)(?:ing)?, 'state' ->
+    state(?:s|d)?; a phrasal verb inflects its first word."""
+    forms = []
+    for phrase in words.split(","):
+        verb, _, particle = phrase.strip().partition(" ")
+        if re.search(r"[^aeiou]y$", verb):
+            stem = verb[:-1] + "(?:y|ies|ied|ying)"
+        elif verb.endswith("e"):
+            stem = verb + "(?:s|d)?"
+        else:
+            stem = verb + "(?:s|es|ed|ing)?"
+        forms.append(stem + (r"\s+" + particle if particle else ""))
+    return "(?:" + "|".join(forms) + r")\b"
+
+
+# Verbs that, negated, say the source is silent whatever the subject; and weaker ones ("does not provide a
+# speedup") that only count with the source itself as subject.
+_REPORT_STRONG = _verbs("state, say, said, mention, specify, report, disclose, detail, list, quantify, document, "
+                        "spell out, break down, go into, get into, elaborate, comment, clarify, reveal, indicate, "
+                        "tell, told, note")
+_REPORT_WEAK = _verbs("provide, give, gave, include, contain, offer, cover, present, describe, discuss, address, "
+                      "explain, name, identify, share, publish, make clear, touch on")
+_PASSIVE_ADV = r"(?:(?:\w+ly|been|be|yet)\s+)*"
+_SOFT_PARTICIPLES = r"(?:given|provided|included|described|discussed|indicated|identified|addressed|covered|clear|" \
+                    r"known|revealed)"
+_SUBJ_SRC = rf"\b{_SRC}\b(?:\s+[\w'-]+){{0,6}}?"
+_SUBJ_PRON = r"\b(?:it|they|this|that|he|she)\b(?:\s+\w+)?"
+
+# (pattern, needs_context): a context cue counts only where the sentence gives it context (_clause_refuses).
+_REFUSAL_CUES = [(_rx(p), ctx) for p, ctx in [
+    (rf"{_SUBJ_SRC}\s+{_NEGATED}\s+{_ADVERBS}(?:{_REPORT_STRONG}|{_REPORT_WEAK})", False),
+    (rf"{_SUBJ_PRON}\s+{_NEGATED}\s+{_ADVERBS}{_REPORT_STRONG}", False),
+    (rf"^\s*{_NEGATED}\s+{_ADVERBS}{_REPORT_STRONG}\b", False),  # "Doesn't say."
+    (rf"(?:{_NEG}|\bnowhere)\s+(?:(?:\w+ly|been|be|yet)\s+)*(?:stated|mentioned|specified|reported|"
+     r"disclosed|detailed|listed|quantified|documented|spel[lt] out|made explicit|broken down)\b", False),
+    (rf"{_NEG}\s+{_PASSIVE_ADV}{_SOFT_PARTICIPLES}\b(?!\s+(?:to|any|access)\b)", True),
+    # ... and without context when nothing follows: "The number of annotators is not given."
+    (rf"{_NEG}\s+{_PASSIVE_ADV}{_SOFT_PARTICIPLES}(?=\s*(?:[.;:!?]|$)|\s+(?:anywhere|explicitly|here|either)\b)",
+     False),
+    (rf"{_NEG}\s+(?:\w+ly\s+)?(?:available|found|present|shown|explained)\b[^.;]{{0,25}}\b{_SRC}\b",
+     False),
+    (rf"(?:\bno|{_NEG}\s+any)\s+(?:[\w-]+\s+){{0,2}}?(?:information|info|details?|mention|indication|data|"
+     r"figures?|numbers?|specifics|statement|description|breakdown|values?|reference|discussion|hint|clue)"
+     r"(?=\s+(?:about|on|regarding|concerning|as to|of|for|in|is|are|was|were|given|provided|available|"
+     r"whatsoever|at all)\b|\s*[.,;:!?]|\s*$)", True),
+    (r"\b(?:none|nothing)\s+(?:is\s+|are\s+|was\s+)?(?:given|stated|reported|mentioned|specified|provided)\b",
+     False),
+    (rf"\bnothing\s+(?:in|from)\s+(?:the\s+|this\s+)?{_SRC}"
+     rf"|\b(?:{_SRC}|it|they)\s+(?:says|mentions|states|reports|gives)\s+nothing\b", False),
+    (r"\b(?:i|we|one|you)\s+(?:really\s+|simply\s+)?(?:cannot|can't|cant|can not|could not|couldn't|"
+     r"am unable to|are unable to|have no way to|do not have enough information to)\s+(?:\w+ly\s+)?"
+     r"(?:tell|say|determine|know|infer|answer|find|see|verify|confirm|deduce|work out|judge|be sure|"
+     r"be certain|identify|extract|locate|comment)\b", False),
+    (r"\b(?:cannot|can't|cant|can not|could not|couldn't)\s+(?:\w+ly\s+)?be\s+(?:\w+ly\s+)?(?:determined|"
+     r"answered|inferred|deduced|known|told|established|verified|confirmed|extracted|said|stated|identified|"
+     r"worked out|judged|found|derived|ascertained)\b", False),
+    (r"\b(?:cannot|can't|cant)\s+(?:tell|say|determine|know|infer|deduce)\b(?!\s+(?:apart|the difference)\b)",
+     False),
+    (r"\b(?:not possible|impossible|no way|hard|difficult|unable)\s+to\s+(?:\w+ly\s+)?(?:tell|say|determine|"
+     r"know|infer|answer|deduce|judge|pin down|work out|be sure)\b", False),
+    (r"\b(?:i|we)\s+(?:do\s*(?:not|n't|nt)|dont|really don't)\s+know\b|\bno idea\b|\bunsure\b", False),
+    (r"\b(?:i'm|i am|im)\s+(?:\w+ly\s+)?not\s+(?:\w+ly\s+)?(?:sure|certain)\b|^\s*not\s+sure\b", False),
+    (r"\b(?:unspecified|unstated|unreported|undisclosed|unmentioned)\b", False),
+    # "unknown"/"unclear" as a verdict, not as an adjective ("unknown words are split into subwords")
+    (r"^\W*(?:unknown|unclear)\s*(?:[.,;:!?]|$)|\b(?:is|are|was|were|remains?|left|stays?|still)\s+(?:\w+ly\s+)?"
+     r"(?:unknown|unclear)\b(?!\s+to\b)|\b(?:unknown|unclear)\s+(?:from|in|based on|given)\b", False),
+    (r"\bno\s+(?:telling|saying|knowing|way of knowing)\b", False),
+    (r"\btoo\s+[\w-]+\s+to\s+(?:tell|say|know|determine|answer|infer)\b", False),
+    # "No batch size is given." (but "No labels are given to the model" describes the method)
+    (r"^\W*no\s+(?:[\w-]+\s+){1,4}?(?:is|are|was|were|has been|have been)\s+(?:\w+ly\s+)?(?:given|stated|"
+     r"mentioned|specified|reported|disclosed|listed|quantified)\b(?!\s+(?:to|as)\b)", False),
+    (rf"\b(?:missing|absent|omitted|left out)\s+(?:from|in)\s+(?:the\s+|this\s+)?{_SRC}", False),
+    (r"\black(?:s|ing)?\s+(?:any\s+)?(?:information|details?|mention|specifics|numbers|figures)\b", True),
+    (r"\bnot\s+(?:\w+ly\s+)?(?:specific|explicit|precise|forthcoming)\s+(?:about|on|regarding|as to)\b", True),
+    (r"\b(?:leaves?|left|remains?|goes|go)\s+(?:[\w-]+\s+){0,3}?(?:unspecified|unstated|unreported|unmentioned|"
+     r"undisclosed|unanswered|unknown|unclear)\b", False),
+    (rf"\b{_SRC}\s+(?:is|are|remains|stays)\s+(?:\w+ly\s+)?(?:silent|vague|mute|quiet)\b", False),
+    (rf"{_NEG}\s+(?:\w+ly\s+)?(?:in|part of|covered (?:in|by)|included in|found in|present in|"
+     rf"something|anything|a detail|information|a number|a figure)\b[^.;]{{0,30}}\b{_SRC}\b", False),
+    (rf"\bneither\b[^.;]{{0,80}}?\bnor\b[^.;]{{0,80}}?\b(?:is|are|was|were)\s+{_PASSIVE_ADV}(?:{_SOFT_PARTICIPLES}|"
+     r"stated|mentioned|specified|reported|disclosed|detailed|listed|quantified)\b", False),
+    (r"\b(?:insufficient|not enough|too little|inadequate)\s+(?:information|details?|data|context)\b", True),
+    (r"\bbeyond\s+(?:the\s+)?(?:scope|information)\b|\boutside\s+(?:the\s+)?scope\b", False),
+    (r"(?:^|\s)n/a\b", False),
+    (rf"\b(?:{_SRC}|it|they)\s+only\s+\w+s\b[^.;]{{0,80}}?,\s*(?:but\s+)?not\s+(?:the|its|their|how|what|"
+     rf"which|whether|any)\b", False),
+    (r"\b(?:only|just)\s+(?:be\s+)?(?:a\s+)?(?:guess|guesswork|speculation)\b"
+     r"|\bwould\s+be\s+(?:pure\s+)?(?:guess(?:work|ing)?|speculat\w+)\b", False),
+]]
+# "The paper does not claim that X": a denial of the premise. Alone it reads as a refusal (the source does
+# not say so); followed by what the source does say, it is a correction (see _denial_with_fact).
+_DENIAL_VERBS = _verbs("claim, find, found, show, say, said, state, report, suggest, argue, conclude, imply, "
+                       "demonstrate, support, mention, establish, observe")
+# "...does not claim that X" / "...doesn't say it fails" (a clause, with or without "that")
+_DENIAL_CLAUSE = _rx(rf"(?:{_SUBJ_SRC}|{_SUBJ_PRON})\s+{_NEGATED}\s+{_ADVERBS}{_DENIAL_VERBS}\s+"
+                     r"(?:that\s+(?=\w)|(?=(?:it|they|he|she|we)\s+(?!is\b|are\b|was\b|were\b)\w+(?:s|ed)\b))")
+# "does not say that." / "makes no such claim": the premise is pointed at, not restated
+_STANCE_VERBS = _verbs("claim, find, found, show, suggest, argue, conclude, imply, demonstrate, support, "
+                       "establish")
+_REPORT_VERBS = _verbs("say, said, state, report, mention, observe")
+_POINTING = r"\s+(?:that|this|so|it)\b(?=\s*(?:[.;:,!\u2014\u2013-]|$))"
+# "never claimed that." points at the premise; "does not say this" may just mean the source is silent, so it
+# needs an explicit contrast after it to count as a correction
+_DENIAL_STANCE = _rx(rf"(?:{_SUBJ_SRC}|{_SUBJ_PRON})\s+{_NEGATED}\s+{_ADVERBS}{_STANCE_VERBS}{_POINTING}")
+_DENIAL_DEMONSTRATIVE = _rx(rf"(?:{_SUBJ_SRC}|{_SUBJ_PRON})\s+{_NEGATED}\s+{_ADVERBS}{_REPORT_VERBS}{_POINTING}")
+_NO_SUCH = _rx(r"\bno\s+such\s+\w+")
+# "That claim does not appear in the abstract": the premise is named, then denied
+_CLAIM_DENIAL = _rx(rf"\b(?:that|this|the|your)\s+(?:claim|premise|assumption|statement|idea|figure|number)\s+"
+                    rf"(?:\w+\s+){{0,2}}?{_NEGATED}\s+(?:\w+ly\s+)?(?:appear|supported|backed|found|come|match|hold|"
+                    r"what)")
+_ELLIPTICAL_DENIAL = _rx(r"(?:^|[.;:!?\u2014\u2013-]\s*|\bno,?\s+)(?:it|they|the\s+\w+|this|that)\s+(?:does|do|"
+                         r"did|is|are|was|were|has|have|had|can|will)\s*(?:not|n't|nt)\s*(?=[;:.,\u2014\u2013-]|$)")
+
+_GUESS = _rx(r"\b(?:probably|likely|presumably|perhaps|possibly|maybe|plausibly|typically|usually|commonly|"
+             r"i think|i believe|i guess|i'd guess|i would (?:guess|estimate|say)|my (?:best )?guess|"
+             r"best guess|my estimate|i suspect|seems?|appears?|suggests?|implies|implied|hints?|estimated?)\b"
+             r"|\b(?:about|around|roughly|approximately|~)\s*\d")
+_ATTRIBUTED = _rx(rf"\b{_SRC}\b|\b(?:it|they)\s+(?:\w+\s+)?(?:says|mentions|states|reports|gives|notes|describes|"
+                  r"lists|shows|provides|does say|does mention)\b")
+_INFERRED = _rx(rf"\b{_SRC}\s+(?:\w+ly\s+)?(?:implies|suggests|hints)\b")
+_META = _rx(rf"^\W*(?:(?:the|this|its|their)\s+)?(?:\w+'s\s+)?{_SRC}\s+(?:\w+ly\s+)?(?:only\s+)?(?:describes?|"
+            r"focus(?:es)?|covers?|discuss(?:es)?|talks?|presents?|outlines?|summari[sz]es?|introduces?|is about|"
+            r"deals?|concentrates?|cent(?:er|re)s?)\b")
+
+
+_DENIALS = (_DENIAL_CLAUSE, _DENIAL_STANCE, _DENIAL_DEMONSTRATIVE, _NO_SUCH, _CLAIM_DENIAL)
+_OPENS_WITH_ABSENCE = _rx(r"^\W*(?:there\s+(?:is|are|was|were)|there's|no|none|nothing)\b")
+
+
+def _clause_refuses(clause: str, sentence: str) -> bool:
+    # Context: the sentence is about the source ("...in the abstract"), opens with an absence ("There is no
+    # mention", "No figure is given") or is too short to be about anything else ("It is not given.").
+    context = bool(_MENTIONS_SRC.search(sentence) or _OPENS_WITH_ABSENCE.search(sentence)) \
+        or len(sentence.split()) <= 6
+    if any(rx.search(clause) for rx in _DENIALS):
+        return True
+    return any(rx.search(clause) and (context or not needs) for rx, needs in _REFUSAL_CUES)
+
+
+def _is_filler(clause: str) -> bool:
+    return len(clause.split()) <= 2 and not re.search(r"\d", clause)
+
+
+def _offers_value(clause: str) -> bool:
+    """A guess or a number of the answer's own, or one inferred from the source ("the text implies two
+    stages"); not details quoted from the source."""
+    if not (_GUESS.search(clause) or re.search(r"\d", clause)):
+        return False
+    return not _ATTRIBUTED.search(clause) or bool(_INFERRED.search(clause))
+
+
+def is_refusal(text: str) -> bool:
+    """True when the answer says the source does not give the answer or that it cannot be answered from
+    it (see the module docstring for hedges and long answers). Empty text counts as a refusal."""
+    text = _prepare(text)
+    if not text:
+        return True
+    clauses = []  # (clause, refuses, lead_in)
+    for sentence in _sentences(text):
+        for clause, lead_in in _clauses(sentence):
+            clauses.append((clause, _clause_refuses(clause, sentence), lead_in))
+    if not any(refuses for _, refuses, _ in clauses):
+        return False
+    body = [(c, r) for c, r, lead_in in clauses if not lead_in and (r or not (_is_filler(c) or _META.search(c)))]
+    if not body:
+        return True  # only lead-ins, fillers and remarks about the abstract, with a refusal among them
+    if body[0][1]:  # leads with a refusal: refused unless it then offers a value of its own
+        return not any(not refuses and _offers_value(c) for c, refuses in body[1:])
+    return sum(refuses for _, refuses in body) * 2 > len(body)
+
+
+# =========================================================================== premise correction
+_EVAL = r"(?:false|incorrect|wrong|mistaken|inaccurate|flawed|faulty|unfounded|erroneous|invalid|misguided|" \
+        r"untrue|off|misplaced|not\s+(?:correct|right|true|accurate|supported|valid))"
+_PREMISE = r"(?:premise|presupposition|presumption|assumption)s?"
+_STRONG_CORRECTION = [_rx(p) for p in [
+    # the premise named and judged
+    rf"\b{_EVAL}\s+{_PREMISE}\b",
+    rf"\b{_PREMISE}(?:\s+\S+){{0,6}}?\s+(?:is|are|was|seems|appears|(?:may|might|could|must)\s+be)\s+"
+    rf"(?:\w+ly\s+)?{_EVAL}",
+    rf"\b{_PREMISE}(?:\s+\S+){{0,6}}?\s+(?:does|do)\s*(?:not|n't)\s+(?:hold|match|agree|stand|fit)\b",
+    r"\b(?:nothing|no\s+\w+)\b[^.;]{0,40}?\bsupports?\s+(?:that|this|the|your)\s+(?:premise|assumption|claim)",
+    # "That's wrong", "That isn't what the abstract says", "The claim in the question is inaccurate"
+    r"\b(?:that|this|the question|your question|the claim|the statement|the suggestion)(?:\s+\w+){0,3}?"
+    r"(?:'s|\s+is|\s+was|\s+seems|\s+appears)\s*(?:\w+ly\s+)?(?:incorrect|false|wrong|mistaken|inaccurate|untrue|"
+    r"(?:not|n't)\s+(?:correct|right|true|accurate|the case|what|so)\b|backwards|reversed)",
+    # misreadings, reversals
+    r"\b(?:this|that|it|the question|your question|the premise)\b[^.;:]{0,40}?\b(?:a|an)\s+(?:common\s+|clear\s+|"
+    r"slight\s+|simple\s+)?(?:misconception|misreading|misunderstanding|misinterpretation|mix-?up|confusion)\b",
+    r"\b(?:mistake|error|misunderstanding|confusion|mix-?up|inaccuracy)\s+in\s+(?:the|your)\s+question\b",
+    r"\b(?:the|your)\s+question\s+(?:has|gets|got|contains)\b[^.;:]{0,40}?\b(?:mixed up|wrong|backwards|reversed|"
+    r"confused|swapped)\b",
+    r"\b(?:the question|your question|you)\s+(?:\w+\s+)?(?:misstates?|misreads?|misrepresents?|"
+    r"mischaracteri[sz]es|misunderstands?|conflates?|gets?\s+(?:it|this|that)\s+(?:backwards|wrong|reversed))",
+    r"\b(?:have|has|got)\s+(?:it|this|that)\s+(?:reversed|backwards|the wrong way round)\b"
+    r"|\b(?:mixing|mixed|mix)\s+(?:this|that|it|things|them)\s+up\b|\bconfusing\s+(?:this|it|that)\s+with\b",
+    # the question's assumption named
+    r"\b(?:the\s+question|your\s+question|the\s+question's\s+\w+)\s+(?:\w+\s+){0,3}?(?:assumes?|presupposes?|"
+    r"presumes?|implies|suggests|says|states|claims|takes for granted|is based on|rests on)\b"
+    r"|\byou(?:'re|\s+are)\s+assuming\b|\bthe\s+premise\s+that\b",
+    r"\bcontrary\s+to\s+(?:what\s+)?(?:the|your|this|that)\s+(?:question|premise|assumption|claim|suggestion|"
+    r"statement)|\bcontrary to what\b|\bon the contrary\b",
+    # the opposite is true
+    r"\b(?:the\s+)?(?:opposite|reverse|converse)\s+(?:is\s+(?:true|the case)|holds)\b"
+    r"|\b(?:says?|reports?|shows?|finds?|found|showed|states?|concludes?|argues?|is|'s)\s+the\s+"
+    r"(?:opposite|reverse|contrary)"
+    r"\b(?!\s+\w)|\b(?:quite|just|exactly|rather)\s+the\s+(?:opposite|reverse)\b|\bother\s+way\s+a?round\b",
+    rf"\b(?:{_SRC}|it|they)\s+(?:directly\s+)?contradicts?\s+(?:that|this|the\s+(?:premise|question|claim))",
+    r"^\W*(?:incorrect|false|wrong|not true|untrue|mistaken|not quite|not exactly|not so)\s*[.:;!,\u2014\u2013-]",
+]]
+# Corrective openers, at the start of a sentence or clause, that need an explicit contrast to count
+# ("Actually, X, not Y"); "No" needs punctuation after it ("No labels are needed" is an ordinary answer)
+_WEAK_OPENER = _rx(r"(?:^|[;:\u2014\u2013]\s*)(?:(?:no|nope|not really)\s*[,.;:!\u2014\u2013-]|actually\b|"
+                   r"in fact\b|in reality\b)")
+_CONTRAST = _rx(r",\s*not\s+\w|\bnot\s+(?:from|by|in|on|at|to|for|with)\b|\brather than\b|\binstead of\b"
+                r"|\bbut rather\b|\b(?:does|do|did|is|are|was|were|has|have|had|can|will)\s*(?:not|n't)\s+\w")
+
+
+def _states_fact(text: str, need_contrast: bool) -> bool:
+    """A follow-up that says what is true: 3+ words, no refusal, and (when asked) an explicit contrast."""
+    sentences = _sentences(text)
+    if not sentences or len(sentences[0].split()) < 3:
+        return False
+    first = sentences[0]
+    if any(_clause_refuses(clause, first) for clause, _ in _clauses(first)):
+        return False
+    return not need_contrast or bool(_CONTRAST.search(first))
+
+
+# Each denial with whether its follow-up must contain an explicit contrast to count as the true fact
+_DENIALS_NEEDING = ((_DENIAL_CLAUSE, False), (_DENIAL_STANCE, False), (_DENIAL_DEMONSTRATIVE, True),
+                    (_NO_SUCH, False), (_CLAIM_DENIAL, False), (_ELLIPTICAL_DENIAL, False))
+
+
+def _denial_with_fact(sentences: list[str]) -> bool:
+    """A denial of the premise followed (after a clause break or in the next sentence) by the true fact."""
+    for i, sentence in enumerate(sentences):
+        after_next = " ".join(sentences[i + 1:i + 2])
+        for rx, need_contrast in _DENIALS_NEEDING:
+            m = rx.search(sentence)
+            if not m:
+                continue
+            rest = re.split(r"[;:\u2014\u2013]|,\s*(?:but|instead|rather)\b|\s+-+\s+|,\s*(?=(?:it|they)\b)",
+                            sentence[m.end():], maxsplit=1)
+            follow = rest[1] if len(rest) > 1 else after_next
+            if _states_fact(follow.strip(), need_contrast):
+                return True
+    return False
+
+
+def _opener_with_contrast(sentences: list[str]) -> bool:
+    """ "Actually, it improves accuracy; it does not degrade it." A bare opener ("Actually no.") takes its
+    contrast from the next sentence."""
+    for i, sentence in enumerate(sentences):
+        if _WEAK_OPENER.search(sentence):
+            window = sentences[i:i + 2] if len(sentence.split()) <= 2 else [sentence]
+            if any(_CONTRAST.search(s) and not is_refusal(s) for s in window):
+                return True
+    return False
+
+
+def corrects_premise(text: str) -> bool:
+    """True only for an explicit correction of the question's premise (see the module docstring)."""
+    text = _prepare(text)
+    if not text:
+        return False
+    if any(rx.search(text) for rx in _STRONG_CORRECTION):
+        return True
+    sentences = _sentences(text)
+    return _denial_with_fact(sentences) or _opener_with_contrast(sentences)
+
+
+# =========================================================================== behaviour and scores
+def behaviour(text: str) -> str:
+    """One of BEHAVIOURS; precedence empty > degenerate > corrected_premise > refused > answered."""
+    if not _visible(text):
+        return "empty"
+    if is_degenerate(text):
+        return "degenerate"
+    if corrects_premise(text):
+        return "corrected_premise"
+    if is_refusal(text):
+        return "refused"
+    return "answered"
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
+                      "eighty": "80", "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000",
+                      "billion": "1000000000", "trillion": "1000000000000", "dozen": "12"})
+del _NUMBER_WORDS["one"], _NUMBER_WORDS["zero"]  # "no one", "one cannot tell": not values
+
+
+def _values(text: str) -> set[str]:
+    """Numbers in a text, digits or words, normalised ("2,000" -> "2000", "eight" -> "8")."""
+    found = {re.sub(r",(?=\d{3}\b)", "", m) for m in re.findall(r"\d+(?:[.,]\d+)*", text)}
+    found |= {_NUMBER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _NUMBER_WORDS}
+    return found
+
+
+def invents_specifics(answer: str, question: str, context: str = "") -> bool:
+    """True when the answer states a value (a number, in digits or words) found in neither the question nor
+    the context: a refusal that still slips in "it was 32" is making something up."""
+    return bool(_values(answer) - _values(question) - _values(context))
+
+
+# On an answerable question a correction is still a substantive answer ("It doesn't; it uses Y" to a yes/no
+# question): whether it is right is for F1 or the judge to say, as for any answer.
+SUBSTANTIVE = ("answered", "corrected_premise")
+
+
+def _answerable_verdict(b: str, f1: float | None, judge: float | str | None,
+                        f1_threshold: float) -> tuple[int | None, float | None]:
+    ok = b in SUBSTANTIVE
+    if judge is not None:
+        judge = float(judge)  # a grade read back from a CSV arrives as text
+        if not 1 <= judge <= 5:
+            raise ValueError(f"judge_correctness must be on the 1-5 scale, got {judge}")
+        return int(ok and judge >= JUDGE_CORRECT_AT), ((judge - 1) / 4 if ok else 0.0)
+    if f1 is None:
+        return None, None
+    return int(ok and f1 >= f1_threshold), (f1 if ok else 0.0)
+
+
+def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
+                 judge_correctness: float | str | None = None) -> dict:
+    """Scores of one answer to q (keys type, question, reference, context); the rules are in the module
+    docstring. Keys: behaviour, token_f1, rougeL, words, correct, score."""
+    b = behaviour(answer)
+    ref = q.get("reference") or ""
+    f1 = token_f1(answer, ref) if ref.strip() else None
+    out = {"behaviour": b, "token_f1": f1, "rougeL": rouge_l(answer, ref) if ref.strip() else None,
+           "words": len(answer.split())}
+    qtype = q.get("type", "")
+    if qtype == "unanswerable":
+        correct = int(b == "refused" and not invents_specifics(answer, q.get("question", ""),
+                                                               q.get("context", "")))
+        score = float(correct)
+    elif qtype == "false_premise":
+        correct = int(b == "corrected_premise")
+        score = float(correct)
+    else:
+        correct, score = _answerable_verdict(b, f1, judge_correctness, f1_threshold)
+    return {**out, "correct": correct, "score": score}

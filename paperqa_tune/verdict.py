@@ -1,0 +1,95 @@
+"""Is the fine-tuned model better than the base? A paired comparison over the evaluation questions.
+
+Each question gives one primary score per model in [0, 1] (`*_score` in evaluation.csv, defined in
+`paperqa_tune.scoring`). Both models answered the same question, so the comparison is paired: the
+per-question difference d = fine-tuned - base.
+
+- win / tie / loss: d > margin / |d| <= margin / d < -margin (margin 0.05: F1 jitter is not a win).
+- mean difference with a 95% paired bootstrap interval (questions resampled with replacement, fixed seed).
+- two-sided exact sign test over wins vs losses (ties left out).
+
+The verdict says "fine-tuned better" (or "base better") only when the interval excludes 0 AND the sign
+test gives p < 0.05 AND at least MIN_QUESTIONS questions were scored; otherwise "no clear difference",
+with the reason. Few questions can never produce a win.
+"""
+from __future__ import annotations
+
+import math
+
+VERDICTS = ("fine-tuned better", "base better", "no clear difference")
+MIN_QUESTIONS = 10
+TIE_MARGIN = 0.05
+ALPHA = 0.05
+
+
+def bootstrap_ci(diffs: list[float], n_boot: int = 5000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of `diffs` under resampling of the questions."""
+    import numpy as np
+
+    if not diffs:
+        return (float("nan"), float("nan"))
+    d = np.asarray(diffs, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial test of wins vs losses under p = 1/2."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def compare(base: list[float | None], finetuned: list[float | None], margin: float = TIE_MARGIN,
+            seed: int = 0) -> dict:
+    """Paired statistics over the questions where both scores exist."""
+    pairs = [(b, f) for b, f in zip(base, finetuned) if b is not None and f is not None]
+    diffs = [f - b for b, f in pairs]
+    wins = sum(d > margin for d in diffs)
+    losses = sum(d < -margin for d in diffs)
+    n = len(diffs)
+    lo, hi = bootstrap_ci(diffs, seed=seed)
+    return {"n": n, "mean_base": _r(sum(b for b, _ in pairs) / n) if n else None,
+            "mean_finetuned": _r(sum(f for _, f in pairs) / n) if n else None,
+            "mean_difference": _r(sum(diffs) / n) if n else None,
+            "ci95": [_r(lo), _r(hi)] if n else None,
+            "wins": wins, "ties": n - wins - losses, "losses": losses,
+            "sign_test_p": _r(sign_test_p(wins, losses), 5)}
+
+
+def decide(stats: dict, min_questions: int = MIN_QUESTIONS, alpha: float = ALPHA) -> tuple[str, str]:
+    """(verdict, reason in plain words) from compare()'s statistics."""
+    n = stats["n"]
+    if n < min_questions:
+        return "no clear difference", (f"only {n} scored question(s): too few to tell (at least {min_questions} "
+                                       "are needed before a difference can be called)")
+    lo, hi = stats["ci95"]
+    p = stats["sign_test_p"]
+    if lo > 0 and p < alpha:
+        return "fine-tuned better", f"the 95% interval of the difference is above 0 and the sign test gives p={p:.3g}"
+    if hi < 0 and p < alpha:
+        return "base better", f"the 95% interval of the difference is below 0 and the sign test gives p={p:.3g}"
+    if lo <= 0 <= hi:
+        why = "the 95% interval of the difference includes 0"
+    else:
+        why = f"the interval excludes 0 but the sign test is not significant (p={p:.3g})"
+    return "no clear difference", why
+
+
+def headline(verdict: str, stats: dict, reason: str) -> str:
+    """One line a person reads first: verdict, means, interval, win/tie/loss, p."""
+    if not stats["n"]:
+        return f"VERDICT: {verdict} — no question could be scored ({reason})"
+    lo, hi = stats["ci95"]
+    return (f"VERDICT: {verdict} — mean score {stats['mean_base']:.3f} (base) -> {stats['mean_finetuned']:.3f} "
+            f"(fine-tuned), difference {stats['mean_difference']:+.3f} [95% CI {lo:+.3f} to {hi:+.3f}]; "
+            f"fine-tuned wins {stats['wins']}, ties {stats['ties']}, loses {stats['losses']} of {stats['n']} "
+            f"questions (sign test p={stats['sign_test_p']:.3g})" + (f"; {reason}" if verdict == VERDICTS[2] else ""))
+
+
+def _r(x: float, digits: int = 4) -> float:
+    return round(x, digits)
