@@ -290,7 +290,7 @@ _REPORT_WEAK = _verbs("provide, give, gave, include, contain, offer, cover, pres
 _PASSIVE_ADV = r"(?:(?:\w+ly|been|be|yet)\s+)*"
 _SOFT_PARTICIPLES = r"(?:given|provided|included|described|discussed|indicated|identified|addressed|covered|clear|" \
                     r"known|revealed)"
-_SUBJ_SRC = rf"\b{_SRC}\b(?:\s+[\w'-]+){{0,6}}?"
+_SUBJ_SRC = rf"\b{_SRC}\b(?:\s+[\w'\"-]+){{0,6}}?"  # a quoted (masked) title may follow: the abstract of "Q"
 _SUBJ_PRON = r"\b(?:it|they|this|that|he|she)\b(?:\s+\w+)?"
 
 # (pattern, needs_context): a context cue counts only where the sentence gives it context (_clause_refuses).

@@ -1,0 +1,35 @@
+"""The demo's fine-tuning must make the tiny model measurably better on held-out papers, not just run.
+
+Runs tools/demo.py's run() with the demo's own settings (a few minutes on 2 CPU cores) and reads the
+evaluation's own verdict (outputs/summary.json). What a tiny model can learn, and what is checked here, is
+behaviour and form: correct false premises, refuse what the abstract cannot answer, stop producing loops and
+made-up words. Whether its answers to answerable questions are right is not checked: the prompt holds no
+abstract and a model this small cannot know.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def assert_finetuned_better(paths: dict) -> None:
+    """The verdict, in one place: fine-tuned better than base on the held-out papers, for the right reasons."""
+    s = json.loads(paths["summary"].read_text(encoding="utf-8"))
+    msg = json.dumps({k: s[k] for k in ("verdict_line", "rates")}, indent=1)
+    assert s["verdict"] == "fine-tuned better", msg
+    rates = s["rates"]
+    assert rates["correction_rate_false_premise"]["n"] >= 8 and rates["refusal_rate_unanswerable"]["n"] >= 8, msg
+    fp = rates["correction_rate_false_premise"]
+    assert fp["finetuned"] >= fp["base"] + 0.4, msg
+    un = rates["refusal_rate_unanswerable"]
+    assert un["finetuned"] > un["base"], msg
+    assert rates["degenerate_rate"]["finetuned"] <= rates["degenerate_rate"]["base"], msg
+
+
+@pytest.mark.timeout(900)
+def test_demo_finetuned_beats_base_on_held_out_papers(tmp_path):
+    from tools import demo
+
+    paths = demo.run(tmp_path)
+    assert_finetuned_better(paths)
