@@ -17,7 +17,6 @@ recalls little of what it read. Token-F1/ROUGE on those questions stay near zero
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -45,21 +44,6 @@ DEMO = {
     # stage 4: one question to both models (quick_infer.py)
     "infer": {"max_new_tokens": 64},
 }
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """Tiny models gain nothing from several intra-op threads, and on a CPU shared with other work OpenMP
-    spin-waits make them several times slower: run the demo on `n` threads, then restore the caller's setting."""
-    import torch
-
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _stage(n: int, title: str, log) -> float:
@@ -92,8 +76,9 @@ def run(root: Path, seed: int = 0, *, abstracts: Path | None = None, threads: in
     }
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
-    with _torch_threads(threads):
-        from tools.make_tiny_model import INFO_FILE, build
+    from tools.make_tiny_model import INFO_FILE, build, torch_threads
+
+    with torch_threads(threads):
 
         m = DEMO["model"]
         t = _stage(0, f"a tiny Mistral chat model with Zephyr's template ({m['layers']} layers, hidden {m['hidden']}),"

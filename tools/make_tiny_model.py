@@ -87,7 +87,9 @@ def cached(out: Path, settings: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _threads(n: int | None):
+def torch_threads(n: int | None):
+    """Run the block on `n` torch intra-op threads, then restore the caller's setting: tiny models gain nothing
+    from several threads, and on a CPU shared with other work OpenMP spin-waits make them several times slower."""
     import torch
 
     old = torch.get_num_threads()
@@ -193,7 +195,7 @@ def build(out: Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, 
         if len(stream) < 8:
             raise ValueError(f"too little text to pretrain on ({len(stream)} tokens)")
         t1 = time.perf_counter()
-        with _threads(threads):
+        with torch_threads(threads):
             losses = pretrain(model, stream, pretrain_steps, pretrain_lr, pretrain_seq_len, pretrain_batch, seed,
                               log=log)
         info["pretrain_result"] = {"tokens_in_corpus": len(stream), "loss_first": round(losses[0], 4),
