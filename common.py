@@ -229,6 +229,9 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+HELDOUT_QUESTIONS_FILE = "eval_questions.jsonl"  # a run folder's held-out samples, as evaluation questions
+
+
 def eval_questions_path(train_jsonl: str | os.PathLike) -> Path:
     """Where generate_qa.py writes the held-out questions of a training file: beside it, so a run's questions
     are found from the training file alone (data/synthetic_qa.jsonl -> data/eval_questions.jsonl,

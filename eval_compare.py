@@ -41,10 +41,11 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, chat_text, check_outputs_free, encode_text,
+from common import (DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, append_jsonl, chat_text, check_outputs_free, encode_text,
                     eval_questions_path, nf4_config, qa_messages, read_jsonl, read_jsonl_tolerant, run_main,
                     sha256_file, sha256_text, write_json_atomic)
 from paperqa_tune import charts, report
@@ -52,7 +53,6 @@ from paperqa_tune.report import SIDES
 
 DEFAULT_ADAPTER = "models/zephyr-7b-qlora"
 DEFAULT_OUT = "outputs/evaluation.csv"
-HELDOUT_FILE = "eval_questions.jsonl"  # what train_qlora_hf.py writes into the run folder
 NO_SYSTEM = object()  # a question row without a "system" key: use the run's prompt
 
 
@@ -90,7 +90,7 @@ def read_questions(path: Path) -> list[dict]:
         system = rec.get("system", NO_SYSTEM)
         if system is not NO_SYSTEM and system is not None and not isinstance(system, str):
             raise InputError(f"{where}: 'system' must be a string (or null for no system turn)")
-        if path.suffix.lower() == ".csv" and not (system if isinstance(system, str) else "").strip():
+        if path.suffix.lower() == ".csv" and not (rec.get("system") or "").strip():
             system = NO_SYSTEM  # an empty CSV cell means "not given"
         out.append({"id": qid, "question": q.strip(), "reference": str(rec.get("reference") or "").strip(),
                     "type": str(rec.get("type") or "").strip().lower() or "unknown",
@@ -107,7 +107,7 @@ def resolve_questions(given: str | None, run: "Run") -> tuple[Path, str]:
     beside = eval_questions_path(train) if train else None
     if beside is not None and beside.is_file():
         return beside, f"questions: {beside} (held-out papers written by generate_qa.py beside {train})"
-    heldout = run.adapter / HELDOUT_FILE
+    heldout = run.adapter / HELDOUT_QUESTIONS_FILE
     if heldout.is_file():
         return heldout, (f"questions: {heldout} (samples train_qlora_hf.py held out of {train or 'the training data'}"
                          " and never trained on; no questions file beside the training data)")
@@ -676,8 +676,8 @@ def rescore(args) -> int:
     if out != src:
         check_outputs_free([paths[k] for k in ("csv", "marking", "summary", "plot")], args.overwrite)
     old_summary = src.with_name("summary.json")
-    qfile = args.questions or (json.loads(old_summary.read_text(encoding="utf-8")).get("questions")
-                               if old_summary.is_file() else None)
+    prev = json.loads(old_summary.read_text(encoding="utf-8")) if old_summary.is_file() else {}
+    qfile = args.questions or prev.get("questions")
     questions = {}
     if qfile and Path(qfile).is_file():  # for the abstracts the judge grounds on
         questions = {q["id"]: q for q in read_questions(Path(qfile))}
@@ -689,9 +689,8 @@ def rescore(args) -> int:
     summary = {**report.summarize(rows, criteria, seed=args.seed), "rescored_from": str(src),
                "f1_threshold": args.f1_threshold, "questions": qfile, "judge_model": args.judge_model,
                "judge_stats": judge_stats}
-    if old_summary.is_file():  # what generated the answers is still true of them
-        prev = json.loads(old_summary.read_text(encoding="utf-8"))
-        summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
+    # what generated the answers is still true of them
+    summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
     write_outputs(paths, rows, summary, criteria, pairwise)
     return 0
 
@@ -748,13 +747,10 @@ def _main(argv=None) -> int:
     criteria, pairwise, judge_stats = run_judges(rows, by_id, args, cache)
     report.score_rows(rows, by_id, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
     summary = report.summarize(rows, criteria, seed=args.seed)
-    used = {}
-    for s in systems.values():
-        used[s] = used.get(s, 0) + 1
     summary.update({
         "adapter": str(run.adapter), "base_model": run.base_model, "questions": str(qpath), "questions_source": where,
         "n": len(rows), "system_prompt": run.system_prompt if args.system is None else (args.system or None),
-        "system_prompts_used": [{"prompt": p, "questions": n} for p, n in used.items()],
+        "system_prompts_used": [{"prompt": p, "questions": n} for p, n in Counter(systems.values()).items()],
         "decoding": dec.key(), "f1_threshold": args.f1_threshold, "judge_model": args.judge_model,
         "judge_rubric": args.judge_rubric if args.judge_model else None, "judge_stats": judge_stats})
     if checkpoints:

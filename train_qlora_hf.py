@@ -50,6 +50,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from array import array
 from pathlib import Path
 from types import MethodType
@@ -57,16 +58,16 @@ from types import MethodType
 import torch
 import torch.distributed as dist
 
-from common import (InputError, chat_text, encode_text, ensure_chat_template, eval_questions_path, nf4_config,
-                    read_jsonl, record_messages, sha256_file, write_json_atomic, write_jsonl_atomic)
+from common import (HELDOUT_QUESTIONS_FILE, InputError, chat_text, encode_text, ensure_chat_template,
+                    eval_questions_path, nf4_config, read_jsonl, record_messages, sha256_file, write_json_atomic,
+                    write_jsonl_atomic)
 
 IGNORE = -100
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-HELDOUT_FILE = "eval_questions.jsonl"  # the run's held-out samples as evaluation questions
-RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md", HELDOUT_FILE)
+RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md", HELDOUT_QUESTIONS_FILE)
 
 
 class TrainingError(RuntimeError):
@@ -384,12 +385,8 @@ def split_train_val(samples: list[dict], val_fraction: float, seed: int,
 def system_prompts(samples: list[dict]) -> list[dict]:
     """The system prompts the training data used, most frequent first ({"prompt": None} = no system turn).
     Evaluation and inference read this from run_config.json so they prompt the way training did."""
-    counts: dict = {}
-    for s in samples:
-        m = s["messages"][0]
-        key = m["content"] if m["role"] == "system" else None
-        counts[key] = counts.get(key, 0) + 1
-    return [{"prompt": p, "count": n} for p, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    counts = Counter(s["messages"][0]["content"] if s["messages"][0]["role"] == "system" else None for s in samples)
+    return [{"prompt": p, "count": n} for p, n in counts.most_common()]
 
 
 def heldout_questions(val_samples: list[dict]) -> list[dict]:
@@ -1500,8 +1497,9 @@ def write_metrics(out_dir, metrics: dict) -> None:
         ax.plot([r["step"] for r in metrics["train"]], train_l, label="train", lw=1)
     if val_l:
         ax.plot([r["step"] for r in metrics["val"]], val_l, "o-", label="validation")
-        for r in metrics["val"][-1:]:
-            ax.annotate(f"{r['loss']:.3f}", (r["step"], r["loss"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        last = metrics["val"][-1]
+        ax.annotate(f"{last['loss']:.3f}", (last["step"], last["loss"]), textcoords="offset points", xytext=(4, 6),
+                    fontsize=8)
     # The first steps' losses can be many times the rest: scale to what follows them so the descent is visible.
     settled = train_l[len(train_l) // 10:] + val_l
     if settled:
@@ -1618,7 +1616,7 @@ def _main(argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "run_config.json", run_config)
         if val_s:
-            write_jsonl_atomic(out / HELDOUT_FILE, heldout_questions(val_s))
+            write_jsonl_atomic(out / HELDOUT_QUESTIONS_FILE, heldout_questions(val_s))
     d.barrier()
 
     model = load_model(args)

@@ -101,13 +101,13 @@ def judge_summary(rows: list[dict], criteria: list[str]) -> dict:
 
 def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0) -> dict:
     """summary.json's evidence: the verdict first, then the key rates, then per type."""
-    stats = compare([r["base_score"] for r in rows], [r["finetuned_score"] for r in rows], seed=seed)
-    verdict, reason = decide(stats)
     by_type = {}
     for t in type_order(rows) + ["all"]:
         sel = [r for r in rows if t == "all" or r["type"] == t]
         by_type[t] = {"n": len(sel), **{side: _side_summary(sel, side) for side in SIDES},
                       "paired": compare([r["base_score"] for r in sel], [r["finetuned_score"] for r in sel], seed=seed)}
+    stats = by_type["all"]["paired"]  # every question, paired
+    verdict, reason = decide(stats)
     out = {"verdict": verdict, "verdict_line": headline(verdict, stats, reason),
            "evidence": {**stats, "reason": reason, "measure": SCORE_RULE}, "rates": key_rates(rows), "by_type": by_type}
     judge = judge_summary(rows, criteria or [])
