@@ -5,6 +5,7 @@ Nothing here runs at import time and nothing here imports torch or transformers,
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -46,6 +47,11 @@ _MARKER_RE = re.compile(r"<\|(system|user|assistant)\|>")
 
 class InputError(Exception):
     """Bad usage or bad input: the scripts print the message and exit with code 2."""
+
+
+class RunFailure(Exception):
+    """A failure at run time that is not the input's fault (non-finite loss, out of memory at the smallest
+    batch): the scripts print the message and exit with code 1."""
 
 
 # --------------------------------------------------------------------------- chat format
@@ -229,6 +235,7 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+DEFAULT_RUN_DIR = "models/zephyr-7b-qlora"  # the run folder evaluation and inference read by default
 HELDOUT_QUESTIONS_FILE = "eval_questions.jsonl"  # a run folder's held-out samples, as evaluation questions
 
 
@@ -249,16 +256,45 @@ def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> N
                          "or choose another output path")
 
 
-def run_main(fn, argv=None) -> int:
-    """Call a script body, turning InputError into the documented exit code 2 with a clean message."""
+def run_main(fn, argv=None, interrupted: str = "work done so far is saved, rerun the same command to resume",
+             show_errors: bool = True) -> int:
+    """Call a script body with the documented exit codes: InputError -> 2, RunFailure -> 1, Ctrl-C -> 130,
+    each with a one-line message on stderr (show_errors False: no message, e.g. on all but one process)."""
     try:
         return fn(argv)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code, msg = 2, f"error: {e}"
+    except RunFailure as e:
+        code, msg = 1, f"error: {e}"
     except KeyboardInterrupt:
-        print("interrupted; work done so far is saved, rerun the same command to resume", file=sys.stderr)
-        return 130
+        code, msg = 130, f"interrupted; {interrupted}"
+    if show_errors:
+        print(msg, file=sys.stderr)
+    return code
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the module docstring as written, and every flag's default after its help unless
+    the help already says what the default is ("default:" in the text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_flag(group, name: str, **kw):
+    """group.add_argument(name, **kw), also accepting the dashed spelling of an underscored flag
+    (--max-tokens for --max_tokens) without listing it in --help: commands written before the flags took
+    the seed's underscores keep working."""
+    action = group.add_argument(name, **kw)
+    if "_" in name:
+        hidden = {k: v for k, v in kw.items() if k not in ("help", "default", "dest")}
+        group.add_argument(name.replace("_", "-"), dest=action.dest, help=argparse.SUPPRESS,
+                           default=argparse.SUPPRESS, **hidden)
+    return action
 
 
 # --------------------------------------------------------------------------- tokenizer glue
@@ -282,12 +318,3 @@ def encode_text(tokenizer, text: str) -> list[int]:
         ids = [tokenizer.bos_token_id] + ids
     return ids
 
-
-def nf4_config(compute_dtype):
-    """How the frozen base is quantised, in one place: training loads it this way and evaluation/inference
-    reload it the same way, so the dequantised weights they use are the very ones training saw.
-    QLoRA's recipe: 4-bit NormalFloat with double quantisation of the scales."""
-    from transformers import BitsAndBytesConfig  # imported here: common.py stays free of heavy imports
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)

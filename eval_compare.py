@@ -42,16 +42,19 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, append_jsonl, chat_text, check_outputs_free, encode_text,
-                    eval_questions_path, nf4_config, qa_messages, read_jsonl, read_jsonl_tolerant, run_main,
-                    sha256_file, sha256_text, write_json_atomic)
+from common import (DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, check_outputs_free, eval_questions_path,
+                    read_jsonl, run_main, sha256_file, sha256_text, write_json_atomic)
 from paperqa_tune import charts, report
+from paperqa_tune.cache import JsonlCache
+from paperqa_tune.checkpoints import list_checkpoints
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
+from paperqa_tune.loading import (Run, attach_adapter, auto_batch_size, choose_mode, dequantize_, load_run_base,
+                                  read_run, run_tokenizer)
 from paperqa_tune.report import SIDES
 
-DEFAULT_ADAPTER = "models/zephyr-7b-qlora"
 DEFAULT_OUT = "outputs/evaluation.csv"
 NO_SYSTEM = object()  # a question row without a "system" key: use the run's prompt
 
@@ -99,7 +102,7 @@ def read_questions(path: Path) -> list[dict]:
     return out
 
 
-def resolve_questions(given: str | None, run: "Run") -> tuple[Path, str]:
+def resolve_questions(given: str | None, run: Run) -> tuple[Path, str]:
     """The questions to ask, and a sentence saying where they came from."""
     if given:
         return Path(given), f"questions: {given}"
@@ -116,271 +119,21 @@ def resolve_questions(given: str | None, run: "Run") -> tuple[Path, str]:
                      "--questions FILE (JSONL or CSV with a 'question' column)")
 
 
-def system_for(q: dict, run: "Run", override: str | None) -> str | None:
+def system_for(q: dict, run: Run, override: str | None) -> str | None:
     """--system wins, then the question row's own, then the prompt the run's training data used."""
     if override is not None:
         return override or None
     return run.system_prompt if q["system"] is NO_SYSTEM else q["system"]
 
 
-# --------------------------------------------------------------------------- run folder and model
-@dataclass
-class Run:
-    adapter: Path
-    base_model: str
-    args: dict = field(default_factory=dict)
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the training data had no system turn
-    dtype: str = "bfloat16"         # compute dtype of training
-    adapter_sha: str = ""
-
-
-def read_run(adapter: str | Path, base_model: str | None = None) -> Run:
-    """Everything later stages need from a run folder (models/<run>/), checked up front."""
-    adapter = Path(adapter)
-    if not adapter.is_dir():
-        raise InputError(f"{adapter}: adapter folder not found; train one with train_qlora_hf.py "
-                         "or pass --adapter models/<run>")
-    if not (adapter / "adapter_config.json").is_file():
-        raise InputError(f"{adapter}: no adapter_config.json here; --adapter must be a run folder "
-                         "written by train_qlora_hf.py (PEFT save_pretrained)")
-
-    def load_json(p: Path) -> dict:
-        try:
-            return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise InputError(f"{p}: malformed JSON ({e.msg} at line {e.lineno})") from None
-
-    cfg, acfg = load_json(adapter / "run_config.json"), load_json(adapter / "adapter_config.json")
-    args = cfg.get("args") or {}
-    base = base_model or cfg.get("base_model") or acfg.get("base_model_name_or_path")
-    if not base:
-        raise InputError(f"{adapter}: cannot tell the base model (no run_config.json base_model, no "
-                         "adapter_config.json base_model_name_or_path); pass --base_model")
-    # train_qlora_hf.resolve_precision: --fp16 wins, --no-bf16 means fp32, otherwise bf16 (fp16 on GPUs
-    # without bf16, which torch_dtype() repeats here)
-    dtype = "float16" if args.get("fp16") else "float32" if args.get("bf16") is False else "bfloat16"
-    weights = adapter / "adapter_model.safetensors"
-    # run_config.json records the prompt the data used (None = no system turn); runs from before it did
-    # only know --system_prompt
-    system = cfg["system_prompt"] if "system_prompt" in cfg else args.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
-    return Run(adapter=adapter, base_model=str(base), args=args, system_prompt=system, dtype=dtype,
-               adapter_sha=sha256_file(weights) if weights.is_file() else "")
-
-
-def load_tokenizer(run: Run):
-    from transformers import AutoTokenizer
-
-    src = run.adapter if (run.adapter / "tokenizer_config.json").is_file() else run.base_model
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the tokenizer from {src}: {e}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
-
-
-def torch_dtype(run: Run):
-    import torch
-
-    dtype = getattr(torch, run.dtype)
-    if dtype is torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        print("warning: this GPU has no bf16; computing in fp16", file=sys.stderr)
-        dtype = torch.float16
-    return dtype
-
-
-def load_base(run: Run):
-    """The base model as training loads it (train_qlora_hf.load_model): NF4, double quant, the training
-    compute dtype."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch_dtype(run)
-    kw: dict = {"dtype": dtype, "quantization_config": nf4_config(dtype)}
-    if torch.cuda.is_available():
-        kw["device_map"] = {"": torch.cuda.current_device()}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(run.base_model, **kw)
-    except OSError as e:
-        raise InputError(f"cannot load base model {run.base_model}: {e}; pass --base_model") from None
-    model.eval()
-    return model
-
-
-def dequantize_(model) -> None:
-    """Replace every bnb Linear4bit by an nn.Linear holding bnb.functional.dequantize_4bit(weight) in the
-    compute dtype: bit for bit the matrix the 4-bit layer multiplies by in training and inference."""
-    if getattr(model, "hf_quantizer", None) is None:
-        return  # already dense
-    import torch
-
-    model.dequantize(dtype=model.dtype)  # transformers' dequantize_and_replace; drops quantization_config
-    model.is_loaded_in_4bit = False
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def attach_adapter(model, adapter: Path):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
-
-
-def merged_model(run: Run, model=None):
-    """Dense model with the LoRA merged in: base (dequantised if it was 4-bit) + merge_and_unload."""
-    model = model if model is not None else load_base(run)
-    dequantize_(model)
-    return attach_adapter(model, run.adapter).merge_and_unload()
-
-
-def bytes_to_dequantize(model) -> int:
-    """Extra device memory the fast path needs: dense weights minus the packed 4-bit ones."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    extra = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            packed = m.weight.data.numel() * m.weight.data.element_size()
-            extra += m.in_features * m.out_features * model.dtype.itemsize - packed
-    return extra
-
-
-def kv_bytes_per_token(model) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
-
-
-def free_cuda_bytes() -> int:
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-
-
-def choose_mode(requested: str, model, n_seqs: int, seq_len: int) -> str:
-    """auto: fast when a CUDA GPU has room for the dense weights plus the KV cache of a few batches."""
-    import torch
-
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return "reference"
-    need = bytes_to_dequantize(model) + kv_bytes_per_token(model) * seq_len * min(n_seqs, 16) + (2 << 30)
-    return "fast" if free_cuda_bytes() > need else "reference"
-
-
-def auto_batch_size(model, n: int, seq_len: int) -> int:
-    import torch
-
-    if not torch.cuda.is_available():
-        return min(n, 8)
-    # KV cache and activations of a batch stay within half of what is free: the rest is headroom.
-    per_seq = kv_bytes_per_token(model) * seq_len * 2
-    return max(1, min(n, 256, int(free_cuda_bytes() * 0.5 // per_seq)))
-
-
-# --------------------------------------------------------------------------- generation
-@dataclass
-class Decoding:
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int = 0
-    cache: str = "static"           # KV cache allocated once per batch; "dynamic" grows (and allocates) per step
-    compile: bool = False           # torch.compile the decoding step (needs the static cache)
-
-    def key(self) -> dict:
-        k = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens, "do_sample": self.do_sample}
-        if self.do_sample:
-            k.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-        return k
-
-    def kwargs(self, tokenizer) -> dict:
-        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-        if self.min_new_tokens:
-            kw["min_new_tokens"] = self.min_new_tokens
-        if self.do_sample:
-            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-        else:  # silence the model's own sampling defaults, which greedy decoding ignores
-            kw.update(temperature=None, top_p=None, top_k=None)
-        if self.cache == "static" or self.compile:
-            kw["cache_implementation"] = "static"
-            # transformers compiles the decoding step whenever the cache is static on a GPU, unless told not to
-            kw["disable_compile"] = not self.compile
-        return kw
-
-
-def prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
-    """Exactly the training format: system + user turns, then the assistant header."""
-    text = chat_text(tokenizer, qa_messages(question, system=system), add_generation_prompt=True)
-    return encode_text(tokenizer, text)
-
-
-def left_pad(batch: list[list[int]], pad_id: int, device):
-    import torch
-
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding) -> list[tuple[str, int, list[int]]]:
-    """Greedy/sampled answers for a batch of prompt ids: [(text, generated tokens incl. EOS, token ids)]."""
-    import torch
-
-    ids, mask = left_pad(batch, tokenizer.pad_token_id, next(model.parameters()).device)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, **dec.kwargs(tokenizer))
-    eos = tokenizer.eos_token_id
-    results = []
-    for row in out[:, ids.shape[1]:].tolist():
-        n = row.index(eos) + 1 if eos in row else len(row)
-        results.append((tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n, row[:n]))
-    return results
-
-
-class AnswerCache:
-    """Append-only JSONL of generated answers (and judge verdicts), keyed so a rerun reuses them."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb+") as f:  # a kill can leave a torn last line: start the next one clean
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-        self.data = {r["key"]: r for r in read_jsonl_tolerant(path) if "key" in r}
-
-    def get(self, key: str) -> dict | None:
-        return self.data.get(key)
-
-    def put(self, record: dict) -> None:
-        append_jsonl(self.path, record)
-        self.data[record["key"]] = record
-
-
+# --------------------------------------------------------------------------- answers
 def answer_key(q: dict, prompt: list[int], model_name: str, dec: Decoding) -> str:
     return sha256_text(json.dumps({"id": q["id"], "prompt": sha256_text(json.dumps(prompt)), "model": model_name,
                                    "decoding": dec.key()}, sort_keys=True))[:32]
 
 
 def generate_missing(model, tokenizer, todo: list[tuple[str, dict, list[int]]], side: str, dec: Decoding,
-                     batch_size: int, cache: AnswerCache) -> dict:
+                     batch_size: int, cache: JsonlCache) -> dict:
     """Generate answers for (key, question, prompt ids) not yet cached, longest prompts first, writing
     each batch to the cache as soon as it is done. Returns timing for the summary."""
     from tqdm import tqdm
@@ -419,14 +172,11 @@ class Adapter:
 
 def find_checkpoints(run: Run, given: list[str]) -> list[Adapter]:
     """--checkpoints: the listed folders, or (none listed) every checkpoint the run kept, by step."""
-    if given:
-        paths = [Path(p) for p in given]
-    else:
-        root = run.adapter / "checkpoints"
-        paths = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-        if not paths:
-            raise InputError(f"--checkpoints: no checkpoint in {root}; train with --keep_checkpoints and a "
-                             "--save_total_limit large enough to keep them all (e.g. 100), or list checkpoint folders")
+    paths = [Path(p) for p in given] if given else list_checkpoints(run.adapter)
+    if not paths:
+        raise InputError(f"--checkpoints: no checkpoint in {run.adapter / 'checkpoints'}; train with "
+                         "--keep_checkpoints and a --save_total_limit large enough to keep them all (e.g. 100), or "
+                         "list checkpoint folders")
     out = []
     for p in paths:
         if not (p / "adapter_model.safetensors").is_file():
@@ -452,13 +202,13 @@ def final_step(run: Run) -> int | None:
 
 
 def generate_all(run: Run, tokenizer, todo: dict[str, list], adapters: list[Adapter], dec: Decoding, args,
-                 n_questions: int, seq_len: int, cache: AnswerCache) -> dict:
+                 n_questions: int, seq_len: int, cache: JsonlCache) -> dict:
     """Answer what is not cached: base first, then each checkpoint, the final adapter last. One base load."""
     import torch
 
     timing: dict = {}
     t0 = time.perf_counter()
-    model = load_base(run)
+    model = load_run_base(run)
     _sync()
     timing["load_s"] = round(time.perf_counter() - t0, 3)
     mode = choose_mode(args.mode, model, n_questions, seq_len)
@@ -505,7 +255,7 @@ def judge_rubric(args) -> list[tuple[str, str]]:
     return judge.read_rubric(judge.DEFAULT_RUBRIC if args.judge_rubric == "default" else Path(args.judge_rubric))
 
 
-def run_judges(rows: list[dict], questions: dict, args, cache: AnswerCache) -> tuple[list[str], bool, dict]:
+def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tuple[list[str], bool, dict]:
     """Rubric scores per answer (blind) and the pairwise verdict in both orders. Returns (rubric criteria,
     pairwise ran, stats). Failed judge calls are recorded as failures on the row, never as scores or ties."""
     if not args.judge_model:
@@ -594,9 +344,9 @@ def learning_curve(run: Run, rows: list[dict], answers: dict[str, dict], adapter
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--adapter", default=DEFAULT_ADAPTER, help="run folder from train_qlora_hf.py (default: %(default)s)")
+    a("--adapter", default=DEFAULT_RUN_DIR, help="run folder from train_qlora_hf.py")
     a("--base_model", default=None, help="base model (default: run_config.json base_model, else the adapter's)")
     a("--questions", default=None,
       help="JSONL, or CSV with question[,reference,type,system] (default: the held-out questions beside the run's "
@@ -614,21 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
       help="also evaluate these checkpoint folders, or with no folder every checkpoint the run kept "
            "(train with --keep_checkpoints), and write learning_curve.csv/.png (default: off)")
     a("--f1_threshold", type=float, default=0.4,
-      help="token F1 against the reference at which an answerable question counts as correct (default: %(default)s)")
-    a("--max_new_tokens", type=int, default=256, help="answer length limit (default: %(default)s)")
+      help="token F1 against the reference at which an answerable question counts as correct")
+    a("--max_new_tokens", type=int, default=256, help="answer length limit")
     a("--min_new_tokens", type=int, default=0,
-      help="suppress EOS before this many tokens; for benchmarks (default: %(default)s)")
+      help="suppress EOS before this many tokens; for benchmarks")
     a("--batch_size", type=int, default=None,
       help="prompts per generate call (default: from free GPU memory; 8 on CPU)")
-    a("--seed", type=int, default=0, help="random seed for sampling and the bootstrap (default: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed for sampling and the bootstrap")
     a("--do_sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
-    a("--temperature", type=float, default=0.7, help="sampling temperature with --do_sample (default: %(default)s)")
-    a("--top_p", type=float, default=0.9, help="nucleus sampling with --do_sample (default: %(default)s)")
+    a("--temperature", type=float, default=0.7, help="sampling temperature with --do_sample")
+    a("--top_p", type=float, default=0.9, help="nucleus sampling with --do_sample")
     a("--mode", choices=("auto", "fast", "reference"), default="auto",
       help="fast: dequantised bf16 + merged LoRA; reference: 4-bit + adapter; auto: fast when a CUDA GPU "
-           "has room (default: %(default)s)")
+           "has room")
     a("--cache", choices=("static", "dynamic"), default="static",
-      help="KV cache allocated once per batch, or grown every step (default: %(default)s)")
+      help="KV cache allocated once per batch, or grown every step")
     a("--compile", action="store_true", help="static KV cache + torch.compile of the decoding step; pays only "
       "for several hundred questions, see bench/README.md (default: off)")
     a("--judge_model", default=None,
@@ -638,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--judge_rubric", default="default",
       help="rubric file, one 'name: description' line per criterion; the first criterion is correctness; "
            "'none' for the pairwise judge only (default: the shipped paperqa_tune/rubric_default.txt)")
-    a("--judge_workers", type=int, default=4, help="concurrent judge requests (default: %(default)s)")
+    a("--judge_workers", type=int, default=4, help="concurrent judge requests")
     a("--overwrite", action="store_true", help="replace existing outputs (the answer cache is kept)")
     return p
 
@@ -683,7 +433,7 @@ def rescore(args) -> int:
         questions = {q["id"]: q for q in read_questions(Path(qfile))}
         print(f"abstracts for the judge from {qfile}")
     questions = {r["id"]: {"context": "", **questions.get(r["id"], {}), **r} for r in rows}
-    cache = AnswerCache(paths["cache"])
+    cache = JsonlCache(paths["cache"])
     criteria, pairwise, judge_stats = run_judges(rows, questions, args, cache)
     report.score_rows(rows, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
     summary = {**report.summarize(rows, criteria, seed=args.seed), "rescored_from": str(src),
@@ -714,7 +464,7 @@ def _main(argv=None) -> int:
     from transformers import set_seed
 
     set_seed(args.seed)
-    tokenizer = load_tokenizer(run)
+    tokenizer = run_tokenizer(run)
     dec = Decoding(args.max_new_tokens, args.min_new_tokens, args.do_sample, args.temperature, args.top_p,
                    args.seed, args.cache, args.compile)
     systems = {q["id"]: system_for(q, run, args.system) for q in questions}
@@ -722,7 +472,7 @@ def _main(argv=None) -> int:
     adapters = checkpoints + [Adapter("finetuned", run.adapter, final_step(run), run.adapter_sha)]
     names = {"base": f"base:{run.base_model}", **{a.label: f"finetuned:{run.base_model}+{a.sha}" for a in adapters}}
     keys = {(q["id"], m): answer_key(q, prompts[q["id"]], name, dec) for q in questions for m, name in names.items()}
-    cache = AnswerCache(paths["cache"])
+    cache = JsonlCache(paths["cache"])
     todo = {m: [(keys[q["id"], m], q, prompts[q["id"]]) for q in questions if cache.get(keys[q["id"], m]) is None]
             for m in names}
     print(f"{len(questions)} questions; cached answers: base {len(questions) - len(todo['base'])}, "

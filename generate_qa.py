@@ -7,14 +7,14 @@ Run as:
     # any OpenAI-compatible server (OpenAI, vLLM, Ollama...); the key comes from OPENAI_API_KEY only
     export OPENAI_API_KEY=...
     python generate_qa.py --input data/sample_abstracts.jsonl --model gpt-4o-mini --concurrency 16
-    python generate_qa.py --input abstracts.csv --base-url http://localhost:8000/v1 --model HuggingFaceH4/zephyr-7b-beta
+    python generate_qa.py --input abstracts.csv --base_url http://localhost:8000/v1 --model HuggingFaceH4/zephyr-7b-beta
 
     # a local transformers model, batched
     python generate_qa.py --backend hf --model HuggingFaceH4/zephyr-7b-beta --input data/sample_abstracts.jsonl
 
     # straight from arXiv
-    python generate_qa.py --backend offline --arxiv-ids 2305.14314,2106.09685
-    python generate_qa.py --arxiv-query "cat:cs.CL AND ti:instruction tuning" --max-papers 40
+    python generate_qa.py --backend offline --arxiv_ids 2305.14314,2106.09685
+    python generate_qa.py --arxiv_query "cat:cs.CL AND ti:instruction tuning" --max_papers 40
 
 Writes data/synthetic_qa.jsonl (train), data/eval_questions.jsonl (whole held-out papers), a manifest
 (data/synthetic_qa.manifest.json) and the rejects (data/rejects_synthetic_qa.jsonl), all at the end
@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import functools
-import hashlib
 import io
 import json
-import math
 import os
 import random
 import re
@@ -41,147 +38,149 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, InputError, append_jsonl, chat_record, check_outputs_free,
-                    eval_questions_path,
-                    qa_messages,
-                    read_jsonl, read_jsonl_tolerant, run_main, sha256_file, sha256_text, write_json_atomic,
-                    write_jsonl_atomic)
+from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, add_flag, chat_record, check_outputs_free,
+                    eval_questions_path, qa_messages, read_jsonl, run_main, sha256_file, sha256_text,
+                    write_json_atomic, write_jsonl_atomic)
+from paperqa_tune.cache import JsonlCache
+from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_pairs
+from paperqa_tune.prompts import (ANSWERABLE, PAIRS_SCHEMA, SCORES_SCHEMA, TYPES, generation_messages,
+                                  judge_messages, prompts_hash, repair_messages, type_quotas)
 from paperqa_tune.scoring import corrects_premise, is_refusal
+from paperqa_tune.textsim import (clean_text, cross_group_near_duplicates, grounding, normalized, numbers,
+                                  question_tokens, within_paper_duplicate)
 
-ANSWERABLE = ("factual", "conceptual", "methodology")
-EDGE_CASES = ("unanswerable", "false_premise")
-TYPES = ANSWERABLE + EDGE_CASES
-OFFLINE_MODEL = "offline-rules-v1"
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "hf": "HuggingFaceH4/zephyr-7b-beta", "offline": OFFLINE_MODEL}
 ARXIV_API_URL = "https://export.arxiv.org/api/query"
-# USD per 1M (input, output) tokens, for the manifest's cost estimate only; --price-per-mtok overrides.
+ARXIV_ID_RE = re.compile(r"^(\d{4}\.\d{4,5}|[a-z][a-z\-]*(\.[A-Z]{2})?/\d{7})(v\d+)?$")
+# USD per 1M (input, output) tokens, for the manifest's cost estimate only; --price_per_mtok overrides.
 PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4.1-mini": (0.40, 1.60),
                    "gpt-4.1-nano": (0.10, 0.40), "gpt-4.1": (2.00, 8.00)}
 
 
-# =========================================================================== prompts (all of them)
-GENERATOR_SYSTEM = ("You write training data for a research assistant: question-answer pairs about one paper, "
-                    "using only its abstract. You reply with JSON only.")
-
-TYPE_GUIDE = {
-    "factual": "a specific fact the abstract states (a result, number, dataset, model or name); the answer "
-               "gives it from the abstract.",
-    "conceptual": "the idea, motivation or significance of the work, as the abstract explains it.",
-    "methodology": "how the method works or how it was trained or evaluated, as the abstract describes it.",
-    "unanswerable": "asks for a plausible detail the abstract does NOT give (hardware, hyperparameters, cost, "
-                    "dataset size...); the answer says the abstract does not state it and invents nothing.",
-    "false_premise": "presupposes something the abstract contradicts (a wrong number, the opposite finding); "
-                     "the answer points out the false premise and gives what the abstract actually says.",
-}
-
-GENERATION_PROMPT = """Paper: "{title}" (id {paper_id})
-<abstract>
-{abstract}
-</abstract>
-
-Write exactly {n} question-answer pairs about this paper: {quota}.
-
-Types:
-{type_guide}
-
-Rules:
-- Every question names the paper ("{name}") so that it makes sense on its own, without the abstract.
-- Answers use only what the abstract says, in 1-3 sentences. Never add numbers or names it does not give.
-- No two questions ask the same thing.
-
-Reply with one JSON object and nothing else:
-{{"pairs": [{{"type": "<one of {types}>", "question": "...", "answer": "..."}}]}}"""
-
-REPAIR_PROMPT = """Your reply could not be used: {error}.
-Reply again with only the JSON object {{"pairs": [{{"type": ..., "question": ..., "answer": ...}}]}} as \
-instructed above: no prose, no code fences, every pair with a non-empty "type", "question" and "answer"."""
-
-JUDGE_SYSTEM = "You grade question-answer pairs written about a paper abstract. You reply with JSON only."
-
-JUDGE_PROMPT = """Paper: "{title}"
-<abstract>
-{abstract}
-</abstract>
-
-Grade each pair from 1 (wrong, unsupported by the abstract, or useless) to 5 (correct, fully supported by
-the abstract, useful). An "unanswerable" pair is good only if its answer says the abstract does not give
-that detail and invents nothing; a "false_premise" pair only if its answer corrects the premise.
-
-{pairs}
-
-Reply with one JSON object and nothing else:
-{{"scores": [{{"index": 1, "score": 4, "reason": "..."}}]}}"""
-
-PAIRS_SCHEMA = {
-    "type": "object",
-    "properties": {"pairs": {"type": "array", "items": {
-        "type": "object",
-        "properties": {"type": {"type": "string", "enum": list(TYPES)}, "question": {"type": "string"},
-                       "answer": {"type": "string"}},
-        "required": ["type", "question", "answer"], "additionalProperties": False}}},
-    "required": ["pairs"], "additionalProperties": False,
-}
-SCORES_SCHEMA = {
-    "type": "object",
-    "properties": {"scores": {"type": "array", "items": {
-        "type": "object",
-        "properties": {"index": {"type": "integer"}, "score": {"type": "number"}, "reason": {"type": "string"}},
-        "required": ["index", "score", "reason"], "additionalProperties": False}}},
-    "required": ["scores"], "additionalProperties": False,
-}
-
-
-def prompts_hash(system_prompt: str) -> str:
-    """One hash over every prompt text, so the manifest says which prompts made the data."""
-    return sha256_text(json.dumps([GENERATOR_SYSTEM, TYPE_GUIDE, GENERATION_PROMPT, REPAIR_PROMPT, JUDGE_SYSTEM,
-                                   JUDGE_PROMPT, PAIRS_SCHEMA, SCORES_SCHEMA, system_prompt], sort_keys=True))
-
-
-def type_quotas(n: int, edge_ratio: float) -> dict[str, int]:
-    """How many pairs of each type to ask for: edge cases split unanswerable/false_premise, the rest evenly."""
-    n_edge = min(n, round(n * edge_ratio))
-    if edge_ratio > 0 and n >= 4 and n_edge == 0:
-        n_edge = 1
-    q = {"unanswerable": (n_edge + 1) // 2, "false_premise": n_edge // 2}
-    rest = n - n_edge
-    for i, t in enumerate(("factual", "methodology", "conceptual")):
-        q[t] = rest // 3 + (1 if i < rest % 3 else 0)
-    return {t: q[t] for t in TYPES}
+# =========================================================================== flags
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="abstract files: .jsonl {id,title,abstract}, .csv with those columns, .txt with "
+                        "blank-line-separated abstracts; several allowed")
+    add_flag(g, "--arxiv_ids", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], action="extend",
+             default=[], metavar="IDS", help="also fetch these arXiv papers' abstracts: comma-separated ids, "
+                                             "e.g. 2305.14314,2106.09685")
+    add_flag(g, "--arxiv_query", default=None,
+             help='also fetch the abstracts an arXiv search returns, e.g. "cat:cs.CL AND ti:retrieval"')
+    add_flag(g, "--max_papers", type=int, default=20, help="most papers --arxiv_query fetches")
+    add_flag(g, "--arxiv_api_url", default=ARXIV_API_URL,
+             help="arXiv API endpoint to fetch from (change it only for a mirror or for tests)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--backend", choices=("openai", "hf", "offline"), default="openai",
+                   help="what writes the pairs: openai = any OpenAI-compatible server, hf = a local transformers "
+                        "model, offline = rules over the abstract's own sentences (no LLM, no key)")
+    g.add_argument("--model", default=None,
+                   help=f"model that writes the pairs, a name or path (default: {DEFAULT_MODELS['openai']} for "
+                        f"openai, {DEFAULT_MODELS['hf']} for hf)")
+    add_flag(g, "--base_url", default=None,
+             help="OpenAI-compatible server to send requests to, e.g. http://localhost:8000/v1 (default: "
+                  "OpenAI's); the key comes from OPENAI_API_KEY")
+    add_flag(g, "--pairs_per_abstract", type=int, default=12, help="Q&A pairs to ask for per abstract")
+    add_flag(g, "--edge_case_ratio", type=float, default=0.2,
+             help="share of those pairs that are edge cases (unanswerable and false-premise questions)")
+    add_flag(g, "--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
+             help="system turn written into every training record and eval question")
+    g.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature of the model writing the pairs (0: greedy)")
+    add_flag(g, "--max_tokens", type=int, default=3000,
+             help="longest reply per request, in tokens; a reply cut off there usually cannot be parsed")
+    add_flag(g, "--response_format", choices=("json_schema", "json_object", "none"), default="json_schema",
+             help="structured output to ask the server for; plain JSON is asked instead if the server refuses it")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (openai backend)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply before retrying")
+    add_flag(g, "--max_retries", type=int, default=4,
+             help="retries of a request on rate limits (429), server errors (5xx) and timeouts, with backoff")
+    add_flag(g, "--batch_size", type=int, default=4,
+             help="prompts generated together (hf backend); lower it if the GPU runs out of memory")
+    add_flag(g, "--trust_remote_code", action="store_true",
+             help="run the model repository's own Python code (hf backend); only for models you trust")
+    add_flag(g, "--price_per_mtok", default=None, metavar="IN,OUT",
+             help="USD per 1M input,output tokens for the manifest's cost estimate (default: the price of "
+                  "known OpenAI models, else 0)")
+    g = p.add_argument_group("curation and split")
+    add_flag(g, "--min_grounding", type=float, default=0.5,
+             help="drop an answerable pair unless this share of its answer's content words occurs in the abstract")
+    add_flag(g, "--dedup_threshold", type=float, default=0.8,
+             help="drop a question whose word overlap (Jaccard) with a kept question is at least this")
+    add_flag(g, "--min_question_chars", type=int, default=10, help="drop pairs whose question is shorter")
+    add_flag(g, "--max_question_chars", type=int, default=400, help="drop pairs whose question is longer")
+    add_flag(g, "--min_answer_chars", type=int, default=15, help="drop pairs whose answer is shorter")
+    add_flag(g, "--max_answer_chars", type=int, default=1500, help="drop pairs whose answer is longer")
+    add_flag(g, "--judge_model", default=None,
+             help="also have this model (same server and key) score every pair 1-5, and drop low scores")
+    add_flag(g, "--min_score", type=float, default=3.0, help="with --judge_model: drop pairs scored below this")
+    add_flag(g, "--eval_papers", type=float, default=3,
+             help="papers held out whole as evaluation questions: a count, or a fraction of them if below 1")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out", default="data/synthetic_qa.jsonl", help="training records (chat JSONL) to write")
+    add_flag(g, "--eval_out", default=None,
+             help="held-out evaluation questions to write (default: beside --out: eval_questions.jsonl for "
+                  "synthetic_qa.jsonl, else <out stem>_eval_questions.jsonl)")
+    g.add_argument("--manifest", default=None,
+                   help="run manifest to write: inputs, counts, tokens, cost (default: OUT with .manifest.json)")
+    g.add_argument("--rejects", default=None, help="dropped pairs and failed requests with the reason "
+                                                   "(default: rejects_<OUT name>.jsonl next to OUT)")
+    g.add_argument("--cache", default=None, help="append-only cache of LLM replies that a rerun reuses "
+                                                 "(default: .cache/<OUT name>.jsonl next to OUT)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--seed", type=int, default=0, help="seed for the train/eval split and the model's sampling")
+    return p
 
 
-def short_name(title: str, paper_id: str) -> str:
-    if not title:
-        return f"paper {paper_id}"
-    head = title.split(":")[0].strip()
-    return head if ":" in title and 1 < len(head) <= 40 else title
+def validate_args(args) -> None:
+    """Check everything at once, so one run shows every problem."""
+    problems = []
+    if not (args.input or args.arxiv_ids or args.arxiv_query):
+        problems.append("give abstracts with --input FILE, --arxiv_ids or --arxiv_query")
+    bad_ids = [i for i in args.arxiv_ids if not ARXIV_ID_RE.match(i)]
+    if bad_ids:
+        problems.append(f"--arxiv_ids: not arXiv ids: {', '.join(bad_ids)} "
+                        "(expected e.g. 2305.14314 or hep-th/9901001)")
+    if not re.match(r"^https?://", args.arxiv_api_url):
+        problems.append("--arxiv_api_url must start with http:// or https://")
+    checks = [("--pairs_per_abstract", args.pairs_per_abstract >= 1),
+              ("--edge_case_ratio", 0 <= args.edge_case_ratio <= 1),
+              ("--concurrency", args.concurrency >= 1), ("--timeout", args.timeout > 0),
+              ("--max_retries", args.max_retries >= 0),
+              ("--batch_size", args.batch_size >= 1), ("--max_tokens", args.max_tokens >= 1),
+              ("--max_papers", args.max_papers >= 1), ("--temperature", args.temperature >= 0),
+              ("--min_grounding", 0 <= args.min_grounding <= 1), ("--dedup_threshold", 0 < args.dedup_threshold <= 1),
+              ("--eval_papers", args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
+              ("--min_question_chars/--max_question_chars", 0 <= args.min_question_chars <= args.max_question_chars),
+              ("--min_answer_chars/--max_answer_chars", 0 <= args.min_answer_chars <= args.max_answer_chars)]
+    problems += [f"{name}: invalid value" for name, ok in checks if not ok]
+    if args.price_per_mtok is not None:
+        try:
+            args.price = tuple(float(x) for x in args.price_per_mtok.split(","))
+            assert len(args.price) == 2
+        except (ValueError, AssertionError):
+            problems.append("--price_per_mtok must be two numbers IN,OUT, e.g. 0.15,0.60")
+    if args.backend == "offline" and args.model not in (None, OFFLINE_MODEL):
+        problems.append("--model has no effect with --backend offline; drop it")
+    args.api_key = os.environ.get("OPENAI_API_KEY", "").strip() or None
+    if (args.backend == "openai" or args.judge_model) and not args.api_key:
+        problems.append("OPENAI_API_KEY is not set: export it (any non-empty value for local servers that ignore "
+                        "keys), or use --backend offline / --backend hf")
+    if problems:
+        raise InputError("\n  ".join(["bad arguments:"] + problems))
 
 
-def generation_messages(paper: dict, quotas: dict[str, int]) -> list[dict]:
-    quota = ", ".join(f"{k} {t}" for t, k in quotas.items() if k)
-    guide = "\n".join(f"- {t}: {TYPE_GUIDE[t]}" for t in TYPES if quotas.get(t))
-    user = GENERATION_PROMPT.format(title=paper["title"] or "(untitled)", paper_id=paper["id"],
-                                    abstract=paper["abstract"], n=sum(quotas.values()), quota=quota,
-                                    type_guide=guide, name=short_name(paper["title"], paper["id"]),
-                                    types="|".join(TYPES))
-    return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": user}]
-
-
-def repair_messages(messages: list[dict], bad_reply: str | None, error: str) -> list[dict]:
-    return messages + [{"role": "assistant", "content": (bad_reply or "")[:4000]},
-                       {"role": "user", "content": REPAIR_PROMPT.format(error=error)}]
-
-
-def judge_messages(paper: dict, pairs: list[dict]) -> list[dict]:
-    listing = "\n\n".join(f"{i}. [{p['type']}]\nQ: {p['question']}\nA: {p['answer']}" for i, p in enumerate(pairs, 1))
-    user = JUDGE_PROMPT.format(title=paper["title"] or paper["id"], abstract=paper["abstract"], pairs=listing)
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+def output_paths(args) -> dict[str, Path]:
+    out = Path(args.out)
+    return {"train": out, "eval": Path(args.eval_out) if args.eval_out else eval_questions_path(out),
+            "manifest": Path(args.manifest) if args.manifest else out.with_name(out.stem + ".manifest.json"),
+            "rejects": Path(args.rejects) if args.rejects else out.with_name(f"rejects_{out.stem}.jsonl"),
+            "cache": Path(args.cache) if args.cache else out.parent / ".cache" / f"{out.stem}.jsonl"}
 
 
 # =========================================================================== inputs
-def _clean(text) -> str:
-    return " ".join(str(text).split()) if text is not None else ""
-
-
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     try:
@@ -202,7 +201,7 @@ def _paper(path: Path, line: int, obj: dict, fallback_id: str) -> dict:
     pid = obj.get("id")
     pid = fallback_id if pid is None or str(pid).strip() == "" else str(pid).strip()
     title = obj.get("title")
-    return {**obj, "id": pid, "title": _clean(title), "abstract": _clean(abstract),
+    return {**obj, "id": pid, "title": clean_text(title), "abstract": clean_text(abstract),
             "_where": f"{path}:{line}"}
 
 
@@ -246,9 +245,6 @@ def read_abstract_file(path: Path) -> list[dict]:
                      "(blank-line-separated abstracts)")
 
 
-ARXIV_ID_RE = re.compile(r"^(\d{4}\.\d{4,5}|[a-z][a-z\-]*(\.[A-Z]{2})?/\d{7})(v\d+)?$")
-
-
 def fetch_arxiv(ids: list[str], query: str | None, max_papers: int, api_url: str) -> list[dict]:
     """Abstracts from the arXiv API through the `arxiv` client (its paging, rate limit and retries)."""
     import arxiv
@@ -266,11 +262,11 @@ def fetch_arxiv(ids: list[str], query: str | None, max_papers: int, api_url: str
     try:
         results = list(client.results(search))
     except (arxiv.ArxivError, requests.RequestException) as e:
-        raise InputError(f"arXiv API ({api_url}): {e}; check the network, the ids/query, or --arxiv-api-url") from None
+        raise InputError(f"arXiv API ({api_url}): {e}; check the network, the ids/query, or --arxiv_api_url") from None
     papers = []
     for r in results:
         pid = re.sub(r"v\d+$", "", r.get_short_id())
-        papers.append({"id": pid, "title": _clean(r.title), "abstract": _clean(r.summary),
+        papers.append({"id": pid, "title": clean_text(r.title), "abstract": clean_text(r.summary),
                        "categories": " ".join(r.categories), "source": "arxiv", "_where": f"arXiv {pid}"})
     if ids:
         missing = [i for i in ids if re.sub(r"v\d+$", "", i) not in {p["id"] for p in papers}]
@@ -301,361 +297,11 @@ def load_papers(args) -> tuple[list[dict], list[dict]]:
         seen[p["id"]] = p
         unique.append(p)
     if not unique:
-        raise InputError("no abstracts to work on; pass --input FILE, --arxiv-ids or --arxiv-query")
+        raise InputError("no abstracts to work on; pass --input FILE, --arxiv_ids or --arxiv_query")
     return unique, inputs
 
 
-# =========================================================================== text helpers (grounding, dedup)
-STOPWORDS = frozenset("""a an the of and or to in on for with by from as at is are was were be been being this that
-these those it its their there which who whom what when where why how does do did done can could would should may
-might will shall not no nor than then also into over under about between both each such only very more most other
-some any all our we they them us he she his her you your i if so but while whereas via per up out one two using used
-use paper papers abstract authors author according state states stated report reports reported describe describes
-described work study present presents presented propose proposes proposed""".split())
-_WORD_RE = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
-_NUM_RE = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?")
-_SUFFIXES = ("ations", "ation", "ments", "ment", "ings", "ing", "ies", "ied", "es", "ed", "ly", "s")
-
-
-@functools.lru_cache(maxsize=65536)
-def _stem(w: str) -> str:
-    for suf in _SUFFIXES:
-        if w.endswith(suf) and len(w) - len(suf) >= 4:
-            w = w[: -len(suf)]
-            break
-    return w[:8]
-
-
-@functools.lru_cache(maxsize=4096)  # each abstract is checked against every one of its pairs
-def content_stems(text: str) -> frozenset[str]:
-    words = _WORD_RE.findall(text.lower())
-    return frozenset(_stem(w) for w in words if w not in STOPWORDS and (len(w) > 2 or w.isdigit()))
-
-
-@functools.lru_cache(maxsize=4096)
-def numbers(text: str) -> frozenset[str]:
-    return frozenset(n.replace(",", "") for n in _NUM_RE.findall(text))
-
-
-def grounding(answer: str, abstract: str) -> float:
-    """Share of the answer's content words (crudely stemmed) that the abstract contains."""
-    ans = content_stems(answer)
-    return len(ans & content_stems(abstract)) / len(ans) if ans else 0.0
-
-
-def question_tokens(question: str) -> frozenset[str]:
-    return frozenset(re.findall(r"\w+", question.lower()))
-
-
-def jaccard(a: frozenset, b: frozenset) -> float:
-    inter = len(a & b)
-    return inter / (len(a) + len(b) - inter) if a or b else 1.0
-
-
-def normalized(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
-def cross_group_near_duplicates(sets: list[frozenset], groups: list, threshold: float) -> dict[int, int]:
-    """{i: j}: set i has Jaccard >= threshold with an earlier kept set j of another group.
-
-    Prefix filtering (the all-pairs similarity join): order tokens rarest first; two sets with
-    Jaccard >= t must share a token within their first |x| - ceil(t|x|) + 1 tokens, so only those are
-    indexed and probed. Exact, and near-linear on real data where the pairwise loop is quadratic.
-    """
-    freq = Counter(t for s in sets for t in s)
-    index: dict[str, list[int]] = defaultdict(list)
-    dups = {}
-    for i, s in enumerate(sets):
-        if not s:
-            continue
-        n = len(s)
-        prefix = sorted(s, key=lambda t: (freq[t], t))[: n - math.ceil(threshold * n) + 1]
-        lo, hi = threshold * n, n / threshold  # Jaccard >= t also needs t|x| <= |y| <= |x|/t
-        hit = None
-        for j in sorted({j for t in prefix for j in index[t]}):
-            y = sets[j]
-            if groups[j] != groups[i] and lo <= len(y) <= hi and jaccard(s, y) >= threshold:
-                hit = j
-                break
-        if hit is not None:
-            dups[i] = hit
-            continue
-        for t in prefix:
-            index[t].append(i)
-    return dups
-
-
-def within_paper_duplicate(q: str, kept: list[str], title: str, threshold: float) -> str | None:
-    """A kept question of the same paper this one nearly repeats (the shared title does not count)."""
-    drop = question_tokens(title)
-    a = question_tokens(q) - drop
-    for other in kept:
-        if jaccard(a, question_tokens(other) - drop) >= threshold:
-            return other
-    return None
-
-
-# =========================================================================== offline backend (rule-based)
-_ABBREVS = ("e.g.", "i.e.", "et al.", "vs.", "cf.", "Fig.", "Eq.", "approx.", "resp.", "etc.", "Sec.", "al.")
-_METHOD_RE = re.compile(r"\b(we (propose|introduce|present|develop|design|apply|build|adopt|employ|leverage|combine|"
-                        r"extend)|method|approach|architecture|algorithm|framework|objective|loss|technique|procedure|"
-                        r"mechanism|module|layers?|encoder|decoder|based on|by (using|training|combining|adding|"
-                        r"replacing|learning)|consists? of|relies on|uses?|using|trained|trains?|pre-?train\w*|"
-                        r"fine-?tun\w*|freez\w*|inject\w*|condition\w*|retriev\w*|fetch\w*|quantiz\w*|"
-                        r"backpropagat\w*|reparameteri\w*|optimi[sz]\w*|tiling|prompting|exemplars?|supervis\w*|"
-                        r"reward|index|embedd\w*|attention|casts?|maps?|learns?)\b", re.I)
-_RESULT_RE = re.compile(r"\d|\b(achiev|outperform|result|state-of-the-art|improv|accura|score|bleu|surpass|"
-                        r"match|reach|gain|speed|reduc|exceed|better|faster|fewer|competitive)\w*", re.I)
-_CONCEPT_RE = re.compile(r"\b(problem|challenge|limitation|motivat|because|however|allow|enabl|key|insight|"
-                         r"important|crucial|remain|lack|difficult|costly|expensive|suggest|implication|understand|"
-                         r"question|hypothes|idea|intuition|fundamental)\w*", re.I)
-_CONTRIB_RE = re.compile(r"\b(we (propose|introduce|present|develop|describe)|this (paper|work) (proposes|introduces|"
-                         r"presents|describes)|in this (paper|work))\b", re.I)
-_EVAL_RE = re.compile(r"\b(evaluat\w*|experiment\w*|benchmarks?|we test|tested on|datasets?)\b", re.I)
-_KP_STOP = STOPWORDS | frozenset("""show shows shown demonstrate demonstrates achieve achieves obtain obtains improve
-improves outperform outperforms introduce introduces find finds make makes allow allows enable enables based new novel
-approach method results result model models first further however moreover furthermore here thus therefore simple large
-well since across without within through among able like called named task tasks way ways many much several various
-different existing recent previous prior generate generates define defines develop develops provide provides require
-requires learn learns predict predicts produce produces focus focuses include includes explore explores study studies
-consider considers capture captures combine combines extend extends leverage leverages utilize utilizes exploit exploits
-address addresses solve solves train trains optimize optimizes build builds design designs discover discovers infer
-infers map maps modify modifies apply applies manipulate measure measures distinguish evaluate evaluates compare
-compares analyze analyzes investigate investigates identify identifies detect detects estimate estimates compute
-computes perform performs create creates construct constructs transfer adapt adapts align aligns support supports
-reach reaches scale scales handle handles mitigate mitigates involve involves remain remains become becomes help helps
-yield yields lead leads take takes stand stands rely relies contain contains consist consists reduce reduces increase
-increases match matches surpass surpasses suggest suggests argue argues allowing enabling get gets beat beats give
-gives need needs work works fit fits run runs set sets see sees lift lifts store stores show cannot""".split())
-# -ing words that are usually nouns in ML abstracts (other -ing/-ed/-ly words end a key phrase)
-_ING_NOUNS = frozenset("""learning training reasoning understanding modeling modelling processing embedding embeddings
-computing engineering parsing tuning pretraining answering encoding decoding sampling testing prompting planning
-clustering ranking labeling labelling captioning reading writing translating forecasting tracking mining
-spotting""".split())
-_ANTONYMS = [("outperforms", "underperforms"), ("outperform", "underperform"), ("improves", "degrades"),
-             ("improve", "degrade"), ("increases", "decreases"), ("reduces", "increases"), ("faster", "slower"),
-             ("fewer", "more"), ("better", "worse"), ("higher", "lower"), ("lower", "higher"), ("smaller", "larger"),
-             ("larger", "smaller"), ("without", "only with"), ("efficient", "inefficient"),
-             ("surpasses", "falls short of")]
-_LEAD_IN_RE = re.compile(r"^(as a result|however|next|moreover|furthermore|finally|also|specifically|in particular|"
-                         r"in addition|to do so|in this (work|paper)|overall|thus|therefore|consequently|surprisingly|"
-                         r"notably|importantly|additionally|then|second|first|third),?\s+", re.I)
-# Details abstracts almost never give: (question, what the answer says is missing, words that mean it IS given)
-_UNANSWERABLE = [
-    ("How many GPUs were used to train the models in {ref}?", "how many GPUs were used for training", ("gpu", "tpu")),
-    ("What learning rate did the authors of {ref} use?", "the learning rate", ("learning rate",)),
-    ("What was the total compute cost in US dollars of the experiments in {ref}?",
-     "the cost of the experiments in dollars", ("$", "dollar", "cost")),
-    ("Which random seeds were used for the experiments in {ref}?", "the random seeds", ("seed",)),
-    ("How many hours of wall-clock time did training take in {ref}?", "the wall-clock training time",
-     ("hour", "days", "wall-clock")),
-    ("Which funding agency supported the work in {ref}?", "who funded the work", ("fund", "grant")),
-    ("What batch size was used for training in {ref}?", "the batch size", ("batch size",)),
-    ("How many human annotators were involved in {ref}, and how were they paid?", "any human annotators or their pay",
-     ("annotator", "crowd")),
-    ("Under which software license is the code of {ref} released?", "the license of the code", ("license",)),
-    ("Which optimizer and weight decay did {ref} use?", "the optimizer or weight decay",
-     ("optimizer", "adam", "weight decay")),
-]
-
-
-def split_sentences(text: str) -> list[str]:
-    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9(\[\"'$\\])", _clean(text))
-    out: list[str] = []
-    for p in parts:
-        if out and (out[-1].endswith(_ABBREVS) or len(out[-1]) < 25):
-            out[-1] += " " + p
-        else:
-            out.append(p)
-    return [s for s in out if len(s) >= 15]
-
-
-def _as_answer(sentence: str) -> str:
-    """Third person, so the answer reads as a statement about the paper."""
-    s = re.sub(r"^We\b", "The authors", sentence)
-    s = re.sub(r"^Our\b", "Their", s)
-    s = re.sub(r"\bwe\b", "the authors", s)
-    s = re.sub(r"\bour\b", "their", s)
-    s = re.sub(r"\bus\b", "them", s)
-    return s if s.endswith((".", "!", "?")) else s + "."
-
-
-def _clause(sentence: str) -> str:
-    s = _LEAD_IN_RE.sub("", _as_answer(sentence).rstrip(".!? "))
-    return s[0].lower() + s[1:] if s[:1].isupper() and not s[1:2].isupper() else s
-
-
-def _skip_word(w: str) -> bool:
-    low = w.lower()
-    if not w or "$" in w or "\\" in w or low in _KP_STOP or not re.search(r"[A-Za-z]", w):
-        return True
-    if w[0].islower() and "-" not in w and len(w) > 4:  # adverbs, participles: "typically", "introduced", "using"
-        return low.endswith("ly") or (low.endswith("ed") and not low.endswith("eed")) or \
-            (low.endswith("ing") and low not in _ING_NOUNS)
-    return False
-
-
-def keyphrase(sentence: str) -> str | None:
-    """The most specific run of 1-4 content words (names, acronyms, hyphenated terms score high)."""
-    runs, run = [], []
-    for i, raw in enumerate(sentence.split()):
-        w = raw.strip(".,;:!?()[]\"'")
-        breaks = raw != w and not raw.startswith(w)  # punctuation before the word
-        if _skip_word(w) or breaks:
-            if run:
-                runs.append(run)
-            run = [] if _skip_word(w) else [(i, w)]
-        else:
-            run.append((i, w))
-        if raw != raw.rstrip(".,;:!?)]\"'"):  # punctuation after the word ends the run
-            if run:
-                runs.append(run)
-            run = []
-    if run:
-        runs.append(run)
-
-    def score(word: str, pos: int) -> float:
-        s = 1.0
-        if any(c.isupper() for c in word[1:]) or (word[0].isupper() and pos > 0):
-            s += 1.0
-        if len(word) > 6:
-            s += 0.5
-        if "-" in word or any(c.isdigit() for c in word):
-            s += 0.5
-        return s
-
-    best, best_score = None, 0.0
-    for run in runs:
-        for a in range(len(run)):
-            for b in range(a + 1, min(a + 4, len(run)) + 1):
-                window = run[a:b]
-                sc = sum(score(w, i) for i, w in window) + 0.3 * len(window)
-                if sc > best_score:
-                    best, best_score = window, sc
-    if not best or (len(best) == 1 and len(best[0][1]) < 4):
-        return None
-    words = [w for _, w in best]
-    if best[0][0] == 0 and words[0][:1].isupper() and not any(c.isupper() for c in words[0][1:]):
-        words[0] = words[0].lower()
-    return " ".join(words)
-
-
-def _sentence_type(i: int, s: str) -> str:
-    scores = {"methodology": len(_METHOD_RE.findall(s)), "factual": len(_RESULT_RE.findall(s)),
-              "conceptual": len(_CONCEPT_RE.findall(s)) + (1 if i == 0 else 0)}
-    return max(scores, key=lambda t: (scores[t], t == "factual"))
-
-
-def _false_premises(ref: str, sents: list[str]) -> list[tuple[str, str]]:
-    out = []
-    by_len = sorted((s for s in sents if len(s) <= 240), key=len) + [s for s in sents if len(s) > 240]
-    for s in by_len:  # the opposite finding
-        for word, opposite in _ANTONYMS:
-            if re.search(rf"\b{re.escape(word)}\b", s):
-                swapped = re.sub(rf"\b{re.escape(word)}\b", opposite, s, count=1)
-                out.append((f"Why does {ref} find that {_clause(swapped)}?",
-                            f"That premise is incorrect: the abstract says the opposite. {_as_answer(s)}"))
-                break
-    for s in by_len:  # a wrong number
-        m = next((m for m in _NUM_RE.finditer(s) if not re.fullmatch(r"(19|20)\d\d", m.group())), None)
-        if m:
-            val = float(m.group().replace(",", ""))
-            alt = val * 2 if val >= 2 else val + 3
-            alt_s = f"{alt:g}" if "." in m.group() else str(int(alt))
-            wrong = s[: m.start()] + alt_s + s[m.end():]
-            out.append((f"Why does {ref} report that {_clause(wrong)}?",
-                        f"That premise is incorrect: the abstract gives {m.group()}, not {alt_s}. {_as_answer(s)}"))
-    contrib = next((s for s in sents if _CONTRIB_RE.search(s)), sents[min(1, len(sents) - 1)])
-    kp = keyphrase(contrib) or "the proposed approach"
-    out.append((f"Why do the authors of {ref} conclude that {kp} does not work?",
-                f"That premise is false: the abstract does not say that {kp} fails. {_as_answer(contrib)}"))
-    return out
-
-
-def offline_pairs(paper: dict, quotas: dict[str, int], dedup_threshold: float = 0.8) -> list[dict]:
-    """Deterministic pairs from the abstract's own sentences: each answer is (close to) a sentence of it."""
-    title = paper["title"]
-    sents = split_sentences(paper["abstract"]) or [paper["abstract"]]
-    # An untitled paper (plain-text input) is named by its first sentence's key phrase, not its file position.
-    ref = f'"{title}"' if title else f"the paper on {keyphrase(sents[0]) or 'paper ' + paper['id']}"
-    cands: dict[str, list[tuple[str, str]]] = {t: [] for t in TYPES}
-
-    contrib = next((s for s in sents if _CONTRIB_RE.search(s)), None)
-    first = sents[0] if len(sents[0]) > 60 or len(sents) == 1 else f"{sents[0]} {sents[1]}"
-    cands["conceptual"].append((f"What problem does {ref} address?", _as_answer(first)))
-    if contrib:
-        cands["conceptual"].append((f"What is the main contribution of {ref}?", _as_answer(contrib)))
-    if len(sents) > 2:
-        cands["conceptual"].append((f"What is the overall conclusion of {ref}?", _as_answer(sents[-1])))
-    results = [s for s in sents if re.search(r"\d", s)][:2]
-    if results:
-        cands["factual"].append((f"What quantitative results does {ref} report?", " ".join(map(_as_answer, results))))
-    ev = next((s for s in sents if _EVAL_RE.search(s)), None)
-    if ev:
-        cands["methodology"].append((f"How is the work in {ref} evaluated?", _as_answer(ev)))
-    how = max(sents, key=lambda s: len(_METHOD_RE.findall(s)))
-    if _METHOD_RE.search(how):
-        cands["methodology"].append((f"How does the method described in {ref} work?", _as_answer(how)))
-
-    templates = {
-        "factual": ["What does {ref} report about {kp}?", "According to {ref}, what is found regarding {kp}?"],
-        "methodology": ["How does {ref} approach {kp}?", "What technique does {ref} describe regarding {kp}?"],
-        "conceptual": ["Why does {kp} matter in {ref}?", "What idea about {kp} does {ref} put forward?"],
-    }
-    for i, s in enumerate(sents):
-        kp = keyphrase(s)
-        if not kp or kp in ref:
-            continue
-        t = _sentence_type(i, s)
-        for j, tpl in enumerate(templates[t]):
-            cands[t].append((tpl.format(ref=ref, kp=kp), _as_answer(s)))
-        other = "factual" if t != "factual" else "conceptual"
-        cands[other].append((templates[other][i % 2].format(ref=ref, kp=kp), _as_answer(s)))
-
-    low = paper["abstract"].lower()
-    start = int(hashlib.sha256(paper["id"].encode()).hexdigest(), 16)
-    for k in range(len(_UNANSWERABLE)):
-        q, missing, given = _UNANSWERABLE[(start + k) % len(_UNANSWERABLE)]
-        if not any(g in low for g in given):
-            answer = (f"The abstract of {ref} does not state {missing}. It gives no information on this, "
-                      "so it cannot be answered from the abstract.")
-            cands["unanswerable"].append((q.format(ref=ref), answer))
-    cands["false_premise"] = _false_premises(ref, sents)
-
-    chosen: list[dict] = []
-
-    def take(t: str, limit: int, reuse: int) -> None:
-        """Add candidates of type t up to `limit`, skipping near-duplicate questions and over-used answers."""
-        for cand in list(cands[t]):
-            if sum(1 for p in chosen if p["type"] == t) >= limit or (
-                    t in ANSWERABLE and sum(1 for p in chosen if p["type"] in ANSWERABLE) >= want):
-                return
-            q, a = cand
-            if sum(1 for p in chosen if p["answer"] == a) >= reuse:
-                continue
-            cands[t].remove(cand)
-            if within_paper_duplicate(q, [p["question"] for p in chosen], title, dedup_threshold) is None:
-                chosen.append({"type": t, "question": q, "answer": a})
-
-    # Types take turns so that none uses up the sentences; each sentence answers at most two questions
-    # (three if there is no other way); a type with too few candidates lends its quota to the others.
-    want = sum(quotas.get(t, 0) for t in ANSWERABLE)
-    for reuse in (2, 3):
-        for turn in range(1, max(quotas.values(), default=0) + 1):
-            for t in TYPES:
-                take(t, min(turn, quotas.get(t, 0)), reuse)
-        for t in ANSWERABLE * 3:
-            have = sum(1 for p in chosen if p["type"] in ANSWERABLE)
-            if have >= want:
-                break
-            take(t, sum(1 for p in chosen if p["type"] == t) + 1, reuse)
-    order = {t: i for i, t in enumerate(TYPES)}
-    chosen.sort(key=lambda p: order[p["type"]])
-    return chosen
-
-
-# =========================================================================== LLM backends and the response cache
+# =========================================================================== generation: backends, reply cache
 @dataclass
 class Outcome:
     content: str | None = None
@@ -671,30 +317,23 @@ def cache_key(model: str, messages: list[dict], params: dict) -> str:
 
 
 class ResponseCache:
-    """Append-only JSONL of replies, keyed by hash(model, messages, params); a torn last line is skipped."""
+    """LLM replies as Outcomes, stored in the shared append-only JsonlCache keyed by hash(model, messages,
+    params); a reply is on disk before anything else happens with it."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.entries = {e["key"]: e for e in read_jsonl_tolerant(path) if "key" in e}
-        self.loaded = len(self.entries)
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb+") as f:  # a kill mid-line: start the next entry on a line of its own
-                f.seek(-1, 2)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
+        self.store = JsonlCache(path)
+        self.loaded = self.store.loaded
 
     def get(self, key: str) -> Outcome | None:
-        e = self.entries.get(key)
+        e = self.store.get(key)
         if e is None:
             return None
         return Outcome(content=e.get("content"), finish_reason=e.get("finish_reason"), usage=e.get("usage") or {},
                        cached=True)
 
     def put(self, key: str, model: str, out: Outcome) -> None:
-        entry = {"key": key, "model": model, "content": out.content, "finish_reason": out.finish_reason,
-                 "usage": out.usage, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        append_jsonl(self.path, entry)
-        self.entries[key] = entry
+        self.store.put({"key": key, "model": model, "content": out.content, "finish_reason": out.finish_reason,
+                        "usage": out.usage, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 class Progress:
@@ -791,7 +430,7 @@ class OpenAIBackend:
             await self.client.with_options(max_retries=0, timeout=min(10.0, self.client.timeout or 10.0)).models.list()
         except openai.APIConnectionError as e:
             raise InputError(f"cannot reach the server at {self.client.base_url} ({e}); start it or fix "
-                             "--base-url") from None
+                             "--base_url") from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
             raise InputError(f"the server at {self.client.base_url} refused the API key ({e.status_code}); "
                              "check OPENAI_API_KEY") from None
@@ -846,57 +485,46 @@ class OpenAIBackend:
 
 
 class HFBackend:
-    """A local transformers model, batched left-padded generation; replies go through the same cache."""
+    """A local transformers model: batched left-padded generation through the shared generation code (prompts
+    rendered and tokenized as training renders them); replies go through the same cache."""
 
     name = "hf"
 
     def __init__(self, model, batch_size, temperature, max_tokens, seed, trust_remote_code, cache: ResponseCache):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from paperqa_tune.generation import Decoding
+        from paperqa_tune.loading import default_device, load_causal_lm, load_tokenizer
+
+        device = default_device()
         try:
-            self.tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-            cuda = torch.cuda.is_available()
-            self.lm = AutoModelForCausalLM.from_pretrained(
-                model, dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None,
-                trust_remote_code=trust_remote_code)
-        except OSError as e:
-            raise InputError(f"cannot load --model {model}: {e}") from None
+            self.tok = load_tokenizer(model, padding_side="left", trust_remote_code=trust_remote_code)
+            self.lm = load_causal_lm(model, torch.bfloat16 if device.type == "cuda" else torch.float32, device,
+                                     quantized=False, trust_remote_code=trust_remote_code)
+        except InputError as e:
+            raise InputError(f"--model {model}: {e}") from None
         self.lm.eval()
-        self.tok.padding_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.model, self.batch_size, self.temperature, self.max_tokens, self.seed = (
-            model, batch_size, temperature, max_tokens, seed)
+        # The dynamic KV cache: a static one would reserve prompt + max_tokens (3000 by default) per prompt for
+        # every batch up front, for replies that usually stop far sooner.
+        self.dec = Decoding(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
+                            top_p=0.95, seed=seed, cache="dynamic")
+        self.model, self.batch_size = model, batch_size
         self.cache = cache
 
-    def _params(self) -> dict:
-        return {"temperature": self.temperature, "max_new_tokens": self.max_tokens, "seed": self.seed}
+    def _params(self) -> dict:  # the cache key's params, as replies were cached before
+        return {"temperature": self.dec.temperature, "max_new_tokens": self.dec.max_new_tokens, "seed": self.dec.seed}
 
     def _generate(self, batch: list[list[dict]]) -> list[Outcome]:
-        import torch
+        from transformers import set_seed
 
-        from common import chat_text
+        from paperqa_tune.generation import chat_prompt_ids, generate_batch
 
-        texts = [chat_text(self.tok, m, add_generation_prompt=True) for m in batch]
-        add_bos = not (self.tok.bos_token and texts[0].startswith(self.tok.bos_token))
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_bos).to(self.lm.device)
-        kw = {"max_new_tokens": self.max_tokens, "pad_token_id": self.tok.pad_token_id,
-              "do_sample": self.temperature > 0}
-        if self.temperature > 0:
-            kw.update(temperature=self.temperature, top_p=0.95)
-        torch.manual_seed(self.seed)
-        with torch.no_grad():
-            out = self.lm.generate(**enc, **kw)
-        new = out[:, enc["input_ids"].shape[1]:]
-        outs = []
-        for i, ids in enumerate(new):
-            n_new = int((ids != self.tok.pad_token_id).sum())
-            outs.append(Outcome(content=self.tok.decode(ids, skip_special_tokens=True),
-                                finish_reason="length" if n_new >= self.max_tokens else "stop",
-                                usage={"prompt_tokens": int(enc["attention_mask"][i].sum()),
-                                       "completion_tokens": n_new}))
-        return outs
+        prompts = [chat_prompt_ids(self.tok, m) for m in batch]  # exactly one BOS, decided per prompt
+        set_seed(self.dec.seed)  # each batch samples the same way on a rerun, whatever came before it
+        eos = self.tok.eos_token_id
+        return [Outcome(content=text, finish_reason="stop" if eos in ids else "length",
+                        usage={"prompt_tokens": len(prompt), "completion_tokens": n})
+                for prompt, (text, n, ids) in zip(prompts, generate_batch(self.lm, self.tok, prompts, self.dec))]
 
     async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict, on_done) -> list[Outcome]:
         params = self._params()
@@ -915,7 +543,7 @@ class HFBackend:
         return results  # type: ignore[return-value]
 
 
-# =========================================================================== parsing and validation of replies
+# =========================================================================== generation: replies, requests
 def _json_object(content: str | None):
     if content is None or not content.strip():
         raise ValueError("the reply was empty")
@@ -940,7 +568,7 @@ def parse_pairs(out: Outcome) -> tuple[list[dict], list[tuple[dict, str]]]:
     try:
         obj = _json_object(out.content)
     except ValueError as e:
-        cut = " (cut off at --max-tokens)" if out.finish_reason == "length" else ""
+        cut = " (cut off at --max_tokens)" if out.finish_reason == "length" else ""
         raise ValueError(f"{e}{cut}") from None
     items = obj.get("pairs") if isinstance(obj, dict) else obj if isinstance(obj, list) else None
     if not isinstance(items, list):
@@ -957,10 +585,55 @@ def parse_pairs(out: Outcome) -> tuple[list[dict], list[tuple[dict, str]]]:
         elif not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
             bad.append((item, "missing or empty question/answer"))
         else:
-            good.append({"type": t, "question": _clean(q), "answer": a.strip()})
+            good.append({"type": t, "question": clean_text(q), "answer": a.strip()})
     if not good:
         raise ValueError(f"no valid pair in the reply ({bad[0][1] if bad else 'empty pairs list'})")
     return good, bad
+
+
+async def generate_llm(backend, papers: list[dict], quotas, stats: Stats, progress: Progress, counts: Counter,
+                       rejects: list[dict]) -> list[dict]:
+    """One request per abstract, one repair request for each unusable reply; failures become rejects."""
+    def reject(pid, stage, reason, **extra):
+        stats.rejects += 1
+        counts[stage] += 1
+        rejects.append({"paper_id": pid, "stage": stage, "reason": reason, **extra})
+
+    base = [generation_messages(p, quotas) for p in papers]
+    parsed: dict[int, list[dict]] = {}
+    todo, msgs = list(range(len(papers))), base
+    for rnd in ("generate", "repair"):
+        retry: list[tuple[int, str, str | None]] = []
+
+        def on_done(k: int, out: Outcome) -> None:  # parse each reply as it arrives, for the live counts
+            i = todo[k]
+            stats.add(out)
+            if out.error:
+                reject(papers[i]["id"], "request_failed", out.error)
+            else:
+                try:
+                    good, bad = parse_pairs(out)
+                    for item, why in bad:
+                        reject(papers[i]["id"], "invalid_pair", why, item=item)
+                    stats.pairs += len(good)
+                    parsed[i] = good
+                except ValueError as e:
+                    if rnd == "repair":
+                        reject(papers[i]["id"], "invalid_reply", f"unusable reply after one repair: {e}",
+                               raw=(out.content or "")[:500])
+                    else:
+                        retry.append((i, str(e), out.content))
+            progress.step()
+
+        progress.start(len(todo), rnd)
+        await backend.complete(msgs, "qa_pairs", PAIRS_SCHEMA, on_done)
+        progress.close()
+        if not retry:
+            break
+        retry.sort()  # replies arrive in any order; the repair round is built in input order
+        todo, msgs = [i for i, _, _ in retry], [repair_messages(base[i], raw, err) for i, err, raw in retry]
+    stats.failed = counts["request_failed"]
+    return [{**pair, "paper_id": papers[i]["id"]} for i in sorted(parsed) for pair in parsed[i]]
 
 
 # =========================================================================== curation
@@ -1025,179 +698,9 @@ def curate(pairs: list[dict], papers: dict[str, dict], args, counts: Counter, re
     return [p for i, p in enumerate(kept) if i not in dups]
 
 
-def split_papers(paper_ids: list[str], spec: float, seed: int) -> set[str]:
-    """Whole papers held out for evaluation: K papers, or a fraction when 0 < spec < 1."""
-    n = len(paper_ids)
-    k = round(spec * n) if 0 < spec < 1 else int(spec)
-    k = max(1, k) if spec > 0 else 0
-    k = min(k, n - 1) if n > 1 else 0
-    return set(random.Random(seed).sample(paper_ids, k))
-
-
-# =========================================================================== the run
-def build_parser() -> argparse.ArgumentParser:
-    class Fmt(argparse.RawDescriptionHelpFormatter):
-        def _get_help_string(self, action):  # every flag shows its default, once
-            h = action.help or ""
-            if "(default:" in h or not action.option_strings or action.default is argparse.SUPPRESS:
-                return h
-            return f"{h} (default: %(default)s)".strip()
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    g = p.add_argument_group("inputs")
-    g.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="abstract files: .jsonl {id,title,abstract}, .csv with those columns, .txt with "
-                        "blank-line-separated abstracts; several allowed")
-    g.add_argument("--arxiv-ids", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], action="extend",
-                   default=[], metavar="IDS", help="comma-separated arXiv ids, e.g. 2305.14314,2106.09685")
-    g.add_argument("--arxiv-query", default=None, help='arXiv API search, e.g. "cat:cs.CL AND ti:retrieval"')
-    g.add_argument("--max-papers", type=int, default=20, help="how many papers --arxiv-query fetches")
-    g.add_argument("--arxiv-api-url", default=ARXIV_API_URL, help="arXiv API endpoint (advanced: mirrors, tests)")
-    g = p.add_argument_group("generation")
-    g.add_argument("--backend", choices=("openai", "hf", "offline"), default="openai",
-                   help="openai: any OpenAI-compatible server; hf: local transformers model; "
-                        "offline: rule-based, no LLM")
-    g.add_argument("--model", default=None,
-                   help=f"model name or path (default: {DEFAULT_MODELS['openai']} for openai, "
-                        f"{DEFAULT_MODELS['hf']} for hf)")
-    g.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 "
-                                                    "(default: the client's, i.e. OpenAI); key from OPENAI_API_KEY")
-    g.add_argument("--pairs-per-abstract", type=int, default=12, help="pairs asked for per abstract")
-    g.add_argument("--edge-case-ratio", type=float, default=0.2, help="share of unanswerable + false_premise pairs")
-    g.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system turn of the training records")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
-    g.add_argument("--max-tokens", type=int, default=3000, help="reply length limit per request")
-    g.add_argument("--response-format", choices=("json_schema", "json_object", "none"), default="json_schema",
-                   help="structured output asked of the server; falls back to plain JSON if it refuses")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before the client retries")
-    g.add_argument("--max-retries", type=int, default=4, help="client retries on 429/5xx/timeouts (with backoff)")
-    g.add_argument("--batch-size", type=int, default=4, help="prompts per generate() call (hf backend)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (hf backend)")
-    g.add_argument("--price-per-mtok", default=None, metavar="IN,OUT",
-                   help="USD per 1M input,output tokens for the cost estimate (default: known OpenAI models, else 0)")
-    g = p.add_argument_group("curation and split")
-    g.add_argument("--min-grounding", type=float, default=0.5,
-                   help="share of an answer's content words that must occur in the abstract (answerable types)")
-    g.add_argument("--dedup-threshold", type=float, default=0.8,
-                   help="questions with word Jaccard >= this are near-duplicates")
-    g.add_argument("--min-question-chars", type=int, default=10, help="length bounds of kept pairs")
-    g.add_argument("--max-question-chars", type=int, default=400)
-    g.add_argument("--min-answer-chars", type=int, default=15)
-    g.add_argument("--max-answer-chars", type=int, default=1500)
-    g.add_argument("--judge-model", default=None, help="score pairs 1-5 with this model (same server and key)")
-    g.add_argument("--min-score", type=float, default=3.0, help="drop pairs the judge scores below this")
-    g.add_argument("--eval-papers", type=float, default=3,
-                   help="papers held out for evaluation: a count, or a fraction if below 1")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--out", default="data/synthetic_qa.jsonl", help="training records")
-    g.add_argument("--eval-out", default=None,
-                   help="held-out evaluation questions (default: beside --out: eval_questions.jsonl for "
-                        "synthetic_qa.jsonl, else <out stem>_eval_questions.jsonl)")
-    g.add_argument("--manifest", default=None, help="run manifest (default: OUT with .manifest.json)")
-    g.add_argument("--rejects", default=None, help="dropped pairs and failed requests with the reason "
-                                                   "(default: rejects_<OUT name>.jsonl next to OUT)")
-    g.add_argument("--cache", default=None,
-                   help="append-only reply cache (default: .cache/<OUT name>.jsonl next to OUT)")
-    g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    g.add_argument("--seed", type=int, default=0, help="seed for the split, sampling and the offline templates")
-    return p
-
-
-def validate_args(args) -> None:
-    """Check everything at once, so one run shows every problem."""
-    problems = []
-    if not (args.input or args.arxiv_ids or args.arxiv_query):
-        problems.append("give abstracts with --input FILE, --arxiv-ids or --arxiv-query")
-    bad_ids = [i for i in args.arxiv_ids if not ARXIV_ID_RE.match(i)]
-    if bad_ids:
-        problems.append(f"--arxiv-ids: not arXiv ids: {', '.join(bad_ids)} "
-                        "(expected e.g. 2305.14314 or hep-th/9901001)")
-    if not re.match(r"^https?://", args.arxiv_api_url):
-        problems.append("--arxiv-api-url must start with http:// or https://")
-    checks = [("--pairs-per-abstract", args.pairs_per_abstract >= 1),
-              ("--edge-case-ratio", 0 <= args.edge_case_ratio <= 1),
-              ("--concurrency", args.concurrency >= 1), ("--timeout", args.timeout > 0),
-              ("--max-retries", args.max_retries >= 0),
-              ("--batch-size", args.batch_size >= 1), ("--max-tokens", args.max_tokens >= 1),
-              ("--max-papers", args.max_papers >= 1), ("--temperature", args.temperature >= 0),
-              ("--min-grounding", 0 <= args.min_grounding <= 1), ("--dedup-threshold", 0 < args.dedup_threshold <= 1),
-              ("--eval-papers", args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
-              ("--min-question-chars/--max-question-chars", 0 <= args.min_question_chars <= args.max_question_chars),
-              ("--min-answer-chars/--max-answer-chars", 0 <= args.min_answer_chars <= args.max_answer_chars)]
-    problems += [f"{name}: invalid value" for name, ok in checks if not ok]
-    if args.price_per_mtok is not None:
-        try:
-            args.price = tuple(float(x) for x in args.price_per_mtok.split(","))
-            assert len(args.price) == 2
-        except (ValueError, AssertionError):
-            problems.append("--price-per-mtok must be two numbers IN,OUT, e.g. 0.15,0.60")
-    if args.backend == "offline" and args.model not in (None, OFFLINE_MODEL):
-        problems.append("--model has no effect with --backend offline; drop it")
-    args.api_key = os.environ.get("OPENAI_API_KEY", "").strip() or None
-    if (args.backend == "openai" or args.judge_model) and not args.api_key:
-        problems.append("OPENAI_API_KEY is not set: export it (any non-empty value for local servers that ignore "
-                        "keys), or use --backend offline / --backend hf")
-    if problems:
-        raise InputError("\n  ".join(["bad arguments:"] + problems))
-
-
-def output_paths(args) -> dict[str, Path]:
-    out = Path(args.out)
-    return {"train": out, "eval": Path(args.eval_out) if args.eval_out else eval_questions_path(out),
-            "manifest": Path(args.manifest) if args.manifest else out.with_name(out.stem + ".manifest.json"),
-            "rejects": Path(args.rejects) if args.rejects else out.with_name(f"rejects_{out.stem}.jsonl"),
-            "cache": Path(args.cache) if args.cache else out.parent / ".cache" / f"{out.stem}.jsonl"}
-
-
-async def generate_llm(backend, papers: list[dict], quotas, stats: Stats, progress: Progress, counts: Counter,
-                       rejects: list[dict]) -> list[dict]:
-    """One request per abstract, one repair request for each unusable reply; failures become rejects."""
-    def reject(pid, stage, reason, **extra):
-        stats.rejects += 1
-        counts[stage] += 1
-        rejects.append({"paper_id": pid, "stage": stage, "reason": reason, **extra})
-
-    base = [generation_messages(p, quotas) for p in papers]
-    parsed: dict[int, list[dict]] = {}
-    todo, msgs = list(range(len(papers))), base
-    for rnd in ("generate", "repair"):
-        retry: list[tuple[int, str, str | None]] = []
-
-        def on_done(k: int, out: Outcome) -> None:  # parse each reply as it arrives, for the live counts
-            i = todo[k]
-            stats.add(out)
-            if out.error:
-                reject(papers[i]["id"], "request_failed", out.error)
-            else:
-                try:
-                    good, bad = parse_pairs(out)
-                    for item, why in bad:
-                        reject(papers[i]["id"], "invalid_pair", why, item=item)
-                    stats.pairs += len(good)
-                    parsed[i] = good
-                except ValueError as e:
-                    if rnd == "repair":
-                        reject(papers[i]["id"], "invalid_reply", f"unusable reply after one repair: {e}",
-                               raw=(out.content or "")[:500])
-                    else:
-                        retry.append((i, str(e), out.content))
-            progress.step()
-
-        progress.start(len(todo), rnd)
-        await backend.complete(msgs, "qa_pairs", PAIRS_SCHEMA, on_done)
-        progress.close()
-        if not retry:
-            break
-        retry.sort()  # replies arrive in any order; the repair round is built in input order
-        todo, msgs = [i for i, _, _ in retry], [repair_messages(base[i], raw, err) for i, err, raw in retry]
-    stats.failed = counts["request_failed"]
-    return [{**pair, "paper_id": papers[i]["id"]} for i in sorted(parsed) for pair in parsed[i]]
-
-
 async def judge(judge_backend, pairs: list[dict], papers: dict[str, dict], min_score: float, stats: Stats,
                 progress: Progress, counts: Counter, rejects: list[dict]) -> list[dict]:
-    """Score each paper's surviving pairs in one request; keep those at or above --min-score."""
+    """Score each paper's surviving pairs in one request; keep those at or above --min_score."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for p in pairs:
         groups[p["paper_id"]].append(p)
@@ -1238,6 +741,48 @@ async def judge(judge_backend, pairs: list[dict], papers: dict[str, dict], min_s
     return kept
 
 
+def split_papers(paper_ids: list[str], spec: float, seed: int) -> set[str]:
+    """Whole papers held out for evaluation: K papers, or a fraction when 0 < spec < 1."""
+    n = len(paper_ids)
+    k = round(spec * n) if 0 < spec < 1 else int(spec)
+    k = max(1, k) if spec > 0 else 0
+    k = min(k, n - 1) if n > 1 else 0
+    return set(random.Random(seed).sample(paper_ids, k))
+
+
+# =========================================================================== outputs
+def to_records(pairs: list[dict], papers: dict[str, dict], held_out: set[str], args, model: str
+               ) -> tuple[list[dict], list[dict]]:
+    """(training chat records, evaluation questions): every pair of a held-out paper becomes a question."""
+    train, evals, n_by_paper = [], [], Counter()
+    for p in pairs:
+        n_by_paper[p["paper_id"]] += 1
+        pid = p["paper_id"]
+        if pid in held_out:
+            evals.append({"id": f"{pid}-q{n_by_paper[pid]}", "question": p["question"], "reference": p["answer"],
+                          "type": p["type"], "paper_id": pid, "context": papers[pid]["abstract"],
+                          "system": args.system_prompt})
+        else:
+            meta = {"paper_id": pid, "type": p["type"], "backend": args.backend, "model": model,
+                    "id": f"{pid}-q{n_by_paper[pid]}", "title": papers[pid]["title"], "generator": "generate_qa.py"}
+            if "judge_score" in p:
+                meta["judge_score"] = p["judge_score"]
+            train.append(chat_record(qa_messages(p["question"], p["answer"], args.system_prompt), meta))
+    return train, evals
+
+
+def cost_estimate(args, model: str, stats: Stats) -> dict:
+    price = getattr(args, "price", None) or PRICES_PER_MTOK.get(model if args.backend == "openai" else "", (0.0, 0.0))
+
+    def cost(prompt_tokens: int, completion_tokens: int) -> float:
+        return round((prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6, 6)
+
+    return {"price_per_mtok_in_out": list(price),
+            "this_run": cost(stats.new_prompt_tokens, stats.new_completion_tokens),
+            "all_replies_used": cost(stats.prompt_tokens, stats.completion_tokens)}
+
+
+# =========================================================================== the run
 def _main(argv=None) -> int:
     t0 = time.time()
     args = build_parser().parse_args(argv)
@@ -1284,31 +829,13 @@ def _main(argv=None) -> int:
     finally:
         progress.close()
 
-    # --- split whole papers, then write everything at once
+    # whole papers are held out, so no evaluation question shares its abstract with training
     have = {q["paper_id"] for q in pairs}
     with_pairs = [p["id"] for p in papers if p["id"] in have]
     held_out = split_papers(with_pairs, args.eval_papers, args.seed)
     if args.eval_papers and not held_out:
         print("warning: fewer than 2 papers have pairs, so none is held out for evaluation", file=sys.stderr)
-    train, evals, n_by_paper = [], [], Counter()
-    for p in pairs:
-        n_by_paper[p["paper_id"]] += 1
-        pid = p["paper_id"]
-        if pid in held_out:
-            evals.append({"id": f"{pid}-q{n_by_paper[pid]}", "question": p["question"], "reference": p["answer"],
-                          "type": p["type"], "paper_id": pid, "context": by_id[pid]["abstract"],
-                          "system": args.system_prompt})
-        else:
-            meta = {"paper_id": pid, "type": p["type"], "backend": args.backend, "model": model,
-                    "id": f"{pid}-q{n_by_paper[pid]}", "title": by_id[pid]["title"], "generator": "generate_qa.py"}
-            if "judge_score" in p:
-                meta["judge_score"] = p["judge_score"]
-            train.append(chat_record(qa_messages(p["question"], p["answer"], args.system_prompt), meta))
-
-    price = getattr(args, "price", None) or PRICES_PER_MTOK.get(model if args.backend == "openai" else "", (0.0, 0.0))
-
-    def cost(prompt_tokens: int, completion_tokens: int) -> float:
-        return round((prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6, 6)
+    train, evals = to_records(pairs, by_id, held_out, args, model)
 
     manifest = {
         "script": "generate_qa.py", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -1325,9 +852,7 @@ def _main(argv=None) -> int:
         "requests": {"answered_this_run": stats.requests_sent, "from_cache": stats.cache_hits, "failed": stats.failed},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens,
                    "this_run_prompt": stats.new_prompt_tokens, "this_run_completion": stats.new_completion_tokens},
-        "estimated_cost_usd": {"price_per_mtok_in_out": list(price),
-                               "this_run": cost(stats.new_prompt_tokens, stats.new_completion_tokens),
-                               "all_replies_used": cost(stats.prompt_tokens, stats.completion_tokens)},
+        "estimated_cost_usd": cost_estimate(args, model, stats),
         "outputs": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.time() - t0, 2),
     }

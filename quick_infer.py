@@ -1,7 +1,7 @@
 """Talk to a fine-tuned run: one answer, an interactive session, or a merged model for other tools.
 
     python quick_infer.py --prompt "What does the paper propose?"          # one answer, then exit
-    python quick_infer.py --adapter models/my-run --prompt "..." --model both
+    python quick_infer.py --adapter models/my-run --prompt "..." --answer_with both
     python quick_infer.py                                                  # interactive, tokens streamed
     python quick_infer.py --merge_out models/zephyr-7b-merged              # dense bf16 model (transformers, vLLM)
 
@@ -19,29 +19,43 @@ import contextlib
 import sys
 from pathlib import Path
 
-from common import InputError, ensure_chat_template, run_main, write_json_atomic
-from eval_compare import (DEFAULT_ADAPTER, Decoding, attach_adapter, choose_mode, dequantize_, left_pad,
-                          load_base, load_tokenizer, merged_model, prompt_ids, read_run)
+from common import DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, run_main, write_json_atomic
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
+from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, merged_model, read_run,
+                                  run_tokenizer)
 
 HELP = "commands: /base  /ft  /both  /system TEXT  /help  /quit"
 LABELS = {"base": "base", "ft": "fine-tuned"}
 
 
+WHO = ("ft", "base", "both")
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag spelling that still works, with a warning naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use --{self.dest}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--adapter", default=DEFAULT_ADAPTER, help="run folder from train_qlora_hf.py (default: %(default)s)")
+    a("--adapter", default=DEFAULT_RUN_DIR, help="run folder from train_qlora_hf.py")
     a("--base_model", default=None, help="base model (default: run_config.json base_model, else the adapter's)")
     a("--prompt", default=None, help="answer this question once and exit (default: interactive session)")
-    a("--model", choices=("ft", "base", "both"), default="ft", help="who answers (default: %(default)s)")
+    a("--answer_with", choices=WHO, default="ft", help="which model answers: the fine-tuned run, the base, or both")
+    a("--model", choices=WHO, dest="answer_with", action=DeprecatedAlias, default=argparse.SUPPRESS,
+      help=argparse.SUPPRESS)
     a("--system", default=None,
       help="system prompt; '' for none (default: the one the run's training data used, from run_config.json)")
-    a("--max_new_tokens", type=int, default=256, help="answer length limit (default: %(default)s)")
-    a("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: %(default)s)")
-    a("--top_p", type=float, default=0.9, help="nucleus sampling when --temperature > 0 (default: %(default)s)")
-    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    a("--max_new_tokens", type=int, default=256, help="answer length limit")
+    a("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    a("--top_p", type=float, default=0.9, help="nucleus sampling when --temperature > 0")
+    a("--seed", type=int, default=0, help="random seed")
     a("--mode", choices=("auto", "fast", "reference"), default="auto",
-      help="fast: dequantised bf16 base; reference: 4-bit; auto: fast when a CUDA GPU has room (default: %(default)s)")
+      help="fast: dequantised bf16 base; reference: 4-bit; auto: fast when a CUDA GPU has room")
     a("--merge_out", default=None, help="write the merged bf16 model here and exit (default: off)")
     a("--overwrite", action="store_true", help="allow --merge_out into a non-empty folder")
     return p
@@ -66,16 +80,11 @@ def write_merged(run, tokenizer, out: Path, overwrite: bool) -> None:
 
 def answer(model, tokenizer, question: str, system: str, dec: Decoding, side: str, stream: bool = True) -> str:
     """One answer from the base (adapter disabled) or the fine-tuned model, streamed to stdout."""
-    import torch
     from transformers import TextStreamer
 
-    ids, mask = left_pad([prompt_ids(tokenizer, question, system)], tokenizer.pad_token_id,
-                         next(model.parameters()).device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    ctx = model.disable_adapter() if side == "base" else contextlib.nullcontext()
-    with ctx, torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer))
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    with model.disable_adapter() if side == "base" else contextlib.nullcontext():
+        return generate_batch(model, tokenizer, [prompt_ids(tokenizer, question, system)], dec, streamer)[0][0]
 
 
 def respond(model, tokenizer, question: str, system: str, dec: Decoding, who: str) -> dict:
@@ -124,7 +133,7 @@ def _main(argv=None) -> int:
     from transformers import set_seed
 
     set_seed(args.seed)
-    tokenizer = load_tokenizer(run)
+    tokenizer = run_tokenizer(run)
     if args.merge_out:
         write_merged(run, tokenizer, Path(args.merge_out), args.overwrite)
         return 0
@@ -135,15 +144,15 @@ def _main(argv=None) -> int:
           file=sys.stderr, flush=True)
     dec = Decoding(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    model = load_base(run)
+    model = load_run_base(run)
     if choose_mode(args.mode, model, 1, 2048 + args.max_new_tokens) == "fast":
         dequantize_(model)
     model = attach_adapter(model, run.adapter)
     print(f"loaded {run.base_model} + {run.adapter}", file=sys.stderr, flush=True)
     if args.prompt is not None:
-        respond(model, tokenizer, args.prompt.strip(), system, dec, args.model)
+        respond(model, tokenizer, args.prompt.strip(), system, dec, args.answer_with)
     else:
-        interactive(model, tokenizer, system, dec, args.model)
+        interactive(model, tokenizer, system, dec, args.answer_with)
     return 0
 
 

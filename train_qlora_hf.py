@@ -13,10 +13,10 @@ Run as:
     pip install -r requirements-gpu.txt                    # optional: Liger's fused cross-entropy on CUDA
 
 What it does: base model in 4-bit NF4 with double quantisation, bf16 compute (TF32 on where the GPU has it),
-LoRA on every linear layer. Each record's `messages` (or `text`, in Zephyr's form
-or the seed's flat form) is rendered with the model's own chat template and the loss covers only assistant
-tokens, each turn's closing `</s>` included. Writes a PEFT adapter, the tokenizer, run_config.json,
-metrics.json and loss.png to --out; checkpoints/ while training.
+LoRA on every linear layer. Each record's `messages` (or `text`, in Zephyr's form or the seed's flat form) is
+rendered with the model's own chat template and the loss covers only assistant tokens, each turn's closing
+`</s>` included. Writes a PEFT adapter, the tokenizer, run_config.json, metrics.json and loss.png to --out;
+checkpoints/ while training.
 
 The training loop is plain PyTorch, not HF Trainer: OOM back-off (halve the micro-batch, double the
 accumulation, redo the same step), exact resume and the data-parallel gradient exchange need control over
@@ -25,25 +25,20 @@ normalised by the trained tokens of the whole step, and its dropout RNG is seede
 so a step gives the same update whatever the micro-batch size, whether it is retried after an OOM, and
 whether the run was resumed.
 
-Speed (issue 5, measured in bench/README.md: 3.3-4.3x the seed recipe's tokens/s on an H100 at no more memory;
-each piece has a flag): the frozen base stays in bf16 (no fp32 upcast, no autocast; --kbit_upcast restores
-it); each micro-batch is packed into one row without padding, with attention per sample (flash varlen on
-CUDA, one SDPA call per sample on CPU) (--packing); the 4-bit base and its LoRA run as one autograd node
-(--fused_lora) with the LoRA delta added in the base GEMM's fp32 accumulator (--lora_fp32_sum); the optimizer
-updates all LoRA tensors as one flat buffer (--flat_optim); RMSNorm is one fused op (--fused_norm);
-Liger's fused linear cross-entropy never builds the logits (--liger, CUDA, optional dependency); Python's
-garbage collector does not scan the model during the steps; --gpu_mem_budget turns checkpointing off on the
-last layers that fit, or offloads checkpoints to host memory when even full checkpointing does not fit.
+Speed, each piece behind a flag (the machinery is in paperqa_tune/; bench/README.md has the measurements):
+the frozen base stays in bf16 (no fp32 upcast, no autocast; --kbit_upcast restores it); each micro-batch is
+packed into one row without padding, with attention per sample (--packing); the 4-bit base and its LoRA run
+as one autograd node (--fused_lora, --lora_fp32_sum); the optimizer updates all LoRA tensors as one flat
+buffer (--flat_optim); RMSNorm is one fused op (--fused_norm); Liger's fused linear cross-entropy never builds
+the logits (--liger, CUDA, optional dependency); Python's garbage collector does not scan the model during
+the steps; --gpu_mem_budget turns checkpointing off on the last layers that fit, or keeps checkpoints in host
+memory when even full checkpointing does not fit.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
-import hashlib
-import inspect
-import json
 import math
 import os
 import random
@@ -51,55 +46,42 @@ import shutil
 import sys
 import time
 from collections import Counter
-from array import array
 from pathlib import Path
-from types import MethodType
 
 import torch
-import torch.distributed as dist
 
-from common import (HELDOUT_QUESTIONS_FILE, InputError, chat_text, encode_text, ensure_chat_template,
-                    eval_questions_path, nf4_config, read_jsonl, record_messages, sha256_file, write_json_atomic,
+from common import (HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, chat_text, encode_text,
+                    eval_questions_path, read_jsonl, record_messages, run_main, sha256_file, write_json_atomic,
                     write_jsonl_atomic)
+from paperqa_tune import charts
+from paperqa_tune.checkpoints import fingerprint, last_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, init_distributed, launched_rank,
+                                      shutdown_distributed)
+from paperqa_tune.kernels import LIGER_AUTO, parse_liger
+from paperqa_tune.loading import load_tokenizer, resolve_precision
+from paperqa_tune.memory import (apply_checkpoint_plan, decoder_layers, frozen_gc, max_micro_tokens, peak_memory,
+                                 plan_checkpointing)
+from paperqa_tune.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
+from paperqa_tune.packing import IGNORE, collate, collate_packed
+from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model
 
-IGNORE = -100
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md", HELDOUT_QUESTIONS_FILE)
 
 
-class TrainingError(RuntimeError):
-    """A failure at run time (non-finite loss, out of memory at micro-batch 1): exit code 1."""
-
-
 # --------------------------------------------------------------------------- arguments
-LIGER_PARTS = ("flce", "rope", "swiglu", "rmsnorm")
-LIGER_AUTO = ("flce",)  # measured on an H100 (bench/README.md)
-
-
-def _liger_arg(value: str) -> str:
-    v = value.strip().lower()
-    if v in ("auto", "all", "off"):
-        return v
-    parts = [x.strip() for x in v.split(",") if x.strip()]
-    if not parts or any(x not in LIGER_PARTS for x in parts):
-        raise argparse.ArgumentTypeError(f"{value!r}: use auto, all, off or a comma list of {', '.join(LIGER_PARTS)}")
-    return ",".join(dict.fromkeys(parts))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = "(default: %(default)s)"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     io = p.add_argument_group("data and output")
-    io.add_argument("--jsonl", default="./data/synthetic_qa.jsonl", help=f"training chats, one JSON object a line {d}")
-    io.add_argument("--model", default="HuggingFaceH4/zephyr-7b-beta", help=f"base model: hub id or local folder {d}")
-    io.add_argument("--out", default="./models/zephyr-7b-qlora", help=f"run folder for adapter, metrics, checkpoints {d}")
+    io.add_argument("--jsonl", default="./data/synthetic_qa.jsonl", help="training chats, one JSON object a line")
+    io.add_argument("--model", default="HuggingFaceH4/zephyr-7b-beta", help="base model: hub id or local folder")
+    io.add_argument("--out", default="./models/zephyr-7b-qlora", help="run folder for adapter, metrics, checkpoints")
     io.add_argument("--max_seq_len", type=int, default=4096,
-                    help=f"longest sample in tokens; longer chats lose whole earlier turns or are dropped, never cut {d}")
+                    help="longest sample in tokens; longer chats lose whole earlier turns or are dropped, never cut")
     io.add_argument("--val_fraction", type=float, default=0.05,
-                    help=f"share of samples held out for validation loss, split by paper when meta.paper_id exists {d}")
+                    help="share of samples held out for validation loss, split by paper when meta.paper_id exists")
     io.add_argument("--system_prompt", default=None,
                     help="system prompt to add to records that have none (default: leave them as they are)")
     io.add_argument("--inspect", type=int, nargs="?", const=3, default=0, metavar="N",
@@ -107,65 +89,66 @@ def build_parser() -> argparse.ArgumentParser:
                          "and a length histogram, then exit without loading weights")
     io.add_argument("--overwrite", action="store_true", help="replace a finished run (or an unfinished one) in --out")
     io.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its latest checkpoint")
-    io.add_argument("--save_steps", type=int, default=50, help=f"checkpoint every N optimizer steps {d}")
-    io.add_argument("--save_total_limit", type=int, default=2, help=f"checkpoints kept while training {d}")
+    io.add_argument("--save_steps", type=int, default=50, help="checkpoint every N optimizer steps")
+    io.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept while training")
     io.add_argument("--keep_checkpoints", action="store_true", help="keep checkpoints/ after the run finishes")
-    io.add_argument("--eval_steps", type=int, default=None, help="validation loss every N steps (default: a tenth of the run, at most --save_steps)")
-    io.add_argument("--logging_steps", type=int, default=10, help=f"log a line every N steps {d}")
-    io.add_argument("--seed", type=int, default=42, help=f"seed for the split, data order, LoRA init and dropout {d}")
+    io.add_argument("--eval_steps", type=int, default=None,
+                    help="validation loss every N steps (default: a tenth of the run, at most --save_steps)")
+    io.add_argument("--logging_steps", type=int, default=10, help="log a line every N steps")
+    io.add_argument("--seed", type=int, default=42, help="seed for the split, data order, LoRA init and dropout")
 
     tr = p.add_argument_group("optimisation")
-    tr.add_argument("--epochs", type=int, default=2, help=f"passes over the training samples {d}")
+    tr.add_argument("--epochs", type=int, default=2, help="passes over the training samples")
     tr.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides --epochs)")
-    tr.add_argument("--batch", type=int, default=8, help=f"micro-batch per GPU/process {d}")
+    tr.add_argument("--batch", type=int, default=8, help="micro-batch per GPU/process")
     tr.add_argument("--grad_accum", type=int, default=2,
-                    help=f"micro-batches per optimizer step; effective batch = batch x grad_accum x processes {d}")
-    tr.add_argument("--lr", type=float, default=2e-4, help=f"peak learning rate {d}")
-    tr.add_argument("--lr_scheduler", choices=SCHEDULERS, default="cosine", help=f"learning-rate schedule {d}")
-    tr.add_argument("--warmup_ratio", type=float, default=0.03, help=f"share of steps spent warming up {d}")
-    tr.add_argument("--weight_decay", type=float, default=0.0, help=f"AdamW weight decay {d}")
-    tr.add_argument("--max_grad_norm", type=float, default=1.0, help=f"gradient clipping; 0 turns it off {d}")
-    tr.add_argument("--optim", choices=OPTIMIZERS, default="paged_adamw_8bit", help=f"optimizer {d}")
+                    help="micro-batches per optimizer step; effective batch = batch x grad_accum x processes")
+    tr.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    tr.add_argument("--lr_scheduler", choices=SCHEDULERS, default="cosine", help="learning-rate schedule")
+    tr.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps spent warming up")
+    tr.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    tr.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    tr.add_argument("--optim", choices=OPTIMIZERS, default="paged_adamw_8bit", help="optimizer")
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 compute (the default; falls back to fp16 on GPUs without bf16); --no-bf16 = fp32")
     tr.add_argument("--fp16", action="store_true", help="fp16 compute with loss scaling (V100, T4)")
 
     lo = p.add_argument_group("LoRA")
-    lo.add_argument("--lora_r", type=int, default=16, help=f"adapter rank {d}")
-    lo.add_argument("--lora_alpha", type=float, default=32, help=f"adapter scale numerator {d}")
+    lo.add_argument("--lora_r", type=int, default=16, help="adapter rank")
+    lo.add_argument("--lora_alpha", type=float, default=32, help="adapter scale numerator")
     lo.add_argument("--lora_dropout", type=float, default=0.0,
-                    help=f"dropout on the adapter input; 0 is ~10%% faster, pass 0.05 for the seed recipe's "
-                         f"regularisation {d}")
+                    help="dropout on the adapter input; 0 is ~10%% faster, pass 0.05 for the seed recipe's "
+                         "regularisation")
     lo.add_argument("--target_modules", default="all-linear",
-                    help=f"'all-linear' or comma-separated module names, e.g. q_proj,v_proj {d}")
+                    help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
 
     sp = p.add_argument_group("speed and memory")
     sp.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"recompute activations in backward to save memory {d}")
+                    help="recompute activations in backward to save memory")
     sp.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"micro-batches of neighbours in length (less padding), steps in random order {d}")
+                    help="micro-batches of neighbours in length (less padding), steps in random order")
     sp.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"shuffle the data every epoch; --no-shuffle keeps file order (benchmarks) {d}")
+                    help="shuffle the data every epoch; --no-shuffle keeps file order (benchmarks)")
     sp.add_argument("--attn_implementation", default="sdpa",
-                    help=f"attention kernel (sdpa, eager, flash_attention_2); --packing replaces it in training {d}")
+                    help="attention kernel (sdpa, eager, flash_attention_2); --packing replaces it in training")
     sp.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                     help="each micro-batch as one row without padding, attention per sample (flash varlen on "
-                         f"CUDA, one SDPA call per sample elsewhere) {d}")
+                         "CUDA, one SDPA call per sample elsewhere)")
     sp.add_argument("--fused_lora", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"4-bit base + LoRA of each layer as one autograd node (same math as PEFT's) {d}")
+                    help="4-bit base + LoRA of each layer as one autograd node (same math as PEFT's)")
     sp.add_argument("--lora_fp32_sum", action=argparse.BooleanOptionalAction, default=True,
                     help="fused LoRA: the base GEMM accumulates onto the LoRA delta in fp32 and rounds once to bf16 "
-                         "(small adapter updates are not rounded away; matches the fp32-upcast seed recipe's "
-                         f"learning; costs nothing) {d}")
+                         "(small adapter updates are not rounded away, as in the fp32-upcast seed recipe; "
+                         "costs nothing)")
     sp.add_argument("--flat_optim", action=argparse.BooleanOptionalAction, default=True,
                     help="the optimizer updates all LoRA tensors as one flat buffer (one kernel per step instead "
-                         f"of one per tensor; the same update) {d}")
+                         "of one per tensor; the same update)")
     sp.add_argument("--fused_norm", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"RMSNorm modules as one torch.nn.functional.rms_norm call {d}")
-    sp.add_argument("--liger", type=_liger_arg, default="auto",
+                    help="RMSNorm modules as one torch.nn.functional.rms_norm call")
+    sp.add_argument("--liger", type=parse_liger, default="auto",
                     help="Liger kernels (optional: pip install -r requirements-gpu.txt): a comma list of flce (fused "
                          "linear cross-entropy: never builds the logits), rope, swiglu, rmsnorm; or all, off, or "
-                         f"auto = {','.join(LIGER_AUTO)} when CUDA and liger-kernel are there {d}")
+                         f"auto = {','.join(LIGER_AUTO)} when CUDA and liger-kernel are there")
     sp.add_argument("--kbit_upcast", action="store_true",
                     help="the seed recipe's peft.prepare_model_for_kbit_training (norms, embeddings and lm_head "
                          "in fp32, autocast); slower, more memory; turns --fused_lora/--fused_norm off")
@@ -403,6 +386,28 @@ def heldout_questions(val_samples: list[dict]) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------- data order
+def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_by_length: bool,
+               shuffle: bool) -> list[list[int]]:
+    """Sample indices of each optimizer step of one epoch, a function of (seed, epoch) only.
+
+    Length grouping sorts chunks of 64 steps' worth of samples by length, so neighbours (which share
+    micro-batches) have similar lengths, then shuffles the order of the steps.
+    """
+    rng = random.Random(f"{seed}/{epoch}")
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        mega = per_step * 64
+        order = [i for k in range(0, len(order), mega)
+                 for i in sorted(order[k:k + mega], key=lambda j: -lengths[j])]
+    steps = [order[k:k + per_step] for k in range(0, len(order), per_step)]
+    if group_by_length and shuffle:
+        rng.shuffle(steps)
+    return steps
+
+
 # --------------------------------------------------------------------------- --inspect
 def _marked(text: str, ids: list[int], labels: list[int], offsets, bos_id) -> str:
     trained = [False] * len(text)
@@ -418,7 +423,7 @@ def _marked(text: str, ids: list[int], labels: list[int], offsets, bos_id) -> st
     return "".join(out) + ("⟧" if on else "")
 
 
-def _padding_share(lengths: list[int], micro: int, per_step: int, seed: int, group: bool) -> float:
+def padding_share(lengths: list[int], micro: int, per_step: int, seed: int, group: bool) -> float:
     padded = 0
     for step in epoch_plan(lengths, per_step, seed, 0, group, True):
         step = sorted(step, key=lambda i: -lengths[i])
@@ -454,577 +459,33 @@ def print_inspect(tokenizer, samples: list[dict], report: dict, args) -> None:
         print(f"  {k * width + 1:>6}-{(k + 1) * width:<6} {c:>6} {'#' * math.ceil(40 * c / max(counts))}")
     per_step = args.batch * args.grad_accum
     print(f"padding with --batch {args.batch} --grad_accum {args.grad_accum}: "
-          f"{_padding_share(lengths, args.batch, per_step, args.seed, True):.1%} length-grouped, "
-          f"{_padding_share(lengths, args.batch, per_step, args.seed, False):.1%} without")
+          f"{padding_share(lengths, args.batch, per_step, args.seed, True):.1%} length-grouped, "
+          f"{padding_share(lengths, args.batch, per_step, args.seed, False):.1%} without")
 
 
 # --------------------------------------------------------------------------- model
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _device() -> torch.device:
-    return torch.device(f"cuda:{_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def resolve_precision(args, device: torch.device) -> tuple[torch.dtype, str]:
-    """Compute dtype from the flags and what the device can do, with a line saying what was chosen."""
-    if args.fp16:
-        return torch.float16, "fp16 compute with loss scaling"
-    if args.bf16 is False:
-        return torch.float32, "fp32 compute (--no-bf16)"
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float16, ("bf16 requested but this GPU has none: falling back to fp16 compute with loss "
-                               "scaling (pass --fp16 to choose it explicitly)")
-    if device.type == "cpu":
-        return torch.bfloat16, "bf16 compute on CPU (bitsandbytes 4-bit supports it; slow, for tests and demos)"
-    return torch.bfloat16, "bf16 compute"
-
-
-def load_tokenizer(args):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    ensure_chat_template(tok)
-    _ensure_pad(tok)
-    tok.padding_side = "right"
-    return tok
-
-
-def _ensure_pad(tok) -> None:
-    # Padding is masked out of attention and labels by length (collate), so the pad id only has to exist;
-    # unk keeps it distinct from the </s> that is trained on.
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-
-
-def load_model(args):
-    """The 4-bit base + LoRA model exactly as training uses it (NF4, double quant, LoRA) with the speed flags.
-
-    Default: the frozen base stays in the compute dtype (no fp32 upcast of norms, embeddings and lm_head;
-    non-reentrant gradient checkpointing needs no input grads); --kbit_upcast is the seed recipe's
-    prepare_model_for_kbit_training instead.
-    """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    device = _device()
-    d = _Dist()
-    dtype, _ = resolve_precision(args, device)
+def load_model(args, device=None) -> TrainableModel:
+    """The 4-bit base + LoRA model exactly as training uses it (NF4, double quant, LoRA), with the speed flags."""
+    device = device or default_device()
+    dtype, _ = resolve_precision(args.bf16, args.fp16, device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls (LoRA, lm_head) on Ampere+
-    quant = nf4_config(dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, quantization_config=quant, device_map={"": str(device)}, dtype=dtype,
-        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
-    model.config.use_cache = False
-    if args.kbit_upcast:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fast = not args.kbit_upcast  # the fused pieces assume one compute dtype throughout
-    liger = _apply_liger(model, args.liger, device) if fast else "off (--kbit_upcast)"
-    n_norm = 0
-    if args.fused_norm and fast and "RMSNorm" not in liger:  # Liger's own RMSNorm when --liger all applied
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm") and not type(m).__name__.startswith("Liger") \
-                    and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
-                m.forward = MethodType(_torch_rmsnorm_forward, m)
-                n_norm += 1
-    packed = "off"
-    if args.packing:
-        info = choose_packed_impl(device)
-        _set_attn(model, register_packed_attention())
-        packed = ("flash varlen_attn" if info["impl"] == "varlen" else
-                  "one SDPA call per sample" + (" (varlen_attn failed its self-test: "
-                                                f"{info.get('varlen_error') or info.get('varlen_rel_err')})"
-                                                if device.type == "cuda" else ""))
-    targets = args.target_modules if args.target_modules == "all-linear" else \
-        [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    n_lean = 0
-    if args.fused_lora and fast:
-        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    lora = LoRASettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules, init_seed=args.seed)
+    speed = SpeedSettings(args.gradient_checkpointing, args.kbit_upcast, args.packing, args.fused_lora,
+                          args.lora_fp32_sum, args.fused_norm, args.liger, args.attn_implementation)
+    tm = build_qlora_model(args.model, device, dtype, lora, speed, args.trust_remote_code)
+    log(tm.description, Dist())
+    return tm
 
-        absmax_bytes = 0
-        for m in model.modules():
-            if isinstance(m, LoraLinear4bit):
-                m.forward = MethodType(_lean_lora4bit_forward, m)
-                m.lora_fp32_sum = bool(args.lora_fp32_sum)
-                absmax_bytes += _expand_absmax(m.base_layer.weight.quant_state)
-                n_lean += 1
-    _log(f"speed: {'fp32 upcast + autocast (--kbit_upcast)' if args.kbit_upcast else 'no fp32 upcast'}; "
-         f"packing: {packed}; fused LoRA: {n_lean} layers"
-         f"{' (fp32 sum)' if n_lean and args.lora_fp32_sum else ''}"
-         f"{f', 4-bit scales expanded once ({absmax_bytes / 2**20:,.1f} MiB)' if n_lean and absmax_bytes else ''}; "
-         f"fused RMSNorm: {n_norm} modules; Liger: {liger}", d)
-    return model
 
+def load_model_and_tokenizer(args) -> tuple[TrainableModel, object]:
+    return load_model(args), load_tokenizer(args.model, "right", args.trust_remote_code)
 
-def load_model_and_tokenizer(args):
-    return load_model(args), load_tokenizer(args)
 
-
-# --------------------------------------------------------------------------- speed (issue 5; bench/README.md)
-# Measured on an H100 with a 7B shape: the seed recipe spends its time on padding, fp32 round trips and
-# host-side Python ops, not on matmuls. Each piece below is a flag; all but Liger and varlen run on CPU too.
-PACKED_ATTN = "qlora_packed"
-_VARLEN = {"impl": None}  # "varlen" (torch.nn.attention.varlen) or "loop" (one SDPA call per document)
-
-
-def _torch_rmsnorm_forward(self, x):
-    """RMSNorm as one fused op instead of HF's ~8 (cast, pow, mean, rsqrt, mul, cast, mul)."""
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
-
-
-def _fused_lora4bit_forward(self, x, *args, **kwargs):
-    """bnb 4-bit base + LoRA as addmm(base_out, dropout(x) A^T, B^T, alpha=scaling) in the compute dtype.
-    The fallback of the lean path for layers it does not handle (bias, several adapters, merged)."""
-    result = self.base_layer(x, *args, **kwargs)
-    if self.disable_adapters or self.merged:
-        return result
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        a = self.lora_A[name].weight.to(x.dtype)
-        b = self.lora_B[name].weight.to(x.dtype)
-        h = torch.nn.functional.linear(self.lora_dropout[name](x), a)
-        out2d = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
-                            alpha=self.scaling[name])
-        result = out2d.view(result.shape)
-    return result
-
-
-def _dequant(weight, quant_state):
-    """bitsandbytes' dequantize_4bit; with the fp32 block scales that _expand_absmax cached, one kernel instead of
-    three (the double-quantised scales are not expanded again at every call). The same weights bit for bit."""
-    absmax = getattr(quant_state, "qlora_absmax32", None)
-    if absmax is None or weight.shape[0] == 1:  # (a [1, n] weight is bnb's transposed legacy layout)
-        import bitsandbytes.functional as bnbF
-
-        return bnbF.dequantize_4bit(weight, quant_state)
-    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, quant_state.blocksize,
-                                                          quant_state.quant_type, quant_state.shape, quant_state.dtype)
-
-
-def _expand_absmax(quant_state) -> int:
-    """Cache the fp32 block scales of a double-quantised 4-bit weight on its quant state, computed exactly as
-    bitsandbytes does at each dequantisation. Costs 4 bytes per 64 weights (~0.44 GB for a 7B model); saves two
-    kernels and bitsandbytes' Python per dequantisation (~1,200 per training step of a 7B model). Returns bytes."""
-    import bitsandbytes.functional as bnbF
-
-    if not getattr(quant_state, "nested", False) or not hasattr(torch.ops.bitsandbytes, "dequantize_4bit"):
-        return 0
-    absmax = bnbF.dequantize_blockwise(quant_state.absmax, quant_state.state2)
-    absmax += quant_state.offset
-    quant_state.qlora_absmax32 = absmax.float()
-    return quant_state.qlora_absmax32.numel() * 4
-
-
-def _compute_copy(p, dtype):
-    """p in the compute dtype: the copy FlatParams.refresh_compute made for this optimizer step if p has not
-    changed since (its version counter), else a cast. Saves two cast kernels per LoRA layer call."""
-    c = getattr(p, "qlora_compute", None)
-    if c is not None and c[1] == dtype and c[0] == p._version:
-        return c[2]
-    return p.to(dtype)
-
-
-def _generator(device):
-    return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
-
-
-class _LoRA4bit(torch.autograd.Function):
-    """y = x W^T + s * dropout(x) A^T B^T with W the 4-bit base weight, as ONE autograd node.
-
-    PEFT + bitsandbytes build this from ~6 autograd nodes and a dozen Python-level ops per layer; at a few
-    thousand tokens per step the step is bound by that host-side work. Forward = dequant, 2 GEMMs, one addmm;
-    backward = dequant + 4 small GEMMs. W is never saved (dequantized again in backward). LoRA master weights
-    stay fp32: cast to the compute dtype for the GEMMs, gradients come back in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling, p, fp32_sum=False):
-        x2 = x.reshape(-1, x.shape[-1])
-        a, b = _compute_copy(lora_a, x.dtype), _compute_copy(lora_b, x.dtype)
-        rng = None
-        if p > 0:
-            # keep the generator state, not the mask: backward draws the same mask again (the way activation
-            # checkpointing replays dropout), so dropout adds no saved activations
-            gen = _generator(x2.device)
-            rng = gen.get_state()
-            xd, _ = torch.native_dropout(x2, p, True)
-        else:
-            xd = x2
-        h = torch.mm(xd, a.t())
-        w = _dequant(weight, quant_state).to(x.dtype)
-        if fp32_sum:
-            # LoRA delta first, then the base GEMM accumulates onto it in place (beta = scaling): the GEMM adds C
-            # to its fp32 accumulator and rounds once, so a delta under half a bf16 step of the base output is not
-            # rounded away. Same kernels and memory traffic as the order below, which rounds the base output to
-            # bf16 before adding the delta: that order memorised slower than the fp32-upcast seed recipe on a
-            # second pass (+0.12/+0.17 loss, bench/README.md). tests: test_lora_sum_keeps_small_deltas.
-            out = torch.mm(h, b.t()).addmm_(x2, w.t(), beta=scaling)
-        else:
-            out = torch.mm(x2, w.t()).addmm_(h, b.t(), alpha=scaling)
-        del w, xd
-        ctx.save_for_backward(x2, h, a, b)
-        ctx.weight, ctx.quant_state, ctx.scaling, ctx.p, ctx.rng = weight, quant_state, scaling, p, rng
-        ctx.x_shape, ctx.dtypes = x.shape, (lora_a.dtype, lora_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, h, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        s, p = ctx.scaling, ctx.p
-        xd, mask = x2, None
-        if ctx.rng is not None:  # the forward's dropout mask, drawn again from the same generator state
-            gen = _generator(x2.device)
-            now = gen.get_state()
-            gen.set_state(ctx.rng)
-            xd, mask = torch.native_dropout(x2, p, True)
-            gen.set_state(now)
-        gh = torch.mm(g, b).mul_(s)                      # d loss / d h, (tokens, r)
-        if g.is_cuda and g.dtype != torch.float32 and ctx.dtypes == (torch.float32, torch.float32):
-            # the fp32 masters' gradients straight out of the GEMM: no bf16 rounding, no cast kernels
-            grad_b = torch.mm(g.t(), h, out_dtype=torch.float32).mul_(s)  # (out, r)
-            grad_a = torch.mm(gh.t(), xd, out_dtype=torch.float32)        # (r, in)
-        else:
-            grad_b = torch.mm(g.t(), h).mul_(s)
-            grad_a = torch.mm(gh.t(), xd)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w = _dequant(ctx.weight, ctx.quant_state).to(g.dtype)
-            grad_x = torch.mm(g, w)
-            del w
-            if mask is None:
-                grad_x.addmm_(gh, a)
-            else:
-                grad_x.addcmul_(torch.mm(gh, a), mask, value=1.0 / (1.0 - p))
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None, None
-
-
-def _lean_lora4bit_forward(self, x, *args, **kwargs):
-    """Forward of peft.tuners.lora.bnb.Linear4bit through _LoRA4bit; PEFT's own path where it does not apply."""
-    if kwargs.get("adapter_names") is not None:
-        return type(self).forward(self, x, *args, **kwargs)
-    if self.disable_adapters or self.merged or len(self.active_adapters) != 1 or self.base_layer.bias is not None \
-            or self.active_adapters[0] not in self.lora_A:
-        return _fused_lora4bit_forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
-    drop = self.lora_dropout[name]
-    p = drop.p if (self.training and isinstance(drop, torch.nn.Dropout)) else 0.0
-    w = self.base_layer.weight
-    # --lora_fp32_sum travels on the module (set where load_model patches it), not in a process-wide switch
-    return _LoRA4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, w.data, w.quant_state,
-                           self.scaling[name], p, getattr(self, "lora_fp32_sum", False))
-
-
-def _offloaded_checkpoint(function, *args, **kwargs):
-    """Non-reentrant checkpoint whose saved layer inputs live in pinned host memory."""
-    from torch.utils.checkpoint import checkpoint
-
-    with torch.autograd.graph.save_on_cpu(pin_memory=True):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
-
-
-def collate_packed(samples: list[dict], device) -> dict:
-    """All samples of a micro-batch in one row, no padding. Positions restart per sample, the attention kernel
-    gets the sample boundaries (cu_seq_lens), and the first label of each sample is -100: no token attends to
-    or predicts across a boundary. Trained tokens are those of the padded layout (label 0 is never a target)."""
-    ids, labels, pos, cu = [], [], [], [0]
-    for s in samples:
-        n = len(s["input_ids"])
-        ids += s["input_ids"]
-        labels += [IGNORE] + list(s["labels"][1:])
-        pos += list(range(n))
-        cu.append(cu[-1] + n)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
-    max_len = max(len(s["input_ids"]) for s in samples)
-    return {"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device),
-            "attention_mask": None, "position_ids": torch.tensor([pos], device=device),
-            "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": max_len, "max_length_k": max_len,
-            "n_samples": len(samples), "n_tokens": cu[-1], "n_padded": cu[-1]}
-
-
-def _sdpa(module, q, k, v, scaling):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling, is_causal=True)[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_params() -> frozenset:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)  # once: this runs for every layer of every step
-
-
-def _varlen_call(q, k, v, cu, max_len, scaling):
-    """q: (T, Hq, D), k/v: (T, Hkv, D) -> (T, Hq, D), whatever this torch's varlen_attn signature is."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = _varlen_params()
-    kw = {}
-    if "scale" in params:
-        kw["scale"] = scaling
-    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
-        kw["enable_gqa"] = True
-    if "is_causal" in params:
-        kw["is_causal"] = True
-    elif "window_size" in params:
-        kw["window_size"] = (-1, 0)
-    else:
-        raise RuntimeError("varlen_attn has neither is_causal nor window_size")
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
-
-
-def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                             sliding_window=None, **kwargs):
-    """AttentionInterface function: query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D).
-
-    Transformers builds no mask for a custom attention function, so a right-padded batch (no cu_seq_lens)
-    gets plain causal attention: exact for its real tokens, which only see earlier (real) tokens.
-    """
-    if attention_mask is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        return _sdpa(module, query, key, value, scaling), None
-    max_len = int(kwargs["max_length_q"])
-    if sliding_window is not None and max_len > sliding_window:
-        raise ValueError(f"a sample of {max_len} tokens exceeds the model's sliding window {sliding_window}")
-    if query.shape[0] != 1:
-        raise ValueError("packed attention expects one packed row per micro-batch")
-    if _VARLEN["impl"] == "varlen":
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        return _varlen_call(q, k, v, cu, max_len, scaling).unsqueeze(0), None
-    bounds = cu.tolist()  # CPU, or a GPU whose varlen kernel failed its self-test: one SDPA call per document
-    outs = [_sdpa(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling)
-            for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs, dim=1), None
-
-
-def choose_packed_impl(device) -> dict:
-    """Self-test varlen_attn (forward and backward, GQA) against a float64 per-document reference; use it only
-    if it agrees, else one SDPA call per document."""
-    info = {"impl": "loop"}
-    if device.type != "cuda":
-        _VARLEN["impl"] = "loop"
-        return info
-    try:
-        torch.manual_seed(0)
-        lens = [37, 300, 129, 511, 1]
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
-        T, Hq, Hkv, D = sum(lens), 32, 8, 128
-        q = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(T, Hkv, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-        go = torch.randn(T, Hq, D, device=device, dtype=torch.bfloat16)
-        out = _varlen_call(q, k, v, cu, max(lens), D ** -0.5)
-        grads = torch.autograd.grad(out, (q, k, v), go)
-        qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-        outs = []
-        for s, e in zip(cu.tolist()[:-1], cu.tolist()[1:]):
-            qq = qr[s:e].transpose(0, 1)
-            kk = kr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
-            vv = vr[s:e].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
-            outs.append(torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(0, 1))
-        ref = torch.cat(outs)
-        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), go.double())
-        errs = [float((a.detach().double() - b.detach()).norm() / b.detach().norm())
-                for a, b in zip((out, *grads), (ref, *ref_grads))]
-        info.update(varlen_rel_err={"out": errs[0], "dq": errs[1], "dk": errs[2], "dv": errs[3]})
-        if all(e < 2e-2 for e in errs):
-            info["impl"] = "varlen"
-    except Exception as e:  # noqa: BLE001 - any failure means: use the per-document loop
-        info["varlen_error"] = f"{type(e).__name__}: {e}"[:300]
-    _VARLEN["impl"] = info["impl"]
-    return info
-
-
-def register_packed_attention() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTN, packed_attention_forward)
-    return PACKED_ATTN
-
-
-def uses_packed_attention(model) -> bool:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "_attn_implementation", None) == PACKED_ATTN
-
-
-def _set_attn(model, name: str) -> None:
-    try:
-        model.set_attn_implementation(name)
-    except Exception:  # noqa: BLE001 - a transformers without the setter: the config field is what is read
-        model.config._attn_implementation = name
-
-
-def _apply_liger(model, mode: str, device) -> str:
-    """The Liger kernels --liger names (see LIGER_PARTS / LIGER_AUTO); returns what was applied."""
-    if mode == "off":
-        return "off"
-    if device.type != "cuda":
-        return f"skipped (--liger {mode}: Liger's Triton kernels need CUDA)"
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
-    except ImportError:
-        if mode != "auto":
-            raise InputError(f"--liger {mode}: liger-kernel is not installed; pip install -r requirements-gpu.txt "
-                             "or pass --liger off") from None
-        return "skipped (liger-kernel not installed: pip install -r requirements-gpu.txt)"
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return f"skipped (Liger has no kernels for model type {model_type!r})"
-    parts = set(LIGER_PARTS if mode == "all" else LIGER_AUTO if mode == "auto" else mode.split(","))
-    _apply_liger_kernel_to_instance(model, rope="rope" in parts, rms_norm="rmsnorm" in parts,
-                                    swiglu="swiglu" in parts, cross_entropy=False,
-                                    fused_linear_cross_entropy="flce" in parts)
-    names = {"rope": "RoPE", "rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "flce": "fused linear cross-entropy"}
-    return ", ".join(names[p] for p in LIGER_PARTS[1:] + LIGER_PARTS[:1] if p in parts)
-
-
-def _decoder_layers(model) -> list:
-    """The decoder layers whose gradient checkpointing can be switched one by one."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    best = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > len(best) and \
-                all(isinstance(x, GradientCheckpointingLayer) for x in m):
-            best = list(m)
-    return best
-
-
-def activation_bytes_per_token_layer(hidden: int, intermediate: int, dropout: float) -> float:
-    """Activations one decoder layer keeps per token when it is not checkpointed (bf16). Measured on a 7B
-    shape (hidden 4096, MLP 14336): ~145 KB without LoRA dropout, ~166 KB with PEFT's dropout (a mask and a
-    dropped copy per LoRA layer; the fused LoRA node keeps neither, so pass dropout=0 for it); scaled by the
-    tensors a Mistral/Llama layer saves (~6 of width hidden, ~4 of width intermediate) for other shapes."""
-    per_7b = 166e3 if dropout > 0 else 145e3
-    return per_7b * (6 * hidden + 4 * intermediate) / (6 * 4096 + 4 * 14336)
-
-
-def plan_checkpointing(budget_gb: float, static_bytes: float, n_lora: int, optim: str, max_tokens: int,
-                       hidden: int, intermediate: int, n_layers: int, dropout: float) -> dict:
-    """Spend a GPU memory budget on speed. Estimate (bytes) for k layers without checkpointing:
-    static + 4·n_lora (fp32 grads) + (8 | 2)·n_lora (AdamW state, fp32 | 8-bit) + T·2·hidden·n_layers
-    (checkpointed layer inputs, bf16) + (k+1)·T·c (k full layers + the one being recomputed) + 0.35 GB
-    (workspace), T = largest micro-batch in tokens. If k = 0 does not fit, the checkpoints go to pinned host
-    memory ("offload"); otherwise the largest k that fits ("skip": the last k layers keep their activations).
-    """
-    c = activation_bytes_per_token_layer(hidden, intermediate, dropout)
-    opt_bytes = 2 if "8bit" in optim else 8
-    fixed = static_bytes + (4 + opt_bytes) * n_lora + 0.35e9
-    ckpt = max_tokens * 2 * hidden * n_layers
-    budget = budget_gb * 1e9
-
-    def estimate(k):
-        return fixed + ckpt + (k + 1) * max_tokens * c
-
-    if estimate(0) > budget:
-        est = fixed + max_tokens * c
-        return {"mode": "offload", "skip_layers": 0, "estimate_gb": est / 1e9, "budget_gb": budget_gb,
-                "fits": est <= budget, "act_bytes_per_token_layer": c}
-    k = 0
-    while k < n_layers and estimate(k + 1) <= budget:
-        k += 1
-    return {"mode": "skip", "skip_layers": k, "estimate_gb": estimate(k) / 1e9, "budget_gb": budget_gb,
-            "fits": True, "act_bytes_per_token_layer": c}
-
-
-def _uses_fused_lora(model) -> bool:
-    return any(getattr(m.forward, "__func__", None) is _lean_lora4bit_forward for m in model.modules())
-
-
-def _apply_checkpoint_plan(layers: list, plan: dict) -> None:
-    for i, layer in enumerate(layers):
-        if plan["mode"] == "offload":
-            layer._gradient_checkpointing_func = _offloaded_checkpoint
-        elif i >= len(layers) - plan["skip_layers"]:
-            layer.gradient_checkpointing = False
-
-
-def _max_micro_tokens(lengths: list[int], per_step: int, micro: int, seed: int, epochs: int, group: bool,
-                      shuffle: bool, rank: int, world: int, packed: bool) -> int:
-    """Largest micro-batch of the whole run in computed tokens (packed: the sum; padded: rows x longest)."""
-    top = 0
-    for epoch in range(epochs):
-        for step in epoch_plan(lengths, per_step, seed, epoch, group, shuffle):
-            mine = sorted(step, key=lambda i: -lengths[i])[rank::world]
-            for j in range(0, len(mine), micro):
-                part = [lengths[i] for i in mine[j:j + micro]]
-                top = max(top, sum(part) if packed else len(part) * max(part))
-    return top
-
-
-@contextlib.contextmanager
-def _frozen_gc():
-    """Move every object alive now (model, optimizer, data) out of the collector's reach while training:
-    full collections over them cost ~10% of a fast step."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-# --------------------------------------------------------------------------- data order and batches
-def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_by_length: bool,
-               shuffle: bool) -> list[list[int]]:
-    """Sample indices of each optimizer step of one epoch, a function of (seed, epoch) only.
-
-    Length grouping sorts chunks of 64 steps' worth of samples by length, so neighbours (which share
-    micro-batches) have similar lengths, then shuffles the order of the steps.
-    """
-    rng = random.Random(f"{seed}/{epoch}")
-    order = list(range(len(lengths)))
-    if shuffle:
-        rng.shuffle(order)
-    if group_by_length:
-        mega = per_step * 64
-        order = [i for k in range(0, len(order), mega)
-                 for i in sorted(order[k:k + mega], key=lambda j: -lengths[j])]
-    steps = [order[k:k + per_step] for k in range(0, len(order), per_step)]
-    if group_by_length and shuffle:
-        rng.shuffle(steps)
-    return steps
-
-
-def collate(samples: list[dict], pad_id: int, device) -> dict:
-    """Right-padded tensors. The attention mask and labels come from the lengths, never from `ids != pad`."""
-    lengths = [len(s["input_ids"]) for s in samples]
-    L = max(lengths)
-    ids = torch.full((len(samples), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), L), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), L), dtype=torch.long)
-    for r, s in enumerate(samples):
-        n = lengths[r]
-        ids[r, :n] = torch.tensor(s["input_ids"])
-        labels[r, :n] = torch.tensor(s["labels"])
-        mask[r, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device),
-            # without padding, no mask lets SDPA take its plain causal path
-            "attention_mask": None if min(lengths) == L else mask.to(device),
-            "n_samples": len(samples), "n_tokens": sum(lengths), "n_padded": L * len(samples)}
-
-
-def _micro_loss(model, batch: dict, n_items, amp) -> torch.Tensor:
-    """Sum of token losses of one micro-batch divided by n_items (the trained tokens of the whole step)."""
+# --------------------------------------------------------------------------- the loss of one micro-batch
+def micro_loss(model, batch: dict, n_items, amp) -> torch.Tensor:
+    """Sum of token losses of one micro-batch divided by n_items (the trained tokens of the whole step), so
+    a step's gradient does not depend on how its samples are split into micro-batches."""
     packed = {k: batch[k] for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
               if k in batch}
     with amp:
@@ -1033,335 +494,230 @@ def _micro_loss(model, batch: dict, n_items, amp) -> torch.Tensor:
     return out.loss
 
 
-def _n_trained(sample: dict) -> int:
+def n_trained(sample: dict) -> int:
     return sum(1 for l in sample["labels"][1:] if l != IGNORE)  # position 0 is never predicted
 
 
-# --------------------------------------------------------------------------- distributed
-class _Dist:
-    def __init__(self):
-        self.on = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.on else 0
-        self.world = dist.get_world_size() if self.on else 1
-        self.main = self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            dist.all_reduce(t)
-        return t
-
-    def barrier(self):
-        if self.on:
-            dist.barrier()
-
-
-def _init_distributed() -> None:
-    """torchrun / accelerate launch set WORLD_SIZE>1: one process per GPU (gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(_local_rank())
-            dist.init_process_group("nccl", device_id=torch.device(f"cuda:{_local_rank()}"))
-        else:
-            dist.init_process_group("gloo")
-
-
-def _all_reduce_grads(params, d: _Dist) -> None:
-    """Sum LoRA gradients over processes in one flat buffer (tens of MB for a 7B model: cheap)."""
-    if not d.on:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    k = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[k:k + n].view_as(p).to(p.dtype)
-        k += n
-
-
-class FlatParams:
-    """LoRA tensors as views into one flat buffer, which the optimizer sees as a single parameter.
-
-    Why: a bitsandbytes optimizer updates one tensor at a time and synchronises the GPU after each; a 7B model
-    has ~450 LoRA tensors, so the update cost ~35 ms of host time per step (bench/README.md). Flat, it is one
-    kernel and one sync. The update is the same: AdamW is elementwise, each tensor starts on a multiple of ALIGN
-    elements (bitsandbytes' 8-bit state is quantised in blocks of 256 elements, so no block straddles two
-    tensors), and tensors under MIN_NUMEL elements (which bitsandbytes keeps in 32-bit state) stay separate
-    parameters. tests: test_flat_optimizer_update_equals_per_tensor. The tensors' gradients are copied into
-    the flat gradient (gather_grads) after the all-reduce, before unscaling, clipping and the update.
-    """
-    ALIGN, MIN_NUMEL = 4096, 4096
-
-    def __init__(self, params: list):
-        self.flat_members = [p for p in params if p.numel() >= self.MIN_NUMEL and p.dtype == params[0].dtype]
-        members = {id(p) for p in self.flat_members}
-        self.separate = [p for p in params if id(p) not in members]
-        self.param = None
-        if len(self.flat_members) < 2:
-            self.flat_members, self.separate = [], list(params)
-            return
-        offsets, k = [], 0
-        for p in self.flat_members:
-            offsets.append(k)
-            k += -(-p.numel() // self.ALIGN) * self.ALIGN
-        buf = torch.zeros(k, dtype=self.flat_members[0].dtype, device=self.flat_members[0].device)
-        grad = torch.zeros_like(buf)
-        self.grad_views, self.offsets = [], offsets
-        for p, o in zip(self.flat_members, offsets):
-            buf[o:o + p.numel()].copy_(p.data.reshape(-1))
-            p.data = buf[o:o + p.numel()].view_as(p)  # the model's LoRA tensors now live in the buffer
-            self.grad_views.append(grad[o:o + p.numel()].view_as(p))
-        self.param = torch.nn.Parameter(buf, requires_grad=False)
-        self._grad = grad
-
-    def optimizer_params(self) -> list:
-        return ([self.param] if self.param is not None else []) + self.separate
-
-    def refresh_compute(self, dtype) -> None:
-        """One cast of the whole buffer to the compute dtype after each update, instead of two casts per LoRA
-        layer call (see _compute_copy). The copy is used only while a tensor's version counter is unchanged."""
-        if self.param is None or dtype == self.param.dtype:
-            return
-        comp = self.param.detach().to(dtype)
-        for p, o in zip(self.flat_members, self.offsets):
-            p.qlora_compute = (p._version, dtype, comp[o:o + p.numel()].view_as(p))
-
-    def gather_grads(self) -> None:
-        if self.param is None:
-            return
-        got = [(v, p.grad) for v, p in zip(self.grad_views, self.flat_members) if p.grad is not None]
-        missing = [v for v, p in zip(self.grad_views, self.flat_members) if p.grad is None]
-        if got:
-            torch._foreach_copy_([v for v, _ in got], [g.to(v.dtype) for v, g in got])
-        if missing:
-            torch._foreach_zero_(missing)
-        self.param.grad = self._grad
-
-
-# --------------------------------------------------------------------------- checkpoints
-def _make_optimizer(params, args, device):
-    kw = {"lr": args.lr, "weight_decay": args.weight_decay}
-    if args.optim in ("adamw_torch", "adamw_torch_fused"):
-        return torch.optim.AdamW(params, fused=args.optim == "adamw_torch_fused" or None, **kw)
-    import bitsandbytes as bnb
-
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[args.optim]
-    return cls(params, **kw)  # on CPU bitsandbytes warns that paging falls back to plain memory: harmless
-
-
-def _zero_grads(optimizer, params) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:
-        p.grad = None
-
-
-def _fingerprint(samples: list[dict], per_step: int, total: int, args) -> dict:
-    """What fixes the data order and the schedule: a resumed run must match it."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(array("q", s["input_ids"]).tobytes() + b"|" + array("q", s["labels"]).tobytes() + b"\n")
-    return {"samples_sha256": h.hexdigest(), "samples_per_step": per_step, "total_steps": total,
-            "seed": args.seed, "group_by_length": args.group_by_length, "shuffle": args.shuffle,
-            "optimizer": f"{args.optim}{' flat' if getattr(args, 'flat_optim', False) else ''}"}
-
-
-def checkpoints(out_dir) -> list[Path]:
-    root = Path(out_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def _last_checkpoint(out_dir) -> Path | None:
-    found = checkpoints(out_dir) if out_dir is not None else []
-    return found[-1] if found else None
-
-
-def _save_checkpoint(model, optimizer, scheduler, scaler, state: dict, fp: dict, out_dir, keep: int, d: _Dist):
-    if d.main:
-        root = Path(out_dir) / "checkpoints"
-        final, tmp = root / f"step-{state['step']}", root / f".step-{state['step']}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None}, tmp / "training_state.pt")
-        write_json_atomic(tmp / "trainer_state.json", {**state, "fingerprint": fp})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a kill leaves either the old set or the complete new checkpoint
-        for old in checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
-
-
-def _repage_optimizer_state(optimizer) -> None:
-    """A paged bitsandbytes optimizer keeps large state tensors in CUDA managed memory, marked `is_paged`. Saved
-    and loaded, they come back as ordinary GPU tensors that still carry the mark, and the optimizer's prefetch of
-    them fails ("Error invalid argument ... pythonInterface.cpp"; found by bench/gpu_smoke.sh's resume). Put them
-    back into paged memory (on CPU, where nothing is paged, just drop the mark)."""
-    for st in optimizer.state.values():
-        for k, v in list(st.items()):
-            if not (torch.is_tensor(v) and getattr(v, "is_paged", False)):
-                continue
-            if v.device.type == "cuda" and hasattr(optimizer, "page_mng"):
-                import bitsandbytes.functional as bnbF
-
-                buf = bnbF.get_paged(*v.shape, dtype=v.dtype, device=v.device)
-                buf.copy_(v)
-                optimizer.page_mng.paged_tensors.append(buf)
-                st[k] = buf
-            else:
-                v.is_paged = False
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, device) -> dict:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    saved = state.pop("fingerprint")
-    diff = [k for k in fp if saved.get(k) != fp[k]]
-    if diff:
-        raise InputError(f"{path} was made with different data or settings ({', '.join(diff)} differ); "
-                         "--resume needs the same --jsonl, --seed, --epochs/--max_steps, --optim/--flat_optim and "
-                         "--batch x --grad_accum x processes; or start over with --overwrite")
-    result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors", device=str(device)))
-    if getattr(result, "unexpected_keys", None):
-        raise InputError(f"{path}: adapter does not match the model ({result.unexpected_keys[:3]}...)")
-    ts = torch.load(path / "training_state.pt", map_location=device, weights_only=False)
-    optimizer.load_state_dict(ts["optimizer"])
-    _repage_optimizer_state(optimizer)
-    scheduler.load_state_dict(ts["scheduler"])
-    if scaler is not None and ts.get("scaler"):
-        scaler.load_state_dict(ts["scaler"])
-    return state
-
-
 # --------------------------------------------------------------------------- training loop
-def _peak_memory(device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9, "cuda_max_memory_allocated"
-    import resource
+class Loop:
+    """What every step of one run shares: the model, optimizer, schedule, precision and processes."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "cpu_max_rss"
+    def __init__(self, tm: TrainableModel, tokenizer, args, total: int):
+        from transformers import get_scheduler
+
+        self.tm, self.model, self.args, self.d = tm, tm.model, args, Dist()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.dtype, _ = resolve_precision(args.bf16, args.fp16, self.device)
+        # Autocast only for the seed's fp32-upcast model (--kbit_upcast); otherwise the model already computes in
+        # `dtype` and autocast would only add casts.
+        self.upcast = args.kbit_upcast
+        self.amp = torch.autocast(self.device.type, dtype=self.dtype) \
+            if self.upcast and self.dtype != torch.float32 else contextlib.nullcontext()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.d.broadcast_(p.data for p in self.params)  # identical start on every process
+        self.flat = FlatParams(self.params) if args.flat_optim else None
+        self.optimizer = make_optimizer(self.flat.optimizer_params() if self.flat else self.params, args.optim,
+                                        args.lr, args.weight_decay)
+        self.scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_training_steps=total,
+                                       num_warmup_steps=math.ceil(args.warmup_ratio * total))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+    def collate(self, samples: list[dict]) -> dict:
+        return collate_packed(samples, self.device) if self.tm.packed else collate(samples, self.pad_id, self.device)
+
+    def refresh_compute_copies(self) -> None:
+        """After an update: the fused LoRA layers use one cast of the flat buffer instead of casting per call."""
+        if self.flat is not None and self.tm.fused is not None and not self.upcast:
+            self.tm.fused.use_compute_copies(self.flat.compute_copies(self.dtype), self.dtype)
 
 
-def _evaluate(model, samples: list[dict], micro: int, amp, pad_id: int, device, d: _Dist, packed: bool) -> float:
-    mine = sorted(samples[d.rank::d.world], key=lambda s: -len(s["input_ids"]))
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    model.eval()
-    with torch.no_grad():
-        for k in range(0, len(mine), micro):
-            batch = collate_packed(mine[k:k + micro], device) if packed else collate(mine[k:k + micro], pad_id, device)
-            total[0] += _micro_loss(model, batch, 1, amp).double()
-            total[1] += sum(_n_trained(s) for s in mine[k:k + micro])
-    model.train()
-    d.all_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-def _log(msg: str, d: _Dist, bar=None) -> None:
+def log(msg: str, d: Dist, bar=None) -> None:
     if d.main:
         (bar.write if bar is not None else print)(msg)
         sys.stdout.flush()
 
 
-def _plan_memory(model, args, device, lengths, per_step, steps_per_epoch, total, packed, d: _Dist) -> dict | None:
+def plan_memory(loop: Loop, lengths, per_step, steps_per_epoch, total) -> dict | None:
     """--gpu_mem_budget: choose which layers skip checkpointing (or offload the checkpoints) and log it."""
-    budget = getattr(args, "gpu_mem_budget", None)
+    args, d, model, budget = loop.args, loop.d, loop.model, loop.args.gpu_mem_budget
     if budget is None:
         return None
-    if device.type != "cuda":
-        _log(f"--gpu_mem_budget {budget}: ignored on {device.type} (it plans GPU memory)", d)
+    if loop.device.type != "cuda":
+        log(f"--gpu_mem_budget {budget}: ignored on {loop.device.type} (it plans GPU memory)", d)
         return None
-    layers = [l for l in _decoder_layers(model) if getattr(l, "gradient_checkpointing", False)]
+    layers = [l for l in decoder_layers(model)[1] if getattr(l, "gradient_checkpointing", False)]
     if not layers:
-        _log(f"--gpu_mem_budget {budget}: ignored (gradient checkpointing is off)", d)
+        log(f"--gpu_mem_budget {budget}: ignored (gradient checkpointing is off)", d)
         return None
-    cfg = model.config
     epochs = min(math.ceil(total / steps_per_epoch), 64)  # the plans repeat their length mix; bound the scan
-    top = _max_micro_tokens(lengths, per_step, args.batch, args.seed, epochs, args.group_by_length, args.shuffle,
-                            d.rank, d.world, packed)
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan = plan_checkpointing(budget, torch.cuda.memory_allocated(device), n_lora, args.optim, top,
-                              cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size), len(layers),
-                              0.0 if _uses_fused_lora(model) else args.lora_dropout)
-    _apply_checkpoint_plan(layers, plan)
-    what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)"
-            if plan["mode"] == "offload" else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
-    _log(f"--gpu_mem_budget {budget} GB: largest micro-batch {top:,} tokens -> {what}; estimated peak "
-         f"{plan['estimate_gb']:.2f} GB" + ("" if plan["fits"] else " (over the budget: lower --batch)"), d)
+    plans = (s for e in range(epochs) for s in epoch_plan(lengths, per_step, args.seed, e, args.group_by_length,
+                                                            args.shuffle))
+    top = max_micro_tokens(plans, lengths, args.batch, d.rank, d.world, loop.tm.packed)
+    cfg = model.config
+    plan = plan_checkpointing(budget, torch.cuda.memory_allocated(loop.device), sum(p.numel() for p in loop.params),
+                              args.optim, top, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+                              len(layers), 0.0 if loop.tm.fused is not None else args.lora_dropout)
+    apply_checkpoint_plan(model, plan)
+    what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)" if plan["mode"] == "offload"
+            else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
+    log(f"--gpu_mem_budget {budget} GB: largest micro-batch {top:,} tokens -> {what}; estimated peak "
+        f"{plan['estimate_gb']:.2f} GB" + ("" if plan["fits"] else " (over the budget: lower --batch)"), d)
     return plan
 
 
-def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_step=None) -> dict:
-    """Train the LoRA parameters of `model` on pre-tokenized samples; return metrics.
+def validation_loss(loop: Loop, samples: list[dict], micro: int) -> float:
+    d = loop.d
+    mine = sorted(samples[d.rank::d.world], key=lambda s: -len(s["input_ids"]))
+    total = torch.zeros(2, dtype=torch.float64, device=loop.device)
+    loop.model.eval()
+    with torch.no_grad():
+        for k in range(0, len(mine), micro):
+            total[0] += micro_loss(loop.model, loop.collate(mine[k:k + micro]), 1, loop.amp).double()
+            total[1] += sum(n_trained(s) for s in mine[k:k + micro])
+    loop.model.train()
+    d.all_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def forward_backward(loop: Loop, state: dict, step: int, mine: list[dict], n_items: int, longest: int, bar):
+    """Gradients of one optimizer step's samples (this process's share) in micro-batches of state["micro"].
+    On out-of-memory anywhere: halve the micro-batch (same effective batch) and redo the step. Returns
+    [loss, input tokens, padded tokens] summed over processes."""
+    args, d = loop.args, loop.d
+    while True:
+        torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + d.rank)  # dropout: same on a retry or resume
+        stats = torch.zeros(4, dtype=torch.float64, device=loop.device)  # oom, loss, tokens, padded tokens
+        try:
+            for j in range(0, len(mine), state["micro"]):
+                batch = loop.collate(mine[j:j + state["micro"]])
+                loss = micro_loss(loop.model, batch, n_items, loop.amp)
+                (loop.scaler.scale(loss) if loop.scaler else loss).backward()
+                stats[1] += loss.detach().double()
+                stats[2] += batch["n_tokens"]
+                stats[3] += batch["n_padded"]
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or an allocator error from a library kernel
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                raise
+            stats[0] = 1
+        batch = loss = None
+        d.all_sum(stats)  # every process learns of an OOM anywhere before gradients are exchanged
+        if stats[0] == 0:
+            return stats[1:].tolist()  # one host sync for the three counters
+        zero_grads(loop.optimizer, loop.params)
+        gc.collect()
+        if loop.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if state["micro"] == 1:
+            raise RunFailure(f"out of memory at step {step + 1} even with micro-batch 1: the longest sample in this "
+                             f"step has {longest} tokens; lower --max_seq_len, or keep --gradient_checkpointing on")
+        new = state["micro"] // 2
+        log(f"out of memory at step {step + 1} with micro-batch {state['micro']}: retrying with micro-batch "
+            f"{new} x {math.ceil(args.batch * args.grad_accum / new)} accumulation (same effective batch)", d, bar)
+        state["oom_backoffs"].append({"step": step + 1, "from": state["micro"], "to": new})
+        state["micro"] = new
+
+
+def update(loop: Loop, step: int, loss_value: float, out_dir) -> tuple[float, float]:
+    """Exchange gradients, clip, step the optimizer and schedule; stop before a non-finite update.
+    Returns (learning rate used, gradient norm)."""
+    args = loop.args
+    if not math.isfinite(loss_value):
+        raise RunFailure(f"loss is {loss_value} at step {step + 1}; stopped before the update. Last good checkpoint: "
+                         f"{last_checkpoint(out_dir) or 'none'}. Lower --lr (now {args.lr}), use --bf16 instead of "
+                         "--fp16, or check the data; then rerun with --resume")
+    all_reduce_grads(loop.params, loop.d)
+    if loop.flat is not None:  # from here on the optimizer's own parameters carry the gradients
+        loop.flat.gather_grads()
+    if loop.scaler:
+        loop.scaler.unscale_(loop.optimizer)
+    clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(loop.flat.optimizer_params() if loop.flat else loop.params, clip).item()
+    if loop.scaler is None and not math.isfinite(norm):  # fp16's scaler skips such steps itself
+        raise RunFailure(f"gradient norm is {norm} at step {step + 1}; stopped before the update. Last good "
+                         f"checkpoint: {last_checkpoint(out_dir) or 'none'}. Lower --lr and rerun with --resume")
+    lr = loop.scheduler.get_last_lr()[0]
+    if loop.scaler:
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loop.optimizer.step()
+    loop.scheduler.step()
+    zero_grads(loop.optimizer, loop.params)
+    loop.refresh_compute_copies()
+    return lr, norm
+
+
+def new_state(micro: int) -> dict:
+    """The loop's state: what a checkpoint saves and metrics.json reports."""
+    return {"step": 0, "micro": micro, "train": [], "val": [], "oom_backoffs": [], "train_seconds": 0.0,
+            "trained_tokens": 0, "input_tokens": 0, "padded_tokens": 0}
+
+
+def record(state: dict, step: int, steps_per_epoch: int, loss: float, lr: float, norm: float, n_tr: int, n_in: int,
+           n_pad: int, dt: float) -> None:
+    state["step"] = step + 1
+    state["train_seconds"] += dt
+    state["trained_tokens"] += n_tr
+    state["input_tokens"] += n_in
+    state["padded_tokens"] += n_pad
+    state["train"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": loss, "lr": lr,
+                           "grad_norm": norm, "trained_tokens": n_tr, "input_tokens": n_in, "padded_tokens": n_pad,
+                           "seconds": dt, "tokens_per_s": n_in / dt, "micro_batch": state["micro"]})
+
+
+def resume(loop: Loop, out_dir, fp: dict, total: int) -> tuple[dict, int | None]:
+    """(state, step resumed from) from the run's latest checkpoint when --resume asks for it."""
+    state = new_state(loop.args.batch)
+    if out_dir is None or not loop.args.resume:
+        return state, None
+    latest = last_checkpoint(out_dir)
+    if latest is None:
+        log(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; starting from step 0", loop.d)
+        return state, None
+    state = load_checkpoint(latest, loop.model, loop.optimizer, loop.scheduler, loop.scaler, fp, loop.device)
+    log(f"resumed from {latest} (step {state['step']}/{total}, micro-batch {state['micro']})", loop.d)
+    return state, state["step"]
+
+
+def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_dir=None, on_step=None) -> dict:
+    """Train the LoRA parameters of `tm.model` on pre-tokenized samples; return metrics.
 
     samples: [{"input_ids": [...], "labels": [...]}], labels -100 where not trained. on_step(step, loss,
     n_trained_tokens, n_input_tokens) runs after each optimizer step (tokens of the whole step, all
     processes). out_dir None: no checkpoints and no files (benchmarks).
     """
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     t_start = time.perf_counter()
-    d = _Dist()
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    dtype, _ = resolve_precision(args, device)
-    # Autocast only for the seed's fp32-upcast model (--kbit_upcast); otherwise the model already computes in
-    # `dtype` and autocast would only add casts.
-    upcast = getattr(args, "kbit_upcast", False)
-    amp = torch.autocast(device.type, dtype=dtype) if upcast and dtype != torch.float32 else contextlib.nullcontext()
-    packed = getattr(args, "packing", False) and uses_packed_attention(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not train_samples:
         raise InputError("no training samples")
-
-    per_step = args.batch * args.grad_accum * d.world
+    per_step = args.batch * args.grad_accum * Dist().world
     lengths = [len(s["input_ids"]) for s in train_samples]
-    trained = [_n_trained(s) for s in train_samples]
+    trained = [n_trained(s) for s in train_samples]
     steps_per_epoch = math.ceil(len(train_samples) / per_step)
     total = args.max_steps or steps_per_epoch * args.epochs
     # ~10 validation points per run by default, so short runs get a curve too (never rarer than checkpoints)
     eval_every = args.eval_steps or min(args.save_steps, max(1, total // 10))
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if d.on:  # identical start on every process whatever each one's RNG did
-        for p in params:
-            dist.broadcast(p.data, 0)
-    flat = FlatParams(params) if args.flat_optim else None
-    optimizer = _make_optimizer(flat.optimizer_params() if flat else params, args, device)
-    if flat is not None and flat.param is not None:
-        _log(f"optimizer: {args.optim}, {len(flat.flat_members)} LoRA tensors as one flat buffer"
-             f"{f' + {len(flat.separate)} small ones separately' if flat.separate else ''}", d)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
-                              num_training_steps=total)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    _plan_memory(model, args, device, lengths, per_step, steps_per_epoch, total, packed, d)
-    fp = _fingerprint(train_samples, per_step, total, args)
-    state = {"step": 0, "micro": args.batch, "train": [], "val": [], "oom_backoffs": [], "train_seconds": 0.0,
-             "trained_tokens": 0, "input_tokens": 0, "padded_tokens": 0}
-    resumed_from = None
-    if out_dir is not None and args.resume:
-        if checkpoints(out_dir):
-            latest = checkpoints(out_dir)[-1]
-            state = _load_checkpoint(latest, model, optimizer, scheduler, scaler, fp, device)
-            resumed_from = state["step"]
-            _log(f"resumed from {latest} (step {resumed_from}/{total}, micro-batch {state['micro']})", d)
-        else:
-            _log(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; starting from step 0", d)
-    if flat is not None and not upcast:
-        flat.refresh_compute(dtype)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    _log(f"training {len(train_samples)} samples ({sum(trained):,} trained tokens), {len(val_samples)} validation; "
-         f"{total} steps of {per_step} samples ({args.batch} x {args.grad_accum} accumulation x {d.world} "
-         f"process(es)), {steps_per_epoch} steps/epoch", d)
-    model.train()
-    bar = tqdm(total=total, initial=state["step"], disable=None if d.main else True, dynamic_ncols=True,
-               desc="train")
+    loop = Loop(tm, tokenizer, args, total)
+    d = loop.d
+    if loop.flat is not None and loop.flat.param is not None:
+        log(f"optimizer: {args.optim}, {len(loop.flat.flat_members)} LoRA tensors as one flat buffer"
+            f"{f' + {len(loop.flat.separate)} small ones separately' if loop.flat.separate else ''}", d)
+    plan_memory(loop, lengths, per_step, steps_per_epoch, total)
+    fp = fingerprint(train_samples, per_step, total, args.seed, args.group_by_length, args.shuffle,
+                     f"{args.optim}{' flat' if args.flat_optim else ''}")
+    state, resumed_from = resume(loop, out_dir, fp, total)
+    loop.refresh_compute_copies()
+    if loop.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loop.device)
+    log(f"training {len(train_samples)} samples ({sum(trained):,} trained tokens), {len(val_samples)} validation; "
+        f"{total} steps of {per_step} samples ({args.batch} x {args.grad_accum} accumulation x {d.world} "
+        f"process(es)), {steps_per_epoch} steps/epoch", d)
+    loop.model.train()
+    bar = tqdm(total=total, initial=state["step"], disable=None if d.main else True, dynamic_ncols=True, desc="train")
     plans: dict[int, list] = {}
-    with _frozen_gc():  # bar.close() and the metrics stay outside
+    with frozen_gc():  # bar.close() and the metrics stay outside
         while state["step"] < total:
             step = state["step"]
             epoch, k = divmod(step, steps_per_epoch)
@@ -1369,105 +725,44 @@ def train(model, tokenizer, train_samples, val_samples, args, out_dir=None, on_s
                 plans = {epoch: epoch_plan(lengths, per_step, args.seed, epoch, args.group_by_length, args.shuffle)}
             ids = sorted(plans[epoch][k], key=lambda i: -lengths[i])
             mine = [train_samples[i] for i in ids[d.rank::d.world]]  # round robin: ranks get similar lengths
-            n_items = max(1, sum(trained[i] for i in ids))
             t0 = time.perf_counter()
-            while True:
-                torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + d.rank)  # dropout: same on a retry or resume
-                stats = torch.zeros(4, dtype=torch.float64, device=device)  # oom, loss, tokens, padded tokens
-                try:
-                    for j in range(0, len(mine), state["micro"]):
-                        part = mine[j:j + state["micro"]]
-                        batch = collate_packed(part, device) if packed else collate(part, pad_id, device)
-                        loss = _micro_loss(model, batch, n_items, amp)
-                        (scaler.scale(loss) if scaler else loss).backward()
-                        stats[1] += loss.detach().double()
-                        stats[2] += batch["n_tokens"]
-                        stats[3] += batch["n_padded"]
-                except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or an allocator error from a library kernel
-                    if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
-                        raise
-                    stats[0] = 1
-                batch = loss = None
-                d.all_sum(stats)  # every process learns of an OOM anywhere before gradients are exchanged
-                if stats[0] == 0:
-                    break
-                _zero_grads(optimizer, params)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if state["micro"] == 1:
-                    raise TrainingError(
-                        f"out of memory at step {step + 1} even with micro-batch 1: the longest sample in this "
-                        f"step has {lengths[ids[0]]} tokens; lower --max_seq_len, or keep --gradient_checkpointing on")
-                new = state["micro"] // 2
-                _log(f"out of memory at step {step + 1} with micro-batch {state['micro']}: retrying with micro-batch "
-                     f"{new} x {math.ceil(args.batch * args.grad_accum / new)} accumulation (same effective batch)",
-                     d, bar)
-                state["oom_backoffs"].append({"step": step + 1, "from": state["micro"], "to": new})
-                state["micro"] = new
-
-            _, loss_value, n_in, n_pad = stats.tolist()  # one host sync for the three counters
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"loss is {loss_value} at step {step + 1}; stopped before the update. Last good checkpoint: "
-                    f"{_last_checkpoint(out_dir) or 'none'}. Lower --lr (now {args.lr}), use --bf16 instead of --fp16, "
-                    "or check the data; then rerun with --resume")
-            _all_reduce_grads(params, d)
-            if flat is not None:  # from here on the optimizer's own parameters carry the gradients
-                flat.gather_grads()
-            if scaler:
-                scaler.unscale_(optimizer)
-            clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(flat.optimizer_params() if flat else params, clip)
-            if scaler is None and not math.isfinite(norm.item()):  # fp16's scaler skips such steps itself
-                raise TrainingError(f"gradient norm is {norm.item()} at step {step + 1}; stopped before the update. "
-                                    f"Last good checkpoint: {_last_checkpoint(out_dir) or 'none'}. Lower --lr and "
-                                    "rerun with --resume")
-            lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            _zero_grads(optimizer, params)
-            if flat is not None and not upcast:
-                flat.refresh_compute(dtype)
-
-            dt = time.perf_counter() - t0
+            loss, n_in, n_pad = forward_backward(loop, state, step, mine, max(1, sum(trained[i] for i in ids)),
+                                                 lengths[ids[0]], bar)
+            lr, norm = update(loop, step, loss, out_dir)
             n_tr = sum(trained[i] for i in ids)
-            n_in, n_pad = int(n_in), int(n_pad)
-            state["step"] = step + 1
-            state["train_seconds"] += dt
-            state["trained_tokens"] += n_tr
-            state["input_tokens"] += n_in
-            state["padded_tokens"] += n_pad
-            state["train"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
-                                   "loss": loss_value, "lr": lr, "grad_norm": float(norm), "trained_tokens": n_tr,
-                                   "input_tokens": n_in, "padded_tokens": n_pad, "seconds": dt, "tokens_per_s": n_in / dt,
-                                   "micro_batch": state["micro"]})
+            record(state, step, steps_per_epoch, loss, lr, norm, n_tr, int(n_in), int(n_pad), time.perf_counter() - t0)
             if on_step is not None:
-                on_step(step + 1, loss_value, n_tr, n_in)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_in / dt:,.0f}", micro=state["micro"])
-            if (step + 1) % args.logging_steps == 0:
-                _log(f"step {step + 1}/{total} | epoch {(step + 1) / steps_per_epoch:.2f} | loss {loss_value:.4f} | "
-                     f"lr {lr:.2e} | {n_in / dt:,.0f} tok/s | micro-batch {state['micro']}", d, bar)
-            done = state["step"] == total
-            if val_samples and (state["step"] % eval_every == 0 or done):
-                vl = _evaluate(model, val_samples, state["micro"], amp, pad_id, device, d, packed)
-                state["val"].append({"step": state["step"], "loss": vl})
-                _log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
-            if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
-                _save_checkpoint(model, optimizer, scheduler, scaler, state, fp, out_dir, args.save_total_limit, d)
-                if d.main:
-                    write_metrics(out_dir, _metrics(state, t_start, device, d, resumed_from, finished=False))
+                on_step(step + 1, loss, n_tr, int(n_in))
+            after_step(loop, state, total, steps_per_epoch, val_samples, eval_every, fp, out_dir, resumed_from,
+                       t_start, bar)
     bar.close()
-    return _metrics(state, t_start, device, d, resumed_from, finished=True)
+    return run_metrics(state, t_start, loop.device, d, resumed_from, finished=True)
 
 
-def _metrics(state: dict, t_start: float, device, d: _Dist, resumed_from, finished: bool) -> dict:
-    peak, kind = _peak_memory(device)
+def after_step(loop: Loop, state: dict, total: int, steps_per_epoch: int, val_samples, eval_every: int, fp: dict,
+               out_dir, resumed_from, t_start: float, bar) -> None:
+    """Progress, the log line, validation loss and checkpoints after an optimizer step."""
+    args, d, row = loop.args, loop.d, state["train"][-1]
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", micro=state["micro"])
+    if state["step"] % args.logging_steps == 0:
+        log(f"step {state['step']}/{total} | epoch {state['step'] / steps_per_epoch:.2f} | loss {row['loss']:.4f} | "
+            f"lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | micro-batch {state['micro']}", d, bar)
+    done = state["step"] == total
+    if val_samples and (state["step"] % eval_every == 0 or done):
+        vl = validation_loss(loop, val_samples, state["micro"])
+        state["val"].append({"step": state["step"], "loss": vl})
+        log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
+    if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
+        if d.main:
+            save_checkpoint(out_dir, loop.model, loop.optimizer, loop.scheduler, loop.scaler, state, fp,
+                            args.save_total_limit)
+            write_metrics(out_dir, run_metrics(state, t_start, loop.device, d, resumed_from, finished=False))
+        d.barrier()
+
+
+def run_metrics(state: dict, t_start: float, device, d: Dist, resumed_from, finished: bool) -> dict:
+    peak, kind = peak_memory(device)
     secs = max(state["train_seconds"], 1e-9)
     return {"finished": finished, "steps": state["step"], "train": state["train"], "val": state["val"],
             "final_train_loss": state["train"][-1]["loss"] if state["train"] else None,
@@ -1485,40 +780,10 @@ def _metrics(state: dict, t_start: float, device, d: _Dist, resumed_from, finish
 # --------------------------------------------------------------------------- outputs
 def write_metrics(out_dir, metrics: dict) -> None:
     write_json_atomic(Path(out_dir) / "metrics.json", metrics)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train_l = [r["loss"] for r in metrics["train"]]
-    val_l = [r["loss"] for r in metrics["val"]]
-    if train_l:
-        ax.plot([r["step"] for r in metrics["train"]], train_l, label="train", lw=1)
-    if val_l:
-        ax.plot([r["step"] for r in metrics["val"]], val_l, "o-", label="validation")
-        last = metrics["val"][-1]
-        ax.annotate(f"{last['loss']:.3f}", (last["step"], last["loss"]), textcoords="offset points", xytext=(4, 6),
-                    fontsize=8)
-    # The first steps' losses can be many times the rest: scale to what follows them so the descent is visible.
-    settled = train_l[len(train_l) // 10:] + val_l
-    if settled:
-        lo, hi = min(settled), max(settled)
-        pad = max(0.05 * (hi - lo), 0.01)
-        ax.set_ylim(lo - pad, hi + pad * 3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per trained token")
-    ax.set_title("QLoRA training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = Path(out_dir) / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, Path(out_dir) / "loss.png")
+    charts.plot_loss(metrics, Path(out_dir) / "loss.png")
 
 
-def _versions() -> dict:
+def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
@@ -1531,32 +796,32 @@ def _versions() -> dict:
     return out
 
 
-def _run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict]) -> dict:
+def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict]) -> dict:
     return {"base_model": args.model, "system_prompt": prompts[0]["prompt"], "system_prompts": prompts,
-            "args": vars(args), "versions": _versions(),
+            "args": vars(args), "versions": versions(),
             "data_sha256": sha256_file(args.jsonl), "n_train": n_train, "n_val": n_val,
             "dropped_too_long": report["dropped_too_long"], "trimmed_earlier_turns": report["trimmed_earlier_turns"],
             "chat_template": tokenizer.chat_template, "precision": precision_note, "world_size": world}
 
 
-def _check_out_dir(out: Path, args) -> None:
+def check_out_dir(out: Path, args) -> None:
     finished = (out / "adapter_model.safetensors").exists()
     if finished and not args.overwrite:
         raise InputError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
-    if not finished and checkpoints(out) and not (args.resume or args.overwrite):
-        raise InputError(f"{out} holds an unfinished run (checkpoints/{checkpoints(out)[-1].name}); "
+    if not finished and list_checkpoints(out) and not (args.resume or args.overwrite):
+        raise InputError(f"{out} holds an unfinished run (checkpoints/{list_checkpoints(out)[-1].name}); "
                          "pass --resume to continue it or --overwrite to start over")
 
 
-def _clear_out_dir(out: Path) -> None:
+def clear_out_dir(out: Path) -> None:
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
-def _save_final(model, tokenizer, out: Path, metrics: dict, run_config: dict, keep_checkpoints: bool) -> None:
+def save_final(model, tokenizer, out: Path, metrics: dict, config: dict, keep_checkpoints: bool) -> None:
     tokenizer.save_pretrained(out)
-    write_json_atomic(out / "run_config.json", run_config)
+    write_json_atomic(out / "run_config.json", config)
     write_metrics(out, metrics)
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1574,15 +839,13 @@ def _main(argv) -> int:
     validate_args(args)
     out = Path(args.out)
     if not args.inspect:
-        _check_out_dir(out, args)
-    _init_distributed()
-    d = _Dist()
-    from transformers import set_seed
+        check_out_dir(out, args)
+    init_distributed()
+    d = Dist()
 
-    set_seed(args.seed)  # before anything random is built: LoRA init is reproducible
-
+    # data: chats -> tokens with label masks -> train / validation split
     chats = load_chats(args.jsonl, args.system_prompt)
-    tokenizer = load_tokenizer(args)
+    tokenizer = load_tokenizer(args.model, "right", args.trust_remote_code)
     samples, report = build_samples(tokenizer, chats, args.max_seq_len, args.jsonl)
     if args.inspect:
         if d.main:
@@ -1592,37 +855,38 @@ def _main(argv) -> int:
     # held-out samples are the evaluation set: hold out at least the seed's 10 questions.
     own_questions = eval_questions_path(args.jsonl).is_file()
     train_s, val_s = split_train_val(samples, args.val_fraction, args.seed, min_val=0 if own_questions else 10)
-    device = _device()
-    dtype, precision = resolve_precision(args, device)
+    device = default_device()
+    _, precision = resolve_precision(args.bf16, args.fp16, device)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
             os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        _log("note: this script does data parallel (one 4-bit copy per GPU); the FSDP/DeepSpeed settings of "
-             "your accelerate config are ignored", d)
-    _log(f"{args.jsonl}: {len(samples)} samples from {report['n_records']} records -> {len(train_s)} train, "
-         f"{len(val_s)} validation; {report['dropped_too_long']} dropped as longer than --max_seq_len="
-         f"{args.max_seq_len}" + (f" (lines {report['dropped_lines']}, longest {report['longest_dropped']} tokens)"
-                                  if report["dropped_too_long"] else "")
-         + f"; {report['trimmed_earlier_turns']} lost earlier turns to fit", d)
-    _log("flags: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()), d)
-    _log(f"model {args.model} in 4-bit NF4, {precision}, device {device}, {d.world} process(es)", d)
+        log("note: this script does data parallel (one 4-bit copy per GPU); the FSDP/DeepSpeed settings of "
+            "your accelerate config are ignored", d)
+    log(f"{args.jsonl}: {len(samples)} samples from {report['n_records']} records -> {len(train_s)} train, "
+        f"{len(val_s)} validation; {report['dropped_too_long']} dropped as longer than --max_seq_len="
+        f"{args.max_seq_len}" + (f" (lines {report['dropped_lines']}, longest {report['longest_dropped']} tokens)"
+                                 if report["dropped_too_long"] else "")
+        + f"; {report['trimmed_earlier_turns']} lost earlier turns to fit", d)
+    log("flags: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()), d)
+    log(f"model {args.model} in 4-bit NF4, {precision}, device {device}, {d.world} process(es)", d)
     prompts = system_prompts(samples)
-    run_config = _run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world, prompts)
+    config = run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world, prompts)
     if len(prompts) > 1:
-        _log(f"note: the data uses {len(prompts)} different system prompts; evaluation defaults to the most "
-             f"frequent ({prompts[0]['count']} of {len(samples)} samples)", d)
+        log(f"note: the data uses {len(prompts)} different system prompts; evaluation defaults to the most "
+            f"frequent ({prompts[0]['count']} of {len(samples)} samples)", d)
     if d.main:
         if args.overwrite:
-            _clear_out_dir(out)
+            clear_out_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "run_config.json", run_config)
+        write_json_atomic(out / "run_config.json", config)
         if val_s:
             write_jsonl_atomic(out / HELDOUT_QUESTIONS_FILE, heldout_questions(val_s))
     d.barrier()
 
-    model = load_model(args)
-    metrics = train(model, tokenizer, train_s, val_s, args, out_dir=out)
+    # model -> loop -> outputs
+    tm = load_model(args, device)
+    metrics = train(tm, tokenizer, train_s, val_s, args, out_dir=out)
     if d.main:
-        _save_final(model, tokenizer, out, metrics, run_config, args.keep_checkpoints)
+        save_final(tm.model, tokenizer, out, metrics, config, args.keep_checkpoints)
         val = f", validation loss {metrics['final_val_loss']:.4f}" if metrics["final_val_loss"] is not None else ""
         print(f"done: {metrics['steps']} steps, train loss {metrics['final_train_loss']:.4f}{val}, "
               f"{metrics['tokens_per_s']:,.0f} tok/s, peak memory {metrics['peak_memory_gb']:.2f} GB "
@@ -1633,22 +897,10 @@ def _main(argv) -> int:
 
 def main(argv=None) -> int:
     try:
-        return _main(argv)
-    except InputError as e:
-        if _Dist().main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        if _Dist().main:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
-        return 130
+        return run_main(_main, argv, interrupted="rerun the same command with --resume to continue from the last "
+                                                 "checkpoint", show_errors=launched_rank() == 0)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -140,20 +140,22 @@ def variants(paths: dict, n: int, new_tokens: int, log) -> dict:
     from transformers import AutoModelForCausalLM
 
     import eval_compare as ec
+    from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
+    from paperqa_tune.loading import dequantize_, load_run_base, read_run, run_tokenizer
 
     res: dict = {}
-    run = ec.read_run(paths["run"])
-    tok = ec.load_tokenizer(run)
+    run = read_run(paths["run"])
+    tok = run_tokenizer(run)
 
     def sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     t0 = time.perf_counter()
-    model = ec.load_base(run)
+    model = load_run_base(run)
     sync()
     t1 = time.perf_counter()
-    ec.dequantize_(model)
+    dequantize_(model)
     sync()
     res["load_4bit_s"], res["dequantize_s"] = round(t1 - t0, 2), round(time.perf_counter() - t1, 2)
     ref = {k: v for k, v in model.state_dict().items()}
@@ -180,14 +182,14 @@ def variants(paths: dict, n: int, new_tokens: int, log) -> dict:
 
     if torch.cuda.is_available():
         qs = ec.read_questions(paths["questions"])[:n]
-        prompts = [ec.prompt_ids(tok, q["question"], run.system_prompt) for q in qs]
+        prompts = [prompt_ids(tok, q["question"], run.system_prompt) for q in qs]
         for label, compile_ in (("dynamic", False), ("static_compile", True)):
-            dec = ec.Decoding(max_new_tokens=new_tokens, min_new_tokens=new_tokens, compile=compile_)
+            dec = Decoding(max_new_tokens=new_tokens, min_new_tokens=new_tokens, compile=compile_)
             times = []
             for _ in range(2):
                 sync()
                 t0 = time.perf_counter()
-                ec.generate_batch(model, tok, prompts, dec)
+                generate_batch(model, tok, prompts, dec)
                 sync()
                 times.append(round(time.perf_counter() - t0, 2))
             res[f"base_{label}_first_s"], res[f"base_{label}_second_s"] = times
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
     sd = result["seed_style"]
     log(f"\n{'path':<44}{'wall s':>8}{'prep s':>8}{'load s':>8}{'base s':>8}{'ft s':>8}{'tokens':>8}{'gen tok/s':>11}")
     rows = [(f"fast {k} (b={v['timing']['batch_size']})", v) for k, v in result["fast_variants"].items()]
-    rows.append((f"seed-style (4-bit + LoRA, b=1)", sd))
+    rows.append(("seed-style (4-bit + LoRA, b=1)", sd))
     for label, r in rows:
         t = r["timing"]
         log(f"{label:<44}{r['wall_s']:>8}{t['prepare_s']:>8}{t['load_s']:>8}{t['base']['seconds']:>8}"

@@ -32,9 +32,9 @@ from generate_fakes import pairs_responder, synthetic_abstracts  # noqa: E402
 
 def run_generate(workdir: Path, abstracts: Path, base_url: str, concurrency: int, overwrite: bool = False) -> dict:
     out = workdir / "out"
-    cmd = [sys.executable, str(ROOT / "generate_qa.py"), "--input", str(abstracts), "--base-url", base_url,
+    cmd = [sys.executable, str(ROOT / "generate_qa.py"), "--input", str(abstracts), "--base_url", base_url,
            "--model", "bench-model", "--concurrency", str(concurrency), "--out", str(out / "train.jsonl"),
-           "--eval-out", str(out / "eval.jsonl")] + (["--overwrite"] if overwrite else [])
+           "--eval_out", str(out / "eval.jsonl")] + (["--overwrite"] if overwrite else [])
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": "bench"}, capture_output=True, text=True)
     wall = time.perf_counter() - t

@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'needs a CUDA GPU'; print(torch.cuda.get_device_name())"
 python3 tools/make_tiny_model.py --out "$out/tiny"
 python3 generate_qa.py --backend offline --input data/sample_abstracts.jsonl --out "$out/data/qa.jsonl" \
-  --eval-out "$out/data/eval.jsonl" --overwrite
+  --eval_out "$out/data/eval.jsonl" --overwrite
 python3 train_qlora_hf.py --jsonl "$out/data/qa.jsonl" --model "$out/tiny" --out "$out/run" --epochs 2 --batch 8 \
   --grad_accum 2 --lr 2e-3 --bf16 --max_seq_len 4096 --max_steps 12 --save_steps 4 --keep_checkpoints --overwrite \
   --lora_r 64 --lora_dropout 0.05  # rank 64: LoRA tensors big enough for the flat optimizer buffer; dropout replayed in backward
@@ -30,6 +30,6 @@ python3 eval_compare.py --adapter "$out/run" --questions "$out/data/eval.jsonl" 
   --max_new_tokens 32 --overwrite
 python3 eval_compare.py --adapter "$out/run" --questions "$out/data/eval.jsonl" --out "$out/outputs_ref/evaluation.csv" \
   --max_new_tokens 32 --mode reference --overwrite
-python3 quick_infer.py --adapter "$out/run" --model both --max_new_tokens 16 --prompt "What does QLoRA quantize?"
+python3 quick_infer.py --adapter "$out/run" --answer_with both --max_new_tokens 16 --prompt "What does QLoRA quantize?"
 python3 quick_infer.py --adapter "$out/run" --merge_out "$out/merged" --overwrite
 echo "GPU smoke: all commands exited 0"

@@ -116,3 +116,34 @@ def plot_curve(points: list[dict], series: dict[str, str], path: Path) -> bool:
     fig.tight_layout()
     _save(fig, plt, path)
     return True
+
+
+def plot_loss(metrics: dict, path: Path) -> bool:
+    """Training and validation loss per optimizer step (train_qlora_hf.py's loss.png)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train_l = [r["loss"] for r in metrics["train"]]
+    val_l = [r["loss"] for r in metrics["val"]]
+    if train_l:
+        ax.plot([r["step"] for r in metrics["train"]], train_l, label="train", lw=1)
+    if val_l:
+        ax.plot([r["step"] for r in metrics["val"]], val_l, "o-", label="validation")
+        last = metrics["val"][-1]
+        ax.annotate(f"{last['loss']:.3f}", (last["step"], last["loss"]), textcoords="offset points", xytext=(4, 6),
+                    fontsize=8)
+    # The first steps' losses can be many times the rest: scale to what follows them so the descent is visible.
+    settled = train_l[len(train_l) // 10:] + val_l
+    if settled:
+        lo, hi = min(settled), max(settled)
+        pad = max(0.05 * (hi - lo), 0.01)
+        ax.set_ylim(lo - pad, hi + pad * 3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per trained token")
+    ax.set_title("QLoRA training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, plt, Path(path))
+    return True

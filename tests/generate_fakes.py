@@ -13,8 +13,9 @@ import re
 import threading
 from collections import Counter
 
-import generate_qa
 from fake_openai import Reply
+from paperqa_tune.offline_qa import offline_pairs
+from paperqa_tune.prompts import JUDGE_SYSTEM, TYPES
 
 _PAPER_RE = re.compile(r'^Paper: "(.*)" \(id (.*?)\)\n<abstract>\n(.*?)\n</abstract>', re.S)
 _QUOTA_RE = re.compile(r"Write exactly \d+ question-answer pairs about this paper: (.*?)\.\n")
@@ -25,7 +26,7 @@ def request_paper(req: dict) -> dict:
     user = req["messages"][1]["content"]
     m = _PAPER_RE.match(user)
     title, pid, abstract = m.group(1), m.group(2), m.group(3)
-    quotas = {t: 0 for t in generate_qa.TYPES}
+    quotas = {t: 0 for t in TYPES}
     for part in _QUOTA_RE.search(user).group(1).split(", "):
         k, t = part.split(" ")
         quotas[t] = int(k)
@@ -34,12 +35,12 @@ def request_paper(req: dict) -> dict:
 
 def good_reply(req: dict) -> str:
     p = request_paper(req)
-    pairs = generate_qa.offline_pairs(p, p["quotas"])
+    pairs = offline_pairs(p, p["quotas"])
     return json.dumps({"pairs": [{"type": x["type"], "question": x["question"], "answer": x["answer"]} for x in pairs]})
 
 
 def is_judge(req: dict) -> bool:
-    return req["messages"][0]["content"] == generate_qa.JUDGE_SYSTEM
+    return req["messages"][0]["content"] == JUDGE_SYSTEM
 
 
 def request_hash(req: dict) -> str:

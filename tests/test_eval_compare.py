@@ -14,6 +14,9 @@ from xml.etree import ElementTree
 import pytest
 
 import eval_compare as ec
+from paperqa_tune.generation import Decoding, generate_batch, left_pad, prompt_ids
+from paperqa_tune.loading import attach_adapter, dequantize_, load_run_base, merged_model, read_run, run_tokenizer
+from common import read_jsonl_tolerant
 from paperqa_tune import report
 from common import DEFAULT_SYSTEM_PROMPT
 
@@ -221,7 +224,7 @@ def test_finished_outputs_need_overwrite(evaluated, tiny_run, capsys, monkeypatc
     assert ec.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     calls = []
-    monkeypatch.setattr(ec, "load_base", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(ec, "load_run_base", lambda *a, **k: calls.append(1))
     assert ec.main(args + ["--overwrite"]) == 0  # everything cached: no model load at all
     assert calls == []
 
@@ -234,7 +237,7 @@ def test_resume_after_interrupt(tiny_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "res" / "evaluation.csv"
     argv = ["--adapter", str(tiny_run), "--questions", str(qcsv), "--out", str(out), "--mode", "fast",
             "--batch_size", "1", "--max_new_tokens", "6"]
-    real = ec.generate_batch
+    real = generate_batch
     calls = []
 
     def dying(*a, **k):
@@ -247,7 +250,7 @@ def test_resume_after_interrupt(tiny_run, tmp_path, monkeypatch, capsys):
     assert ec.main(argv) == 130
     assert "resume" in capsys.readouterr().err
     assert not out.exists()
-    cached = ec.read_jsonl_tolerant(ec.output_paths(out)["cache"])
+    cached = read_jsonl_tolerant(ec.output_paths(out)["cache"])
     assert len(cached) == 2 and {r["model"] for r in cached} == {"base"}
 
     calls.clear()
@@ -283,7 +286,7 @@ def test_judge_both_orders(evaluated, tiny_run, tmp_path, openai_server, monkeyp
             "--judge_rubric", "none"]
     assert ec.main(argv) == 0
     assert openai_server.count == 2 * len(QUESTIONS)
-    raw = {(r["id"], r["model"]): r["answer"] for r in ec.read_jsonl_tolerant(ec.output_paths(out)["cache"])
+    raw = {(r["id"], r["model"]): r["answer"] for r in read_jsonl_tolerant(ec.output_paths(out)["cache"])
            if r["model"] != "judge"}
     shown_first: dict[str, list[str]] = {}
     for req in openai_server.requests:
@@ -337,30 +340,30 @@ def both_paths(run_dir: Path, max_new_tokens: int = 12) -> dict:
     and the fast path (dequantised dense base, then merge_and_unload), on the same prompts and batch."""
     import torch
 
-    run = ec.read_run(run_dir)
-    tok = ec.load_tokenizer(run)
-    prompts = [ec.prompt_ids(tok, q["question"], run.system_prompt) for q in QUESTIONS]
-    ids, mask = ec.left_pad(prompts, tok.pad_token_id, "cpu")
-    dec = ec.Decoding(max_new_tokens=max_new_tokens)
+    run = read_run(run_dir)
+    tok = run_tokenizer(run)
+    prompts = [prompt_ids(tok, q["question"], run.system_prompt) for q in QUESTIONS]
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    dec = Decoding(max_new_tokens=max_new_tokens)
     keep = mask.bool()
     r: dict = {"prompts": prompts}
-    ref = ec.attach_adapter(ec.load_base(run), run.adapter)
+    ref = attach_adapter(load_run_base(run), run.adapter)
     with torch.no_grad():
         with ref.disable_adapter():
             r["ref_base_logits"] = ref(input_ids=ids, attention_mask=mask).logits.float()[keep]
-            r["ref_base"] = ec.generate_batch(ref, tok, prompts, dec)
+            r["ref_base"] = generate_batch(ref, tok, prompts, dec)
         r["ref_ft_logits"] = ref(input_ids=ids, attention_mask=mask).logits.float()[keep]
-        r["ref_ft"] = ec.generate_batch(ref, tok, prompts, dec)
-        fast = ec.load_base(run)
-        ec.dequantize_(fast)
+        r["ref_ft"] = generate_batch(ref, tok, prompts, dec)
+        fast = load_run_base(run)
+        dequantize_(fast)
         assert not any("4bit" in type(m).__name__ for m in fast.modules())
         r["base_logits"] = fast(input_ids=ids, attention_mask=mask).logits.float()[keep]
-        r["base"] = ec.generate_batch(fast, tok, prompts, dec)
-        fast = ec.merged_model(run, fast)
+        r["base"] = generate_batch(fast, tok, prompts, dec)
+        fast = merged_model(run, fast)
         assert not any("lora" in n for n, _ in fast.named_parameters())
         r["ft_logits"] = fast(input_ids=ids, attention_mask=mask).logits.float()[keep]
-        r["ft"] = ec.generate_batch(fast, tok, prompts, dec)
-        r["ft_dynamic"] = ec.generate_batch(fast, tok, prompts, ec.Decoding(max_new_tokens=max_new_tokens, cache="dynamic"))
+        r["ft"] = generate_batch(fast, tok, prompts, dec)
+        r["ft_dynamic"] = generate_batch(fast, tok, prompts, Decoding(max_new_tokens=max_new_tokens, cache="dynamic"))
     r["ref_model"], r["fast_model"] = ref, fast
     return r
 
@@ -459,20 +462,20 @@ def test_judge_needs_key(tiny_run, tmp_path, monkeypatch, capsys):
 
 
 def test_run_config_resolution(tiny_run, tmp_path):
-    run = ec.read_run(tiny_run)
+    run = read_run(tiny_run)
     assert run.base_model and run.dtype == "bfloat16" and run.adapter_sha
-    assert ec.read_run(tiny_run, "other/base").base_model == "other/base"
+    assert read_run(tiny_run, "other/base").base_model == "other/base"
     bare = tmp_path / "bare"
     shutil.copytree(tiny_run, bare)
     (bare / "run_config.json").unlink()
-    assert ec.read_run(bare).base_model == json.loads((bare / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert read_run(bare).base_model == json.loads((bare / "adapter_config.json").read_text())["base_model_name_or_path"]
     custom = make_run(Path(run.base_model), tmp_path / "custom", system_prompt="Answer in one word.")
-    assert ec.read_run(custom).system_prompt == "Answer in one word."
+    assert read_run(custom).system_prompt == "Answer in one word."
     cfg = json.loads((custom / "run_config.json").read_text())
     for flags, dtype in (({"bf16": None}, "bfloat16"), ({"bf16": False}, "float32"), ({"bf16": None, "fp16": True}, "float16")):
         cfg["args"].update(flags)
         (custom / "run_config.json").write_text(json.dumps(cfg))
-        assert ec.read_run(custom).dtype == dtype  # as train_qlora_hf.resolve_precision chose
+        assert read_run(custom).dtype == dtype  # what training's --bf16/--fp16 asked for (loading.requested_precision)
 
 
 def test_help_lists_every_flag(capsys):

@@ -22,7 +22,7 @@ GIBBERISH = "TheBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
 
 @pytest.fixture(autouse=True)
 def no_model(monkeypatch):
-    monkeypatch.setattr(ec, "load_base", lambda *a, **k: pytest.fail("--rescore must not load a model"))
+    monkeypatch.setattr(ec, "load_run_base", lambda *a, **k: pytest.fail("--rescore must not load a model"))
 
 
 def rows_for(pattern: list[tuple[str, str, str]]) -> list[dict]:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import eval_compare as ec
+from paperqa_tune.generation import prompt_ids
+from paperqa_tune.loading import read_run, run_tokenizer
 import quick_infer
 import train_qlora_hf as T
 from fake_openai import Reply
@@ -66,20 +68,21 @@ def test_seed_workflow_holds_out_questions_and_evaluates_them(seed_run, tmp_path
 
 def test_one_system_prompt_token_for_token(seed_run, seed_data, monkeypatch, capsys):
     """The prompt evaluation and inference send is exactly the prefix training computed its labels after."""
-    tok = ec.load_tokenizer(ec.read_run(seed_run))
+    tok = run_tokenizer(read_run(seed_run))
     chats = T.load_chats(seed_data)
     q = chats[0]["messages"][1]["content"]
     train_ids = T.tokenize_chat(tok, chats[0]["messages"], 4096)
     prompt_len = next(i for i, lab in enumerate(train_ids["labels"]) if lab != T.IGNORE)
-    run = ec.read_run(seed_run)
+    run = read_run(seed_run)
     held = ec.read_questions(seed_run / "eval_questions.jsonl")
-    eval_ids = ec.prompt_ids(tok, q, ec.system_for({**held[0], "question": q}, run, None))
+    eval_ids = prompt_ids(tok, q, ec.system_for({**held[0], "question": q}, run, None))
     assert eval_ids == train_ids["input_ids"][:prompt_len]
     assert SEED_SYSTEM in tok.decode(eval_ids)
 
     seen = []
-    real = quick_infer.left_pad
-    monkeypatch.setattr(quick_infer, "left_pad", lambda batch, *a: seen.append(batch[0]) or real(batch, *a))
+    real = quick_infer.generate_batch
+    monkeypatch.setattr(quick_infer, "generate_batch",
+                        lambda model, tok, batch, *a: seen.append(batch[0]) or real(model, tok, batch, *a))
     assert quick_infer.main(["--adapter", str(seed_run), "--prompt", q, "--max_new_tokens", "2"]) == 0
     assert seen == [eval_ids]
     assert f"system prompt: {SEED_SYSTEM}" in capsys.readouterr().err
@@ -91,7 +94,7 @@ def test_one_system_prompt_token_for_token(seed_run, seed_data, monkeypatch, cap
 
 
 def test_question_row_system_and_override(seed_run, tmp_path):
-    run = ec.read_run(seed_run)
+    run = read_run(seed_run)
     qfile = tmp_path / "q.jsonl"
     qfile.write_text(json.dumps({"question": "a?", "system": "Row prompt."}) + "\n"
                      + json.dumps({"question": "b?"}) + "\n" + json.dumps({"question": "c?", "system": None}) + "\n")

@@ -1,4 +1,5 @@
 """generate_qa.py: input formats, arXiv ingestion over loopback, and every kind of bad input (exit 2, no outputs)."""
+import argparse
 import json
 import re
 import socket
@@ -19,7 +20,7 @@ def outputs(tmp_path):
 
 def run(tmp_path, *args):
     return generate_qa.main([*args, "--out", str(tmp_path / "out" / "train.jsonl"),
-                             "--eval-out", str(tmp_path / "out" / "eval.jsonl")])
+                             "--eval_out", str(tmp_path / "out" / "eval.jsonl")])
 
 
 def test_help_shows_every_flag_with_default(capsys):
@@ -28,11 +29,32 @@ def test_help_shows_every_flag_with_default(capsys):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo line wrapping
     for action in generate_qa.build_parser()._actions:
-        for opt in action.option_strings:
-            assert opt in text
+        if action.help != argparse.SUPPRESS:  # the hidden dashed aliases
+            for opt in action.option_strings:
+                assert opt in text
     for shown in ("default: openai", "default: 12", "default: 0.2", "default: data/synthetic_qa.jsonl",
                   "(default: beside --out: eval_questions.jsonl", generate_qa.ARXIV_API_URL):
         assert shown in text
+    assert "(default: None)" not in text and "default: False" not in text
+    fmt = generate_qa.build_parser()._get_formatter()
+    for action in generate_qa.build_parser()._actions:  # each flag says its default once, and says what it does
+        if action.option_strings and action.help != argparse.SUPPRESS:
+            assert fmt._get_help_string(action).count("(default:") <= 1 and action.help, action.option_strings
+
+
+def test_dashed_flag_spellings_still_parse_but_are_not_listed(capsys):
+    parser = generate_qa.build_parser()
+    for dashed, underscored in ((["--max-tokens", "5"], ["--max_tokens", "5"]),
+                                (["--arxiv-ids", "2305.14314,2106.09685"], ["--arxiv_ids", "2305.14314,2106.09685"]),
+                                (["--trust-remote-code"], ["--trust_remote_code"]),
+                                (["--eval-papers", "0.5"], ["--eval_papers", "0.5"])):
+        assert vars(parser.parse_args(dashed)) == vars(parser.parse_args(underscored))
+    assert parser.parse_args(["--max-tokens", "5"]).max_tokens == 5
+    with pytest.raises(SystemExit):
+        generate_qa.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--max_tokens" in text and "--max-tokens" not in text
+    assert not re.search(r"--[a-z]+-[a-z]", text)  # no dashed flag listed anywhere, the docstring included
 
 
 def test_reads_jsonl_csv_and_text_together(tmp_path):
@@ -87,10 +109,10 @@ def test_bad_input_exits_2_naming_the_line_and_writes_nothing(tmp_path, capsys, 
 def test_missing_file_and_bad_arguments_reported_together(tmp_path, capsys):
     assert run(tmp_path, "--backend", "offline", "--input", str(tmp_path / "nope.jsonl")) == 2
     assert "nope.jsonl: file not found" in capsys.readouterr().err
-    assert run(tmp_path, "--backend", "offline", "--edge-case-ratio", "1.5", "--concurrency", "0",
-               "--arxiv-ids", "not-an-id", "--eval-papers", "2.5") == 2
+    assert run(tmp_path, "--backend", "offline", "--edge_case_ratio", "1.5", "--concurrency", "0",
+               "--arxiv_ids", "not-an-id", "--eval_papers", "2.5") == 2
     err = capsys.readouterr().err
-    for flag in ("--edge-case-ratio", "--concurrency", "--arxiv-ids", "--eval-papers"):
+    for flag in ("--edge_case_ratio", "--concurrency", "--arxiv_ids", "--eval_papers"):
         assert flag in err
     assert not any(p.exists() for p in outputs(tmp_path))
 
@@ -99,7 +121,7 @@ def test_missing_api_key_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert run(tmp_path, "--input", str(DATA / "abstracts.jsonl")) == 2
     assert "OPENAI_API_KEY is not set" in capsys.readouterr().err
-    assert run(tmp_path, "--backend", "offline", "--judge-model", "m", "--input", str(DATA / "abstracts.jsonl")) == 2
+    assert run(tmp_path, "--backend", "offline", "--judge_model", "m", "--input", str(DATA / "abstracts.jsonl")) == 2
     assert not any(p.exists() for p in outputs(tmp_path))
 
 
@@ -109,7 +131,7 @@ def test_unreachable_server_fails_fast_before_writing(tmp_path, capsys, monkeypa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t = time.time()
-    rc = run(tmp_path, "--input", str(DATA / "abstracts.jsonl"), "--base-url", f"http://127.0.0.1:{port}/v1")
+    rc = run(tmp_path, "--input", str(DATA / "abstracts.jsonl"), "--base_url", f"http://127.0.0.1:{port}/v1")
     assert rc == 2 and time.time() - t < 15
     assert "cannot reach the server" in capsys.readouterr().err
     assert not any(p.exists() for p in outputs(tmp_path))
@@ -129,8 +151,8 @@ def test_existing_outputs_need_overwrite(tmp_path, capsys):
 
 def test_arxiv_ids_and_query_from_recorded_feed(tmp_path):
     with ArxivFeedServer(DATA / "arxiv_feed.xml") as srv:
-        rc = run(tmp_path, "--backend", "offline", "--arxiv-ids", "2310.06825v1,2205.14135", "--eval-papers", "1",
-                 "--arxiv-api-url", srv.url)
+        rc = run(tmp_path, "--backend", "offline", "--arxiv_ids", "2310.06825v1,2205.14135", "--eval_papers", "1",
+                 "--arxiv_api_url", srv.url)
         assert rc == 0
         assert "id_list=2310.06825v1%2C2205.14135" in srv.urls[0]
         train = [json.loads(l) for l in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
@@ -141,8 +163,8 @@ def test_arxiv_ids_and_query_from_recorded_feed(tmp_path):
         man = json.loads((tmp_path / "out" / "train.manifest.json").read_text())
         assert man["inputs"][0]["arxiv_ids"] == ["2310.06825v1", "2205.14135"]
 
-        rc = run(tmp_path, "--backend", "offline", "--arxiv-query", "cat:cs.CL", "--max-papers", "2",
-                 "--arxiv-api-url", srv.url, "--overwrite")
+        rc = run(tmp_path, "--backend", "offline", "--arxiv_query", "cat:cs.CL", "--max_papers", "2",
+                 "--arxiv_api_url", srv.url, "--overwrite")
         assert rc == 0 and "search_query=cat%3Acs.CL" in srv.urls[1]
         man = json.loads((tmp_path / "out" / "train.manifest.json").read_text())
         assert man["papers"]["total"] == 2
@@ -150,6 +172,6 @@ def test_arxiv_ids_and_query_from_recorded_feed(tmp_path):
 
 def test_arxiv_unknown_id_exits_2(tmp_path, capsys):
     with ArxivFeedServer(DATA / "arxiv_feed.xml") as srv:
-        assert run(tmp_path, "--backend", "offline", "--arxiv-ids", "2310.06825,2401.00001", "--arxiv-api-url", srv.url) == 2
+        assert run(tmp_path, "--backend", "offline", "--arxiv_ids", "2310.06825,2401.00001", "--arxiv_api_url", srv.url) == 2
     assert "no paper for id(s) 2401.00001" in capsys.readouterr().err
     assert not any(p.exists() for p in outputs(tmp_path))

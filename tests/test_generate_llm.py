@@ -14,6 +14,9 @@ import common
 import generate_qa
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import FaultyResponder, good_reply, is_judge, pairs_responder, request_paper, synthetic_abstracts
+from paperqa_tune.generation import chat_prompt_ids
+from paperqa_tune.loading import load_tokenizer
+from paperqa_tune.prompts import TYPES, generation_messages, type_quotas
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +32,7 @@ def load(path):
 
 
 def argv(out: Path, inputs, *extra):
-    return ["--input", *map(str, inputs), "--out", str(out / "train.jsonl"), "--eval-out", str(out / "eval.jsonl"),
+    return ["--input", *map(str, inputs), "--out", str(out / "train.jsonl"), "--eval_out", str(out / "eval.jsonl"),
             "--model", "fake-model", *extra]
 
 
@@ -51,12 +54,12 @@ def all_text(out: Path) -> str:
 def test_openai_backend_structured_output_and_cache(tmp_path, openai_server):
     openai_server.responder = pairs_responder()
     out = tmp_path / "out"
-    assert generate_qa.main(argv(out, [DATA / "abstracts.jsonl"], "--base-url", openai_server.base_url,
-                                 "--eval-papers", "2")) == 0
+    assert generate_qa.main(argv(out, [DATA / "abstracts.jsonl"], "--base_url", openai_server.base_url,
+                                 "--eval_papers", "2")) == 0
     assert openai_server.count == 8
     rf = openai_server.requests[0]["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
-    assert rf["json_schema"]["schema"]["properties"]["pairs"]["items"]["properties"]["type"]["enum"] == list(generate_qa.TYPES)
+    assert rf["json_schema"]["schema"]["properties"]["pairs"]["items"]["properties"]["type"]["enum"] == list(TYPES)
     train, evals = load(out / "train.jsonl"), load(out / "eval.jsonl")
     assert len(train) >= 60 and len({e["paper_id"] for e in evals}) == 2
     assert all(r["meta"]["backend"] == "openai" and r["meta"]["model"] == "fake-model" for r in train)
@@ -68,8 +71,8 @@ def test_openai_backend_structured_output_and_cache(tmp_path, openai_server):
     assert len(common.read_jsonl_tolerant(out / ".cache" / "train.jsonl")) == 8
 
     first = outputs(out)
-    assert generate_qa.main(argv(out, [DATA / "abstracts.jsonl"], "--base-url", openai_server.base_url,
-                                 "--eval-papers", "2", "--overwrite")) == 0
+    assert generate_qa.main(argv(out, [DATA / "abstracts.jsonl"], "--base_url", openai_server.base_url,
+                                 "--eval_papers", "2", "--overwrite")) == 0
     assert openai_server.count == 8  # everything came from the cache, not even a preflight
     again = outputs(out)
     assert again["train.jsonl"] == first["train.jsonl"] and again["eval.jsonl"] == first["eval.jsonl"]
@@ -82,7 +85,7 @@ def test_falls_back_to_plain_json_when_schema_is_refused(tmp_path, openai_server
         return Reply(content="```json\n" + good_reply(req) + "\n```")  # fenced, as some servers reply
     openai_server.responder = responder
     out = tmp_path / "out"
-    args = argv(out, [DATA / "abstracts.csv"], "--base-url", openai_server.base_url)
+    args = argv(out, [DATA / "abstracts.csv"], "--base_url", openai_server.base_url)
     assert generate_qa.main(args) == 0
     plain = [r for r in openai_server.requests if "response_format" not in r]
     assert len(plain) == 3 and len(load(out / "train.jsonl")) + len(load(out / "eval.jsonl")) >= 30
@@ -102,7 +105,7 @@ def test_one_repair_retry_then_reject_with_reason(tmp_path, openai_server):
         return Reply(content=good_reply(req))
     openai_server.responder = responder
     out = tmp_path / "out"
-    assert generate_qa.main(argv(out, [DATA / "abstracts.csv"], "--base-url", openai_server.base_url)) == 0
+    assert generate_qa.main(argv(out, [DATA / "abstracts.csv"], "--base_url", openai_server.base_url)) == 0
     asked = Counter(request_paper(r)["id"] for r in openai_server.requests)
     assert asked == {"2005.14165": 2, "1910.10683": 2, "2305.18290": 2}
     repair = [r for r in openai_server.requests if len(r["messages"]) == 4][0]["messages"]
@@ -125,8 +128,8 @@ def test_injected_faults_all_end_in_rejects(tmp_path, openai_server):
     openai_server.responder = fr
     out = tmp_path / "out"
     t = time.time()
-    rc = generate_qa.main(argv(out, [abstracts], "--base-url", openai_server.base_url, "--timeout", "0.4",
-                               "--max-retries", "2", "--concurrency", "8"))
+    rc = generate_qa.main(argv(out, [abstracts], "--base_url", openai_server.base_url, "--timeout", "0.4",
+                               "--max_retries", "2", "--concurrency", "8"))
     assert rc == 0 and time.time() - t < 30
     assert set(fr.injected) >= set(FaultyResponder.KINDS) | {"always_500", "always_garbage"}
 
@@ -153,12 +156,12 @@ def test_killed_run_resumes_without_repeating_answered_requests(tmp_path):
     # the reference: one uninterrupted run
     with FakeOpenAI(responder) as srv:
         ref = tmp_path / "ref"
-        assert generate_qa.main(argv(ref, [abstracts], "--base-url", srv.base_url, "--concurrency", "2")) == 0
+        assert generate_qa.main(argv(ref, [abstracts], "--base_url", srv.base_url, "--concurrency", "2")) == 0
         ref_keys = [request_key(r) for r in srv.requests]
 
     with FakeOpenAI(responder) as srv:
         out = tmp_path / "out"
-        cmd = [sys.executable, str(ROOT / "generate_qa.py"), *argv(out, [abstracts], "--base-url", srv.base_url,
+        cmd = [sys.executable, str(ROOT / "generate_qa.py"), *argv(out, [abstracts], "--base_url", srv.base_url,
                                                                     "--concurrency", "2")]
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": "test-key"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -174,7 +177,7 @@ def test_killed_run_resumes_without_repeating_answered_requests(tmp_path):
         assert 4 <= len(answered) < 12
         before = srv.count
 
-        assert generate_qa.main(argv(out, [abstracts], "--base-url", srv.base_url, "--concurrency", "2")) == 0
+        assert generate_qa.main(argv(out, [abstracts], "--base_url", srv.base_url, "--concurrency", "2")) == 0
         rerun_keys = [request_key(r) for r in srv.requests[before:]]
 
     assert not set(rerun_keys) & answered  # nothing whose answer was stored is asked again
@@ -195,8 +198,8 @@ def test_judge_scores_filter_pairs(tmp_path, openai_server):
         return Reply(content=good_reply(req))
     openai_server.responder = responder
     out = tmp_path / "out"
-    assert generate_qa.main(argv(out, [DATA / "abstracts.csv"], "--base-url", openai_server.base_url,
-                                 "--judge-model", "judge-m", "--min-score", "3", "--eval-papers", "0")) == 0
+    assert generate_qa.main(argv(out, [DATA / "abstracts.csv"], "--base_url", openai_server.base_url,
+                                 "--judge_model", "judge-m", "--min_score", "3", "--eval_papers", "0")) == 0
     judged = [r for r in openai_server.requests if is_judge(r)]
     assert len(judged) == 3 and {r["model"] for r in judged} == {"judge-m"}
     train = load(out / "train.jsonl")
@@ -209,9 +212,9 @@ def test_judge_scores_filter_pairs(tmp_path, openai_server):
 def test_offline_backend_with_judge_uses_the_server(tmp_path, openai_server):
     openai_server.responder = lambda req, n: Reply(content='{"scores": []}')  # judge answers without scores
     out = tmp_path / "out"
-    rc = generate_qa.main(["--backend", "offline", "--input", str(DATA / "abstracts.txt"), "--base-url",
-                           openai_server.base_url, "--judge-model", "j", "--out", str(out / "train.jsonl"),
-                           "--eval-out", str(out / "eval.jsonl")])
+    rc = generate_qa.main(["--backend", "offline", "--input", str(DATA / "abstracts.txt"), "--base_url",
+                           openai_server.base_url, "--judge_model", "j", "--out", str(out / "train.jsonl"),
+                           "--eval_out", str(out / "eval.jsonl")])
     assert rc == 1  # every pair lost its score, so none is kept
     assert len(openai_server.requests) == 2 and all(is_judge(r) for r in openai_server.requests)
     assert {r["reason"].split(":")[0] for r in load(out / "rejects_train.jsonl")} == {"judge_failed"}
@@ -224,8 +227,8 @@ def test_hf_backend_turns_garbage_into_rejects(tmp_path, tiny_model):
     try:
         out = tmp_path / "out"
         rc = generate_qa.main(["--backend", "hf", "--model", str(tiny_model), "--input", str(DATA / "abstracts.txt"),
-                               "--max-tokens", "16", "--batch-size", "2", "--temperature", "0",
-                               "--out", str(out / "train.jsonl"), "--eval-out", str(out / "eval.jsonl")])
+                               "--max_tokens", "16", "--batch_size", "2", "--temperature", "0",
+                               "--out", str(out / "train.jsonl"), "--eval_out", str(out / "eval.jsonl")])
     finally:
         torch.set_num_threads(threads)
     assert rc == 1
@@ -233,7 +236,15 @@ def test_hf_backend_turns_garbage_into_rejects(tmp_path, tiny_model):
     rejects = load(out / "rejects_train.jsonl")
     assert [r["paper_id"] for r in rejects] == ["abstracts-1", "abstracts-2"]
     assert all(r["stage"] == "invalid_reply" and "after one repair" in r["reason"] for r in rejects)
-    assert len(common.read_jsonl_tolerant(out / ".cache" / "train.jsonl")) == 4  # 2 replies + 2 repairs, all stored
+    cached = common.read_jsonl_tolerant(out / ".cache" / "train.jsonl")
+    assert len(cached) == 4  # 2 replies + 2 repairs, all stored
+    for r in cached:  # "length": the reply has no EOS, so it used every token it was allowed
+        assert r["finish_reason"] in ("stop", "length") and 1 <= r["usage"]["completion_tokens"] <= 16
+        assert r["finish_reason"] == "stop" or r["usage"]["completion_tokens"] == 16
+    tok = load_tokenizer(tiny_model, padding_side="left")
+    paper = generate_qa.read_abstract_file(DATA / "abstracts.txt")[0]
+    ids = chat_prompt_ids(tok, generation_messages(paper, type_quotas(12, 0.2)))
+    assert ids.count(tok.bos_token_id) == 1 and cached[0]["usage"]["prompt_tokens"] == len(ids)
     man = json.loads((out / "train.manifest.json").read_text())
     assert man["backend"] == "hf" and man["tokens"]["completion"] > 0
 
@@ -248,4 +259,6 @@ def test_cache_survives_a_torn_last_line(tmp_path):
     assert cache.get("k1").content == "one" and cache.get("k2") is None
     cache.put("k3", "m", generate_qa.Outcome(content="three"))
     again = generate_qa.ResponseCache(path)
-    assert again.get("k3").content == "three" and again.get("k1").cached
+    assert again.get("k3").content == "three" and again.get("k1").cached and again.loaded == 2
+    # the record format of earlier runs, so their caches keep answering
+    assert set(common.read_jsonl_tolerant(path)[-1]) == {"key", "model", "content", "finish_reason", "usage", "time"}

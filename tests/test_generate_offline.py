@@ -8,7 +8,10 @@ import pytest
 
 import common
 import generate_qa
-from generate_qa import check_pair, cross_group_near_duplicates, jaccard, question_tokens
+from generate_qa import check_pair
+from paperqa_tune import offline_qa, prompts
+from paperqa_tune.scoring import is_refusal
+from paperqa_tune.textsim import cross_group_near_duplicates, jaccard, question_tokens
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +24,7 @@ def load(path):
 def run_offline(tmp_path, *args, inputs=(DATA / "abstracts.jsonl",)):
     out = tmp_path / "out"
     rc = generate_qa.main(["--backend", "offline", "--input", *map(str, inputs), "--out", str(out / "train.jsonl"),
-                           "--eval-out", str(out / "eval.jsonl"), *args])
+                           "--eval_out", str(out / "eval.jsonl"), *args])
     return rc, out
 
 
@@ -35,7 +38,7 @@ def assert_split_is_clean(train, evals, threshold=0.8):
 
 
 def test_offline_backend_records_follow_the_contract(tmp_path):
-    rc, out = run_offline(tmp_path, "--eval-papers", "2")
+    rc, out = run_offline(tmp_path, "--eval_papers", "2")
     assert rc == 0
     train, evals = load(out / "train.jsonl"), load(out / "eval.jsonl")
     assert len(train) + len(evals) >= 8 * 10
@@ -43,9 +46,9 @@ def test_offline_backend_records_follow_the_contract(tmp_path):
         assert common.record_messages(r) == r["messages"]
         assert r["text"] == common.render_zephyr(r["messages"])
         assert r["messages"][0] == {"role": "system", "content": common.DEFAULT_SYSTEM_PROMPT}
-        assert r["meta"]["backend"] == "offline" and r["meta"]["model"] == generate_qa.OFFLINE_MODEL
-        assert r["meta"]["type"] in generate_qa.TYPES
-    assert set(Counter(r["meta"]["type"] for r in train)) == set(generate_qa.TYPES)
+        assert r["meta"]["backend"] == "offline" and r["meta"]["model"] == offline_qa.OFFLINE_MODEL
+        assert r["meta"]["type"] in prompts.TYPES
+    assert set(Counter(r["meta"]["type"] for r in train)) == set(prompts.TYPES)
     for e in evals:
         assert set(e) == {"id", "question", "reference", "type", "paper_id", "context", "system"}
         assert e["system"] == common.DEFAULT_SYSTEM_PROMPT  # evaluation prompts as training did
@@ -67,7 +70,7 @@ def test_offline_is_deterministic_and_system_prompt_configurable(tmp_path):
     _, b = run_offline(tmp_path / "b")
     assert (a / "train.jsonl").read_bytes() == (b / "train.jsonl").read_bytes()
     assert (a / "eval.jsonl").read_bytes() == (b / "eval.jsonl").read_bytes()
-    _, c = run_offline(tmp_path / "c", "--system-prompt", "Be brief.", "--eval-papers", "0.25", "--seed", "3")
+    _, c = run_offline(tmp_path / "c", "--system_prompt", "Be brief.", "--eval_papers", "0.25", "--seed", "3")
     train = load(c / "train.jsonl")
     assert {r["messages"][0]["content"] for r in train} == {"Be brief."}
     assert len({e["paper_id"] for e in load(c / "eval.jsonl")}) == 2  # 25% of 8 papers
@@ -75,14 +78,14 @@ def test_offline_is_deterministic_and_system_prompt_configurable(tmp_path):
 
 def test_offline_pairs_are_grounded_and_edge_cases_behave():
     papers = generate_qa.read_abstract_file(DATA / "abstracts.jsonl")
-    quotas = generate_qa.type_quotas(12, 0.2)
+    quotas = prompts.type_quotas(12, 0.2)
     args = generate_qa.build_parser().parse_args([])
     for paper in papers:
-        pairs = generate_qa.offline_pairs(paper, quotas)
+        pairs = offline_qa.offline_pairs(paper, quotas)
         assert len(pairs) == 12, paper["id"]
         got = Counter(p["type"] for p in pairs)
-        assert all(got[t] == quotas[t] for t in generate_qa.EDGE_CASES)
-        assert all(got[t] >= 1 for t in generate_qa.ANSWERABLE)  # a short type lends its quota to the others
+        assert all(got[t] == quotas[t] for t in prompts.EDGE_CASES)
+        assert all(got[t] >= 1 for t in prompts.ANSWERABLE)  # a short type lends its quota to the others
         for p in pairs:
             assert check_pair(p, paper["abstract"], args) is None, p
             assert paper["title"] in p["question"]
@@ -91,7 +94,7 @@ def test_offline_pairs_are_grounded_and_edge_cases_behave():
 
 @pytest.mark.parametrize("n,ratio", [(12, 0.2), (10, 0.2), (5, 0.0), (3, 1.0), (8, 0.5)])
 def test_type_quotas(n, ratio):
-    q = generate_qa.type_quotas(n, ratio)
+    q = prompts.type_quotas(n, ratio)
     assert sum(q.values()) == n
     edge = q["unanswerable"] + q["false_premise"]
     assert abs(edge - n * ratio) <= 1 and (ratio > 0 or edge == 0)
@@ -195,7 +198,7 @@ def test_demo_on_sample_abstracts_gives_300_pairs_and_10_eval_questions(tmp_path
     ("It uses the standard learning rate.", False),
 ])
 def test_refusal_detection(answer, refuses):
-    assert generate_qa.is_refusal(answer) == refuses
+    assert is_refusal(answer) == refuses
 
 
 def test_error_text_filter_spares_papers_about_rate_limits():

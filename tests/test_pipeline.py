@@ -13,7 +13,7 @@ def test_four_stages_chain(tiny_model, tmp_path, repo_root, capsys):
     qa, evalq = data / "synthetic_qa.jsonl", data / "eval_questions.jsonl"
 
     assert generate_qa.main(["--backend", "offline", "--input", str(repo_root / "data" / "sample_abstracts.jsonl"),
-                             "--out", str(qa), "--eval-out", str(evalq)]) == 0
+                             "--out", str(qa), "--eval_out", str(evalq)]) == 0
     train_records = [json.loads(line) for line in qa.read_text(encoding="utf-8").splitlines()]
     eval_records = [json.loads(line) for line in evalq.read_text(encoding="utf-8").splitlines()]
     assert len(train_records) >= 300 and len(eval_records) >= 10

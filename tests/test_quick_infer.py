@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-import eval_compare as ec
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
+from paperqa_tune.loading import attach_adapter, load_run_base, merged_model, read_run, run_tokenizer
 import quick_infer as qi
 from test_eval_compare import LOGIT_TOL_FT, make_run, teacher_forced_logits
 
@@ -27,23 +28,23 @@ def tiny_run(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_run):
     """The reference path (4-bit + adapter) and a function giving its greedy answer to a question."""
-    run = ec.read_run(tiny_run)
-    tok = ec.load_tokenizer(run)
-    model = ec.attach_adapter(ec.load_base(run), run.adapter)
+    run = read_run(tiny_run)
+    tok = run_tokenizer(run)
+    model = attach_adapter(load_run_base(run), run.adapter)
 
     def answer(question: str, side: str = "ft", system: str = run.system_prompt, n: int = N):
-        ids = ec.prompt_ids(tok, question, system)
+        ids = prompt_ids(tok, question, system)
         if side == "base":
             with model.disable_adapter():
-                return ec.generate_batch(model, tok, [ids], ec.Decoding(max_new_tokens=n))[0]
-        return ec.generate_batch(model, tok, [ids], ec.Decoding(max_new_tokens=n))[0]
+                return generate_batch(model, tok, [ids], Decoding(max_new_tokens=n))[0]
+        return generate_batch(model, tok, [ids], Decoding(max_new_tokens=n))[0]
 
     return {"run": run, "tok": tok, "model": model, "answer": answer}
 
 
 def test_one_shot_both(tiny_run, reference, capsys):
     q = "What does the paper propose?"
-    assert qi.main(["--adapter", str(tiny_run), "--prompt", q, "--model", "both", "--max_new_tokens", str(N)]) == 0
+    assert qi.main(["--adapter", str(tiny_run), "--prompt", q, "--answer_with", "both", "--max_new_tokens", str(N)]) == 0
     out = capsys.readouterr().out
     base, ft = out.split("--- fine-tuned ---")
     assert base.startswith("--- base ---")
@@ -99,9 +100,9 @@ def test_merge_out_loads_in_plain_transformers(tiny_run, reference, tmp_path, ca
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
     q = "What does the paper propose?"
-    ids = ec.prompt_ids(tok, q, reference["run"].system_prompt)
-    assert ids == ec.prompt_ids(reference["tok"], q, reference["run"].system_prompt)  # same template
-    in_memory = ec.merged_model(reference["run"])
+    ids = prompt_ids(tok, q, reference["run"].system_prompt)
+    assert ids == prompt_ids(reference["tok"], q, reference["run"].system_prompt)  # same template
+    in_memory = merged_model(reference["run"])
     with torch.no_grad():
         a = merged(input_ids=torch.tensor([ids])).logits
         b = in_memory(input_ids=torch.tensor([ids])).logits
@@ -121,14 +122,14 @@ def test_merged_greedy_equals_adapter_path_fp32(tiny_model, tmp_path):
 
     run_dir = make_run(tiny_model, tmp_path / "fp32-run", bf16=False)
     assert qi.main(["--adapter", str(run_dir), "--merge_out", str(tmp_path / "m")]) == 0
-    run = ec.read_run(run_dir)
-    tok = ec.load_tokenizer(run)
-    adapter_path = ec.attach_adapter(ec.load_base(run), run.adapter)
+    run = read_run(run_dir)
+    tok = run_tokenizer(run)
+    adapter_path = attach_adapter(load_run_base(run), run.adapter)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    prompts = [ec.prompt_ids(tok, q, run.system_prompt) for q in ("What is proposed?", "Why four bits?")]
-    dec = ec.Decoding(max_new_tokens=12)
+    prompts = [prompt_ids(tok, q, run.system_prompt) for q in ("What is proposed?", "Why four bits?")]
+    dec = Decoding(max_new_tokens=12)
     for p in prompts:
-        assert ec.generate_batch(merged, tok, [p], dec) == ec.generate_batch(adapter_path, tok, [p], dec)
+        assert generate_batch(merged, tok, [p], dec) == generate_batch(adapter_path, tok, [p], dec)
 
 
 def test_bad_inputs_exit_2(tmp_path, tiny_run, capsys):
@@ -139,11 +140,19 @@ def test_bad_inputs_exit_2(tmp_path, tiny_run, capsys):
     assert qi.main(["--adapter", str(tiny_run), "--temperature", "-1"]) == 2
 
 
+def test_old_model_flag_still_works_with_a_warning(capsys):
+    assert qi.build_parser().parse_args(["--model", "base"]).answer_with == "base"
+    assert "--model is deprecated; use --answer_with" in capsys.readouterr().err
+    assert qi.build_parser().parse_args([]).answer_with == "ft"
+    with pytest.raises(SystemExit):
+        qi.build_parser().parse_args(["--model", "nobody"])
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         qi.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--adapter", "--base_model", "--prompt", "--model", "--system", "--max_new_tokens", "--temperature",
+    for flag in ("--adapter", "--base_model", "--prompt", "--answer_with", "--system", "--max_new_tokens", "--temperature",
                  "--top_p", "--seed", "--mode", "--merge_out", "--overwrite"):
         assert flag in out

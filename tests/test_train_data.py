@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import train_qlora_hf as T
+from paperqa_tune.packing import collate
+from paperqa_tune.loading import ensure_pad, load_tokenizer, resolve_precision
 from common import ZEPHYR_CHAT_TEMPLATE, render_zephyr
 
 SYS = "You answer questions about papers."
@@ -24,8 +26,7 @@ def flat(messages):
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):
-    args = T.build_parser().parse_args(["--model", str(tiny_model)])
-    return T.load_tokenizer(args)
+    return load_tokenizer(tiny_model, "right")  # as train_qlora_hf.py loads it
 
 
 def write_jsonl(path, rows):
@@ -67,11 +68,11 @@ def test_defaults_follow_the_seed_command():
     assert (a.lora_r, a.lora_alpha, a.lora_dropout, a.target_modules) == (16, 32, 0.0, "all-linear")
     assert a.gradient_checkpointing and a.group_by_length and not a.trust_remote_code
     assert (a.optim, a.attn_implementation) == ("paged_adamw_8bit", "sdpa")
-    dtype, _ = T.resolve_precision(a, torch.device("cuda"))  # bf16 unless the GPU lacks it
+    dtype, _ = resolve_precision(a.bf16, a.fp16, torch.device("cuda"))  # bf16 unless the GPU lacks it
     assert dtype in (torch.bfloat16, torch.float16)
-    assert T.resolve_precision(a, torch.device("cpu"))[0] == torch.bfloat16
-    assert T.resolve_precision(T.build_parser().parse_args(["--no-bf16"]), torch.device("cpu"))[0] == torch.float32
-    assert T.resolve_precision(T.build_parser().parse_args(["--fp16"]), torch.device("cpu"))[0] == torch.float16
+    assert resolve_precision(a.bf16, a.fp16, torch.device("cpu"))[0] == torch.bfloat16
+    assert resolve_precision(False, False, torch.device("cpu"))[0] == torch.float32  # --no-bf16
+    assert resolve_precision(None, True, torch.device("cpu"))[0] == torch.float16  # --fp16
 
 
 def test_help_shows_every_flag_with_default(capsys):
@@ -166,7 +167,7 @@ def test_pad_never_hides_the_real_eos(tok):
     assert tok.pad_token == "<unk>" and tok.pad_token_id != tok.eos_token_id  # the tiny tokenizer had no pad
     short, long_ = T.tokenize_chat(tok, SINGLE, 4096), T.tokenize_chat(tok, MULTI, 4096)
     # Zephyr's real tokenizer pads with </s>: collate with pad == eos and the trained </s> must survive
-    batch = T.collate([short, long_], tok.eos_token_id, "cpu")
+    batch = collate([short, long_], tok.eos_token_id, "cpu")
     n = len(short["input_ids"])
     assert batch["input_ids"][0, n:].eq(tok.eos_token_id).all()
     assert batch["labels"][0, :n].tolist() == short["labels"] and batch["labels"][0, n:].eq(-100).all()
@@ -179,11 +180,11 @@ def test_missing_pad_falls_back_to_unk_then_eos(tok):
     class Tok:
         pad_token, unk_token, eos_token = None, None, "</s>"
     t = Tok()
-    T._ensure_pad(t)
+    ensure_pad(t)
     assert t.pad_token == "</s>"
     t = Tok()
     t.unk_token = "<unk>"
-    T._ensure_pad(t)
+    ensure_pad(t)
     assert t.pad_token == "<unk>"
 
 
@@ -263,8 +264,8 @@ def test_epoch_plan_covers_each_sample_once_and_groups_lengths():
         assert sorted(i for step in plan for i in step) == list(range(203))
         assert sorted(len(s) for s in plan) == [3] + [8] * 25
     assert T.epoch_plan(lengths, 8, 3, 0, False, False)[0] == list(range(8))  # file order for benchmarks
-    grouped = T._padding_share(lengths, 8, 8, 3, True)
-    assert grouped < 0.1 < T._padding_share(lengths, 8, 8, 3, False)
+    grouped = T.padding_share(lengths, 8, 8, 3, True)
+    assert grouped < 0.1 < T.padding_share(lengths, 8, 8, 3, False)
 
 
 def test_validation_split_holds_out_whole_papers():

@@ -1,7 +1,7 @@
 """train_qlora_hf.py end to end on the tiny model, real bitsandbytes 4-bit path on CPU (no mocks of the model).
 
 Covers the seed command's outputs, learning, kill-and-resume, OOM back-off, NaN stop, DDP with 2 processes.
-Failures are injected by monkeypatching the script's own seams (_micro_loss, train's on_step).
+Failures are injected by monkeypatching the script's own seams (micro_loss, train's on_step).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import train_qlora_hf as T
+from paperqa_tune.checkpoints import list_checkpoints
+from paperqa_tune.optim import make_optimizer, repage_optimizer_state
 from common import chat_record, chat_text, encode_text, qa_messages, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +191,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model, qa24, tmp_path, monke
     b = tmp_path / "b"
     assert run(qa24, tiny_model, b, *flags) == 130
     assert "--resume" in capsys.readouterr().err
-    assert [p.name for p in T.checkpoints(b)] == ["step-2", "step-4"]
+    assert [p.name for p in list_checkpoints(b)] == ["step-2", "step-4"]
     assert not (b / "adapter_model.safetensors").exists()
     monkeypatch.setattr(T, "train", real_train)
 
@@ -230,20 +232,20 @@ def test_loaded_optimizer_state_is_not_left_marked_paged(tmp_path):
     optimizer's prefetch fails on CUDA. On CPU the mark must just be gone after loading."""
     args = T.build_parser().parse_args(["--model", "x"])  # --optim paged_adamw_8bit
     p = torch.nn.Parameter(torch.randn(256, 512))
-    opt = T._make_optimizer([p], args, torch.device("cpu"))
+    opt = make_optimizer([p], args.optim, args.lr, args.weight_decay)
     p.grad = torch.randn_like(p)
     opt.step()
     opt.state[p]["state1"].is_paged = True  # as bitsandbytes marks a paged buffer on CUDA
     torch.save({"optimizer": opt.state_dict()}, tmp_path / "s.pt")
-    loaded = torch.load(tmp_path / "s.pt", weights_only=False)["optimizer"]
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)["optimizer"]  # as load_checkpoint reads it
     # the mark does survive torch.save/load (the bug's cause); bitsandbytes nests its 8-bit state one level down
     marked = [v for st in loaded["state"].values() for x in st.values()
               for v in (x.values() if isinstance(x, dict) else [x]) if getattr(v, "is_paged", False)]
     assert len(marked) == 1
     q = torch.nn.Parameter(p.detach().clone())
-    opt2 = T._make_optimizer([q], args, torch.device("cpu"))
+    opt2 = make_optimizer([q], args.optim, args.lr, args.weight_decay)
     opt2.load_state_dict(loaded)
-    T._repage_optimizer_state(opt2)
+    repage_optimizer_state(opt2)
     assert not any(getattr(v, "is_paged", False) for st in opt2.state.values() for v in st.values()
                    if torch.is_tensor(v))
     q.grad = torch.randn_like(q)
@@ -255,14 +257,14 @@ def test_oom_backoff_halves_micro_batch_and_continues(tiny_model, qa24, tmp_path
     flags = ["--max_steps", 3, "--batch", 8, "--grad_accum", 1, "--lora_dropout", 0, "--save_steps", 100, *FAST]
     assert run(qa24, tiny_model, tmp_path / "ref", *flags) == 0
 
-    real = T._micro_loss
+    real = T.micro_loss
 
     def oom_above_2(model, batch, n_items, amp):
         if batch["n_samples"] > 2:  # samples, not rows: a packed micro-batch is one row (issue 5)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, batch, n_items, amp)
 
-    monkeypatch.setattr(T, "_micro_loss", oom_above_2)
+    monkeypatch.setattr(T, "micro_loss", oom_above_2)
     assert run(qa24, tiny_model, tmp_path / "oom", *flags) == 0
     log = capsys.readouterr().out
     assert "out of memory at step 1 with micro-batch 8: retrying with micro-batch 4 x 2 accumulation" in log
@@ -278,7 +280,7 @@ def test_oom_at_micro_batch_1_gives_up_naming_max_seq_len(tiny_model, qa8, tmp_p
     def always_oom(*a):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(T, "_micro_loss", always_oom)
+    monkeypatch.setattr(T, "micro_loss", always_oom)
     assert run(qa8, tiny_model, tmp_path / "o", "--max_steps", 2, "--batch", 2, *FAST) == 1
     err = capsys.readouterr().err
     assert "micro-batch 1" in err and "--max_seq_len" in err
@@ -286,22 +288,22 @@ def test_oom_at_micro_batch_1_gives_up_naming_max_seq_len(tiny_model, qa8, tmp_p
 
 # --------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, qa8, tmp_path, monkeypatch, capsys):
-    real, calls = T._micro_loss, []
+    real, calls = T.micro_loss, []
 
     def nan_on_step_3(model, batch, n_items, amp):
         calls.append(1)
         loss = real(model, batch, n_items, amp)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(T, "_micro_loss", nan_on_step_3)
+    monkeypatch.setattr(T, "micro_loss", nan_on_step_3)
     out = tmp_path / "o"
     flags = ["--max_steps", 4, "--batch", 8, "--grad_accum", 1, "--save_steps", 2, "--val_fraction", 0, *FAST]
     assert run(qa8, tiny_model, out, *flags) == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 3" in err and "step-2" in err and "--lr" in err
-    assert [p.name for p in T.checkpoints(out)] == ["step-2"]
+    assert [p.name for p in list_checkpoints(out)] == ["step-2"]
     assert not (out / "adapter_model.safetensors").exists()
-    monkeypatch.setattr(T, "_micro_loss", real)
+    monkeypatch.setattr(T, "micro_loss", real)
     assert run(qa8, tiny_model, out, *flags, "--resume") == 0
 
 
@@ -309,14 +311,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, qa8, tmp_path
 def test_train_api_on_pretokenized_samples(tiny_model):
     args = T.build_parser().parse_args(["--model", str(tiny_model), "--no-bf16", "--batch", "4", "--grad_accum", "1",
                                         "--max_steps", "2", "--optim", "adamw_torch"])
-    model, tok = T.load_model_and_tokenizer(args)
+    tm, tok = T.load_model_and_tokenizer(args)
     g = torch.Generator().manual_seed(0)
     samples = []
     for n in (30, 50, 40, 20, 60, 35, 45, 25):
         ids = torch.randint(3, 1000, (n,), generator=g).tolist()
         samples.append({"input_ids": ids, "labels": ids})
     seen = []
-    m = T.train(model, tok, samples, samples[:2], args, on_step=lambda *a: seen.append(a))
+    m = T.train(tm, tok, samples, samples[:2], args, on_step=lambda *a: seen.append(a))
     assert [s[0] for s in seen] == [1, 2]
     assert sum(s[3] for s in seen) == sum(len(s["input_ids"]) for s in samples)  # input tokens, no padding
     assert sum(s[2] for s in seen) == sum(len(s["input_ids"]) - 1 for s in samples)  # position 0 is never a target
@@ -339,7 +341,7 @@ def test_ddp_two_processes_gloo_matches_one_process(tiny_model, qa24, tmp_path):
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("done:") == 1  # only rank 0 reports and writes
     assert (out / "adapter_model.safetensors").is_file()
-    assert [p.name for p in T.checkpoints(out)] == ["step-2"]
+    assert [p.name for p in list_checkpoints(out)] == ["step-2"]
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["steps"] == 3
 

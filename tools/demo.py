@@ -99,8 +99,8 @@ def run(root: Path, seed: int = 0, *, abstracts: Path | None = None, threads: in
         t = _stage(1, f"generate Q&A from {abstracts.name} (offline rule-based backend, no LLM); "
                       f"{d['eval_papers']} papers held out for evaluation", log)
         _check(generate_qa.main(["--backend", "offline", "--input", str(abstracts), "--out", str(paths["train_data"]),
-                                 "--eval-out", str(paths["eval_questions"]), "--eval-papers", str(d["eval_papers"]),
-                                 "--edge-case-ratio", str(d["edge_case_ratio"]), "--seed", str(seed),
+                                 "--eval_out", str(paths["eval_questions"]), "--eval_papers", str(d["eval_papers"]),
+                                 "--edge_case_ratio", str(d["edge_case_ratio"]), "--seed", str(seed),
                                  "--overwrite"]), "generate_qa.py")
         seconds["1_generate"] = time.perf_counter() - t
 

@@ -1,0 +1,81 @@
+"""Batched generation for every stage that generates: evaluation, terminal inference and generate_qa.py's
+local-model backend. Prompts are rendered exactly as training renders them (common.chat_text + encode_text:
+the tokenizer's chat template, exactly one BOS)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common import chat_text, encode_text, qa_messages
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    cache: str = "static"           # KV cache allocated once per batch; "dynamic" grows (and allocates) per step
+    compile: bool = False           # torch.compile the decoding step (needs the static cache)
+
+    def key(self) -> dict:
+        """What changes the answers (for cache keys): the sampling settings only when sampling."""
+        k = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens, "do_sample": self.do_sample}
+        if self.do_sample:
+            k.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        return k
+
+    def kwargs(self, tokenizer) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        if self.min_new_tokens:
+            kw["min_new_tokens"] = self.min_new_tokens
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        else:  # silence the model's own sampling defaults, which greedy decoding ignores
+            kw.update(temperature=None, top_p=None, top_k=None)
+        if self.cache == "static" or self.compile:
+            kw["cache_implementation"] = "static"
+            # transformers compiles the decoding step whenever the cache is static on a GPU, unless told not to
+            kw["disable_compile"] = not self.compile
+        return kw
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat up to the assistant header, as training renders it."""
+    return encode_text(tokenizer, chat_text(tokenizer, messages, add_generation_prompt=True))
+
+
+def prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
+    """One question in the training format: system (if any) + user turns, then the assistant header."""
+    return chat_prompt_ids(tokenizer, qa_messages(question, system=system))
+
+
+def left_pad(batch: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding,
+                   streamer=None) -> list[tuple[str, int, list[int]]]:
+    """Answers for a batch of prompt ids: [(text, generated tokens incl. EOS, token ids)]. A reply without EOS
+    used all max_new_tokens."""
+    import torch
+
+    ids, mask = left_pad(batch, tokenizer.pad_token_id, next(model.parameters()).device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer))
+    eos = tokenizer.eos_token_id
+    results = []
+    for row in out[:, ids.shape[1]:].tolist():
+        n = row.index(eos) + 1 if eos in row else len(row)
+        results.append((tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n, row[:n]))
+    return results

@@ -1,0 +1,128 @@
+"""What generate_qa.py asks an LLM: the pair types, the generation, repair and judge prompts, and the JSON
+schemas of the replies. Everything that shapes the data sits here, hashed together into the manifest."""
+from __future__ import annotations
+
+import json
+
+from common import sha256_text
+
+ANSWERABLE = ("factual", "conceptual", "methodology")
+EDGE_CASES = ("unanswerable", "false_premise")
+TYPES = ANSWERABLE + EDGE_CASES
+
+GENERATOR_SYSTEM = ("You write training data for a research assistant: question-answer pairs about one paper, "
+                    "using only its abstract. You reply with JSON only.")
+
+TYPE_GUIDE = {
+    "factual": "a specific fact the abstract states (a result, number, dataset, model or name); the answer "
+               "gives it from the abstract.",
+    "conceptual": "the idea, motivation or significance of the work, as the abstract explains it.",
+    "methodology": "how the method works or how it was trained or evaluated, as the abstract describes it.",
+    "unanswerable": "asks for a plausible detail the abstract does NOT give (hardware, hyperparameters, cost, "
+                    "dataset size...); the answer says the abstract does not state it and invents nothing.",
+    "false_premise": "presupposes something the abstract contradicts (a wrong number, the opposite finding); "
+                     "the answer points out the false premise and gives what the abstract actually says.",
+}
+
+GENERATION_PROMPT = """Paper: "{title}" (id {paper_id})
+<abstract>
+{abstract}
+</abstract>
+
+Write exactly {n} question-answer pairs about this paper: {quota}.
+
+Types:
+{type_guide}
+
+Rules:
+- Every question names the paper ("{name}") so that it makes sense on its own, without the abstract.
+- Answers use only what the abstract says, in 1-3 sentences. Never add numbers or names it does not give.
+- No two questions ask the same thing.
+
+Reply with one JSON object and nothing else:
+{{"pairs": [{{"type": "<one of {types}>", "question": "...", "answer": "..."}}]}}"""
+
+REPAIR_PROMPT = """Your reply could not be used: {error}.
+Reply again with only the JSON object {{"pairs": [{{"type": ..., "question": ..., "answer": ...}}]}} as \
+instructed above: no prose, no code fences, every pair with a non-empty "type", "question" and "answer"."""
+
+JUDGE_SYSTEM = "You grade question-answer pairs written about a paper abstract. You reply with JSON only."
+
+JUDGE_PROMPT = """Paper: "{title}"
+<abstract>
+{abstract}
+</abstract>
+
+Grade each pair from 1 (wrong, unsupported by the abstract, or useless) to 5 (correct, fully supported by
+the abstract, useful). An "unanswerable" pair is good only if its answer says the abstract does not give
+that detail and invents nothing; a "false_premise" pair only if its answer corrects the premise.
+
+{pairs}
+
+Reply with one JSON object and nothing else:
+{{"scores": [{{"index": 1, "score": 4, "reason": "..."}}]}}"""
+
+PAIRS_SCHEMA = {
+    "type": "object",
+    "properties": {"pairs": {"type": "array", "items": {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": list(TYPES)}, "question": {"type": "string"},
+                       "answer": {"type": "string"}},
+        "required": ["type", "question", "answer"], "additionalProperties": False}}},
+    "required": ["pairs"], "additionalProperties": False,
+}
+SCORES_SCHEMA = {
+    "type": "object",
+    "properties": {"scores": {"type": "array", "items": {
+        "type": "object",
+        "properties": {"index": {"type": "integer"}, "score": {"type": "number"}, "reason": {"type": "string"}},
+        "required": ["index", "score", "reason"], "additionalProperties": False}}},
+    "required": ["scores"], "additionalProperties": False,
+}
+
+
+def prompts_hash(system_prompt: str) -> str:
+    """One hash over every prompt text, so the manifest says which prompts made the data."""
+    return sha256_text(json.dumps([GENERATOR_SYSTEM, TYPE_GUIDE, GENERATION_PROMPT, REPAIR_PROMPT, JUDGE_SYSTEM,
+                                   JUDGE_PROMPT, PAIRS_SCHEMA, SCORES_SCHEMA, system_prompt], sort_keys=True))
+
+
+def type_quotas(n: int, edge_ratio: float) -> dict[str, int]:
+    """How many pairs of each type to ask for: edge cases split unanswerable/false_premise, the rest evenly."""
+    n_edge = min(n, round(n * edge_ratio))
+    if edge_ratio > 0 and n >= 4 and n_edge == 0:
+        n_edge = 1
+    q = {"unanswerable": (n_edge + 1) // 2, "false_premise": n_edge // 2}
+    rest = n - n_edge
+    for i, t in enumerate(("factual", "methodology", "conceptual")):
+        q[t] = rest // 3 + (1 if i < rest % 3 else 0)
+    return {t: q[t] for t in TYPES}
+
+
+def short_name(title: str, paper_id: str) -> str:
+    """How questions name the paper: the part before a colon when that is a short name ("QLoRA: ...")."""
+    if not title:
+        return f"paper {paper_id}"
+    head = title.split(":")[0].strip()
+    return head if ":" in title and 1 < len(head) <= 40 else title
+
+
+def generation_messages(paper: dict, quotas: dict[str, int]) -> list[dict]:
+    quota = ", ".join(f"{k} {t}" for t, k in quotas.items() if k)
+    guide = "\n".join(f"- {t}: {TYPE_GUIDE[t]}" for t in TYPES if quotas.get(t))
+    user = GENERATION_PROMPT.format(title=paper["title"] or "(untitled)", paper_id=paper["id"],
+                                    abstract=paper["abstract"], n=sum(quotas.values()), quota=quota,
+                                    type_guide=guide, name=short_name(paper["title"], paper["id"]),
+                                    types="|".join(TYPES))
+    return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": user}]
+
+
+def repair_messages(messages: list[dict], bad_reply: str | None, error: str) -> list[dict]:
+    return messages + [{"role": "assistant", "content": (bad_reply or "")[:4000]},
+                       {"role": "user", "content": REPAIR_PROMPT.format(error=error)}]
+
+
+def judge_messages(paper: dict, pairs: list[dict]) -> list[dict]:
+    listing = "\n\n".join(f"{i}. [{p['type']}]\nQ: {p['question']}\nA: {p['answer']}" for i, p in enumerate(pairs, 1))
+    user = JUDGE_PROMPT.format(title=paper["title"] or paper["id"], abstract=paper["abstract"], pairs=listing)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
