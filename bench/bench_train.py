@@ -46,7 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import train_qlora_hf as T  # noqa: E402  (the project's training path and its speed helpers)
+from paperqa_tune import packing  # noqa: E402  (the speed machinery the project path uses)
+from paperqa_tune.kernels import fuse_rms_norms  # noqa: E402
+from paperqa_tune.lora4bit import FusedLoRA, addmm_lora_forward  # noqa: E402
+from paperqa_tune.memory import apply_checkpoint_plan  # noqa: E402
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 2e-4
@@ -115,18 +118,16 @@ def collate_padded(batch: list[dict], device, pad_id: int = 0) -> dict:
 
 
 def collate_packed(batch: list[dict], device) -> dict:
-    """train_qlora_hf.collate_packed without its bookkeeping keys (model(**inputs) takes the rest)."""
-    out = T.collate_packed(batch, device)
+    """packing.collate_packed without its bookkeeping keys (model(**inputs) takes the rest)."""
+    out = packing.collate_packed(batch, device)
     for k in ("n_samples", "n_tokens", "n_padded", "attention_mask"):
         out.pop(k)
     return out
 
 
 # The packed attention (per-document flash varlen_attn, or one SDPA call per document), the lean LoRA kernel,
-# the fused RMSNorm and checkpoint offload live in train_qlora_hf.py (the path users run); the research
-# recipes below reuse them.
-register_packed_attention = T.register_packed_attention
-choose_packed_impl = T.choose_packed_impl
+# the fused RMSNorm and checkpoint offload live in paperqa_tune/ (the path users run); the research recipes
+# below reuse them.
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,12 +249,6 @@ def load_4bit(model_dir: Path, device):
                                                 attn_implementation="sdpa", **kw)
 
 
-_fused_lora4bit_forward = T._fused_lora4bit_forward
-_torch_rmsnorm_forward = T._torch_rmsnorm_forward
-_lean_lora4bit_forward = T._lean_lora4bit_forward
-_offloaded_checkpoint = T._offloaded_checkpoint
-
-
 class Liger:
     """apply_liger_kernel_to_mistral on a loaded model, and its undo (the bench reuses one loaded model)."""
 
@@ -282,9 +277,10 @@ class Liger:
 class Session:
     """One loaded 4-bit base model, set up and torn down for each recipe."""
 
-    def __init__(self, base, device, smoke: bool):
-        self.base, self.device, self.smoke = base, device, smoke
+    def __init__(self, base, device, smoke: bool, packed_impl: str):
+        self.base, self.device, self.smoke, self.packed_impl = base, device, smoke, packed_impl
         self.liger = None
+        self.hooks: list = []
 
     def setup(self, recipe: Recipe, seed: int):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -295,27 +291,19 @@ class Session:
             for p in base.parameters():
                 p.requires_grad_(False)
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        layers = base.model.layers
-        for i, layer in enumerate(layers):
-            if i >= len(layers) - recipe.gc_skip:
-                layer.gradient_checkpointing = False
-            elif recipe.offload:
-                layer._gradient_checkpointing_func = _offloaded_checkpoint
+        if recipe.offload:
+            self.hooks = apply_checkpoint_plan(base, {"mode": "offload", "skip_layers": 0})
+        else:
+            apply_checkpoint_plan(base, {"mode": "skip", "skip_layers": recipe.gc_skip})
         if recipe.liger:
             if self.device.type != "cuda":
                 raise RuntimeError("Liger kernels need CUDA")
             self.liger = self.liger or Liger()
             self.liger.apply(base, recipe.liger)
         if recipe.norm == "torch" and recipe.liger != "all":
-            for m in base.modules():
-                if type(m).__name__ == "MistralRMSNorm":
-                    m.forward = MethodType(_torch_rmsnorm_forward, m)
+            fuse_rms_norms(base)
         if recipe.batching == "pack":
-            name = register_packed_attention()
-            try:
-                base.set_attn_implementation(name)
-            except Exception:  # noqa: BLE001 - older/newer transformers: set it on the config directly
-                base.config._attn_implementation = name
+            base.set_attn_implementation(packing.register_packed_attention(self.packed_impl))
         torch.manual_seed(seed + recipe.init_seed)
         cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=recipe.dropout, target_modules=TARGET_MODULES,
                          bias="none", task_type="CAUSAL_LM")
@@ -324,19 +312,22 @@ class Session:
         if recipe.lora_dtype == "bf16":
             for p in lora_params:
                 p.data = p.data.to(torch.bfloat16)
-        if recipe.lora_impl in ("fused", "lean"):
+        if recipe.lora_impl == "lean":
+            FusedLoRA(recipe.fp32_out).patch(model)
+        elif recipe.lora_impl == "fused":
             from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-            fwd = _fused_lora4bit_forward if recipe.lora_impl == "fused" else _lean_lora4bit_forward
             for m in model.modules():
                 if isinstance(m, LoraLinear4bit):
-                    m.forward = MethodType(fwd, m)
-                    m.lora_fp32_sum = recipe.fp32_out
+                    m.forward = MethodType(addmm_lora_forward, m)
         model.train()
         return model, make_optimizer(recipe, lora_params, self.device)
 
     def teardown(self, model, recipe: Recipe):
         """Back to the freshly loaded base model (also after a setup that failed half-way, model=None)."""
         base = self.base
+        for h in self.hooks:  # checkpoint offload
+            h.remove()
+        self.hooks = []
         if model is not None:
             assert model.unload() is base  # LoRA layers out, the original bnb Linear4bit modules back in
         for attr in ("peft_config", "_hf_peft_config_loaded"):
@@ -764,7 +755,9 @@ def main(argv=None) -> int:
     meta = {"gpu": gpu, "date_utc": stamp, "versions": versions(), "argv": sys.argv[1:] if argv is None else argv,
             "workloads": workloads, "micro_batch": MICRO_BATCH, "warmup_steps": WARMUP_STEPS, "lr": LR}
     print(json.dumps(meta), flush=True)
-    meta["packed_attention"] = choose_packed_impl(device)
+    meta["packed_attention"] = packing.varlen_self_test(device)
+    if device.type != "cuda":
+        meta["packed_attention"]["impl"] = "loop"  # as the project decides: varlen only on CUDA
     print("packed attention:", meta["packed_attention"], flush=True)
     results: list[dict] = []
     out_json = args.out_dir / f"train_{stamp}.json"
@@ -811,7 +804,7 @@ def main(argv=None) -> int:
         base = load_4bit(model_dir, device)
         meta["load_s"] = time.perf_counter() - t
         print(f"loaded 4-bit model in {meta['load_s']:.1f}s", flush=True)
-        session = Session(base, device, args.smoke)
+        session = Session(base, device, args.smoke, meta["packed_attention"]["impl"])
         check_ref = None
         qa_batch0 = chunk(data["qa"], MICRO_BATCH["qa"])[0] if "qa" in data else None
         leak_done = False
