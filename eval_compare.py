@@ -51,9 +51,10 @@ from paperqa_tune import charts, report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
-from paperqa_tune.loading import (Run, attach_adapter, auto_batch_size, choose_mode, dequantize_, load_run_base,
-                                  read_run, run_tokenizer)
+from paperqa_tune.loading import (attach_adapter, auto_batch_size, choose_mode, dequantize_, load_run_base,
+                                  run_tokenizer)
 from paperqa_tune.report import SIDES
+from paperqa_tune.runs import Run, read_run
 
 DEFAULT_OUT = "outputs/evaluation.csv"
 NO_SYSTEM = object()  # a question row without a "system" key: use the run's prompt

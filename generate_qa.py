@@ -499,8 +499,10 @@ class HFBackend:
         device = default_device()
         try:
             self.tok = load_tokenizer(model, padding_side="left", trust_remote_code=trust_remote_code)
+            # device_map "auto" on GPUs: a generator model larger than one GPU is spread over all of them
             self.lm = load_causal_lm(model, torch.bfloat16 if device.type == "cuda" else torch.float32, device,
-                                     quantized=False, trust_remote_code=trust_remote_code)
+                                     quantized=False, trust_remote_code=trust_remote_code,
+                                     device_map="auto" if device.type == "cuda" else None)
         except InputError as e:
             raise InputError(f"--model {model}: {e}") from None
         self.lm.eval()

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from common import DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, run_main, write_json_atomic
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
-from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, merged_model, read_run,
+from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, merged_model,
                                   run_tokenizer)
+from paperqa_tune.runs import read_run
 
 HELP = "commands: /base  /ft  /both  /system TEXT  /help  /quit"
 LABELS = {"base": "base", "ft": "fine-tuned"}

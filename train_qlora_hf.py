@@ -25,14 +25,10 @@ normalised by the trained tokens of the whole step, and its dropout RNG is seede
 so a step gives the same update whatever the micro-batch size, whether it is retried after an OOM, and
 whether the run was resumed.
 
-Speed, each piece behind a flag (the machinery is in paperqa_tune/; bench/README.md has the measurements):
-the frozen base stays in bf16 (no fp32 upcast, no autocast; --kbit_upcast restores it); each micro-batch is
-packed into one row without padding, with attention per sample (--packing); the 4-bit base and its LoRA run
-as one autograd node (--fused_lora, --lora_fp32_sum); the optimizer updates all LoRA tensors as one flat
-buffer (--flat_optim); RMSNorm is one fused op (--fused_norm); Liger's fused linear cross-entropy never builds
-the logits (--liger, CUDA, optional dependency); Python's garbage collector does not scan the model during
-the steps; --gpu_mem_budget turns checkpointing off on the last layers that fit, or keeps checkpoints in host
-memory when even full checkpointing does not fit.
+Speed, each piece behind a flag (the machinery is in paperqa_tune/, measurements in bench/README.md): no fp32
+upcast of the frozen base (--kbit_upcast), packed micro-batches (--packing), the 4-bit base and its LoRA as one
+autograd node (--fused_lora), one flat optimizer buffer (--flat_optim), fused RMSNorm (--fused_norm), Liger
+(--liger), and --gpu_mem_budget to spend GPU memory on less checkpointing.
 """
 from __future__ import annotations
 
@@ -54,21 +50,20 @@ from common import (HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailur
                     eval_questions_path, read_jsonl, record_messages, run_main, sha256_file, write_json_atomic,
                     write_jsonl_atomic)
 from paperqa_tune import charts
-from paperqa_tune.checkpoints import fingerprint, last_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from paperqa_tune.checkpoints import fingerprint, last_checkpoint, load_checkpoint, save_checkpoint
 from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, init_distributed, launched_rank,
                                       shutdown_distributed)
 from paperqa_tune.kernels import LIGER_AUTO, parse_liger
 from paperqa_tune.loading import load_tokenizer, resolve_precision
-from paperqa_tune.memory import (apply_checkpoint_plan, decoder_layers, frozen_gc, max_micro_tokens, peak_memory,
-                                 plan_checkpointing)
+from paperqa_tune.memory import frozen_gc, peak_memory, plan_for_budget
 from paperqa_tune.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
 from paperqa_tune.packing import IGNORE, collate, collate_packed
 from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model
+from paperqa_tune.runs import check_out_dir, clear_out_dir, save_adapter, versions
+from paperqa_tune.samples import histogram_lines, marked_text, padding_share
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md", HELDOUT_QUESTIONS_FILE)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -409,30 +404,6 @@ def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_b
 
 
 # --------------------------------------------------------------------------- --inspect
-def _marked(text: str, ids: list[int], labels: list[int], offsets, bos_id) -> str:
-    trained = [False] * len(text)
-    for lab, (a, b) in zip(labels, offsets):
-        if lab != IGNORE:
-            trained[a:b] = [True] * (b - a)
-    out, on = ["<s>" if ids and ids[0] == bos_id and offsets[0] == (0, 0) else ""], False
-    for ch, t in zip(text, trained):
-        if t != on:
-            out.append("⟦" if t else "⟧")
-            on = t
-        out.append(ch)
-    return "".join(out) + ("⟧" if on else "")
-
-
-def padding_share(lengths: list[int], micro: int, per_step: int, seed: int, group: bool) -> float:
-    padded = 0
-    for step in epoch_plan(lengths, per_step, seed, 0, group, True):
-        step = sorted(step, key=lambda i: -lengths[i])
-        for k in range(0, len(step), micro):
-            chunk = step[k:k + micro]
-            padded += max(lengths[i] for i in chunk) * len(chunk)
-    return 1 - sum(lengths) / padded
-
-
 def print_inspect(tokenizer, samples: list[dict], report: dict, args) -> None:
     n = min(args.inspect, len(samples))
     print(f"{n} of {len(samples)} samples as the model sees them; ⟦trained⟧ tokens are marked "
@@ -442,25 +413,19 @@ def print_inspect(tokenizer, samples: list[dict], report: dict, args) -> None:
         n_tr = sum(l != IGNORE for l in d["labels"])
         print(f"--- line {s['line']}: {len(d['input_ids'])} tokens, {n_tr} trained "
               f"({sum(m['role'] == 'assistant' for m in s['messages'])} assistant turn(s))")
-        print(_marked(d["text"], d["input_ids"], d["labels"], d["offsets"], tokenizer.bos_token_id))
+        print(marked_text(d["text"], d["input_ids"], d["labels"], d["offsets"], tokenizer.bos_token_id))
     lengths = [len(s["input_ids"]) for s in samples]
     trained = sum(sum(l != IGNORE for l in s["labels"]) for s in samples)
     print(f"samples: {len(samples)} kept of {report['n_records']} records; {report['dropped_too_long']} dropped "
           f"as longer than --max_seq_len={args.max_seq_len}; {report['trimmed_earlier_turns']} lost earlier turns")
     print(f"tokens: {sum(lengths):,} in, {trained:,} trained ({trained / sum(lengths):.1%}); "
           f"length min {min(lengths)}, median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}")
-    top = max(lengths)
-    width = max(1, math.ceil(top / 10))
-    counts = [0] * 10
-    for L in lengths:
-        counts[min(9, (L - 1) // width)] += 1
-    print("length histogram (tokens):")
-    for k, c in enumerate(counts):
-        print(f"  {k * width + 1:>6}-{(k + 1) * width:<6} {c:>6} {'#' * math.ceil(40 * c / max(counts))}")
+    print("length histogram (tokens):", *histogram_lines(lengths), sep="\n")
     per_step = args.batch * args.grad_accum
-    print(f"padding with --batch {args.batch} --grad_accum {args.grad_accum}: "
-          f"{padding_share(lengths, args.batch, per_step, args.seed, True):.1%} length-grouped, "
-          f"{padding_share(lengths, args.batch, per_step, args.seed, False):.1%} without")
+    grouped, plain = (padding_share(epoch_plan(lengths, per_step, args.seed, 0, g, True), lengths, args.batch)
+                      for g in (True, False))
+    print(f"padding with --batch {args.batch} --grad_accum {args.grad_accum}: {grouped:.1%} length-grouped, "
+          f"{plain:.1%} without")
 
 
 # --------------------------------------------------------------------------- model
@@ -539,30 +504,17 @@ def log(msg: str, d: Dist, bar=None) -> None:
 
 
 def plan_memory(loop: Loop, lengths, per_step, steps_per_epoch, total) -> dict | None:
-    """--gpu_mem_budget: choose which layers skip checkpointing (or offload the checkpoints) and log it."""
-    args, d, model, budget = loop.args, loop.d, loop.model, loop.args.gpu_mem_budget
-    if budget is None:
-        return None
-    if loop.device.type != "cuda":
-        log(f"--gpu_mem_budget {budget}: ignored on {loop.device.type} (it plans GPU memory)", d)
-        return None
-    layers = [l for l in decoder_layers(model)[1] if getattr(l, "gradient_checkpointing", False)]
-    if not layers:
-        log(f"--gpu_mem_budget {budget}: ignored (gradient checkpointing is off)", d)
+    """--gpu_mem_budget: which layers skip checkpointing (or offload the checkpoints), logged."""
+    args = loop.args
+    if args.gpu_mem_budget is None:
         return None
     epochs = min(math.ceil(total / steps_per_epoch), 64)  # the plans repeat their length mix; bound the scan
     plans = (s for e in range(epochs) for s in epoch_plan(lengths, per_step, args.seed, e, args.group_by_length,
                                                             args.shuffle))
-    top = max_micro_tokens(plans, lengths, args.batch, d.rank, d.world, loop.tm.packed)
-    cfg = model.config
-    plan = plan_checkpointing(budget, torch.cuda.memory_allocated(loop.device), sum(p.numel() for p in loop.params),
-                              args.optim, top, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-                              len(layers), 0.0 if loop.tm.fused is not None else args.lora_dropout)
-    apply_checkpoint_plan(model, plan)
-    what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)" if plan["mode"] == "offload"
-            else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
-    log(f"--gpu_mem_budget {budget} GB: largest micro-batch {top:,} tokens -> {what}; estimated peak "
-        f"{plan['estimate_gb']:.2f} GB" + ("" if plan["fits"] else " (over the budget: lower --batch)"), d)
+    plan, line = plan_for_budget(loop.model, args.gpu_mem_budget, loop.device, plans, lengths, args.batch,
+                                 loop.d.rank, loop.d.world, loop.tm.packed, args.optim,
+                                 0.0 if loop.tm.fused is not None else args.lora_dropout)
+    log(line, loop.d)
     return plan
 
 
@@ -783,19 +735,6 @@ def write_metrics(out_dir, metrics: dict) -> None:
     charts.plot_loss(metrics, Path(out_dir) / "loss.png")
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    out["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return out
-
-
 def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict]) -> dict:
     return {"base_model": args.model, "system_prompt": prompts[0]["prompt"], "system_prompts": prompts,
             "args": vars(args), "versions": versions(),
@@ -804,31 +743,11 @@ def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, p
             "chat_template": tokenizer.chat_template, "precision": precision_note, "world_size": world}
 
 
-def check_out_dir(out: Path, args) -> None:
-    finished = (out / "adapter_model.safetensors").exists()
-    if finished and not args.overwrite:
-        raise InputError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
-    if not finished and list_checkpoints(out) and not (args.resume or args.overwrite):
-        raise InputError(f"{out} holds an unfinished run (checkpoints/{list_checkpoints(out)[-1].name}); "
-                         "pass --resume to continue it or --overwrite to start over")
-
-
-def clear_out_dir(out: Path) -> None:
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
 def save_final(model, tokenizer, out: Path, metrics: dict, config: dict, keep_checkpoints: bool) -> None:
     tokenizer.save_pretrained(out)
     write_json_atomic(out / "run_config.json", config)
     write_metrics(out, metrics)
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_model.safetensors"):  # weights last: done marker
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    save_adapter(model, out)  # last: the adapter's weights mark a finished run
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
@@ -839,7 +758,7 @@ def _main(argv) -> int:
     validate_args(args)
     out = Path(args.out)
     if not args.inspect:
-        check_out_dir(out, args)
+        check_out_dir(out, args.overwrite, args.resume)
     init_distributed()
     d = Dist()
 

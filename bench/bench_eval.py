@@ -141,7 +141,8 @@ def variants(paths: dict, n: int, new_tokens: int, log) -> dict:
 
     import eval_compare as ec
     from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
-    from paperqa_tune.loading import dequantize_, load_run_base, read_run, run_tokenizer
+    from paperqa_tune.loading import dequantize_, load_run_base, run_tokenizer
+    from paperqa_tune.runs import read_run
 
     res: dict = {}
     run = read_run(paths["run"])

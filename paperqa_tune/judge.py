@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import InputError, sha256_text
+from paperqa_tune.safety import scrub
 
 DEFAULT_RUBRIC = Path(__file__).with_name("rubric_default.txt")
 SIDES = (("base", "base_answer", "base"), ("finetuned", "finetuned_answer", "finetuned"))  # (side, row field, prefix)
@@ -34,8 +35,6 @@ ORDERS = (("base_first", "base shown first"), ("ft_first", "fine-tuned shown fir
 PAIRWISE_COLUMNS = ["judge_winner", "judge_consistent", "judge_reason", "judge_raw"]
 RAW_LIMIT = 500          # characters of a failed reply kept in the row (enough to see what went wrong)
 MAX_TOKENS = {"rubric": 400, "pairwise": 300}
-MIN_SECRET_LEN = 8       # shorter keys are placeholders for local servers ("EMPTY", "none"): scrubbing
-                         # those would mangle ordinary words in the judge's reasons
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 # The per-side columns that are not criteria: a criterion with one of these names would collide.
@@ -120,12 +119,6 @@ def make_client(cfg: JudgeConfig):
 
     return openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout,
                          max_retries=cfg.max_retries)
-
-
-def scrub(text: str, secret: str) -> str:
-    if secret and len(secret) >= MIN_SECRET_LEN:
-        return text.replace(secret, "[api key removed]")
-    return text
 
 
 # --------------------------------------------------------------------------- prompts

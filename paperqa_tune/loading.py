@@ -1,14 +1,12 @@
 """Loading models and tokenizers, one way for every stage: the compute precision, the pad token, the 4-bit
-base exactly as training quantised it, a run folder's facts, and the dense/merged forms evaluation and
-inference use. Custom model code from the hub never runs unless the caller passes trust_remote_code=True."""
+base exactly as training quantised it, and the dense/merged forms evaluation and inference use. Custom model
+code from the hub never runs unless the caller passes trust_remote_code=True."""
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import DEFAULT_SYSTEM_PROMPT, InputError, ensure_chat_template, sha256_file
+from common import InputError, ensure_chat_template
 
 
 # --------------------------------------------------------------------------- precision, tokenizer, base model
@@ -67,15 +65,17 @@ def nf4_config(compute_dtype):
 
 
 def load_causal_lm(name, dtype, device=None, quantized: bool = True, attn_implementation: str | None = None,
-                   trust_remote_code: bool = False):
-    """A causal LM on `device` (None: where transformers puts it), in 4-bit NF4 (`quantized`) with `dtype`
-    compute, or plain in `dtype`. InputError when it cannot be loaded."""
+                   trust_remote_code: bool = False, device_map=None):
+    """A causal LM on `device` (or spread by `device_map`, e.g. "auto" over several GPUs; neither: the CPU), in
+    4-bit NF4 (`quantized`) with `dtype` compute, or plain in `dtype`. InputError when it cannot be loaded."""
     from transformers import AutoModelForCausalLM
 
     kw: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if quantized:
         kw["quantization_config"] = nf4_config(dtype)
-    if device is not None and device.type == "cuda":
+    if device_map is not None:
+        kw["device_map"] = device_map
+    elif device is not None and device.type == "cuda":
         kw["device_map"] = {"": str(device)}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
@@ -91,56 +91,14 @@ def default_device():
     return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-# --------------------------------------------------------------------------- run folders
-@dataclass
-class Run:
-    """What later stages need from a run folder (models/<run>/) that train_qlora_hf.py wrote."""
-    adapter: Path
-    base_model: str
-    args: dict = field(default_factory=dict)
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the training data had no system turn
-    dtype: str = "bfloat16"         # compute dtype training asked for (requested_precision)
-    adapter_sha: str = ""
-
-
-def _load_json(p: Path) -> dict:
-    try:
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: malformed JSON ({e.msg} at line {e.lineno})") from None
-
-
-def read_run(adapter, base_model: str | None = None) -> Run:
-    """Read and check a run folder up front; `base_model` overrides the one the run recorded."""
-    adapter = Path(adapter)
-    if not adapter.is_dir():
-        raise InputError(f"{adapter}: adapter folder not found; train one with train_qlora_hf.py "
-                         "or pass --adapter models/<run>")
-    if not (adapter / "adapter_config.json").is_file():
-        raise InputError(f"{adapter}: no adapter_config.json here; --adapter must be a run folder "
-                         "written by train_qlora_hf.py (PEFT save_pretrained)")
-    cfg, acfg = _load_json(adapter / "run_config.json"), _load_json(adapter / "adapter_config.json")
-    args = cfg.get("args") or {}
-    base = base_model or cfg.get("base_model") or acfg.get("base_model_name_or_path")
-    if not base:
-        raise InputError(f"{adapter}: cannot tell the base model (no run_config.json base_model, no "
-                         "adapter_config.json base_model_name_or_path); pass --base_model")
-    weights = adapter / "adapter_model.safetensors"
-    # run_config.json records the prompt the data used (None = no system turn); runs from before it did
-    # only know --system_prompt
-    system = cfg["system_prompt"] if "system_prompt" in cfg else args.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
-    return Run(adapter=adapter, base_model=str(base), args=args, system_prompt=system,
-               dtype=requested_precision(args.get("bf16"), bool(args.get("fp16"))),
-               adapter_sha=sha256_file(weights) if weights.is_file() else "")
-
-
-def run_tokenizer(run: Run):
+# --------------------------------------------------------------------------- a run's models
+def run_tokenizer(run):
     """The run's saved tokenizer (the base model's if the run has none), left-padded for generation."""
     src = run.adapter if (run.adapter / "tokenizer_config.json").is_file() else run.base_model
     return load_tokenizer(src, padding_side="left")
 
 
-def load_run_base(run: Run):
+def load_run_base(run):
     """The run's base model as training loaded it: NF4, double quant, training's compute dtype (resolved on
     this device the way training resolves it), in eval mode."""
     device = default_device()
@@ -175,7 +133,7 @@ def attach_adapter(model, adapter: Path):
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
 
 
-def merged_model(run: Run, model=None):
+def merged_model(run, model=None):
     """Dense model with the LoRA merged in: base (dequantised if it was 4-bit) + merge_and_unload."""
     model = model if model is not None else load_run_base(run)
     dequantize_(model)

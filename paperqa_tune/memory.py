@@ -89,6 +89,29 @@ def apply_checkpoint_plan(model, plan: dict, pin_memory: bool = True) -> list:
     return []
 
 
+def plan_for_budget(model, budget_gb: float, device, step_plans, lengths: list[int], micro: int, rank: int,
+                    world: int, packed: bool, optim: str, lora_dropout: float) -> tuple[dict | None, str]:
+    """--gpu_mem_budget: plan which checkpointed layers of `model` keep their activations (or offload the
+    checkpoints) for the largest micro-batch of `step_plans`, apply it, and say what was done. Returns
+    (plan or None, a line for the log). lora_dropout: the dropout whose masks the LoRA layers store (0 for the
+    fused LoRA node, which stores none)."""
+    if device.type != "cuda":
+        return None, f"--gpu_mem_budget {budget_gb}: ignored on {device.type} (it plans GPU memory)"
+    layers = [l for l in decoder_layers(model)[1] if getattr(l, "gradient_checkpointing", False)]
+    if not layers:
+        return None, f"--gpu_mem_budget {budget_gb}: ignored (gradient checkpointing is off)"
+    top = max_micro_tokens(step_plans, lengths, micro, rank, world, packed)
+    cfg = model.config
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = plan_checkpointing(budget_gb, torch.cuda.memory_allocated(device), n_lora, optim, top, cfg.hidden_size,
+                              getattr(cfg, "intermediate_size", 4 * cfg.hidden_size), len(layers), lora_dropout)
+    apply_checkpoint_plan(model, plan)
+    what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)" if plan["mode"] == "offload"
+            else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
+    return plan, (f"--gpu_mem_budget {budget_gb} GB: largest micro-batch {top:,} tokens -> {what}; estimated peak "
+                  f"{plan['estimate_gb']:.2f} GB" + ("" if plan["fits"] else " (over the budget: lower --batch)"))
+
+
 def max_micro_tokens(step_plans, lengths: list[int], micro: int, rank: int, world: int, packed: bool) -> int:
     """Largest micro-batch over `step_plans` (the sample indices of each optimizer step) in computed tokens
     (packed: the sum of lengths; padded: rows x longest), for the samples this rank gets (round robin of the

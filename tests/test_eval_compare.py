@@ -15,7 +15,8 @@ import pytest
 
 import eval_compare as ec
 from paperqa_tune.generation import Decoding, generate_batch, left_pad, prompt_ids
-from paperqa_tune.loading import attach_adapter, dequantize_, load_run_base, merged_model, read_run, run_tokenizer
+from paperqa_tune.loading import attach_adapter, dequantize_, load_run_base, merged_model, run_tokenizer
+from paperqa_tune.runs import read_run
 from common import read_jsonl_tolerant
 from paperqa_tune import report
 from common import DEFAULT_SYSTEM_PROMPT
@@ -476,15 +477,3 @@ def test_run_config_resolution(tiny_run, tmp_path):
         cfg["args"].update(flags)
         (custom / "run_config.json").write_text(json.dumps(cfg))
         assert read_run(custom).dtype == dtype  # what training's --bf16/--fp16 asked for (loading.requested_precision)
-
-
-def test_help_lists_every_flag(capsys):
-    with pytest.raises(SystemExit) as e:
-        ec.main(["--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    for flag in ("--adapter", "--base_model", "--questions", "--n", "--out", "--max_new_tokens", "--batch_size",
-                 "--seed", "--do_sample", "--temperature", "--top_p", "--overwrite", "--judge_model",
-                 "--judge_base_url", "--mode", "--compile", "--system", "--rescore", "--checkpoints", "--f1_threshold",
-                 "--judge_rubric"):
-        assert flag in out

@@ -11,7 +11,8 @@ import pytest
 
 import eval_compare as ec
 from paperqa_tune.generation import prompt_ids
-from paperqa_tune.loading import read_run, run_tokenizer
+from paperqa_tune.loading import run_tokenizer
+from paperqa_tune.runs import read_run
 import quick_infer
 import train_qlora_hf as T
 from fake_openai import Reply

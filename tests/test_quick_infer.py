@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
-from paperqa_tune.loading import attach_adapter, load_run_base, merged_model, read_run, run_tokenizer
+from paperqa_tune.loading import attach_adapter, load_run_base, merged_model, run_tokenizer
+from paperqa_tune.runs import read_run
 import quick_infer as qi
 from test_eval_compare import LOGIT_TOL_FT, make_run, teacher_forced_logits
 
@@ -146,13 +147,3 @@ def test_old_model_flag_still_works_with_a_warning(capsys):
     assert qi.build_parser().parse_args([]).answer_with == "ft"
     with pytest.raises(SystemExit):
         qi.build_parser().parse_args(["--model", "nobody"])
-
-
-def test_help_lists_every_flag(capsys):
-    with pytest.raises(SystemExit) as e:
-        qi.main(["--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    for flag in ("--adapter", "--base_model", "--prompt", "--answer_with", "--system", "--max_new_tokens", "--temperature",
-                 "--top_p", "--seed", "--mode", "--merge_out", "--overwrite"):
-        assert flag in out

@@ -9,6 +9,7 @@ import torch
 
 import train_qlora_hf as T
 from paperqa_tune.packing import collate
+from paperqa_tune.samples import padding_share
 from paperqa_tune.loading import ensure_pad, load_tokenizer, resolve_precision
 from common import ZEPHYR_CHAT_TEMPLATE, render_zephyr
 
@@ -264,8 +265,8 @@ def test_epoch_plan_covers_each_sample_once_and_groups_lengths():
         assert sorted(i for step in plan for i in step) == list(range(203))
         assert sorted(len(s) for s in plan) == [3] + [8] * 25
     assert T.epoch_plan(lengths, 8, 3, 0, False, False)[0] == list(range(8))  # file order for benchmarks
-    grouped = T.padding_share(lengths, 8, 8, 3, True)
-    assert grouped < 0.1 < T.padding_share(lengths, 8, 8, 3, False)
+    grouped = padding_share(T.epoch_plan(lengths, 8, 3, 0, True, True), lengths, 8)
+    assert grouped < 0.1 < padding_share(T.epoch_plan(lengths, 8, 3, 0, False, True), lengths, 8)
 
 
 def test_validation_split_holds_out_whole_papers():

@@ -131,7 +131,7 @@ def run(root: Path, seed: int = 0, *, abstracts: Path | None = None, threads: in
 
         question = _demo_question(paths["eval_questions"])
         t = _stage(4, "one held-out question to both models", log)
-        _check(quick_infer.main(["--adapter", str(paths["adapter"]), "--model", "both", "--seed", str(seed),
+        _check(quick_infer.main(["--adapter", str(paths["adapter"]), "--answer_with", "both", "--seed", str(seed),
                                  "--max_new_tokens", str(DEMO["infer"]["max_new_tokens"]), "--prompt", question]),
                "quick_infer.py")
         seconds["4_infer"] = time.perf_counter() - t

@@ -12,15 +12,17 @@ sys.path.insert(0, ".")
 import train_qlora_hf as T  # noqa: E402
 from peft.tuners.lora.bnb import Linear4bit as L4  # noqa: E402
 
+from paperqa_tune.lora4bit import dequantize  # noqa: E402
+
 args = T.build_parser().parse_args(["--model", sys.argv[1], "--max_steps", "1"])
-model = T.load_model(args)
-mods = [m for m in model.modules() if isinstance(m, L4)]
-assert mods and all(m.lora_fp32_sum is True for m in mods), "flag not on the modules"
+tm = T.load_model(args)
+mods = [m for m in tm.model.modules() if isinstance(m, L4)]
+assert mods and tm.fused is not None and tm.fused.layers == mods and tm.fused.fp32_sum is True, "flag not applied"
 g = torch.Generator(device="cuda").manual_seed(3)
 for m in (mods[0], mods[5]):
     x = torch.randn(512, m.in_features, device="cuda", generator=g).to(torch.bfloat16)
     a = m.lora_A["default"].weight.to(torch.bfloat16).double()
-    w = T._dequant(m.base_layer.weight.data, m.base_layer.weight.quant_state).double()
+    w = dequantize(m.base_layer.weight.data, m.base_layer.weight.quant_state).double()
     base64 = x.double() @ w.t()
     with torch.no_grad():
         b = torch.randn(m.lora_B["default"].weight.shape, device="cuda", generator=g)
@@ -32,11 +34,11 @@ for m in (mods[0], mods[5]):
         base_rounded = base64.to(torch.bfloat16).double()
         kept, err = {}, {}
         for on in (True, False):
-            m.lora_fp32_sum = on
-            y = T._lean_lora4bit_forward(m, x).double()
+            tm.fused.fp32_sum = on
+            y = m(x).double()
             kept[on] = float(((y - base_rounded) * delta).sum() / (delta * delta).sum())
             err[on] = float((y - base64 - delta).abs().mean())
-        m.lora_fp32_sum = True
+        tm.fused.fp32_sum = True
     print(f"{m.in_features}->{m.out_features}: delta kept {kept[True]:.3f} (one rounding) vs {kept[False]:.3f} "
           f"(two roundings); mean error vs fp64 {err[True]:.3e} vs {err[False]:.3e}")
     assert kept[True] > 0.8 and kept[False] < 0.3, kept

@@ -1,0 +1,138 @@
+"""One run's output files, decided in one place and written together (torch-free).
+
+    with OutputSet({"--out": out, "--eval_out": eval_out}, inputs=[abstracts], overwrite=args.overwrite) as outs:
+        write_jsonl_atomic(outs.stage("--out"), records)      # written beside the target, under a temp name
+        ...
+        outs.commit()                                         # every staged file renamed into place, in order
+
+Guarantees: the outputs are distinct files, none of them is an input and none is a folder; existing outputs
+are replaced only with overwrite; while a run writes, a lock file beside the first output keeps a second
+run off the same outputs (a lock left by a killed run is taken over); nothing replaces an existing output
+before commit(), so a run that fails or is killed leaves the previous outputs exactly as they were, and
+its rerun starts clean (stale temp files of the killed run are removed).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from common import InputError
+
+PARTIAL = ".partial"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class OutputSet:
+    def __init__(self, outputs: dict[str, str | os.PathLike], inputs: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = False):
+        self.paths = {name: Path(p) for name, p in outputs.items() if p is not None}
+        if not self.paths:
+            raise ValueError("OutputSet needs at least one output")
+        seen: dict[Path, str] = {}
+        for name, p in self.paths.items():
+            r = p.resolve()
+            if r in seen:
+                raise InputError(f"{seen[r]} and {name} are the same file ({p}); give each output its own path")
+            seen[r] = name
+            if p.is_dir():
+                raise InputError(f"{name} {p} is a folder; give a file path")
+            for parent in p.parents:
+                if parent.exists():
+                    if not parent.is_dir():
+                        raise InputError(f"{name} {p}: {parent} is a file, not a folder")
+                    break
+        for i in inputs:
+            if i is None:
+                continue
+            name = seen.get(Path(i).resolve())
+            if name is not None:
+                raise InputError(f"{name} {self.paths[name]} is also an input of this run ({i}) and would be "
+                                 "overwritten; choose another output path")
+        existing = [f"{p}" for p in self.paths.values() if p.exists()]
+        if existing and not overwrite:
+            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose "
+                             "another output path")
+        first = next(iter(self.paths.values()))
+        self.lock_path = first.with_name(f".{first.name}.lock")
+        self.staged: dict[str, Path] = {}
+        self.locked = False
+
+    # ------------------------------------------------------------------ lock
+    def __enter__(self) -> "OutputSet":
+        self.lock()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        self.unlock()
+
+    def lock(self) -> None:
+        """Take the lock file, or raise InputError naming the live run that holds it."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.lock_path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise InputError(f"another run (process {pid}) is writing {', '.join(map(str, self.paths.values()))}; "
+                                     f"wait for it to finish, or delete {self.lock_path} if no such run exists") from None
+                self.lock_path.unlink(missing_ok=True)  # left by a killed run: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.locked = True
+            self._remove_stale_partials()
+            return
+        raise InputError(f"cannot take the lock {self.lock_path}; delete it if no run is writing these outputs")
+
+    def unlock(self) -> None:
+        if self.locked:
+            self.lock_path.unlink(missing_ok=True)
+            self.locked = False
+
+    def _remove_stale_partials(self) -> None:
+        for p in self.paths.values():
+            if p.parent.is_dir():
+                for stale in p.parent.glob(f".{p.name}.*{PARTIAL}"):
+                    stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ staging and commit
+    def stage(self, name: str) -> Path:
+        """Where to write output `name` now: a temp file beside its final path."""
+        final = self.paths[name]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}{PARTIAL}")
+        self.staged[name] = tmp
+        return tmp
+
+    def commit(self, order: Iterable[str] | None = None) -> None:
+        """Rename every staged file into place, in `order` (default: as declared; put a manifest or other
+        'finished' marker last). Outputs not staged are left as they are."""
+        names = list(order) if order is not None else list(self.paths)
+        names += [n for n in self.staged if n not in names]
+        for name in names:
+            tmp = self.staged.get(name)
+            if tmp is not None and tmp.exists():
+                os.replace(tmp, self.paths[name])
+        self.staged.clear()
+
+    def abort(self) -> None:
+        """Drop every staged file; the previous outputs stay untouched."""
+        for tmp in self.staged.values():
+            tmp.unlink(missing_ok=True)
+        self.staged.clear()
