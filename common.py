@@ -143,10 +143,18 @@ def ensure_chat_template(tokenizer) -> bool:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for each non-blank line; InputError names file:line on bad input."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a .jsonl file")
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # PermissionError and the like
+        raise InputError(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM, as some editors save
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -105,3 +105,23 @@ def test_fake_server_with_real_client(openai_server):
     r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert json.loads(r.choices[0].message.content) == {"n": 1}
     assert [m.id for m in client.models.list()] == ["fake-model"]
+
+
+def test_read_jsonl_accepts_a_bom_and_names_folders_and_unreadable_files(tmp_path, monkeypatch):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"b": 2}\n')  # as Notepad and some exports save UTF-8
+    assert list(read_jsonl(p)) == [(1, {"a": 1}), (2, {"b": 2})]
+    with pytest.raises(InputError, match="is a folder"):
+        list(read_jsonl(tmp_path))
+    import builtins
+
+    real_open = builtins.open
+
+    def denied(file, *a, **k):
+        if str(file) == str(p):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", denied)  # tests run as root, where chmod 000 does not stop reads
+    with pytest.raises(InputError, match=r"bom.jsonl: cannot read it \(Permission denied\)"):
+        list(read_jsonl(p))
