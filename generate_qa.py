@@ -17,9 +17,19 @@ Run as:
     python generate_qa.py --arxiv_query "cat:cs.CL AND ti:instruction tuning" --max_papers 40
 
 Writes data/synthetic_qa.jsonl (train), data/eval_questions.jsonl (whole held-out papers), a manifest
-(data/synthetic_qa.manifest.json) and the rejects (data/rejects_synthetic_qa.jsonl), all at the end
-and atomically. Every LLM reply is appended to a cache (data/.cache/synthetic_qa.jsonl) the moment
-it arrives: after Ctrl-C or a kill, rerun the same command and only unanswered requests are sent.
+(data/synthetic_qa.manifest.json) and the rejects (data/rejects_synthetic_qa.jsonl), together at the end:
+a run that fails, is interrupted or is killed (before the final renames) leaves the previous outputs as they
+were and writes no manifest, and a second run on the same outputs is refused while the first holds their
+lock file.
+Every LLM reply is appended to a cache (data/.cache/synthetic_qa.jsonl) the moment it arrives: after
+Ctrl-C or a kill, rerun the same command and only unanswered requests are sent (the at most
+--concurrency requests in flight at the kill are paid twice). A cached reply that was empty, not JSON
+or not the asked schema, and whose repair failed too, is asked again on the next run (--reuse_cache).
+
+What is refused: a pair whose question or answer holds a chat role marker or special token (<|user|>,
+</s>, [INST]...) is rejected, not cleaned; such markers in an abstract or title are removed when it is
+read (the manifest lists the papers). A paper longer than --max_abstract_chars is skipped as a reject.
+The API key never reaches a file or the log: server errors and replies are stored with it removed.
 """
 from __future__ import annotations
 
@@ -38,13 +48,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, add_flag, chat_record, check_outputs_free,
-                    eval_questions_path, qa_messages, read_jsonl, run_main, sha256_file, sha256_text,
-                    write_json_atomic, write_jsonl_atomic)
+from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, chat_record,
+                    eval_questions_path, qa_messages, read_jsonl, run_main, sha256_file, sha256_text)
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_pairs
+from paperqa_tune.outputs import OutputSet
 from paperqa_tune.prompts import (ANSWERABLE, PAIRS_SCHEMA, SCORES_SCHEMA, TYPES, generation_messages,
                                   judge_messages, prompts_hash, repair_messages, type_quotas)
+from paperqa_tune.safety import chat_structure, scrub
 from paperqa_tune.scoring import corrects_premise, is_refusal
 from paperqa_tune.textsim import (clean_text, cross_group_near_duplicates, grounding, normalized, numbers,
                                   question_tokens, within_paper_duplicate)
@@ -52,6 +63,8 @@ from paperqa_tune.textsim import (clean_text, cross_group_near_duplicates, groun
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "hf": "HuggingFaceH4/zephyr-7b-beta", "offline": OFFLINE_MODEL}
 ARXIV_API_URL = "https://export.arxiv.org/api/query"
 ARXIV_ID_RE = re.compile(r"^(\d{4}\.\d{4,5}|[a-z][a-z\-]*(\.[A-Z]{2})?/\d{7})(v\d+)?$")
+TIMEOUT_RETRIES = 1  # a request that timed out is asked again this many times (rate limits and 5xx: --max_retries)
+GIVE_UP_AFTER_TIMEOUTS = 3  # requests in a row that got no reply in time: the server is down, stop the run
 # USD per 1M (input, output) tokens, for the manifest's cost estimate only; --price_per_mtok overrides.
 PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4.1-mini": (0.40, 1.60),
                    "gpt-4.1-nano": (0.10, 0.40), "gpt-4.1": (2.00, 8.00)}
@@ -72,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--max_papers", type=int, default=20, help="most papers --arxiv_query fetches")
     add_flag(g, "--arxiv_api_url", default=ARXIV_API_URL,
              help="arXiv API endpoint to fetch from (change it only for a mirror or for tests)")
+    add_flag(g, "--max_abstract_chars", type=int, default=20000,
+             help="skip (as a reject, the run goes on) a paper whose title and abstract together are longer: the "
+                  "abstract is sent in every request about it and copied into each of its eval questions")
     g = p.add_argument_group("generation")
     g.add_argument("--backend", choices=("openai", "hf", "offline"), default="openai",
                    help="what writes the pairs: openai = any OpenAI-compatible server, hf = a local transformers "
@@ -93,10 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
              help="longest reply per request, in tokens; a reply cut off there usually cannot be parsed")
     add_flag(g, "--response_format", choices=("json_schema", "json_object", "none"), default="json_schema",
              help="structured output to ask the server for; plain JSON is asked instead if the server refuses it")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (openai backend)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply before retrying")
+    g.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight at once (openai backend); also the most a kill can make you pay twice "
+                        "(their replies never reach the cache)")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds one attempt of a request may take in all, from sending it to the last byte of the "
+                        "reply (a server that trickles bytes is cut off too); a request is tried at most "
+                        f"{TIMEOUT_RETRIES + 1} times on timeouts, so a server that never answers costs at most "
+                        f"{TIMEOUT_RETRIES + 1} x this per request, and the run stops with exit 1 after "
+                        f"{GIVE_UP_AFTER_TIMEOUTS} requests in a row got no reply")
     add_flag(g, "--max_retries", type=int, default=4,
-             help="retries of a request on rate limits (429), server errors (5xx) and timeouts, with backoff")
+             help="retries of a request on rate limits (429), server errors (5xx) and lost connections, with "
+                  "backoff and the server's Retry-After (timeouts: see --timeout)")
     add_flag(g, "--batch_size", type=int, default=4,
              help="prompts generated together (hf backend); lower it if the GPU runs out of memory")
     add_flag(g, "--trust_remote_code", action="store_true",
@@ -127,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run manifest to write: inputs, counts, tokens, cost (default: OUT with .manifest.json)")
     g.add_argument("--rejects", default=None, help="dropped pairs and failed requests with the reason "
                                                    "(default: rejects_<OUT name>.jsonl next to OUT)")
-    g.add_argument("--cache", default=None, help="append-only cache of LLM replies that a rerun reuses "
-                                                 "(default: .cache/<OUT name>.jsonl next to OUT)")
+    g.add_argument("--cache", default=None, help="append-only cache of LLM replies that a rerun reuses; it is kept "
+                                                 "when a run fails (default: .cache/<OUT name>.jsonl next to OUT)")
+    add_flag(g, "--reuse_cache", choices=("valid", "all", "none"), default="valid",
+             help="which cached replies a rerun uses instead of asking again: valid = those that passed validation "
+                  "(a reply that was empty, not JSON or not the asked schema, and was not repaired, is asked again "
+                  "once per run), all = every cached reply, none = ask everything again (paid again)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--seed", type=int, default=0, help="seed for the train/eval split and the model's sampling")
     return p
@@ -151,6 +179,7 @@ def validate_args(args) -> None:
               ("--max_retries", args.max_retries >= 0),
               ("--batch_size", args.batch_size >= 1), ("--max_tokens", args.max_tokens >= 1),
               ("--max_papers", args.max_papers >= 1), ("--temperature", args.temperature >= 0),
+              ("--max_abstract_chars", args.max_abstract_chars >= 1),
               ("--min_grounding", 0 <= args.min_grounding <= 1), ("--dedup_threshold", 0 < args.dedup_threshold <= 1),
               ("--eval_papers", args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
               ("--min_question_chars/--max_question_chars", 0 <= args.min_question_chars <= args.max_question_chars),
@@ -162,6 +191,10 @@ def validate_args(args) -> None:
             assert len(args.price) == 2
         except (ValueError, AssertionError):
             problems.append("--price_per_mtok must be two numbers IN,OUT, e.g. 0.15,0.60")
+    marker = chat_structure(args.system_prompt)
+    if marker:
+        problems.append(f"--system_prompt holds the chat marker {marker!r}, which would end or fake a turn in every "
+                        "training record; remove it")
     if args.backend == "offline" and args.model not in (None, OFFLINE_MODEL):
         problems.append("--model has no effect with --backend offline; drop it")
     args.api_key = os.environ.get("OPENAI_API_KEY", "").strip() or None
@@ -180,9 +213,31 @@ def output_paths(args) -> dict[str, Path]:
             "cache": Path(args.cache) if args.cache else out.parent / ".cache" / f"{out.stem}.jsonl"}
 
 
+FLAG_OF = {"train": "--out", "eval": "--eval_out", "rejects": "--rejects", "manifest": "--manifest"}
+
+
+def output_set(args, paths: dict[str, Path]) -> OutputSet:
+    """The four outputs, written together at the end (the cache is not one of them: it is the append-only resume
+    log and survives a failed run, so it only has to stay clear of the inputs and outputs)."""
+    outs = OutputSet({FLAG_OF[k]: paths[k] for k in FLAG_OF}, inputs=args.input, overwrite=args.overwrite)
+    cache = paths["cache"]
+    if cache.is_dir():
+        raise InputError(f"--cache {cache} is a folder; give a file path")
+    taken = {**{FLAG_OF[k]: paths[k] for k in FLAG_OF}, **{f"--input {i}": Path(i) for i in args.input}}
+    for name, p in taken.items():
+        if p.resolve() == cache.resolve():
+            raise InputError(f"--cache {cache} is also {name.split()[0]} ({p}); the cache is appended to, so give "
+                             "it its own path")
+    return outs
+
+
 # =========================================================================== inputs
 def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:  # PermissionError and the like
+        raise InputError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -191,24 +246,54 @@ def _decode(path: Path) -> str:
                          "re-save the file as UTF-8") from None
 
 
-def _paper(path: Path, line: int, obj: dict, fallback_id: str) -> dict:
+def without_chat_markers(text: str) -> tuple[str, list[str]]:
+    """`text` with every chat role marker and special token removed, and the markers it held. Abstracts go into
+    the generation prompt and into eval questions' `context`, where a marker would act as a turn boundary."""
+    found = []
+    while (marker := chat_structure(text)) is not None:
+        found.append(marker)
+        text = text.replace(marker, " ")
+    return clean_text(text), found
+
+
+def _paper(path: Path | str, line: int | None, obj: dict, fallback_id: str) -> dict:
+    where = f"{path}:{line}" if line is not None else str(path)
     abstract = obj.get("abstract")
     if abstract is None:
-        raise InputError(f"{path}:{line}: no 'abstract' field; each record needs "
+        raise InputError(f"{where}: no 'abstract' field; each record needs "
                          "{\"id\", \"title\", \"abstract\"}")
     if not isinstance(abstract, str) or not abstract.strip():
-        raise InputError(f"{path}:{line}: empty abstract (it must be non-empty text); fill it in or delete that record")
+        raise InputError(f"{where}: empty abstract (it must be non-empty text); fill it in or delete that record")
+    abstract, markers = without_chat_markers(abstract)
+    title, in_title = without_chat_markers(clean_text(obj.get("title")))
+    if not abstract:
+        raise InputError(f"{where}: the abstract holds nothing but chat markers ({', '.join(markers)}); fill it in "
+                         "or delete that record")
     pid = obj.get("id")
     pid = fallback_id if pid is None or str(pid).strip() == "" else str(pid).strip()
-    title = obj.get("title")
-    return {**obj, "id": pid, "title": clean_text(title), "abstract": clean_text(abstract),
-            "_where": f"{path}:{line}"}
+    paper = {**obj, "id": pid, "title": title, "abstract": abstract, "_where": where}
+    if markers or in_title:
+        paper["_chat_markers"] = sorted(set(markers + in_title))
+    return paper
 
 
 def read_abstract_file(path: Path) -> list[dict]:
-    """JSONL ({"id","title","abstract"}, extra keys kept), CSV with those columns, or blank-line-separated text."""
-    if not path.is_file():
+    """JSONL ({"id","title","abstract"}, extra keys kept), CSV with those columns, or blank-line-separated text.
+    A folder is refused (name its files: --input DIR/*.jsonl), as is a file with no abstract in it."""
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give the files in it, e.g. --input {path}/*.jsonl")
+    if not path.exists():
         raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file (a pipe or a device); save the abstracts to a file first")
+    papers = _read_papers(path)
+    if not papers:
+        raise InputError(f"{path}: no abstracts in it (the file is empty, or holds only blank lines or a header); "
+                         "fill it in or leave it out of --input")
+    return papers
+
+
+def _read_papers(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         return [_paper(path, ln, obj, f"{path.stem}-{ln}") for ln, obj in read_jsonl(path)]
@@ -263,16 +348,18 @@ def fetch_arxiv(ids: list[str], query: str | None, max_papers: int, api_url: str
         results = list(client.results(search))
     except (arxiv.ArxivError, requests.RequestException) as e:
         raise InputError(f"arXiv API ({api_url}): {e}; check the network, the ids/query, or --arxiv_api_url") from None
-    papers = []
+    papers, returned = [], set()
     for r in results:
         pid = re.sub(r"v\d+$", "", r.get_short_id())
-        papers.append({"id": pid, "title": clean_text(r.title), "abstract": clean_text(r.summary),
-                       "categories": " ".join(r.categories), "source": "arxiv", "_where": f"arXiv {pid}"})
+        returned.add(pid)
+        if clean_text(r.summary):
+            papers.append(_paper(f"arXiv {pid}", None, {"id": pid, "title": r.title, "abstract": r.summary,
+                                                        "categories": " ".join(r.categories), "source": "arxiv"}, pid))
     if ids:
-        missing = [i for i in ids if re.sub(r"v\d+$", "", i) not in {p["id"] for p in papers}]
+        missing = [i for i in ids if re.sub(r"v\d+$", "", i) not in returned]
         if missing:
             raise InputError(f"arXiv returned no paper for id(s) {', '.join(missing)}; check them on arxiv.org")
-    return [p for p in papers if p["abstract"]]
+    return papers
 
 
 def load_papers(args) -> tuple[list[dict], list[dict]]:
@@ -301,6 +388,26 @@ def load_papers(args) -> tuple[list[dict], list[dict]]:
     return unique, inputs
 
 
+def skip_too_long(papers: list[dict], limit: int) -> tuple[list[dict], list[dict]]:
+    """(papers to work on, rejects of those whose title + abstract exceed --max_abstract_chars). Such a paper would
+    be sent whole in its request and again in a repair, and copied into every eval question's context."""
+    kept, rejects = [], []
+    for p in papers:
+        n = len(p["title"]) + len(p["abstract"])
+        if n <= limit:
+            kept.append(p)
+        else:
+            rejects.append({"paper_id": p["id"], "stage": "input", "where": p["_where"],
+                            "reason": f"too_long: title and abstract have {n:,} chars, more than --max_abstract_chars "
+                                      f"{limit:,}; raise --max_abstract_chars to keep this paper"})
+    if not kept:
+        longest = max(papers, key=lambda p: len(p["title"]) + len(p["abstract"]))
+        raise InputError(f"every paper is longer than --max_abstract_chars {limit:,} (the longest has "
+                         f"{len(longest['title']) + len(longest['abstract']):,} chars, at {longest['_where']}); raise "
+                         "--max_abstract_chars if these really are abstracts")
+    return kept, rejects
+
+
 # =========================================================================== generation: backends, reply cache
 @dataclass
 class Outcome:
@@ -309,6 +416,7 @@ class Outcome:
     usage: dict = field(default_factory=dict)
     error: str | None = None
     cached: bool = False
+    retried: bool = False  # asked again because the cached reply failed validation (or --reuse_cache none)
 
 
 def cache_key(model: str, messages: list[dict], params: dict) -> str:
@@ -318,7 +426,8 @@ def cache_key(model: str, messages: list[dict], params: dict) -> str:
 
 class ResponseCache:
     """LLM replies as Outcomes, stored in the shared append-only JsonlCache keyed by hash(model, messages,
-    params); a reply is on disk before anything else happens with it."""
+    params); a reply is on disk before anything else happens with it. Every reply that was paid for is kept,
+    valid or not (its tokens were spent); whether a rerun uses it is decided on reading (`Backend.reuse`)."""
 
     def __init__(self, path: Path):
         self.store = JsonlCache(path)
@@ -372,6 +481,7 @@ class Stats:
     new_completion_tokens: int = 0
     requests_sent: int = 0
     cache_hits: int = 0
+    asked_again: int = 0
     failed: int = 0
 
     def add(self, out: Outcome) -> None:
@@ -382,25 +492,51 @@ class Stats:
             self.cache_hits += 1
         elif out.error is None:
             self.requests_sent += 1
+            self.asked_again += out.retried
             self.new_prompt_tokens += p
             self.new_completion_tokens += c
 
 
-class OpenAIBackend:
-    """Any OpenAI-compatible chat server through the official async client (its retries honour Retry-After)."""
+class Backend:
+    """What both LLM backends share: which cached replies are used as they are (--reuse_cache)."""
+
+    reuse = "valid"
+
+    def __init__(self):
+        self.fresh: set[str] = set()  # keys answered in this run: never asked twice in one run
+
+    def use_cached(self, key: str, k: int, hit: Outcome, usable) -> bool:
+        if key in self.fresh or self.reuse == "all":
+            return True
+        return self.reuse == "valid" and (usable is None or usable(k, hit))
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible chat server through the official async client. The retries are ours (the client's
+    are off): the client's timeout is per read, so a server trickling bytes would never time out; here every
+    attempt has one deadline for the whole reply, and 429/5xx retries honour Retry-After as the client does."""
 
     name = "openai"
 
     def __init__(self, model, api_key, base_url, timeout, max_retries, concurrency, temperature, max_tokens, seed,
-                 response_format, cache: ResponseCache):
+                 response_format, cache: ResponseCache, reuse: str = "valid"):
         import openai
 
-        self.client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        super().__init__()
+        self.client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.api_key, self.timeout, self.max_retries = api_key, timeout, max_retries
         self.model, self.temperature, self.max_tokens, self.seed = model, temperature, max_tokens, seed
         self.response_format = response_format
         self.sem = asyncio.Semaphore(concurrency)
-        self.cache = cache
+        self.cache, self.reuse = cache, reuse
         self.checked = False
+        self.timeouts_in_a_row = 0
+        self.gave_up: str | None = None
+
+    def _clean(self, text: str | None) -> str | None:
+        """Server-written text as we may store it: an error body or reply can echo the request's API key (scrubbed
+        before any cut, so no prefix of the key survives)."""
+        return scrub(text, self.api_key) if text else text
 
     def _params(self, schema_name: str, schema: dict) -> dict:
         p = {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed}
@@ -419,6 +555,10 @@ class OpenAIBackend:
             hit = self.cache.get(cache_key(self.model, messages, plain))
         return key, hit
 
+    def lookup(self, messages: list[dict], schema_name: str, schema: dict) -> Outcome | None:
+        """The cached reply to these messages, if any (nothing is sent)."""
+        return self._lookup(messages, self._params(schema_name, schema))[1]
+
     async def preflight(self) -> None:
         """Fail fast, before any output, on a wrong URL or key (one cheap GET /models, no retries)."""
         import openai
@@ -426,10 +566,12 @@ class OpenAIBackend:
         if self.checked:
             return
         self.checked = True
+        limit = min(10.0, self.timeout)
         try:
-            await self.client.with_options(max_retries=0, timeout=min(10.0, self.client.timeout or 10.0)).models.list()
-        except openai.APIConnectionError as e:
-            raise InputError(f"cannot reach the server at {self.client.base_url} ({e}); start it or fix "
+            await asyncio.wait_for(self.client.with_options(timeout=limit).models.list(), limit)
+        except (openai.APIConnectionError, asyncio.TimeoutError) as e:
+            why = self._clean(str(e)) or f"no answer within {limit:g} s"
+            raise InputError(f"cannot reach the server at {self.client.base_url} ({why}); start it or fix "
                              "--base_url") from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
             raise InputError(f"the server at {self.client.base_url} refused the API key ({e.status_code}); "
@@ -437,20 +579,77 @@ class OpenAIBackend:
         except openai.APIStatusError:
             pass  # some compatible servers have no /models; the chat requests will tell
 
-    async def _one(self, k, messages, schema_name, schema, on_done) -> Outcome:
+    def _outcome(self, resp) -> Outcome:
+        try:
+            choice, u = (resp.choices or [None])[0], resp.usage
+            return Outcome(content=self._clean(choice.message.content) if choice else None,
+                           finish_reason=choice.finish_reason if choice else None,
+                           usage={"prompt_tokens": u.prompt_tokens or 0,
+                                  "completion_tokens": u.completion_tokens or 0} if u else {})
+        except AttributeError:  # e.g. a proxy's HTML page instead of a completion
+            return Outcome(error=f"unexpected response from the server: {self._clean(str(resp))[:200]!r}")
+
+    async def _request(self, messages, params) -> Outcome:
+        """One request with its retries: each attempt must be answered in full within --timeout; 429, 408/409,
+        5xx and lost connections are retried up to --max_retries, timeouts TIMEOUT_RETRIES times. Raises
+        BadRequestError (the caller may drop response_format); any other failure is an Outcome with the error."""
         import openai
 
-        params = self._params(schema_name, schema)
-        key, hit = self._lookup(messages, params)
-        if hit is None:
-            async with self.sem:
+        attempt = timeouts = 0
+        while True:
+            if self.gave_up:
+                return Outcome(error=self.gave_up)
+            wait = min(8.0, 0.5 * 2 ** attempt) * (1 - 0.25 * random.random())  # the client's own backoff
+            try:
+                resp = await asyncio.wait_for(
+                    self.client.chat.completions.create(model=self.model, messages=messages, **params), self.timeout)
+            except openai.BadRequestError:
+                raise
+            except (asyncio.TimeoutError, openai.APITimeoutError):
+                timeouts += 1
+                why = f"no complete reply within --timeout {self.timeout:g} s"
+                retry = timeouts <= TIMEOUT_RETRIES and attempt < self.max_retries
+                wait = 0.0
+            except openai.APIStatusError as e:
+                why = f"{type(e).__name__}: {self._clean(str(e))[:300]}"
+                retry = (e.status_code in (408, 409, 429) or e.status_code >= 500) and attempt < self.max_retries
+                after = _retry_after(e.response.headers)
+                wait = after if after is not None and 0 <= after <= 60 else wait
+            except openai.APIConnectionError as e:
+                why, retry = f"{type(e).__name__}: {self._clean(str(e))[:300]}", attempt < self.max_retries
+            except (openai.OpenAIError, ValueError) as e:  # ValueError: a malformed / truncated HTTP body
+                why, retry = f"{type(e).__name__}: {self._clean(str(e))[:300]}", False
+            else:
+                self.timeouts_in_a_row = 0
+                return self._outcome(resp)
+            if retry:
+                attempt += 1
+                await asyncio.sleep(wait)
+                continue
+            if why.startswith("no complete reply"):
+                self.timeouts_in_a_row += 1
+                if self.timeouts_in_a_row >= GIVE_UP_AFTER_TIMEOUTS and not self.gave_up:
+                    self.gave_up = (f"the server at {self.client.base_url} sent no complete reply within --timeout "
+                                    f"{self.timeout:g} s to {self.timeouts_in_a_row} requests in a row (each tried "
+                                    f"{timeouts} times); check that it is up, lower --concurrency or raise --timeout, "
+                                    "then rerun the same command (answered requests come from the cache)")
+            return Outcome(error=f"request failed after {attempt + 1} attempt(s): {why}")
+
+    async def _one(self, k, messages, schema_name, schema, on_done, usable) -> Outcome:
+        import openai
+
+        key, hit = self._lookup(messages, self._params(schema_name, schema))
+        if hit is None or not self.use_cached(key, k, hit, usable):
+            retried = hit is not None
+            async with self.sem:  # at most --concurrency requests in flight: all a kill can make us pay twice
                 while True:
                     params = self._params(schema_name, schema)
                     key, hit = self._lookup(messages, params)
-                    if hit is not None:
+                    if hit is not None and self.use_cached(key, k, hit, usable):
                         break
+                    retried = retried or hit is not None
                     try:
-                        resp = await self.client.chat.completions.create(model=self.model, messages=messages, **params)
+                        hit = await self._request(messages, params)
                     except openai.BadRequestError as e:
                         if "response_format" in params:
                             if self.response_format != "none":
@@ -458,44 +657,55 @@ class OpenAIBackend:
                                       f"({e.status_code}); asking for plain JSON instead", file=sys.stderr)
                                 self.response_format = "none"
                             continue
-                        hit = Outcome(error=f"{type(e).__name__}: {e}")
+                        hit = Outcome(error=f"{type(e).__name__}: {self._clean(str(e))[:300]}")
                         break
-                    except (openai.OpenAIError, ValueError) as e:  # ValueError: a malformed / truncated HTTP body
-                        hit = Outcome(error=f"request failed after retries: {type(e).__name__}: {str(e)[:300]}")
-                        break
-                    try:
-                        choice, u = (resp.choices or [None])[0], resp.usage
-                        hit = Outcome(content=choice.message.content if choice else None,
-                                      finish_reason=choice.finish_reason if choice else None,
-                                      usage={"prompt_tokens": u.prompt_tokens or 0,
-                                             "completion_tokens": u.completion_tokens or 0} if u else {})
-                    except AttributeError:  # e.g. a proxy's HTML page instead of a completion
-                        hit = Outcome(error=f"unexpected response from the server: {str(resp)[:200]!r}")
-                        break
-                    self.cache.put(key, self.model, hit)  # durable before anything else happens
+                    if hit.error is None:
+                        hit.retried = retried
+                        self.cache.put(key, self.model, hit)  # durable before anything else happens
+                        self.fresh.add(key)
                     break
         on_done(k, hit)
         return hit
 
-    async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict, on_done) -> list[Outcome]:
-        """Replies for every message list, in order; on_done(k, outcome) runs as each one arrives."""
-        if not self.checked and any(self._lookup(m, self._params(schema_name, schema))[1] is None for m in batch):
+    async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict, on_done,
+                       usable=None) -> list[Outcome]:
+        """Replies for every message list, in order; on_done(k, outcome) runs as each one arrives. usable(k, cached)
+        says whether a cached reply passes validation (else it is asked again, see --reuse_cache)."""
+        params = self._params(schema_name, schema)
+        if not self.checked and any(hit is None or not self.use_cached(key, k, hit, usable)
+                                    for k, (key, hit) in enumerate(self._lookup(m, params) for m in batch)):
             await self.preflight()
-        return list(await asyncio.gather(*(self._one(k, m, schema_name, schema, on_done) for k, m in enumerate(batch))))
+        outs = list(await asyncio.gather(*(self._one(k, m, schema_name, schema, on_done, usable)
+                                           for k, m in enumerate(batch))))
+        if self.gave_up:
+            raise RunFailure(self.gave_up)
+        return outs
 
 
-class HFBackend:
+def _retry_after(headers) -> float | None:
+    """Seconds a 429/503 asks us to wait (Retry-After or retry-after-ms), or None."""
+    for name, divisor in (("retry-after-ms", 1000), ("retry-after", 1)):
+        try:
+            return float(headers.get(name)) / divisor
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+class HFBackend(Backend):
     """A local transformers model: batched left-padded generation through the shared generation code (prompts
     rendered and tokenized as training renders them); replies go through the same cache."""
 
     name = "hf"
 
-    def __init__(self, model, batch_size, temperature, max_tokens, seed, trust_remote_code, cache: ResponseCache):
+    def __init__(self, model, batch_size, temperature, max_tokens, seed, trust_remote_code, cache: ResponseCache,
+                 reuse: str = "valid"):
         import torch
 
         from paperqa_tune.generation import Decoding
         from paperqa_tune.loading import default_device, load_causal_lm, load_tokenizer
 
+        super().__init__()
         device = default_device()
         try:
             self.tok = load_tokenizer(model, padding_side="left", trust_remote_code=trust_remote_code)
@@ -511,10 +721,13 @@ class HFBackend:
         self.dec = Decoding(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                             top_p=0.95, seed=seed, cache="dynamic")
         self.model, self.batch_size = model, batch_size
-        self.cache = cache
+        self.cache, self.reuse = cache, reuse
 
     def _params(self) -> dict:  # the cache key's params, as replies were cached before
         return {"temperature": self.dec.temperature, "max_new_tokens": self.dec.max_new_tokens, "seed": self.dec.seed}
+
+    def lookup(self, messages: list[dict], schema_name: str, schema: dict) -> Outcome | None:
+        return self.cache.get(cache_key(self.model, messages, self._params()))
 
     def _generate(self, batch: list[list[dict]]) -> list[Outcome]:
         from transformers import set_seed
@@ -528,18 +741,25 @@ class HFBackend:
                         usage={"prompt_tokens": len(prompt), "completion_tokens": n})
                 for prompt, (text, n, ids) in zip(prompts, generate_batch(self.lm, self.tok, prompts, self.dec))]
 
-    async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict, on_done) -> list[Outcome]:
+    async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict, on_done,
+                       usable=None) -> list[Outcome]:
         params = self._params()
         keys = [cache_key(self.model, m, params) for m in batch]
         results: list[Outcome | None] = [self.cache.get(k) for k in keys]
+        retried = set()
         for i, r in enumerate(results):
-            if r is not None:
+            if r is not None and not self.use_cached(keys[i], i, r, usable):
+                results[i] = None
+                retried.add(i)
+            elif r is not None:
                 on_done(i, r)
         todo = [i for i, r in enumerate(results) if r is None]
         for s in range(0, len(todo), self.batch_size):
             idx = todo[s: s + self.batch_size]
             for i, out in zip(idx, self._generate([batch[i] for i in idx])):
+                out.retried = i in retried
                 self.cache.put(keys[i], self.model, out)
+                self.fresh.add(keys[i])
                 results[i] = out
                 on_done(i, out)
         return results  # type: ignore[return-value]
@@ -593,6 +813,15 @@ def parse_pairs(out: Outcome) -> tuple[list[dict], list[tuple[dict, str]]]:
     return good, bad
 
 
+def reply_problem(out: Outcome) -> str | None:
+    """Why a generation reply cannot be used (empty, not JSON, no valid pair), or None."""
+    try:
+        parse_pairs(out)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 async def generate_llm(backend, papers: list[dict], quotas, stats: Stats, progress: Progress, counts: Counter,
                        rejects: list[dict]) -> list[dict]:
     """One request per abstract, one repair request for each unusable reply; failures become rejects."""
@@ -602,9 +831,22 @@ async def generate_llm(backend, papers: list[dict], quotas, stats: Stats, progre
         rejects.append({"paper_id": pid, "stage": stage, "reason": reason, **extra})
 
     base = [generation_messages(p, quotas) for p in papers]
+
+    def generate_usable(k: int, cached: Outcome) -> bool:
+        """A cached first reply is used unless it failed and so did its cached repair: then the paper starts
+        over (a failed reply whose repair was never sent, e.g. after a kill, just goes on to the repair)."""
+        problem = reply_problem(cached)
+        if problem is None:
+            return True
+        repaired = backend.lookup(repair_messages(base[k], cached.content, problem), "qa_pairs", PAIRS_SCHEMA)
+        return repaired is None or reply_problem(repaired) is None
+
+    def repair_usable(k: int, cached: Outcome) -> bool:
+        return reply_problem(cached) is None
+
     parsed: dict[int, list[dict]] = {}
     todo, msgs = list(range(len(papers))), base
-    for rnd in ("generate", "repair"):
+    for rnd, usable in (("generate", generate_usable), ("repair", repair_usable)):
         retry: list[tuple[int, str, str | None]] = []
 
         def on_done(k: int, out: Outcome) -> None:  # parse each reply as it arrives, for the live counts
@@ -628,7 +870,7 @@ async def generate_llm(backend, papers: list[dict], quotas, stats: Stats, progre
             progress.step()
 
         progress.start(len(todo), rnd)
-        await backend.complete(msgs, "qa_pairs", PAIRS_SCHEMA, on_done)
+        await backend.complete(msgs, "qa_pairs", PAIRS_SCHEMA, on_done, usable)
         progress.close()
         if not retry:
             break
@@ -645,8 +887,14 @@ _ERROR_TEXT_RE = re.compile(r"^\s*(error|exception|traceback|i'm sorry|sorry, |i
 
 
 def check_pair(p: dict, abstract: str, args) -> str | None:
-    """The reason this pair is dropped, or None (length, error text, grounding, edge-case behaviour)."""
+    """The reason this pair is dropped, or None (chat markers, length, error text, grounding, edge-case behaviour).
+    A pair holding a chat role marker or special token is rejected, not cleaned: rendered into training text the
+    marker would end the turn or open a fake one, and a pair that needed one is not worth repairing."""
     q, a = p["question"], p["answer"]
+    for part, text in (("question", q), ("answer", a)):
+        marker = chat_structure(text)
+        if marker:
+            return f"chat_markers: the {part} holds the chat marker {marker!r}"
     if not args.min_question_chars <= len(q) <= args.max_question_chars:
         return f"length: question has {len(q)} chars (allowed {args.min_question_chars}-{args.max_question_chars})"
     if not args.min_answer_chars <= len(a) <= args.max_answer_chars:
@@ -700,6 +948,21 @@ def curate(pairs: list[dict], papers: dict[str, dict], args, counts: Counter, re
     return [p for i, p in enumerate(kept) if i not in dups]
 
 
+def judge_scores(out: Outcome) -> dict[int, tuple[float, str]]:
+    """{pair index: (score, reason)} from a judge reply; empty when it failed or does not parse."""
+    scores = {}
+    if out.error is None:
+        try:
+            obj = _json_object(out.content)
+        except ValueError:
+            return scores
+        for s in obj.get("scores", []) if isinstance(obj, dict) else []:
+            ok = isinstance(s, dict) and isinstance(s.get("index"), int) and not isinstance(s.get("score"), bool)
+            if ok and isinstance(s.get("score"), (int, float)):
+                scores[s["index"]] = (float(s["score"]), str(s.get("reason", ""))[:300])
+    return scores
+
+
 async def judge(judge_backend, pairs: list[dict], papers: dict[str, dict], min_score: float, stats: Stats,
                 progress: Progress, counts: Counter, rejects: list[dict]) -> list[dict]:
     """Score each paper's surviving pairs in one request; keep those at or above --min_score."""
@@ -713,21 +976,15 @@ async def judge(judge_backend, pairs: list[dict], papers: dict[str, dict], min_s
         stats.add(out)
         progress.step()
 
+    def usable(k: int, cached: Outcome) -> bool:  # a cached verdict missing a pair's score is asked again
+        return set(judge_scores(cached)) >= set(range(1, len(groups[ids[k]]) + 1))
+
     msgs = [judge_messages(papers[i], groups[i]) for i in ids]
-    outs = await judge_backend.complete(msgs, "scores", SCORES_SCHEMA, on_done)
+    outs = await judge_backend.complete(msgs, "scores", SCORES_SCHEMA, on_done, usable)
     progress.close()
     kept = []
     for pid, out in zip(ids, outs):
-        scores = {}
-        if out.error is None:
-            try:
-                obj = _json_object(out.content)
-                for s in obj.get("scores", []) if isinstance(obj, dict) else []:
-                    ok = isinstance(s, dict) and isinstance(s.get("index"), int)
-                    if ok and isinstance(s.get("score"), (int, float)):
-                        scores[s["index"]] = (float(s["score"]), str(s.get("reason", ""))[:300])
-            except ValueError:
-                pass
+        scores = judge_scores(out)
         for k, p in enumerate(groups[pid], 1):
             if k in scores and scores[k][0] >= min_score:
                 kept.append({**p, "judge_score": scores[k][0]})
@@ -785,30 +1042,76 @@ def cost_estimate(args, model: str, stats: Stats) -> dict:
 
 
 # =========================================================================== the run
+def _scrubbed(obj, secret: str | None):
+    """obj with the API key removed from every string in it (what we write must never carry it)."""
+    if isinstance(obj, str):
+        return scrub(obj, secret)
+    if isinstance(obj, dict):
+        return {k: _scrubbed(v, secret) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrubbed(v, secret) for v in obj]
+    return obj
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write and flush to disk; `path` is a staged temp file that OutputSet renames into place (or removes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_inputs(args) -> tuple[list[dict], list[dict], list[dict], dict[str, int]]:
+    """(papers to work on, input records for the manifest, rejects of skipped papers, input order of every id)."""
+    papers, inputs = load_papers(args)
+    order = {p["id"]: k for k, p in enumerate(papers)}
+    papers, skipped = skip_too_long(papers, args.max_abstract_chars)
+    if skipped:
+        ids = [r["paper_id"] for r in skipped]
+        print(f"note: {len(ids)} paper(s) longer than --max_abstract_chars {args.max_abstract_chars:,} skipped "
+              f"(see the rejects): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}", file=sys.stderr)
+    marked = [p["id"] for p in papers if "_chat_markers" in p]
+    if marked:
+        print(f"note: chat markers removed from the title or abstract of {len(marked)} paper(s) (listed in the "
+              f"manifest): {', '.join(marked[:5])}{' ...' if len(marked) > 5 else ''}", file=sys.stderr)
+    return papers, inputs, skipped, order
+
+
 def _main(argv=None) -> int:
     t0 = time.time()
     args = build_parser().parse_args(argv)
     validate_args(args)
     paths = output_paths(args)
-    check_outputs_free([paths[k] for k in ("train", "eval", "manifest", "rejects")], args.overwrite)
-    model = args.model or DEFAULT_MODELS[args.backend]
+    outs = output_set(args, paths)  # exits 2 on outputs that clash with each other, an input or the cache
+    with outs:  # locked: a second run on these outputs is refused; ours replace the old ones only at commit()
+        return _run(args, argv, paths, outs, t0)
 
-    papers, inputs = load_papers(args)
+
+def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
+    model = args.model or DEFAULT_MODELS[args.backend]
+    papers, inputs, skipped, order = read_inputs(args)
     by_id = {p["id"]: p for p in papers}
     quotas = type_quotas(args.pairs_per_abstract, args.edge_case_ratio)
     print(f"generate_qa: {len(papers)} abstracts, backend={args.backend} model={model}, "
           f"{args.pairs_per_abstract} pairs/abstract {quotas}, eval papers={args.eval_papers:g}, seed={args.seed}",
           file=sys.stderr)
 
-    stats, counts, rejects = Stats(), Counter(), []
+    stats, counts, rejects = Stats(rejects=len(skipped)), Counter(), list(skipped)
     progress = Progress(stats)
     cache = ResponseCache(paths["cache"])
     if cache.loaded and args.backend != "offline":
-        print(f"cache: {cache.loaded} earlier replies in {paths['cache']} (not sent again)", file=sys.stderr)
+        print(f"cache: {cache.loaded} earlier replies in {paths['cache']} (used unless --reuse_cache says otherwise)",
+              file=sys.stderr)
 
     def openai_backend(m):
         return OpenAIBackend(m, args.api_key, args.base_url, args.timeout, args.max_retries, args.concurrency,
-                             args.temperature, args.max_tokens, args.seed, args.response_format, cache)
+                             args.temperature, args.max_tokens, args.seed, args.response_format, cache,
+                             args.reuse_cache)
 
     async def pipeline():
         if args.backend == "offline":
@@ -817,7 +1120,8 @@ def _main(argv=None) -> int:
             stats.pairs = len(pairs)
         else:
             backend = openai_backend(model) if args.backend == "openai" else HFBackend(
-                model, args.batch_size, args.temperature, args.max_tokens, args.seed, args.trust_remote_code, cache)
+                model, args.batch_size, args.temperature, args.max_tokens, args.seed, args.trust_remote_code, cache,
+                args.reuse_cache)
             pairs = await generate_llm(backend, papers, quotas, stats, progress, counts, rejects)
         generated = len(pairs)
         pairs = curate(pairs, by_id, args, counts, rejects)
@@ -835,7 +1139,7 @@ def _main(argv=None) -> int:
     have = {q["paper_id"] for q in pairs}
     with_pairs = [p["id"] for p in papers if p["id"] in have]
     held_out = split_papers(with_pairs, args.eval_papers, args.seed)
-    if args.eval_papers and not held_out:
+    if args.eval_papers and not held_out and pairs:
         print("warning: fewer than 2 papers have pairs, so none is held out for evaluation", file=sys.stderr)
     train, evals = to_records(pairs, by_id, held_out, args, model)
 
@@ -845,41 +1149,64 @@ def _main(argv=None) -> int:
         "args": {k: v for k, v in vars(args).items() if k not in ("api_key", "price")},
         "inputs": inputs, "backend": args.backend, "model": model, "base_url": args.base_url,
         "judge_model": args.judge_model, "prompt_sha256": prompts_hash(args.system_prompt), "quotas": quotas,
-        "papers": {"total": len(papers), "with_pairs": len(with_pairs), "eval": sorted(held_out),
-                   "train": len(with_pairs) - len(held_out)},
+        "papers": {"total": len(order), "skipped_too_long": [r["paper_id"] for r in skipped],
+                   "chat_markers_removed": {p["id"]: p["_chat_markers"] for p in papers if "_chat_markers" in p},
+                   "with_pairs": len(with_pairs), "eval": sorted(held_out), "train": len(with_pairs) - len(held_out)},
         "counts": {"generated": generated, "kept": len(pairs), "train": len(train), "eval": len(evals),
                    "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
                    "eval_by_type": dict(Counter(e["type"] for e in evals)),
                    "filters": dict(counts), "rejects": len(rejects)},
-        "requests": {"answered_this_run": stats.requests_sent, "from_cache": stats.cache_hits, "failed": stats.failed},
+        # asked_again: cached replies sent again because they failed validation (or --reuse_cache none)
+        "requests": {"answered_this_run": stats.requests_sent, "from_cache": stats.cache_hits,
+                     "asked_again": stats.asked_again, "failed": stats.failed},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens,
                    "this_run_prompt": stats.new_prompt_tokens, "this_run_completion": stats.new_completion_tokens},
         "estimated_cost_usd": cost_estimate(args, model, stats),
         "outputs": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.time() - t0, 2),
     }
-    order = {p["id"]: k for k, p in enumerate(papers)}
     rejects.sort(key=lambda r: order[r["paper_id"]])  # replies arrive in any order; the file should not
-    write_jsonl_atomic(paths["train"], train)
-    write_jsonl_atomic(paths["eval"], evals)
-    write_jsonl_atomic(paths["rejects"], rejects)
-    write_json_atomic(paths["manifest"], manifest)  # last: its presence marks a finished run
+    rejects, manifest = _scrubbed(rejects, args.api_key), _scrubbed(manifest, args.api_key)
+    report_run(args, paths, stats, counts, manifest, generated, pairs, train, evals, held_out)
+    why = paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")
+    if not pairs:
+        # A failed run replaces nothing: the reasons go beside the cache, the outputs stay as they were.
+        try:
+            _write(why, _jsonl(rejects))
+        except OSError as e:
+            why = f"(not saved: {e})"
+        print(f"error: no pair survived, so no output was written (earlier ones are unchanged); why each pair or "
+              f"request was dropped: {why}", file=sys.stderr)
+        return 1
+    try:
+        for name, text in (("--out", _jsonl(train)), ("--eval_out", _jsonl(evals)), ("--rejects", _jsonl(rejects)),
+                           ("--manifest", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")):
+            _write(outs.stage(name), text)
+    except OSError as e:  # a full disk, a read-only folder: what was staged is removed, nothing replaced
+        raise RunFailure(f"cannot write {name} {outs.paths[name]} ({e.strerror or e}); no output was replaced, and "
+                         "the cache keeps every reply: free space or fix the folder, then rerun the same command"
+                         ) from None
+    outs.commit(["--out", "--eval_out", "--rejects", "--manifest"])  # the manifest last: it marks a finished run
+    why.unlink(missing_ok=True)  # an earlier failure's report no longer applies
+    return 0
 
+
+def report_run(args, paths, stats: Stats, counts: Counter, manifest: dict, generated: int, pairs, train, evals,
+               held_out) -> None:
     print(f"pairs: {generated} generated, {len(pairs)} kept -> {len(train)} train ({paths['train']}), "
           f"{len(evals)} eval from {len(held_out)} held-out papers ({paths['eval']})", file=sys.stderr)
-    print(f"filters: {dict(sorted(counts.items())) or 'nothing dropped'}; {len(rejects)} rejects in {paths['rejects']}",
-          file=sys.stderr)
+    where = f" in {paths['rejects']}" if pairs else ""
+    print(f"filters: {dict(sorted(counts.items())) or 'nothing dropped'}; {manifest['counts']['rejects']} "
+          f"rejects{where}", file=sys.stderr)
     if args.backend != "offline" or args.judge_model:
-        print(f"requests: {stats.requests_sent} answered now, {stats.cache_hits} from cache, {stats.failed} failed; "
-              f"tokens {stats.prompt_tokens}+{stats.completion_tokens}, est. cost this run "
+        again = f", {stats.asked_again} cached asked again" if stats.asked_again else ""
+        print(f"requests: {stats.requests_sent} answered now, {stats.cache_hits} from cache{again}, {stats.failed} "
+              f"failed; tokens {stats.prompt_tokens}+{stats.completion_tokens}, est. cost this run "
               f"${manifest['estimated_cost_usd']['this_run']:.4f}", file=sys.stderr)
     if stats.failed:
-        print(f"note: {stats.failed} request(s) failed (see {paths['rejects']}); rerun the same command with "
-              "--overwrite to retry only those: answered requests come from the cache", file=sys.stderr)
-    if not pairs:
-        print("error: no pair survived; see the rejects file for why", file=sys.stderr)
-        return 1
-    return 0
+        again = "rerun the same command with --overwrite" if pairs else "rerun the same command"
+        print(f"note: {stats.failed} request(s) failed (see the rejects); {again} to retry only those: answered "
+              "requests come from the cache", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -1,18 +1,21 @@
 """One run's output files, decided in one place and written together (torch-free).
 
     with OutputSet({"--out": out, "--eval_out": eval_out}, inputs=[abstracts], overwrite=args.overwrite) as outs:
-        write_jsonl_atomic(outs.stage("--out"), records)      # written beside the target, under a temp name
+        write_jsonl(outs.stage("--out"), records)     # written beside the target, under a temp name
         ...
-        outs.commit()                                         # every staged file renamed into place, in order
+        outs.commit()                                 # every staged file renamed into place, in order
 
 Guarantees: the outputs are distinct files, none of them is an input and none is a folder; existing outputs
 are replaced only with overwrite; while a run writes, a lock file beside the first output keeps a second
 run off the same outputs (a lock left by a killed run is taken over); nothing replaces an existing output
 before commit(), so a run that fails or is killed leaves the previous outputs exactly as they were, and
-its rerun starts clean (stale temp files of the killed run are removed).
+its rerun starts clean (stale temp files of the killed run are removed). commit() first writes a journal of
+the renames it is about to make: a run killed in the middle of them is completed by the next run on the
+same outputs, so the set is never left half old, half new.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -20,6 +23,19 @@ from typing import Iterable
 from common import InputError
 
 PARTIAL = ".partial"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -58,14 +74,20 @@ class OutputSet:
             if name is not None:
                 raise InputError(f"{name} {self.paths[name]} is also an input of this run ({i}) and would be "
                                  "overwritten; choose another output path")
-        existing = [f"{p}" for p in self.paths.values() if p.exists()]
-        if existing and not overwrite:
-            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose "
-                             "another output path")
+        self.overwrite = overwrite
         first = next(iter(self.paths.values()))
         self.lock_path = first.with_name(f".{first.name}.lock")
+        self.journal_path = first.with_name(f".{first.name}.commit.json")
+        if not self.journal_path.exists():  # (an interrupted commit is completed first, see lock())
+            self._check_free()
         self.staged: dict[str, Path] = {}
         self.locked = False
+
+    def _check_free(self) -> None:
+        existing = [f"{p}" for p in self.paths.values() if p.exists()]
+        if existing and not self.overwrite:
+            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose "
+                             "another output path")
 
     # ------------------------------------------------------------------ lock
     def __enter__(self) -> "OutputSet":
@@ -96,7 +118,10 @@ class OutputSet:
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             self.locked = True
+            if self.journal_path.exists():
+                self._finish_interrupted_commit()
             self._remove_stale_partials()
+            self._check_free()  # again, now that no other run can be writing
             return
         raise InputError(f"cannot take the lock {self.lock_path}; delete it if no run is writing these outputs")
 
@@ -108,8 +133,21 @@ class OutputSet:
     def _remove_stale_partials(self) -> None:
         for p in self.paths.values():
             if p.parent.is_dir():
-                for stale in p.parent.glob(f".{p.name}.*{PARTIAL}"):
-                    stale.unlink(missing_ok=True)
+                # our temp names, and the temp files an atomic writer makes beside them
+                for pattern in (f".{p.name}.*{PARTIAL}", f"..{p.name}.*{PARTIAL}.*"):
+                    for stale in p.parent.glob(pattern):
+                        stale.unlink(missing_ok=True)
+
+    def _finish_interrupted_commit(self) -> None:
+        """A run was killed between the renames of its commit: do the renames it did not get to."""
+        try:
+            moves = json.loads(self.journal_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            moves = []  # torn while being written: no rename had started
+        for tmp, final in moves:
+            if Path(tmp).exists():
+                os.replace(tmp, final)
+        self.journal_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ staging and commit
     def stage(self, name: str) -> Path:
@@ -125,10 +163,19 @@ class OutputSet:
         'finished' marker last). Outputs not staged are left as they are."""
         names = list(order) if order is not None else list(self.paths)
         names += [n for n in self.staged if n not in names]
-        for name in names:
-            tmp = self.staged.get(name)
-            if tmp is not None and tmp.exists():
-                os.replace(tmp, self.paths[name])
+        moves = [(str(self.staged[n]), str(self.paths[n])) for n in names
+                 if n in self.staged and self.staged[n].exists()]
+        tmp_journal = self.journal_path.with_name(self.journal_path.name + PARTIAL)
+        with open(tmp_journal, "w", encoding="utf-8") as f:
+            json.dump(moves, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_journal, self.journal_path)  # from here on the renames will happen, now or in the next run
+        for tmp, final in moves:
+            os.replace(tmp, final)
+        for d in {Path(final).parent for _, final in moves}:
+            _fsync_dir(d)
+        self.journal_path.unlink(missing_ok=True)
         self.staged.clear()
 
     def abort(self) -> None:

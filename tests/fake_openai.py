@@ -26,6 +26,8 @@ class Reply:
     raw_body: bytes | None = None       # send these bytes verbatim (malformed / truncated JSON)
     finish_reason: str = "stop"
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 100, "completion_tokens": 50})
+    trickle: float = 0.0                # send the body one byte every `trickle` seconds (a server that never times out)
+    echo_auth: bool = False             # put the request's Authorization header into the error message / content
 
 
 def default_responder(req: dict, n: int) -> Reply:
@@ -37,6 +39,7 @@ class FakeOpenAI:
         self.responder = responder
         self.models = list(models)
         self.requests: list[dict] = []       # every chat request body received, in order
+        self.headers: list[dict] = []        # their HTTP headers (names lower-cased), in the same order
         self._lock = threading.Lock()
         outer = self
 
@@ -46,7 +49,7 @@ class FakeOpenAI:
             def log_message(self, *a):  # keep test output clean
                 pass
 
-            def _send(self, status: int, body: bytes, headers: dict | None = None):
+            def _send(self, status: int, body: bytes, headers: dict | None = None, trickle: float = 0.0):
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -54,7 +57,13 @@ class FakeOpenAI:
                     for k, v in (headers or {}).items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(body)
+                    if trickle:
+                        for i in range(len(body)):
+                            self.wfile.write(body[i: i + 1])
+                            self.wfile.flush()
+                            time.sleep(trickle)
+                    else:
+                        self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout) before we answered
 
@@ -74,6 +83,7 @@ class FakeOpenAI:
                     return
                 with outer._lock:
                     outer.requests.append(body)
+                    outer.headers.append({k.lower(): v for k, v in self.headers.items()})
                     n = len(outer.requests)
                 reply = outer.responder(body, n)
                 if reply.delay:
@@ -82,20 +92,22 @@ class FakeOpenAI:
                 if reply.retry_after is not None:
                     headers["Retry-After"] = str(reply.retry_after)
                 if reply.raw_body is not None:
-                    self._send(reply.status, reply.raw_body, headers)
+                    self._send(reply.status, reply.raw_body, headers, reply.trickle)
                     return
+                echo = f" (request had Authorization: {self.headers.get('Authorization')})" if reply.echo_auth else ""
                 if reply.status != 200:
-                    err = {"error": {"message": f"injected {reply.status}", "type": "test", "code": None}}
-                    self._send(reply.status, json.dumps(err).encode(), headers)
+                    err = {"error": {"message": f"injected {reply.status}{echo}", "type": "test", "code": None}}
+                    self._send(reply.status, json.dumps(err).encode(), headers, reply.trickle)
                     return
+                content = reply.content + echo if echo and reply.content is not None else reply.content
                 data = {
                     "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model", "fake-model"),
                     "choices": [{"index": 0, "finish_reason": reply.finish_reason,
-                                 "message": {"role": "assistant", "content": reply.content}}],
+                                 "message": {"role": "assistant", "content": content}}],
                     "usage": {**reply.usage, "total_tokens": sum(reply.usage.values())},
                 }
-                self._send(200, json.dumps(data).encode(), headers)
+                self._send(200, json.dumps(data).encode(), headers, reply.trickle)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

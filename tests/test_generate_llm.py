@@ -66,7 +66,7 @@ def test_openai_backend_structured_output_and_cache(tmp_path, openai_server):
     assert all(common.record_messages(r) == r["messages"] for r in train)
     man = json.loads((out / "train.manifest.json").read_text())
     assert man["tokens"]["prompt"] == 800 and man["tokens"]["completion"] == 400
-    assert man["requests"] == {"answered_this_run": 8, "from_cache": 0, "failed": 0}
+    assert man["requests"] == {"answered_this_run": 8, "from_cache": 0, "asked_again": 0, "failed": 0}
     assert "test-key" not in (out / "train.manifest.json").read_text()
     assert len(common.read_jsonl_tolerant(out / ".cache" / "train.jsonl")) == 8
 
@@ -217,7 +217,9 @@ def test_offline_backend_with_judge_uses_the_server(tmp_path, openai_server):
                            "--eval_out", str(out / "eval.jsonl")])
     assert rc == 1  # every pair lost its score, so none is kept
     assert len(openai_server.requests) == 2 and all(is_judge(r) for r in openai_server.requests)
-    assert {r["reason"].split(":")[0] for r in load(out / "rejects_train.jsonl")} == {"judge_failed"}
+    assert all(v is None for v in outputs(out).values())  # a failed run writes no output...
+    why = load(out / ".cache" / "train.failed_run_rejects.jsonl")  # ...but says why, beside the cache
+    assert {r["reason"].split(":")[0] for r in why} == {"judge_failed"}
 
 
 def test_hf_backend_turns_garbage_into_rejects(tmp_path, tiny_model):
@@ -232,8 +234,8 @@ def test_hf_backend_turns_garbage_into_rejects(tmp_path, tiny_model):
     finally:
         torch.set_num_threads(threads)
     assert rc == 1
-    assert load(out / "train.jsonl") == [] and load(out / "eval.jsonl") == []
-    rejects = load(out / "rejects_train.jsonl")
+    assert all(v is None for v in outputs(out).values())  # a failed run writes no output and no manifest
+    rejects = load(out / ".cache" / "train.failed_run_rejects.jsonl")
     assert [r["paper_id"] for r in rejects] == ["abstracts-1", "abstracts-2"]
     assert all(r["stage"] == "invalid_reply" and "after one repair" in r["reason"] for r in rejects)
     cached = common.read_jsonl_tolerant(out / ".cache" / "train.jsonl")
@@ -245,8 +247,6 @@ def test_hf_backend_turns_garbage_into_rejects(tmp_path, tiny_model):
     paper = generate_qa.read_abstract_file(DATA / "abstracts.txt")[0]
     ids = chat_prompt_ids(tok, generation_messages(paper, type_quotas(12, 0.2)))
     assert ids.count(tok.bos_token_id) == 1 and cached[0]["usage"]["prompt_tokens"] == len(ids)
-    man = json.loads((out / "train.manifest.json").read_text())
-    assert man["backend"] == "hf" and man["tokens"]["completion"] > 0
 
 
 def test_cache_survives_a_torn_last_line(tmp_path):
