@@ -12,6 +12,7 @@ import pytest
 
 import common
 import generate_qa
+from paperqa_tune import llm
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import FaultyResponder, good_reply, is_judge, pairs_responder, request_paper, synthetic_abstracts
 from paperqa_tune.generation import chat_prompt_ids
@@ -44,7 +45,7 @@ def outputs(out: Path) -> dict:
 def request_key(req: dict) -> str:
     """The cache key generate_qa computed for a request the server received."""
     params = {k: req[k] for k in ("temperature", "max_tokens", "seed", "response_format") if k in req}
-    return generate_qa.cache_key(req["model"], req["messages"], params)
+    return llm.cache_key(req["model"], req["messages"], params)
 
 
 def all_text(out: Path) -> str:
@@ -251,14 +252,14 @@ def test_hf_backend_turns_garbage_into_rejects(tmp_path, tiny_model):
 
 def test_cache_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "cache.jsonl"
-    cache = generate_qa.ResponseCache(path)
-    cache.put("k1", "m", generate_qa.Outcome(content="one"))
+    cache = llm.ResponseCache(path)
+    cache.put("k1", "m", llm.Outcome(content="one"))
     with open(path, "a") as f:
         f.write('{"key": "k2", "content": "tw')  # killed mid-write
-    cache = generate_qa.ResponseCache(path)
+    cache = llm.ResponseCache(path)
     assert cache.get("k1").content == "one" and cache.get("k2") is None
-    cache.put("k3", "m", generate_qa.Outcome(content="three"))
-    again = generate_qa.ResponseCache(path)
+    cache.put("k3", "m", llm.Outcome(content="three"))
+    again = llm.ResponseCache(path)
     assert again.get("k3").content == "three" and again.get("k1").cached and again.loaded == 2
     # the record format of earlier runs, so their caches keep answering
     assert set(common.read_jsonl_tolerant(path)[-1]) == {"key", "model", "content", "finish_reason", "usage", "time"}
