@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import io
 import json
 import os
 import random
@@ -48,7 +46,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, chat_record,
-                    eval_questions_path, qa_messages, read_jsonl, run_main, sha256_file, sha256_text)
+                    eval_questions_path, qa_messages, run_main, sha256_file, sha256_text)
+from paperqa_tune.abstracts import fetch_arxiv, read_abstract_file
 from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, TIMEOUT_RETRIES, HFBackend, OpenAIBackend, Outcome, Progress,
                               ResponseCache, Stats)
 from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_pairs
@@ -230,136 +229,6 @@ def output_set(args, paths: dict[str, Path]) -> OutputSet:
 
 
 # =========================================================================== inputs
-def _decode(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:  # PermissionError and the like
-        raise InputError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                         "re-save the file as UTF-8") from None
-
-
-def without_chat_markers(text: str) -> tuple[str, list[str]]:
-    """`text` with every chat role marker and special token removed, and the markers it held. Abstracts go into
-    the generation prompt and into eval questions' `context`, where a marker would act as a turn boundary."""
-    found = []
-    while (marker := chat_structure(text)) is not None:
-        found.append(marker)
-        text = text.replace(marker, " ")
-    return clean_text(text), found
-
-
-def _paper(path: Path | str, line: int | None, obj: dict, fallback_id: str) -> dict:
-    where = f"{path}:{line}" if line is not None else str(path)
-    abstract = obj.get("abstract")
-    if abstract is None:
-        raise InputError(f"{where}: no 'abstract' field; each record needs "
-                         "{\"id\", \"title\", \"abstract\"}")
-    if not isinstance(abstract, str) or not abstract.strip():
-        raise InputError(f"{where}: empty abstract (it must be non-empty text); fill it in or delete that record")
-    abstract, markers = without_chat_markers(abstract)
-    title, in_title = without_chat_markers(clean_text(obj.get("title")))
-    if not abstract:
-        raise InputError(f"{where}: the abstract holds nothing but chat markers ({', '.join(markers)}); fill it in "
-                         "or delete that record")
-    pid = obj.get("id")
-    pid = fallback_id if pid is None or str(pid).strip() == "" else str(pid).strip()
-    paper = {**obj, "id": pid, "title": title, "abstract": abstract, "_where": where}
-    if markers or in_title:
-        paper["_chat_markers"] = sorted(set(markers + in_title))
-    return paper
-
-
-def read_abstract_file(path: Path) -> list[dict]:
-    """JSONL ({"id","title","abstract"}, extra keys kept), CSV with those columns, or blank-line-separated text.
-    A folder is refused (name its files: --input DIR/*.jsonl), as is a file with no abstract in it."""
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give the files in it, e.g. --input {path}/*.jsonl")
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if not path.is_file():
-        raise InputError(f"{path}: not a regular file (a pipe or a device); save the abstracts to a file first")
-    papers = _read_papers(path)
-    if not papers:
-        raise InputError(f"{path}: no abstracts in it (the file is empty, or holds only blank lines or a header); "
-                         "fill it in or leave it out of --input")
-    return papers
-
-
-def _read_papers(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return [_paper(path, ln, obj, f"{path.stem}-{ln}") for ln, obj in read_jsonl(path)]
-    if suffix == ".csv":
-        text = _decode(path)
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "abstract" not in columns:
-            raise InputError(f"{path}:1: unknown CSV columns {columns or '(none)'}; the header needs an "
-                             "'abstract' column (and optionally 'id' and 'title')")
-        reader.fieldnames = columns
-        papers, start = [], 2
-        for row in reader:
-            if None in row:
-                raise InputError(f"{path}:{start}: more fields than the header has columns; quote fields "
-                                 "that contain commas")
-            if any((v or "").strip() for v in row.values()):
-                papers.append(_paper(path, start, row, f"{path.stem}-{start}"))
-            start = reader.line_num + 1
-        return papers
-    if suffix in (".txt", ".text", ".md"):
-        text = _decode(path)
-        papers, block, block_line = [], [], 0
-        for ln, line in enumerate(text.splitlines() + [""], 1):
-            if line.strip():
-                if not block:
-                    block_line = ln
-                block.append(line)
-            elif block:
-                papers.append(_paper(path, block_line, {"abstract": " ".join(block)}, f"{path.stem}-{len(papers) + 1}"))
-                block = []
-        return papers
-    raise InputError(f"{path}: unknown input type {suffix or '(no suffix)'}; use .jsonl, .csv or .txt "
-                     "(blank-line-separated abstracts)")
-
-
-def fetch_arxiv(ids: list[str], query: str | None, max_papers: int, api_url: str) -> list[dict]:
-    """Abstracts from the arXiv API through the `arxiv` client (its paging, rate limit and retries)."""
-    import arxiv
-    import requests
-
-    class _Session(requests.Session):  # the arxiv client sets no timeout; never hang on a dead connection
-        def request(self, *a, **kw):
-            kw.setdefault("timeout", 30)
-            return super().request(*a, **kw)
-
-    client = arxiv.Client(page_size=min(100, max(len(ids), max_papers)), delay_seconds=3.0, num_retries=2)
-    client.query_url_format = api_url + "?{}"  # class attribute in arxiv 4.x; the tests point it at loopback
-    client._session = _Session()
-    search = arxiv.Search(query=query or "", id_list=ids, max_results=len(ids) if ids and not query else max_papers)
-    try:
-        results = list(client.results(search))
-    except (arxiv.ArxivError, requests.RequestException) as e:
-        raise InputError(f"arXiv API ({api_url}): {e}; check the network, the ids/query, or --arxiv_api_url") from None
-    papers, returned = [], set()
-    for r in results:
-        pid = re.sub(r"v\d+$", "", r.get_short_id())
-        returned.add(pid)
-        if clean_text(r.summary):
-            papers.append(_paper(f"arXiv {pid}", None, {"id": pid, "title": r.title, "abstract": r.summary,
-                                                        "categories": " ".join(r.categories), "source": "arxiv"}, pid))
-    if ids:
-        missing = [i for i in ids if re.sub(r"v\d+$", "", i) not in returned]
-        if missing:
-            raise InputError(f"arXiv returned no paper for id(s) {', '.join(missing)}; check them on arxiv.org")
-    return papers
-
-
 def load_papers(args) -> tuple[list[dict], list[dict]]:
     papers, inputs = [], []
     for path in args.input:
