@@ -31,7 +31,14 @@ model and decoding): an interrupted run resumes where it stopped.
 Writes <out> (one row per question), <out stem>_for_marking.csv (empty `winner` column for marking by
 hand), summary.json (verdict first) and results_bar.png beside it; with --checkpoints also
 learning_curve.csv and learning_curve.png. The CSVs are spreadsheet-safe: UTF-8 with BOM, cells a
-spreadsheet would run as a formula get a leading apostrophe.
+spreadsheet would run as a formula get a leading apostrophe. The outputs are written together: staged
+beside their final paths and renamed into place at the end, under a lock (.<out name>.lock) that keeps a
+second run off them, so a run that fails (a full disk: exit 1) or is killed leaves the previous ones as
+they were; none may be an input. A question whose prompt plus --max_new_tokens does not fit the model's
+positions is not answered: its row says why in a `skipped` column, summary.json counts skipped_too_long.
+A judge that fails on every call is marked "failed" in summary.json and the exit code is 1 (the rest of
+the evaluation is written). A base model that needs its own Python code is refused without
+--trust_remote_code.
 """
 from __future__ import annotations
 
@@ -45,41 +52,37 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, check_outputs_free, eval_questions_path,
-                    read_jsonl, run_main, sha256_file, sha256_text, write_json_atomic)
-from paperqa_tune import charts, report
+from common import (DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, eval_questions_path,
+                    read_jsonl, run_main, sha256_file, sha256_text)
+from paperqa_tune import report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.checkpoints import list_checkpoints
-from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
-from paperqa_tune.loading import (attach_adapter, auto_batch_size, choose_mode, dequantize_, load_run_base,
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
+from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter_fits, choose_mode, dequantize_,
+                                  load_run_base, max_positions, model_config, os_error_text, require_adapter_weights,
                                   run_tokenizer)
-from paperqa_tune.report import SIDES
+from paperqa_tune.outputs import OutputSet
+from paperqa_tune.report import SIDES, open_outputs, output_paths
 from paperqa_tune.runs import Run, read_run
 
 DEFAULT_OUT = "outputs/evaluation.csv"
 NO_SYSTEM = object()  # a question row without a "system" key: use the run's prompt
+SKIPPED_QUESTION_CHARS = 2_000  # a skipped (too long) question's cell in the CSV: spreadsheets cap cells at 32,767
 
 
 # --------------------------------------------------------------------------- questions
 def read_questions(path: Path) -> list[dict]:
     """Questions from JSONL ({"id","question","reference","type","paper_id","context"}) or CSV
     (header with question[,reference,type,id,context]). InputError names file:line on bad input."""
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; --questions takes a file (JSONL, or CSV with a 'question' column)")
     if not path.is_file():
         raise InputError(f"{path}: questions file not found; create it with generate_qa.py or pass --questions")
-    rows: list[tuple[str, dict]] = []
-    if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-            if "question" not in fields:
-                raise InputError(f"{path}: no 'question' column (header: {fields or 'empty'}); the first row "
-                                 "must name the columns, e.g. question,reference,type")
-            reader.fieldnames = fields
-            for rec in reader:
-                rows.append((f"{path}:{reader.line_num}", {k: v for k, v in rec.items() if k}))
-    else:
-        for lineno, rec in read_jsonl(path):
-            rows.append((f"{path}:{lineno}", rec))
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the questions file ({e.strerror}); check its permissions") from None
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else [(f"{path}:{n}", rec) for n, rec in read_jsonl(path)]
     if not rows:
         raise InputError(f"{path}: no questions in the file")
     out, seen = [], {}
@@ -87,9 +90,16 @@ def read_questions(path: Path) -> list[dict]:
         q = rec.get("question")
         if not isinstance(q, str) or not q.strip():
             raise InputError(f"{where}: missing or empty 'question'")
+        bad = next(((k, why) for k in ("question", "reference", "context", "system", "id")
+                    if isinstance(rec.get(k), str) and (why := undecodable(rec[k]))), None)
+        if bad:
+            raise InputError(f"{where}: '{bad[0]}' holds text that is not valid Unicode ({bad[1]}); fix that row")
         qid = str(rec.get("id") or "").strip() or f"q{i}"
-        if qid in seen and seen[qid] != q:
-            raise InputError(f"{where}: id {qid!r} already used by another question; ids must be unique")
+        if qid in seen:
+            if seen[qid] != q:
+                raise InputError(f"{where}: id {qid!r} already used by another question; ids must be unique")
+            print(f"warning: {where}: question {qid!r} appears twice; asked once", file=sys.stderr)
+            continue
         seen[qid] = q
         system = rec.get("system", NO_SYSTEM)
         if system is not NO_SYSTEM and system is not None and not isinstance(system, str):
@@ -101,6 +111,30 @@ def read_questions(path: Path) -> list[dict]:
                     "paper_id": str(rec.get("paper_id") or ""), "context": str(rec.get("context") or ""),
                     "system": system})
     return out
+
+
+def _csv_rows(path: Path) -> list[tuple[str, dict]]:
+    """(file:line, row) of a questions CSV; InputError for a file that is not UTF-8 or not CSV."""
+    rows = []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)  # a long context cell is capped later, not refused here
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+            if "question" not in fields:
+                raise InputError(f"{path}: no 'question' column (header: {fields or 'empty'}); the first row "
+                                 "must name the columns, e.g. question,reference,type")
+            reader.fieldnames = fields
+            for rec in reader:
+                rows.append((f"{path}:{reader.line_num}", {k: v for k, v in rec.items() if k}))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save it as 'CSV UTF-8'") from None
+    except csv.Error as e:
+        raise InputError(f"{path}: not a readable CSV ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows
 
 
 def resolve_questions(given: str | None, run: Run) -> tuple[Path, str]:
@@ -184,9 +218,7 @@ def find_checkpoints(run: Run, given: list[str]) -> list[Adapter]:
             raise InputError(f"--checkpoints: {p} holds no adapter_model.safetensors (a PEFT checkpoint folder "
                              "such as models/<run>/checkpoints/step-50)")
         step = int(p.name[5:]) if p.name.startswith("step-") and p.name[5:].isdigit() else None
-        state = p / "trainer_state.json"
-        if state.is_file():
-            step = json.loads(state.read_text(encoding="utf-8")).get("step", step)
+        step = report.read_json_or_empty(p / "trainer_state.json", "its step (from the name)").get("step", step)
         if step is None:
             raise InputError(f"--checkpoints: cannot tell the training step of {p} (no trainer_state.json, name "
                              "not step-N)")
@@ -209,7 +241,9 @@ def generate_all(run: Run, tokenizer, todo: dict[str, list], adapters: list[Adap
 
     timing: dict = {}
     t0 = time.perf_counter()
-    model = load_run_base(run)
+    model = load_run_base(run, args.trust_remote_code)
+    for a in adapters:  # an adapter of another base model fails now, not after the base model's answers
+        check_adapter_fits(model, a.path)
     _sync()
     timing["load_s"] = round(time.perf_counter() - t0, 3)
     mode = choose_mode(args.mode, model, n_questions, seq_len)
@@ -276,6 +310,13 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
     stats["pairwise"] = judge.pairwise(rows, questions, cfg, cache, client=client)
     stats["config"] = cfg.describe()
     failed = sum(s.get("failed", 0) for k, s in stats.items() if k != "config")
+    big = judge.oversized({r["id"]: questions.get(r["id"], {}) for r in rows})
+    for name, ids in big.items():
+        print(f"note: {len(ids)} question(s) have a {name} longer than {judge.TEXT_LIMITS[name]:,} characters "
+              f"({', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}); the judge was shown the first "
+              f"{judge.TEXT_LIMITS[name]:,}, marked as cut", file=sys.stderr)
+    stats["capped_for_judge"] = {name: {"questions": len(ids), "chars_shown": judge.TEXT_LIMITS[name]}
+                                 for name, ids in big.items()}
     if failed:
         print(f"warning: {failed} judge call(s) failed; they are marked 'failed' in the CSV with the raw reply "
               "and are asked again on the next run", file=sys.stderr)
@@ -283,25 +324,6 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
 
 
 # --------------------------------------------------------------------------- outputs
-def output_paths(out: Path) -> dict[str, Path]:
-    return {"csv": out, "marking": out.with_name(f"{out.stem}_for_marking.csv"),
-            "summary": out.with_name("summary.json"), "plot": out.with_name("results_bar.png"),
-            "cache": out.with_name(f"{out.stem}.cache.jsonl"),
-            "curve_csv": out.with_name("learning_curve.csv"), "curve_plot": out.with_name("learning_curve.png")}
-
-
-def write_outputs(paths: dict, rows: list[dict], summary: dict, criteria: list[str], pairwise: bool) -> None:
-    """evaluation.csv, the marking sheet, summary.json and the chart; then the table and verdict on stdout."""
-    per_row_system = len({r.get("system_prompt") for r in rows}) > 1
-    report.write_csv(paths["csv"], rows, report.result_columns(rows, criteria, pairwise, per_row_system))
-    report.write_csv(paths["marking"], [{**r, "winner": ""} for r in rows],
-                     report.QUESTION_COLUMNS + report.ANSWER_COLUMNS + ["winner"])
-    write_json_atomic(paths["summary"], summary)
-    charts.plot_results(summary, paths["plot"])
-    print(report.summary_table(summary))
-    print(f"wrote {paths['csv']}, {paths['marking']}, {paths['summary']}, {paths['plot']}")
-
-
 CURVE_SERIES = {"mean_score": "mean primary score", "correct_rate": "correct (all)",
                 "refusal_rate_unanswerable": "refuses unanswerable", "correction_rate_false_premise":
                 "corrects false premise", "over_refusal_rate_answerable": "refuses answerable",
@@ -320,12 +342,11 @@ def curve_point(step: int, label: str, rows: list[dict], side: str, losses: dict
 
 
 def learning_curve(run: Run, rows: list[dict], answers: dict[str, dict], adapters: list[Adapter],
-                   questions: dict, f1_threshold: float, paths: dict) -> list[dict]:
+                   questions: dict, f1_threshold: float) -> list[dict]:
     """One point per adapter (step 0 = the base model), scored like the final evaluation."""
-    metrics = run.adapter / "metrics.json"
     losses: dict[int, dict] = {}
-    if metrics.is_file():
-        m = json.loads(metrics.read_text(encoding="utf-8"))
+    m = report.read_json_or_empty(run.adapter / "metrics.json", "the training losses")
+    if m:
         for r in m.get("train", []):
             losses.setdefault(r["step"], {})["train_loss"] = round(r["loss"], 4)
         for r in m.get("val", []):
@@ -335,11 +356,6 @@ def learning_curve(run: Run, rows: list[dict], answers: dict[str, dict], adapter
         ck_rows = [{**r, "finetuned_answer": answers[a.label][r["id"]]} for r in rows]
         report.score_rows(ck_rows, questions, f1_threshold)
         points.append(curve_point(a.step if a.step is not None else -1, a.label, ck_rows, "finetuned", losses))
-    columns = list(dict.fromkeys(k for p in points for k in p))
-    report.write_csv(paths["curve_csv"], points, columns)
-    charts.plot_curve(points, CURVE_SERIES, paths["curve_plot"])
-    print(f"learning curve over {len(points)} points (base + {len(adapters)} adapters): {paths['curve_csv']}, "
-          f"{paths['curve_plot']}")
     return points
 
 
@@ -390,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="rubric file, one 'name: description' line per criterion; the first criterion is correctness; "
            "'none' for the pairwise judge only (default: the shipped paperqa_tune/rubric_default.txt)")
     a("--judge_workers", type=int, default=4, help="concurrent judge requests")
+    a("--trust_remote_code", action="store_true",
+      help="allow a base model that needs its own Python code from its folder or the hub to run it (off: such "
+           "a model is refused; read its code first)")
     a("--overwrite", action="store_true", help="replace existing outputs (the answer cache is kept)")
     return p
 
@@ -408,6 +427,8 @@ def validate(args) -> None:
         problems.append("--f1_threshold must be in (0, 1]")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         problems.append("--temperature must be > 0 and --top_p in (0, 1] when sampling")
+    if args.system and undecodable(args.system):
+        problems.append(f"--system holds bytes that are not UTF-8 ({undecodable(args.system)})")
     if args.judge_model and not os.environ.get("OPENAI_API_KEY"):
         problems.append("--judge_model needs the OPENAI_API_KEY environment variable (any value for a local server)")
     if not problems:
@@ -419,31 +440,37 @@ def validate(args) -> None:
 
 
 def rescore(args) -> int:
-    """--rescore: scores, summary, verdict and charts again from a CSV's answers; no model load."""
+    """--rescore: scores, summary, verdict and charts again from a CSV's answers; no model load. Without --out
+    it rewrites that CSV (and the files beside it) on purpose, through the same stage-and-commit."""
     src = Path(args.rescore)
     rows = report.read_results_csv(src)[: args.n]
+    scored, skipped = report.split_skipped(rows)
+    if not scored:
+        raise InputError(f"{src}: every row was skipped (too long for the model); nothing to rescore")
     out = Path(args.out) if args.out else src
+    in_place = out.resolve() == src.resolve()
     paths = output_paths(out)
-    if out != src:
-        check_outputs_free([paths[k] for k in ("csv", "marking", "summary", "plot")], args.overwrite)
-    old_summary = src.with_name("summary.json")
-    prev = json.loads(old_summary.read_text(encoding="utf-8")) if old_summary.is_file() else {}
+    prev = report.read_json_or_empty(src.with_name("summary.json"), "the adapter, base model and decoding it names")
     qfile = args.questions or prev.get("questions")
-    questions = {}
-    if qfile and Path(qfile).is_file():  # for the abstracts the judge grounds on
-        questions = {q["id"]: q for q in read_questions(Path(qfile))}
-        print(f"abstracts for the judge from {qfile}")
-    questions = {r["id"]: {"context": "", **questions.get(r["id"], {}), **r} for r in rows}
-    cache = JsonlCache(paths["cache"])
-    criteria, pairwise, judge_stats = run_judges(rows, questions, args, cache)
-    report.score_rows(rows, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
-    summary = {**report.summarize(rows, criteria, seed=args.seed), "rescored_from": str(src),
-               "f1_threshold": args.f1_threshold, "questions": qfile, "judge_model": args.judge_model,
-               "judge_stats": judge_stats}
-    # what generated the answers is still true of them
-    summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
-    write_outputs(paths, rows, summary, criteria, pairwise)
-    return 0
+    if qfile and not args.questions and not Path(qfile).is_file():
+        qfile = None  # the questions the evaluation used are gone: no abstracts for the judge
+    inputs = ([] if in_place else [src]) + ([qfile] if qfile and Path(qfile).resolve() != src.resolve() else [])
+    with open_outputs(paths, False, inputs, args.overwrite or in_place) as outs:
+        questions = {}
+        if qfile:  # for the abstracts the judge grounds on
+            questions = {q["id"]: q for q in read_questions(Path(qfile))}
+            print(f"abstracts for the judge from {qfile}")
+        questions = {r["id"]: {"context": "", **questions.get(r["id"], {}), **r} for r in scored}
+        cache = JsonlCache(paths["cache"])
+        criteria, pairwise, judge_stats = run_judges(scored, questions, args, cache)
+        report.score_rows(scored, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+        summary = {**report.summarize(scored, criteria, seed=args.seed), "rescored_from": str(src),
+                   "f1_threshold": args.f1_threshold, "questions": qfile, "judge_model": args.judge_model,
+                   "judge_stats": judge_stats,
+                   "skipped_too_long": {"n": len(skipped), "ids": [r["id"] for r in skipped]}}
+        # what generated the answers is still true of them
+        summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
+        return report.write_outputs(outs, rows, summary, criteria, pairwise)
 
 
 def _main(argv=None) -> int:
@@ -455,68 +482,105 @@ def _main(argv=None) -> int:
     t_start = time.perf_counter()
 
     run = read_run(args.adapter, args.base_model)
+    require_adapter_weights(run)
     qpath, where = resolve_questions(args.questions, run)
     print(where, flush=True)
     questions = read_questions(qpath)[: args.n]
     paths = output_paths(Path(args.out or DEFAULT_OUT))
-    check_outputs_free([paths[k] for k in ("csv", "marking", "summary", "plot")], args.overwrite)
     checkpoints = find_checkpoints(run, args.checkpoints) if args.checkpoints is not None else []
+    config = model_config(run.base_model, args.trust_remote_code)  # found, and no custom code without the flag
+    with open_outputs(paths, args.checkpoints is not None, [qpath, *run_files(run)], args.overwrite) as outs:
+        return evaluate(args, run, questions, (qpath, where), checkpoints, max_positions(config), paths, outs,
+                        t_start)
 
+
+def run_files(run: Run) -> list[Path]:
+    """Files of the run folder and of a local base model folder: read by this run, so never an output."""
+    folders = [run.adapter] + ([Path(run.base_model)] if Path(run.base_model).is_dir() else [])
+    return [p for d in folders for p in d.iterdir() if p.is_file()]
+
+
+def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], checkpoints: list[Adapter],
+             limit: int | None, paths: dict, outs: OutputSet, t_start: float) -> int:
+    """Answer (what is not cached), judge, score and write: the body of a run, with the outputs locked."""
     from transformers import set_seed
 
     set_seed(args.seed)
-    tokenizer = run_tokenizer(run)
+    tokenizer = run_tokenizer(run, args.trust_remote_code)
     dec = Decoding(args.max_new_tokens, args.min_new_tokens, args.do_sample, args.temperature, args.top_p,
                    args.seed, args.cache, args.compile)
     systems = {q["id"]: system_for(q, run, args.system) for q in questions}
     prompts = {q["id"]: prompt_ids(tokenizer, q["question"], systems[q["id"]]) for q in questions}
+    skipped = skip_too_long(prompts, args.max_new_tokens, limit, run.base_model)
+    asked = [q for q in questions if q["id"] not in skipped]
     adapters = checkpoints + [Adapter("finetuned", run.adapter, final_step(run), run.adapter_sha)]
     names = {"base": f"base:{run.base_model}", **{a.label: f"finetuned:{run.base_model}+{a.sha}" for a in adapters}}
-    keys = {(q["id"], m): answer_key(q, prompts[q["id"]], name, dec) for q in questions for m, name in names.items()}
+    keys = {(q["id"], m): answer_key(q, prompts[q["id"]], name, dec) for q in asked for m, name in names.items()}
     cache = JsonlCache(paths["cache"])
-    todo = {m: [(keys[q["id"], m], q, prompts[q["id"]]) for q in questions if cache.get(keys[q["id"], m]) is None]
+    todo = {m: [(keys[q["id"], m], q, prompts[q["id"]]) for q in asked if cache.get(keys[q["id"], m]) is None]
             for m in names}
-    print(f"{len(questions)} questions; cached answers: base {len(questions) - len(todo['base'])}, "
-          f"fine-tuned {len(questions) - len(todo['finetuned'])}"
+    print(f"{len(asked)} questions; cached answers: base {len(asked) - len(todo['base'])}, "
+          f"fine-tuned {len(asked) - len(todo['finetuned'])}"
           + (f"; {len(checkpoints)} checkpoint(s)" if checkpoints else ""), flush=True)
     timing: dict = {"mode": None, "prepare_s": round(time.perf_counter() - t_start, 3)}
     if any(todo.values()):
-        seq_len = max(len(p) for p in prompts.values()) + args.max_new_tokens
-        timing.update(generate_all(run, tokenizer, todo, adapters, dec, args, len(questions), seq_len, cache))
+        seq_len = max(len(prompts[q["id"]]) for q in asked) + args.max_new_tokens
+        timing.update(generate_all(run, tokenizer, todo, adapters, dec, args, len(asked), seq_len, cache))
 
     t_scores = time.perf_counter()
-    answers = {m: {q["id"]: cache.get(keys[q["id"], m]) for q in questions} for m in names}
+    answers = {m: {q["id"]: cache.get(keys[q["id"], m]) for q in asked} for m in names}
     rows = []
     for q in questions:
         row = {k: q[k] for k in ("id", "type", "question", "reference")}
+        if q["id"] in skipped:
+            row["skipped"] = skipped[q["id"]]
+            if len(q["question"]) > SKIPPED_QUESTION_CHARS:
+                row["question"] = (q["question"][:SKIPPED_QUESTION_CHARS] +
+                                   f" [... {len(q['question']):,} characters in all]")
         for side in SIDES:
-            row[f"{side}_answer"] = answers[side][q["id"]]["answer"]
-            row[f"{side}_new_tokens"] = answers[side][q["id"]]["new_tokens"]
+            row[f"{side}_answer"] = "" if q["id"] in skipped else answers[side][q["id"]]["answer"]
+            row[f"{side}_new_tokens"] = None if q["id"] in skipped else answers[side][q["id"]]["new_tokens"]
         row["system_prompt"] = systems[q["id"]]
         rows.append(row)
+    scored = [r for r in rows if r["id"] not in skipped]
     by_id = {q["id"]: q for q in questions}
-    criteria, pairwise, judge_stats = run_judges(rows, by_id, args, cache)
-    report.score_rows(rows, by_id, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
-    summary = report.summarize(rows, criteria, seed=args.seed)
+    criteria, pairwise, judge_stats = run_judges(scored, by_id, args, cache)
+    report.score_rows(scored, by_id, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+    summary = report.summarize(scored, criteria, seed=args.seed)
+    qpath, where = source
     summary.update({
         "adapter": str(run.adapter), "base_model": run.base_model, "questions": str(qpath), "questions_source": where,
-        "n": len(rows), "system_prompt": run.system_prompt if args.system is None else (args.system or None),
-        "system_prompts_used": [{"prompt": p, "questions": n} for p, n in Counter(systems.values()).items()],
+        "n": len(scored), "skipped_too_long": {"n": len(skipped), "ids": list(skipped), "max_positions": limit,
+                                               "max_new_tokens": args.max_new_tokens},
+        "system_prompt": run.system_prompt if args.system is None else (args.system or None),
+        "system_prompts_used": [{"prompt": p, "questions": n}
+                                for p, n in Counter(systems[q["id"]] for q in asked).items()],
         "decoding": dec.key(), "f1_threshold": args.f1_threshold, "judge_model": args.judge_model,
         "judge_rubric": args.judge_rubric if args.judge_model else None, "judge_stats": judge_stats})
+    curve = None
     if checkpoints:
-        summary["learning_curve"] = learning_curve(run, rows, {m: {i: a["answer"] for i, a in v.items()}
-                                                              for m, v in answers.items()}, adapters, by_id,
-                                                   args.f1_threshold, paths)
+        curve = learning_curve(run, scored, {m: {i: a["answer"] for i, a in v.items()} for m, v in answers.items()},
+                               adapters, by_id, args.f1_threshold)
+        summary["learning_curve"] = curve
     timing["score_write_s"] = round(time.perf_counter() - t_scores, 3)
     timing["total_s"] = round(time.perf_counter() - t_start, 3)
     summary["timing"] = timing
-    write_outputs(paths, rows, summary, criteria, pairwise)
-    return 0
+    return report.write_outputs(outs, rows, summary, criteria, pairwise, curve, CURVE_SERIES)
+
+
+def _checked_main(argv=None) -> int:
+    """_main with the file-system errors no step converted (a full disk while appending to the answer cache)
+    as one-line failures: a permission problem is the setup's (exit 2), anything else a run-time failure (1)."""
+    try:
+        return _main(argv)
+    except PermissionError as e:
+        raise InputError(f"{os_error_text(e)}: check the permissions there, or choose another path") from None
+    except OSError as e:
+        raise RunFailure(os_error_text(e)) from None
 
 
 def main(argv=None) -> int:
-    return run_main(_main, argv)
+    return run_main(_checked_main, argv)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,24 @@ The base model comes from the run folder (run_config.json), and every prompt is 
 training chat template and the run's system prompt unless --system says otherwise. On a CUDA GPU with
 room the 4-bit base is dequantised to bf16 first (eval_compare.py's fast path); the adapter stays
 unmerged so /base and /ft switch instantly. --merge_out writes the base dequantised exactly as training
-saw it, with the LoRA merged in (PEFT merge_and_unload), as a plain bf16 checkpoint plus tokenizer.
+saw it, with the LoRA merged in (PEFT merge_and_unload), as a plain bf16 checkpoint plus tokenizer; it is
+built in a hidden folder beside --merge_out and renamed into place at the end (a full disk: exit 1, nothing
+left behind), and --overwrite replaces only a folder that an earlier --merge_out wrote (merge_info.json).
+A base model that needs its own Python code is refused without --trust_remote_code.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
-from common import DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, run_main, write_json_atomic
-from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
-from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, merged_model,
-                                  run_tokenizer)
+from common import DEFAULT_RUN_DIR, HelpFormatter, InputError, RunFailure, ensure_chat_template, run_main
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, too_long, undecodable
+from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, max_positions, merged_model,
+                                  model_config, os_error_text, require_adapter_weights, run_tokenizer,
+                                  write_folder)
 from paperqa_tune.runs import read_run
 
 HELP = "commands: /base  /ft  /both  /system TEXT  /help  /quit"
@@ -58,24 +63,53 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mode", choices=("auto", "fast", "reference"), default="auto",
       help="fast: dequantised bf16 base; reference: 4-bit; auto: fast when a CUDA GPU has room")
     a("--merge_out", default=None, help="write the merged bf16 model here and exit (default: off)")
-    a("--overwrite", action="store_true", help="allow --merge_out into a non-empty folder")
+    a("--overwrite", action="store_true", help="let --merge_out replace a merged model written there before")
+    a("--trust_remote_code", action="store_true",
+      help="allow a base model that needs its own Python code from its folder or the hub to run it (off: such "
+           "a model is refused; read its code first)")
     return p
 
 
-def write_merged(run, tokenizer, out: Path, overwrite: bool) -> None:
-    """Dequantised base + merged LoRA, saved as a plain checkpoint any transformers/vLLM loads."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} is not empty; pass --overwrite or choose another --merge_out")
-    model = merged_model(run)
+MERGE_INFO = "merge_info.json"  # written last into a merged folder: what it is, and that --overwrite may replace it
+
+
+def check_merge_out(out: Path, overwrite: bool, protected: dict[str, str]) -> None:
+    """Before anything loads: --merge_out must be a new or empty folder, or (with --overwrite) a merged model
+    this script wrote, and never the run or base model folder nor a folder holding them (`protected`)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--merge_out {out} is a file; give a folder")
+    target = out.resolve()
+    for what, path in protected.items():
+        p = Path(path).expanduser()
+        if p.exists() and (target == p.resolve() or target in p.resolve().parents):
+            raise InputError(f"--merge_out {out} is or holds {what} {path}, which this run reads; choose another "
+                             "folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out} is not empty; pass --overwrite or choose another --merge_out")
+        if not (out / MERGE_INFO).is_file():
+            raise InputError(f"{out} is not empty and holds no {MERGE_INFO}, so it is not a merged model written by "
+                             "quick_infer.py; --overwrite only replaces one of those: choose another --merge_out")
+
+
+def write_merged(run, tokenizer, out: Path, overwrite: bool, trust_remote_code: bool = False) -> None:
+    """Dequantised base + merged LoRA, saved as a plain checkpoint any transformers/vLLM loads. Written into a
+    temp folder beside `out` and renamed into place at the end: a failure (a full disk: exit 1) or a kill leaves
+    no half-written folder."""
+    check_merge_out(out, overwrite, {"the run folder": str(run.adapter), "the base model": run.base_model})
+    model = merged_model(run, trust_remote_code=trust_remote_code)
     model.config.use_cache = True
-    model.save_pretrained(out)
     ensure_chat_template(tokenizer)
     tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out)
-    write_json_atomic(out / "merge_info.json", {"base_model": run.base_model, "adapter": str(run.adapter),
-                                               "adapter_sha256": run.adapter_sha, "dtype": str(model.dtype),
-                                               "how": "bnb 4-bit base dequantised (dequantize_4bit) + "
-                                                      "PEFT merge_and_unload"})
+    info = {"base_model": run.base_model, "adapter": str(run.adapter), "adapter_sha256": run.adapter_sha,
+            "dtype": str(model.dtype), "how": "bnb 4-bit base dequantised (dequantize_4bit) + PEFT merge_and_unload"}
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    write_folder(out, write)
     print(f"merged model written to {out}")
 
 
@@ -88,7 +122,11 @@ def answer(model, tokenizer, question: str, system: str, dec: Decoding, side: st
         return generate_batch(model, tokenizer, [prompt_ids(tokenizer, question, system)], dec, streamer)[0][0]
 
 
-def respond(model, tokenizer, question: str, system: str, dec: Decoding, who: str) -> dict:
+def respond(model, tokenizer, question: str, system: str, dec: Decoding, who: str, limit: int | None = None) -> dict:
+    """Answer with one model or both; InputError (not answered) when the prompt does not fit the model."""
+    why = too_long(len(prompt_ids(tokenizer, question, system)), dec.max_new_tokens, limit)
+    if why:
+        raise InputError(f"the question is {why}; shorten it or lower --max_new_tokens")
     sides = ("base", "ft") if who == "both" else (who,)
     out = {}
     for side in sides:
@@ -98,8 +136,17 @@ def respond(model, tokenizer, question: str, system: str, dec: Decoding, who: st
     return out
 
 
-def interactive(model, tokenizer, system: str, dec: Decoding, who: str) -> None:
+def tolerant_stdin() -> None:
+    """Let stdin hand over bytes that are not UTF-8 (as lone surrogates, which undecodable() finds) instead of
+    raising on them -- which would end the session and lose the rest of the buffered input. Python allows no
+    change back once a line is read; the session is the last thing this process reads stdin for."""
+    if hasattr(sys.stdin, "reconfigure") and getattr(sys.stdin, "errors", None) not in (None, "surrogateescape"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
+def interactive(model, tokenizer, system: str, dec: Decoding, who: str, limit: int | None = None) -> None:
     print(HELP, flush=True)
+    tolerant_stdin()
     while True:
         try:
             line = input(f"[{who}] > ").strip()
@@ -107,6 +154,10 @@ def interactive(model, tokenizer, system: str, dec: Decoding, who: str) -> None:
             print()
             break
         if not line:
+            continue
+        bad = undecodable(line)
+        if bad:
+            print(f"that line is not valid UTF-8 ({bad}); set your terminal to UTF-8 and type it again", flush=True)
             continue
         if line.startswith("/"):
             cmd, _, rest = line.partition(" ")
@@ -121,7 +172,10 @@ def interactive(model, tokenizer, system: str, dec: Decoding, who: str) -> None:
             else:
                 print(HELP, flush=True)
             continue
-        respond(model, tokenizer, line, system, dec, who)
+        try:
+            respond(model, tokenizer, line, system, dec, who, limit)
+        except InputError as e:
+            print(f"{e}", flush=True)
 
 
 def _main(argv=None) -> int:
@@ -130,13 +184,19 @@ def _main(argv=None) -> int:
         raise InputError("--max_new_tokens must be >= 1, --temperature >= 0, --top_p in (0, 1]")
     if args.prompt is not None and not args.prompt.strip():
         raise InputError("--prompt is empty")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+        if text and undecodable(text):
+            raise InputError(f"{flag} holds bytes that are not UTF-8 ({undecodable(text)}); pass UTF-8 text")
     run = read_run(args.adapter, args.base_model)
+    require_adapter_weights(run)
+    # the base model is found, and needs no custom code without the flag; how many positions it has
+    limit = max_positions(model_config(run.base_model, args.trust_remote_code))
     from transformers import set_seed
 
     set_seed(args.seed)
-    tokenizer = run_tokenizer(run)
+    tokenizer = run_tokenizer(run, args.trust_remote_code)
     if args.merge_out:
-        write_merged(run, tokenizer, Path(args.merge_out), args.overwrite)
+        write_merged(run, tokenizer, Path(args.merge_out), args.overwrite, args.trust_remote_code)
         return 0
 
     # the prompt the run's training data used (run_config.json) unless --system says otherwise; '' = none
@@ -145,20 +205,31 @@ def _main(argv=None) -> int:
           file=sys.stderr, flush=True)
     dec = Decoding(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    model = load_run_base(run)
+    if args.prompt is not None:  # a prompt that does not fit fails before the model loads
+        why = too_long(len(prompt_ids(tokenizer, args.prompt.strip(), system)), args.max_new_tokens, limit)
+        if why:
+            raise InputError(f"--prompt is {why}; shorten it or lower --max_new_tokens")
+    model = load_run_base(run, args.trust_remote_code)
     if choose_mode(args.mode, model, 1, 2048 + args.max_new_tokens) == "fast":
         dequantize_(model)
     model = attach_adapter(model, run.adapter)
     print(f"loaded {run.base_model} + {run.adapter}", file=sys.stderr, flush=True)
     if args.prompt is not None:
-        respond(model, tokenizer, args.prompt.strip(), system, dec, args.answer_with)
+        respond(model, tokenizer, args.prompt.strip(), system, dec, args.answer_with, limit)
     else:
-        interactive(model, tokenizer, system, dec, args.answer_with)
+        interactive(model, tokenizer, system, dec, args.answer_with, limit)
     return 0
 
 
+def _checked_main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except OSError as e:  # what no step converted, e.g. stdout closed under a pipe
+        raise RunFailure(os_error_text(e)) from None
+
+
 def main(argv=None) -> int:
-    return run_main(_main, argv)
+    return run_main(_checked_main, argv)
 
 
 if __name__ == "__main__":

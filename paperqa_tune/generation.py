@@ -3,9 +3,13 @@ local-model backend. Prompts are rendered exactly as training renders them (comm
 the tokenizer's chat template, exactly one BOS)."""
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass
 
-from common import chat_text, encode_text, qa_messages
+from common import InputError, chat_text, encode_text, qa_messages
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -50,6 +54,45 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 def prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
     """One question in the training format: system (if any) + user turns, then the assistant header."""
     return chat_prompt_ids(tokenizer, qa_messages(question, system=system))
+
+
+def too_long(n_prompt: int, max_new_tokens: int, limit: int | None) -> str | None:
+    """Why a prompt of n_prompt tokens cannot be answered with up to max_new_tokens more by a model that
+    attends over `limit` positions (config.max_position_embeddings), or None when it fits (or no limit is known)."""
+    if limit is None or n_prompt + max_new_tokens <= limit:
+        return None
+    return (f"too long: prompt {n_prompt} tokens + --max_new_tokens {max_new_tokens} > the model's {limit} "
+            "positions")
+
+
+def skip_too_long(prompts: dict[str, list[int]], max_new_tokens: int, limit: int | None,
+                  model_name: str) -> dict[str, str]:
+    """id -> why, for the prompts (id -> token ids) that with max_new_tokens more would not fit the model's
+    `limit` positions: never to be answered (a model past its positions writes garbage, or fails), with a
+    warning on stderr. InputError when that is every prompt."""
+    skipped = {i: why for i, p in prompts.items() if (why := too_long(len(p), max_new_tokens, limit))}
+    if not skipped:
+        return {}
+    listed = "; ".join(f"{i}: {why}" for i, why in list(skipped.items())[:5]) + (" ..." if len(skipped) > 5 else "")
+    if len(skipped) == len(prompts):
+        raise InputError(f"every question is too long for {model_name} with --max_new_tokens {max_new_tokens} "
+                         f"({listed}); lower --max_new_tokens or shorten the questions")
+    print(f"warning: {len(skipped)} of {len(prompts)} question(s) skipped, not answered and not scored, because "
+          f"they do not fit the model ({listed}); their rows say so in the CSV's 'skipped' column and summary.json "
+          "counts them under skipped_too_long", file=sys.stderr)
+    return skipped
+
+
+def undecodable(text: str) -> str | None:
+    """Where `text` holds bytes that were not UTF-8 (Python keeps them as lone surrogates: command-line
+    arguments, or stdin read with errors="surrogateescape"), e.g. "byte 0xff at character 6"; None if clean.
+    Such text cannot be tokenized or written as UTF-8."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    code = ord(m.group(0))
+    return (f"byte 0x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else "a lone surrogate") + \
+        f" at character {m.start()}"
 
 
 def left_pad(batch: list[list[int]], pad_id: int, device):

@@ -34,6 +34,9 @@ SIDES = (("base", "base_answer", "base"), ("finetuned", "finetuned_answer", "fin
 ORDERS = (("base_first", "base shown first"), ("ft_first", "fine-tuned shown first"))
 PAIRWISE_COLUMNS = ["judge_winner", "judge_consistent", "judge_reason", "judge_raw"]
 RAW_LIMIT = 500          # characters of a failed reply kept in the row (enough to see what went wrong)
+# Characters of a question row's text shown to the judge: an abstract is ~2,000; a whole paper pasted into
+# `context` (or a runaway generator) would otherwise be sent -- and paid for -- with every call.
+TEXT_LIMITS = {"context": 20_000, "question": 4_000, "reference": 4_000}
 MAX_TOKENS = {"rubric": 400, "pairwise": 300}
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
@@ -133,14 +136,34 @@ _TYPE_HINTS = {
 }
 
 
+def capped(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying so where it was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n[... truncated: the first {limit:,} of {len(text):,} characters are shown]"
+
+
+def oversized(questions: dict) -> dict[str, list[str]]:
+    """Which question ids carry a field longer than the judge is shown (TEXT_LIMITS), per field."""
+    out: dict[str, list[str]] = {}
+    for qid, q in questions.items():
+        for name, limit in TEXT_LIMITS.items():
+            if len(str(q.get(name) or "")) > limit:
+                out.setdefault(name, []).append(qid)
+    return out
+
+
 def _question_block(q: dict) -> str:
-    """Abstract, question, what a good answer does for this question type, reference answer."""
-    parts = [f"Abstract:\n{q.get('context') or '(not available)'}", f"Question: {q.get('question', '')}"]
+    """Abstract, question, what a good answer does for this question type, reference answer; each capped
+    at TEXT_LIMITS characters."""
+    lim = TEXT_LIMITS
+    parts = [f"Abstract:\n{capped(str(q.get('context') or ''), lim['context']) or '(not available)'}",
+             f"Question: {capped(str(q.get('question') or ''), lim['question'])}"]
     hint = _TYPE_HINTS.get(str(q.get("type") or "").lower())
     if hint:
         parts.append(hint)
     if q.get("reference"):
-        parts.append(f"Reference answer (written from the abstract): {q['reference']}")
+        parts.append(f"Reference answer (written from the abstract): {capped(str(q['reference']), lim['reference'])}")
     return "\n\n".join(parts)
 
 
@@ -280,12 +303,14 @@ def _ask(client, cfg: JudgeConfig, job: _Job) -> dict:
     try:
         resp = client.chat.completions.create(model=cfg.model, temperature=0, max_tokens=job.max_tokens,
                                               messages=job.messages)
-    except (openai.APIError, json.JSONDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 -- whatever the server or the wire does, the row records it
         # APIError covers status errors, connection errors and timeouts; a JSONDecodeError is a
-        # (proxy's) 200 response whose body is not JSON, e.g. cut off.
+        # (proxy's) 200 response whose body is not JSON, e.g. cut off; anything else (a body the client
+        # cannot decode) is a failed call too, never a traceback that loses the whole evaluation.
+        kind = "API error" if isinstance(e, (openai.APIError, json.JSONDecodeError)) else "unexpected error"
         msg = scrub(f"{type(e).__name__}: {e}", cfg.api_key)
         # (the client has already retried what is worth retrying: 429, 5xx, timeouts, up to max_retries)
-        return {"ok": False, "why": f"API error: {_one_line(msg)[:200]}",
+        return {"ok": False, "why": f"{kind}: {_one_line(msg)[:200]}",
                 "raw": msg[:RAW_LIMIT]}
     content, finish = _reply_text(resp)
     content = scrub(content, cfg.api_key)

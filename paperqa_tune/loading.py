@@ -3,10 +3,15 @@ base exactly as training quantised it, and the dense/merged forms evaluation and
 code from the hub never runs unless the caller passes trust_remote_code=True."""
 from __future__ import annotations
 
+import errno
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
-from common import InputError, ensure_chat_template
+from common import InputError, RunFailure, ensure_chat_template
 
 
 # --------------------------------------------------------------------------- precision, tokenizer, base model
@@ -47,7 +52,7 @@ def load_tokenizer(source, padding_side: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the tokenizer from {source}: {e}") from None
+        raise InputError(_custom_code_message(source, e) or f"cannot load the tokenizer from {source}: {e}") from None
     ensure_chat_template(tok)
     ensure_pad(tok)
     tok.padding_side = padding_side
@@ -83,6 +88,117 @@ def load_causal_lm(name, dtype, device=None, quantized: bool = True, attn_implem
         return AutoModelForCausalLM.from_pretrained(str(name), **kw)
     except OSError as e:
         raise InputError(f"cannot load model {name}: {e}") from None
+    except ValueError as e:
+        msg = _custom_code_message(name, e)
+        if msg is None:
+            raise
+        raise InputError(msg) from None
+
+
+# --------------------------------------------------------------------------- checks before a model loads
+def _custom_code_message(source, e: Exception) -> str | None:
+    """The message for transformers' refusal to run a model's own code (trust_remote_code off), else None."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return (f"{source} needs its own Python code to load (config auto_map; custom code from the model's "
+            "files), which is off by default because it runs with your permissions; read that code and pass "
+            "--trust_remote_code if you trust it")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub repo id ('name' or 'org/name')."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
+
+
+def model_config(name: str, trust_remote_code: bool = False, what: str = "base model"):
+    """The model's config, read before anything heavy: InputError for a local path that does not exist
+    ("not found", not a hub repo-id syntax message), for a model that needs its own code while
+    trust_remote_code is off (transformers is told False explicitly, so it never asks on stdin), or for a
+    config that cannot be read."""
+    from transformers import AutoConfig
+
+    name = str(name)
+    if not Path(name).expanduser().exists() and _looks_like_path(name):
+        raise InputError(f"{what} {name} not found: no such folder; pass --base_model with the model the run "
+                         "was trained on (a local folder or a hub id such as HuggingFaceH4/zephyr-7b-beta)")
+    if Path(name).is_file():
+        raise InputError(f"{what} {name} is a file; pass the model's folder (with config.json)")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise InputError(_custom_code_message(name, e) or f"cannot read the config of {what} {name}: "
+                         f"{_first_line(e)}") from None
+    except OSError as e:
+        raise InputError(f"cannot read the config of {what} {name}: {_first_line(e)}") from None
+
+
+def max_positions(config) -> int | None:
+    """How many tokens (prompt + answer) the model can attend over, from its config; None if it does not say."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$")
+
+
+def adapter_mismatch(model, adapter: Path) -> str | None:
+    """Why the LoRA weights in `adapter` do not fit `model` (a layer it targets is missing, or has other
+    in/out sizes: an adapter trained on a different base model), or None when they fit. Reads only the
+    safetensors header."""
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            m = _LORA_KEY.match(key)
+            if not m:
+                continue
+            name, ab = m.groups()
+            mod = modules.get(name)
+            if mod is None:
+                return f"it has LoRA weights for the layer {name}, which the base model does not have"
+            shape = f.get_slice(key).get_shape()
+            dim, want = (shape[1], getattr(mod, "in_features", None)) if ab == "A" else \
+                (shape[0], getattr(mod, "out_features", None))
+            if want is not None and dim != want:
+                side = "input" if ab == "A" else "output"
+                return f"layer {name} has {side} size {want} in the base model but {dim} in the adapter"
+    return None
+
+
+def check_adapter_fits(model, adapter: Path) -> None:
+    """InputError naming the adapter, the base model and the model the adapter was trained on, when the
+    adapter does not fit the loaded base model."""
+    why = adapter_mismatch(model, adapter)
+    if why is None:
+        return
+    raise InputError(_mismatch_message(model, adapter, why))
+
+
+def _mismatch_message(model, adapter: Path, why: str) -> str:
+    import json
+
+    base = getattr(model, "name_or_path", None) or "the base model"
+    trained_on = None
+    try:
+        trained_on = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError):
+        pass
+    return (f"the adapter {adapter} does not fit the base model {base}: {why}"
+            + (f"; the adapter was trained on {trained_on}" if trained_on else "")
+            + "; pass --base_model with the model the run was trained on")
 
 
 def default_device():
@@ -92,13 +208,22 @@ def default_device():
 
 
 # --------------------------------------------------------------------------- a run's models
-def run_tokenizer(run):
+def run_tokenizer(run, trust_remote_code: bool = False):
     """The run's saved tokenizer (the base model's if the run has none), left-padded for generation."""
     src = run.adapter if (run.adapter / "tokenizer_config.json").is_file() else run.base_model
-    return load_tokenizer(src, padding_side="left")
+    return load_tokenizer(src, padding_side="left", trust_remote_code=trust_remote_code)
 
 
-def load_run_base(run):
+def require_adapter_weights(run) -> None:
+    """InputError unless the run folder holds its adapter's weights (written last: a run that did not finish
+    has none)."""
+    if not (run.adapter / "adapter_model.safetensors").is_file():
+        raise InputError(f"{run.adapter}: no adapter_model.safetensors here, so the run did not finish "
+                         "(train_qlora_hf.py writes the weights last); resume or rerun the training, or pass "
+                         "--adapter with a finished run")
+
+
+def load_run_base(run, trust_remote_code: bool = False):
     """The run's base model as training loaded it: NF4, double quant, training's compute dtype (resolved on
     this device the way training resolves it), in eval mode."""
     device = default_device()
@@ -106,7 +231,7 @@ def load_run_base(run):
     if "falling back" in note:
         print(f"warning: {note}", file=sys.stderr)
     try:
-        model = load_causal_lm(run.base_model, dtype, device)
+        model = load_causal_lm(run.base_model, dtype, device, trust_remote_code=trust_remote_code)
     except InputError as e:
         raise InputError(f"{e}; pass --base_model") from None
     return model.eval()
@@ -128,16 +253,85 @@ def dequantize_(model) -> None:
 
 
 def attach_adapter(model, adapter: Path):
+    """The model with the LoRA adapter on top (not trainable); InputError naming both when it does not fit."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    check_adapter_fits(model, adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    except RuntimeError as e:  # what the header check cannot see (e.g. an adapter saved as .bin)
+        if "size mismatch" not in str(e):
+            raise
+        raise InputError(_mismatch_message(model, adapter, _first_line(e))) from None
 
 
-def merged_model(run, model=None):
+def merged_model(run, model=None, trust_remote_code: bool = False):
     """Dense model with the LoRA merged in: base (dequantised if it was 4-bit) + merge_and_unload."""
-    model = model if model is not None else load_run_base(run)
+    model = model if model is not None else load_run_base(run, trust_remote_code)
     dequantize_(model)
     return attach_adapter(model, run.adapter).merge_and_unload()
+
+
+# --------------------------------------------------------------------------- writing a model folder
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(path: Path, prefix: str) -> bool:
+    """A temp folder `prefix<pid>.<suffix>` whose process is gone (a killed run's)."""
+    pid = path.name[len(prefix):].split(".", 1)[0]
+    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Build a folder under a temp name beside `out` (`write(tmp)` fills it), then rename it into place,
+    replacing `out` (an empty folder, or one the caller has checked may be replaced). A failure removes
+    the temp folder and leaves `out` as it was; a kill leaves at most a hidden temp folder, removed by the
+    next call. OSError (a full disk) becomes RunFailure."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}."
+    for stale in out.parent.glob(f"{prefix}*"):
+        if stale.is_dir() and _stale(stale, prefix):
+            if stale.name.endswith(".old") and not out.exists():
+                os.replace(stale, out)  # killed between the two renames: put the previous folder back
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f"{prefix}{os.getpid()}.partial")
+    old = out.with_name(f"{prefix}{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if out.exists() and any(out.iterdir()):
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFailure(f"cannot write {out}: {os_error_text(e)}; nothing was written there (it is as "
+                         "it was)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError in words, with what to do about a full disk."""
+    text = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += "; the disk is full: free some space and rerun"
+    return text
 
 
 # --------------------------------------------------------------------------- memory for generation

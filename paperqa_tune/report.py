@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import re
+import sys
 from pathlib import Path
+from typing import Callable
 
-from common import InputError, atomic_write_text
+from common import InputError, RunFailure, atomic_write_text
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
 from paperqa_tune.verdict import TIE_MARGIN, compare, decide, headline
 
@@ -85,18 +89,43 @@ def key_rates(rows: list[dict]) -> dict:
             for name, (sel, labels) in groups.items()}
 
 
+def _status(failed: int, total: int) -> str:
+    return "ok" if not failed else "failed" if failed >= total else "partial"
+
+
 def judge_summary(rows: list[dict], criteria: list[str]) -> dict:
+    """Judge results from the rows. Rates come from parsed verdicts only: a judge whose every call failed is
+    "status": "failed" with no rates (never a 100% tie)."""
     out: dict = {}
     if rows and "judge_winner" in rows[0]:
         done = [r for r in rows if r["judge_winner"] != "failed"]
-        out["pairwise"] = {"n": len(done), "failed": len(rows) - len(done),
+        out["pairwise"] = {"status": _status(len(rows) - len(done), len(rows)), "n": len(done),
+                           "failed": len(rows) - len(done),
                            **{w: round(sum(r["judge_winner"] == w for r in done) / len(done), 4) if done else None
                               for w in ("finetuned", "base", "tie")}}
     if criteria:
         out["rubric"] = {side: {c: _mean(r.get(f"{side}_rubric_{c}") for r in rows) for c in criteria + ["mean"]}
                          for side in SIDES}
         out["rubric"]["failed"] = sum(r.get(f"{side}_rubric_status", "ok") != "ok" for r in rows for side in SIDES)
+        out["rubric"]["status"] = _status(out["rubric"]["failed"], 2 * len(rows))
+    if out:
+        statuses = {v["status"] for v in out.values()}
+        out["status"] = "failed" if "failed" in statuses else "partial" if "partial" in statuses else "ok"
     return out
+
+
+def judge_failure(summary: dict) -> str | None:
+    """A warning when a judge kind failed on every question (its results are then marked "failed" in
+    summary.json and the primary score falls back to token F1), else None."""
+    judge = summary.get("judge") or {}
+    failed = [k for k in ("pairwise", "rubric") if (judge.get(k) or {}).get("status") == "failed"]
+    if not failed:
+        return None
+    return (f"the judge failed on EVERY call ({' and '.join(failed)}: see judge_raw / *_rubric_raw in the CSV for "
+            "its replies); summary.json marks it \"failed\" and reports no judge rates"
+            + ("; correctness falls back to token F1" if "rubric" in failed else "")
+            + ". Check --judge_model/--judge_base_url; failed calls are not cached, so rerunning the same command "
+            "asks the judge again")
 
 
 def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0) -> dict:
@@ -144,9 +173,15 @@ def summary_table(summary: dict) -> str:
         if r["n"]:
             lines.append(f"{label}: {_pct(r['base'])} -> {_pct(r['finetuned'])} (n={r['n']})")
     pw = summary.get("judge", {}).get("pairwise")
-    if pw:
+    if pw and pw.get("status") == "failed":
+        lines.append(f"pairwise judge: FAILED on all {pw['failed']} questions (see judge_raw)")
+    elif pw:
         lines.append(f"pairwise judge: fine-tuned {_pct(pw['finetuned'])}, base {_pct(pw['base'])}, tie {_pct(pw['tie'])}"
                      f" of {pw['n']} judged" + (f"; {pw['failed']} failed (see judge_raw)" if pw["failed"] else ""))
+    skipped = summary.get("skipped_too_long") or {}
+    if skipped.get("n"):
+        lines.append(f"skipped (too long for the model): {skipped['n']} question(s), not scored: "
+                     f"{', '.join(skipped['ids'][:10])}{' ...' if skipped['n'] > 10 else ''}")
     lines.append(summary["verdict_line"])
     return "\n".join(lines)
 
@@ -192,9 +227,34 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write_text(path, csv_text(rows, columns))
 
 
+# --------------------------------------------------------------------------- staged outputs
+def write_staged(path: Path, text: str) -> None:
+    """Write an output's text to its staged (temporary) path: no second temp file, flushed to disk before
+    OutputSet.commit() renames it into place."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plot_staged(draw: Callable[[Path], object], staged: Path) -> None:
+    """Draw a chart into its staged path with one of paperqa_tune.charts' functions, which render to a temp
+    file of their own first (.<name>.tmp.png): a draw that fails (full disk) leaves that file behind no more."""
+    try:
+        draw(staged)
+    except BaseException:
+        staged.with_name(f".{staged.name}.tmp.png").unlink(missing_ok=True)
+        raise
+
+
+def split_skipped(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows that were answered and are scored, rows skipped with a reason in their 'skipped' cell)."""
+    return [r for r in rows if not r.get("skipped")], [r for r in rows if r.get("skipped")]
+
+
 def _ours(column: str) -> bool:
     """A column eval_compare.py writes (recomputed on --rescore); any other is the user's and is kept."""
-    if column in QUESTION_COLUMNS + ANSWER_COLUMNS or column in ("finetuned_vs_base", "system_prompt"):
+    if column in QUESTION_COLUMNS + ANSWER_COLUMNS or column in ("finetuned_vs_base", "system_prompt", "skipped"):
         return True
     side, _, measure = column.partition("_")
     return (side in SIDES and (measure in MEASURES + ("new_tokens",) or measure.startswith("rubric_"))) or \
@@ -214,6 +274,8 @@ def result_columns(rows: list[dict], criteria: list[str], pairwise: bool, per_ro
         cols += [f"base_rubric_{c}", f"finetuned_rubric_{c}"]
     if per_row_system:
         cols.append("system_prompt")
+    if any(r.get("skipped") for r in rows):
+        cols.append("skipped")
     extra = dict.fromkeys(k for r in rows for k in r.get("user_columns", {}))
     return cols + list(extra)
 
@@ -246,6 +308,8 @@ def read_results_csv(path: Path) -> list[dict]:
                     row[f"{side}_new_tokens"] = int(n) if n.isdigit() else None
                 if rec.get("system_prompt") is not None:
                     row["system_prompt"] = unsafe_cell(rec["system_prompt"])
+                if (rec.get("skipped") or "").strip():  # not answered (too long for the model): not scored
+                    row["skipped"] = unsafe_cell(rec["skipped"])
                 # the user's own columns (notes, marks) ride along unchanged
                 row["user_columns"] = {c: unsafe_cell(rec.get(c) or "") for c in fields if c and not _ours(c)}
                 row.update(row["user_columns"])
@@ -257,3 +321,81 @@ def read_results_csv(path: Path) -> list[dict]:
     if not rows:
         raise InputError(f"{path}: no rows to rescore")
     return rows
+
+
+# --------------------------------------------------------------------------- an evaluation's outputs, together
+def output_paths(out: Path) -> dict[str, Path]:
+    """Where an evaluation with results CSV `out` writes (the cache is the resume log, not an output)."""
+    return {"csv": out, "marking": out.with_name(f"{out.stem}_for_marking.csv"),
+            "summary": out.with_name("summary.json"), "plot": out.with_name("results_bar.png"),
+            "cache": out.with_name(f"{out.stem}.cache.jsonl"),
+            "curve_csv": out.with_name("learning_curve.csv"), "curve_plot": out.with_name("learning_curve.png")}
+
+
+# The outputs written together, by the name messages use; committed in COMMIT_ORDER, summary.json last.
+OUTPUTS = {"csv": "--out", "marking": "the marking sheet", "plot": "the chart", "curve_csv": "learning_curve.csv",
+           "curve_plot": "learning_curve.png", "summary": "summary.json"}
+COMMIT_ORDER = ("curve_csv", "curve_plot", "marking", "plot", "csv", "summary")
+
+
+def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool):
+    """The evaluation's OutputSet (with the learning curve's files when `curve`): distinct outputs, none an
+    input, nor the answer cache one; existing ones replaced only with overwrite. `with` it to hold the lock."""
+    from paperqa_tune.outputs import OutputSet
+
+    for i in inputs:
+        if i and Path(i).resolve() == paths["cache"].resolve():
+            raise InputError(f"{i} is this run's answer cache (<out stem>.cache.jsonl), where answers are appended; "
+                             "choose another --out")
+    keys = [k for k in OUTPUTS if curve or not k.startswith("curve")]
+    return OutputSet({OUTPUTS[k]: paths[k] for k in keys}, inputs=inputs, overwrite=overwrite)
+
+
+def write_outputs(outs, rows: list[dict], summary: dict, criteria: list[str], pairwise: bool,
+                  curve: list[dict] | None = None, curve_series: dict | None = None) -> int:
+    """The CSV, the marking sheet, summary.json, the chart (and the learning curve) staged in `outs` (an
+    OutputSet from open_outputs, locked) and committed together; then the table and verdict on stdout. A
+    failed write (a full disk) is RunFailure with the previous outputs untouched. Returns the exit code: 1
+    when the judge failed on every call (the evaluation is written, the judge marked failed), else 0."""
+    from paperqa_tune import charts
+    from paperqa_tune.loading import os_error_text
+
+    failure = judge_failure(summary)
+    if failure:
+        summary["judge"]["note"] = failure
+    scored, _ = split_skipped(rows)
+    per_row_system = len({r.get("system_prompt") for r in scored}) > 1
+    stage = {k: outs.stage(name) for k, name in OUTPUTS.items() if name in outs.paths}
+    try:
+        write_staged(stage["csv"], csv_text(rows, result_columns(rows, criteria, pairwise, per_row_system)))
+        write_staged(stage["marking"], csv_text([{**r, "winner": ""} for r in scored],
+                                                QUESTION_COLUMNS + ANSWER_COLUMNS + ["winner"]))
+        if curve is not None:
+            write_staged(stage["curve_csv"], csv_text(curve, list(dict.fromkeys(k for p in curve for k in p))))
+            plot_staged(lambda p: charts.plot_curve(curve, curve_series or {}, p), stage["curve_plot"])
+        plot_staged(lambda p: charts.plot_results(summary, p), stage["plot"])
+        write_staged(stage["summary"], json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    except OSError as e:
+        raise RunFailure(f"cannot write the outputs: {os_error_text(e)}; the previous outputs in "
+                         f"{outs.paths[OUTPUTS['csv']].parent} are unchanged and no partial file is left") from None
+    outs.commit([OUTPUTS[k] for k in COMMIT_ORDER if OUTPUTS[k] in outs.paths])
+    print(summary_table(summary))
+    if curve is not None:
+        print(f"learning curve over {len(curve)} points: {outs.paths[OUTPUTS['curve_csv']]}, "
+              f"{outs.paths[OUTPUTS['curve_plot']]}")
+    print("wrote " + ", ".join(str(outs.paths[OUTPUTS[k]]) for k in ("csv", "marking", "summary", "plot")))
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def read_json_or_empty(path: Path, without: str) -> dict:
+    """A JSON file written by an earlier stage (summary.json, metrics.json), or {} when there is none; an
+    unreadable one is {} with a warning saying what goes `without` it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        print(f"warning: {path} is unreadable ({e}); going on without {without}", file=sys.stderr)
+        return {}
+    return data if isinstance(data, dict) else {}
