@@ -27,9 +27,14 @@ def _pyplot():
 def _save(fig, plt, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
+        raise
+    finally:
+        plt.close(fig)
 
 
 def _paired_bars(ax, names: list[str], values: dict[str, list], title: str, fmt: str) -> None:

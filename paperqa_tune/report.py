@@ -14,7 +14,6 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
 
 from common import InputError, RunFailure, atomic_write_text
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
@@ -237,16 +236,6 @@ def write_staged(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def plot_staged(draw: Callable[[Path], object], staged: Path) -> None:
-    """Draw a chart into its staged path with one of paperqa_tune.charts' functions, which render to a temp
-    file of their own first (.<name>.tmp.png): a draw that fails (full disk) leaves that file behind no more."""
-    try:
-        draw(staged)
-    except BaseException:
-        staged.with_name(f".{staged.name}.tmp.png").unlink(missing_ok=True)
-        raise
-
-
 def split_skipped(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(rows that were answered and are scored, rows skipped with a reason in their 'skipped' cell)."""
     return [r for r in rows if not r.get("skipped")], [r for r in rows if r.get("skipped")]
@@ -372,8 +361,8 @@ def write_outputs(outs, rows: list[dict], summary: dict, criteria: list[str], pa
                                                 QUESTION_COLUMNS + ANSWER_COLUMNS + ["winner"]))
         if curve is not None:
             write_staged(stage["curve_csv"], csv_text(curve, list(dict.fromkeys(k for p in curve for k in p))))
-            plot_staged(lambda p: charts.plot_curve(curve, curve_series or {}, p), stage["curve_plot"])
-        plot_staged(lambda p: charts.plot_results(summary, p), stage["plot"])
+            charts.plot_curve(curve, curve_series or {}, stage["curve_plot"])
+        charts.plot_results(summary, stage["plot"])
         write_staged(stage["summary"], json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     except OSError as e:
         raise RunFailure(f"cannot write the outputs: {os_error_text(e)}; the previous outputs in "

@@ -25,7 +25,9 @@ import pytest
 import eval_compare as ec
 import quick_infer as qi
 from fake_openai import Reply
-from paperqa_tune import charts, report
+from matplotlib.figure import Figure
+
+from paperqa_tune import report
 from test_eval_compare import QUESTIONS, make_run, write_questions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,9 +179,9 @@ def test_unfinished_run_without_weights(script, ev, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- written together, or not at all
-def _fail_chart(summary, path):
-    """A chart whose write runs out of disk half-way, as charts._save would leave it."""
-    path.with_name(f".{path.name}.tmp.png").write_bytes(b"\x89PNG half")
+def _fail_savefig(fig, fname, *a, **k):
+    """matplotlib running out of disk half-way through writing a chart."""
+    Path(fname).write_bytes(b"\x89PNG half")
     raise ENOSPC
 
 
@@ -190,7 +192,7 @@ def test_disk_full_mid_write_keeps_previous_outputs(ev, tmp_path, capsys, monkey
     assert run_ec(capsys, argv)[0] == 0
     before = snapshot(tmp_path)
     if where == "chart":
-        monkeypatch.setattr(charts, "plot_results", _fail_chart)
+        monkeypatch.setattr(Figure, "savefig", _fail_savefig)
     else:
         real = report.write_staged
 
@@ -210,7 +212,7 @@ def test_disk_full_on_a_first_run_leaves_no_output(ev, tmp_path, capsys, monkeyp
     out = tmp_path / "evaluation.csv"
     argv = with_answers(ev, out)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(charts, "plot_results", _fail_chart)
+    monkeypatch.setattr(Figure, "savefig", _fail_savefig)
     rc, _, err = run_ec(capsys, argv)
     assert rc == 1 and "No space left on device" in err
     assert snapshot(tmp_path) == before  # the cache it started with, nothing else
@@ -261,7 +263,7 @@ def test_rescore_in_place_disk_full_keeps_the_csv(ev, tmp_path, capsys, monkeypa
     for name in ("evaluation.csv", "summary.json", "results_bar.png", "evaluation_for_marking.csv"):
         shutil.copy(ev["out"].with_name(name), tmp_path / name)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(charts, "plot_results", _fail_chart)
+    monkeypatch.setattr(Figure, "savefig", _fail_savefig)
     rc, _, err = run_ec(capsys, ["--rescore", tmp_path / "evaluation.csv", "--f1_threshold", "0.9"])
     assert rc == 1 and "No space left on device" in err
     assert snapshot(tmp_path) == before
