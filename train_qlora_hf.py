@@ -29,6 +29,11 @@ Speed, each piece behind a flag (the machinery is in paperqa_tune/, measurements
 upcast of the frozen base (--kbit_upcast), packed micro-batches (--packing), the 4-bit base and its LoRA as one
 autograd node (--fused_lora), one flat optimizer buffer (--flat_optim), fused RMSNorm (--fused_norm), Liger
 (--liger), and --gpu_mem_budget to spend GPU memory on less checkpointing.
+
+Safety: one run per --out (a lock beside it); --overwrite replaces the old run only once the new one is saved
+(--resume continues a cut-short one); --resume refuses flags that change the run (named old -> new) and unreadable
+checkpoint files (exit 2); a full disk is exit 1 naming the file; records whose text holds a role marker or special
+token are refused (exit 2, file:line); model code never runs without --trust_remote_code.
 """
 from __future__ import annotations
 
@@ -41,7 +46,6 @@ import random
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -49,17 +53,20 @@ import torch
 from common import (HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, chat_text, encode_text,
                     eval_questions_path, read_jsonl, record_messages, run_main, sha256_file, write_json_atomic,
                     write_jsonl_atomic)
-from paperqa_tune import charts
-from paperqa_tune.checkpoints import fingerprint, last_checkpoint, load_checkpoint, save_checkpoint
+from paperqa_tune.checkpoints import (check_checkpoint, fingerprint, last_checkpoint, load_checkpoint, resume_flags,
+                                      save_checkpoint)
 from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, init_distributed, launched_rank,
                                       shutdown_distributed)
 from paperqa_tune.kernels import LIGER_AUTO, parse_liger
-from paperqa_tune.loading import load_tokenizer, resolve_precision
-from paperqa_tune.memory import frozen_gc, peak_memory, plan_for_budget
+from paperqa_tune.loading import load_tokenizer, requested_precision, resolve_precision
+from paperqa_tune.memory import frozen_gc, plan_for_budget
 from paperqa_tune.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
 from paperqa_tune.packing import IGNORE, collate, collate_packed
-from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model
-from paperqa_tune.runs import check_out_dir, clear_out_dir, save_adapter, versions
+from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
+from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, check_out_dir, commit_staged, discard_failed_stage,
+                               disk_errors, finish_commit, heldout_questions, out_dir_problems,
+                               run_metrics, save_outputs, system_prompts, versions, write_metrics)
+from paperqa_tune.safety import chat_structure
 from paperqa_tune.samples import histogram_lines, marked_text, padding_share
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
@@ -70,7 +77,9 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     io = p.add_argument_group("data and output")
-    io.add_argument("--jsonl", default="./data/synthetic_qa.jsonl", help="training chats, one JSON object a line")
+    io.add_argument("--jsonl", default="./data/synthetic_qa.jsonl",
+                    help="training chats, one JSON object a line; a record whose text holds a role marker or special "
+                         "token is refused (exit 2)")
     io.add_argument("--model", default="HuggingFaceH4/zephyr-7b-beta", help="base model: hub id or local folder")
     io.add_argument("--out", default="./models/zephyr-7b-qlora", help="run folder for adapter, metrics, checkpoints")
     io.add_argument("--max_seq_len", type=int, default=4096,
@@ -82,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--inspect", type=int, nargs="?", const=3, default=0, metavar="N",
                     help="print N rendered samples (3 if N is omitted) with trained tokens marked, token counts "
                          "and a length histogram, then exit without loading weights")
-    io.add_argument("--overwrite", action="store_true", help="replace a finished run (or an unfinished one) in --out")
-    io.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its latest checkpoint")
+    io.add_argument("--overwrite", action="store_true",
+                    help=f"replace the run in --out (finished or not): trains in --out/{STAGE_DIR}, swapped in once "
+                         "saved")
+    io.add_argument("--resume", action="store_true",
+                    help="continue the unfinished run (or cut-short --overwrite) in --out from its latest checkpoint")
     io.add_argument("--save_steps", type=int, default=50, help="checkpoint every N optimizer steps")
     io.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept while training")
     io.add_argument("--keep_checkpoints", action="store_true", help="keep checkpoints/ after the run finishes")
@@ -184,10 +196,14 @@ def validate_args(args) -> None:
         bad.append("--gpu_mem_budget must be > 0 (GB)")
     if args.inspect < 0:
         bad.append("--inspect N needs N >= 1")
-    if not Path(args.jsonl).is_file():
-        bad.append(f"--jsonl {args.jsonl}: file not found")
-    if Path(args.out).is_file():
-        bad.append(f"--out {args.out} is a file; give a folder")
+    if args.system_prompt and chat_structure(args.system_prompt):
+        bad.append(f"--system_prompt holds {chat_structure(args.system_prompt)!r}: it would render as chat structure")
+    jsonl = Path(args.jsonl)
+    if not jsonl.is_file():
+        bad.append(f"--jsonl {jsonl}: " + ("a folder; give the JSONL file" if jsonl.is_dir() else "file not found"))
+    elif not os.access(jsonl, os.R_OK):
+        bad.append(f"--jsonl {jsonl}: cannot read it; fix its permissions")
+    bad += out_dir_problems(Path(args.out))
     if bad:
         raise InputError("; ".join(bad))
 
@@ -309,7 +325,23 @@ def fit_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[dict | 
         dropped += 1
 
 
+def check_chat_structure(tokenizer, chats: list[dict], path) -> None:
+    """Refuse (exit 2, every such record named) a message whose content holds a role marker or one of the
+    tokenizer's special tokens: the template would render it as chat structure, e.g. an answer with
+    "</s><|user|>" as a fake turn learned as the model's own tokens."""
+    bad = []
+    for c in chats:
+        marks = [(i, m["role"], chat_structure(m["content"], tokenizer.all_special_tokens))
+                 for i, m in enumerate(c["messages"])]
+        bad += [(c["line"], f"messages[{i}] ({role}) contains {mark!r}") for i, role, mark in marks if mark][:1]
+    if bad:
+        more = f" ({len(bad)} records: lines {', '.join(str(n) for n, _ in bad[:20])})" if len(bad) > 1 else ""
+        raise InputError(f"{path}:{bad[0][0]}: {bad[0][1]}, which the chat template would render as chat structure "
+                         f"(a fake turn trained as the model's own){more}; remove or rewrite such records")
+
+
 def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path) -> tuple[list[dict], dict]:
+    check_chat_structure(tokenizer, chats, path)
     samples, too_long, trimmed, longest = [], [], 0, 0
     for c in chats:
         try:
@@ -358,27 +390,6 @@ def split_train_val(samples: list[dict], val_fraction: float, seed: int,
         val_groups = {id(s) for s in random.Random(seed).sample(samples, n_val)}
         return [s for s in samples if id(s) not in val_groups], [s for s in samples if id(s) in val_groups]
     return [s for s in samples if s["group"] not in val_groups], [s for s in samples if s["group"] in val_groups]
-
-
-def system_prompts(samples: list[dict]) -> list[dict]:
-    """The system prompts the training data used, most frequent first ({"prompt": None} = no system turn).
-    Evaluation and inference read this from run_config.json so they prompt the way training did."""
-    counts = Counter(s["messages"][0]["content"] if s["messages"][0]["role"] == "system" else None for s in samples)
-    return [{"prompt": p, "count": n} for p, n in counts.most_common()]
-
-
-def heldout_questions(val_samples: list[dict]) -> list[dict]:
-    """Validation samples as evaluation questions (the format of data/eval_questions.jsonl): the first
-    exchange of each chat, with its own system prompt. They come from papers (or samples) never trained on."""
-    out = []
-    for i, s in enumerate(val_samples, 1):
-        msgs = s["messages"]
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        turns = msgs[1:] if system is not None else msgs
-        out.append({"id": f"val-{i}", "question": turns[0]["content"], "reference": turns[1]["content"],
-                    "type": s["type"], "paper_id": s["group"], "context": "", "system": system,
-                    "source": f"training data line {s['line']}"})
-    return out
 
 
 # --------------------------------------------------------------------------- data order
@@ -467,10 +478,10 @@ def n_trained(sample: dict) -> int:
 class Loop:
     """What every step of one run shares: the model, optimizer, schedule, precision and processes."""
 
-    def __init__(self, tm: TrainableModel, tokenizer, args, total: int):
+    def __init__(self, tm: TrainableModel, tokenizer, args, total: int, flags: dict | None = None):
         from transformers import get_scheduler
 
-        self.tm, self.model, self.args, self.d = tm, tm.model, args, Dist()
+        self.tm, self.model, self.args, self.d, self.flags = tm, tm.model, args, Dist(), flags
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         self.dtype, _ = resolve_precision(args.bf16, args.fp16, self.device)
@@ -628,16 +639,19 @@ def resume(loop: Loop, out_dir, fp: dict, total: int) -> tuple[dict, int | None]
         log(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; starting from step 0", loop.d)
         return state, None
     state = load_checkpoint(latest, loop.model, loop.optimizer, loop.scheduler, loop.scaler, fp, loop.device)
+    state["micro"] = min(state["micro"], loop.args.batch)  # a lower --batch on resume takes effect (same updates)
     log(f"resumed from {latest} (step {state['step']}/{total}, micro-batch {state['micro']})", loop.d)
     return state, state["step"]
 
 
-def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_dir=None, on_step=None) -> dict:
+def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_dir=None, on_step=None,
+          flags: dict | None = None) -> dict:
     """Train the LoRA parameters of `tm.model` on pre-tokenized samples; return metrics.
 
     samples: [{"input_ids": [...], "labels": [...]}], labels -100 where not trained. on_step(step, loss,
     n_trained_tokens, n_input_tokens) runs after each optimizer step (tokens of the whole step, all
-    processes). out_dir None: no checkpoints and no files (benchmarks).
+    processes). out_dir None: no checkpoints and no files (benchmarks). flags: the run's resume_flags, kept in
+    each checkpoint for --resume to compare.
     """
     from tqdm.auto import tqdm
 
@@ -651,7 +665,7 @@ def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_d
     total = args.max_steps or steps_per_epoch * args.epochs
     # ~10 validation points per run by default, so short runs get a curve too (never rarer than checkpoints)
     eval_every = args.eval_steps or min(args.save_steps, max(1, total // 10))
-    loop = Loop(tm, tokenizer, args, total)
+    loop = Loop(tm, tokenizer, args, total, flags)
     d = loop.d
     if loop.flat is not None and loop.flat.param is not None:
         log(f"optimizer: {args.optim}, {len(loop.flat.flat_members)} LoRA tensors as one flat buffer"
@@ -688,7 +702,7 @@ def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_d
             after_step(loop, state, total, steps_per_epoch, val_samples, eval_every, fp, out_dir, resumed_from,
                        t_start, bar)
     bar.close()
-    return run_metrics(state, t_start, loop.device, d, resumed_from, finished=True)
+    return run_metrics(state, t_start, loop.device, d.world, resumed_from, finished=True)
 
 
 def after_step(loop: Loop, state: dict, total: int, steps_per_epoch: int, val_samples, eval_every: int, fp: dict,
@@ -707,34 +721,14 @@ def after_step(loop: Loop, state: dict, total: int, steps_per_epoch: int, val_sa
         log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
     if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
         if d.main:
-            save_checkpoint(out_dir, loop.model, loop.optimizer, loop.scheduler, loop.scaler, state, fp,
-                            args.save_total_limit)
-            write_metrics(out_dir, run_metrics(state, t_start, loop.device, d, resumed_from, finished=False))
+            with disk_errors(Path(out_dir) / "checkpoints" / f"step-{state['step']}", RESUME_HINT):
+                save_checkpoint(out_dir, loop.model, loop.optimizer, loop.scheduler, loop.scaler, state, fp,
+                                args.save_total_limit, loop.flags)
+            write_metrics(out_dir, run_metrics(state, t_start, loop.device, d.world, resumed_from, finished=False))
         d.barrier()
 
 
-def run_metrics(state: dict, t_start: float, device, d: Dist, resumed_from, finished: bool) -> dict:
-    peak, kind = peak_memory(device)
-    secs = max(state["train_seconds"], 1e-9)
-    return {"finished": finished, "steps": state["step"], "train": state["train"], "val": state["val"],
-            "final_train_loss": state["train"][-1]["loss"] if state["train"] else None,
-            "final_val_loss": state["val"][-1]["loss"] if state["val"] else None,
-            "trained_tokens": state["trained_tokens"], "input_tokens": state["input_tokens"],
-            "padded_tokens": state["padded_tokens"],
-            "padding_share": 1 - state["input_tokens"] / max(state["padded_tokens"], 1),
-            "tokens_per_s": state["input_tokens"] / secs, "trained_tokens_per_s": state["trained_tokens"] / secs,
-            "train_seconds": state["train_seconds"], "wall_seconds": time.perf_counter() - t_start,
-            "peak_memory_gb": peak, "peak_memory_kind": kind, "oom_backoffs": state["oom_backoffs"],
-            "final_micro_batch": state["micro"], "world_size": d.world, "device": str(device),
-            "resumed_from_step": resumed_from}
-
-
 # --------------------------------------------------------------------------- outputs
-def write_metrics(out_dir, metrics: dict) -> None:
-    write_json_atomic(Path(out_dir) / "metrics.json", metrics)
-    charts.plot_loss(metrics, Path(out_dir) / "loss.png")
-
-
 def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict]) -> dict:
     return {"base_model": args.model, "system_prompt": prompts[0]["prompt"], "system_prompts": prompts,
             "args": vars(args), "versions": versions(),
@@ -743,27 +737,35 @@ def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, p
             "chat_template": tokenizer.chat_template, "precision": precision_note, "world_size": world}
 
 
-def save_final(model, tokenizer, out: Path, metrics: dict, config: dict, keep_checkpoints: bool) -> None:
-    tokenizer.save_pretrained(out)
-    write_json_atomic(out / "run_config.json", config)
-    write_metrics(out, metrics)
-    save_adapter(model, out)  # last: the adapter's weights mark a finished run
-    if not keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- main
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     validate_args(args)
-    out = Path(args.out)
-    if not args.inspect:
-        check_out_dir(out, args.overwrite, args.resume)
+    out, first = Path(args.out), launched_rank() == 0
+    if args.inspect:
+        return _run(args, out, None)
+    with RunLock(out) if first else contextlib.nullcontext():  # one writer per run folder
+        if first and finish_commit(out):
+            print(f"finished replacing the run in {out} (an --overwrite that a kill cut short)")
+            if args.resume:
+                return 0  # that run was saved: only its swap was left
+        work = check_out_dir(out, args.overwrite, args.resume)  # out, or out/.overwrite for --overwrite
+        try:
+            return _run(args, out, work)
+        except BaseException:
+            if first:
+                discard_failed_stage(out, work)
+            raise
+
+
+def _run(args, out: Path, work: Path | None) -> int:
     init_distributed()
     d = Dist()
 
     # data: chats -> tokens with label masks -> train / validation split
     chats = load_chats(args.jsonl, args.system_prompt)
+    for note in check_model_code(args.model, args.trust_remote_code):
+        log(f"note: {note}", d)
     tokenizer = load_tokenizer(args.model, "right", args.trust_remote_code)
     samples, report = build_samples(tokenizer, chats, args.max_seq_len, args.jsonl)
     if args.inspect:
@@ -792,20 +794,31 @@ def _main(argv) -> int:
     if len(prompts) > 1:
         log(f"note: the data uses {len(prompts)} different system prompts; evaluation defaults to the most "
             f"frequent ({prompts[0]['count']} of {len(samples)} samples)", d)
-    if d.main:
-        if args.overwrite:
-            clear_out_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "run_config.json", config)
-        if val_s:
-            write_jsonl_atomic(out / HELDOUT_QUESTIONS_FILE, heldout_questions(val_s))
-    d.barrier()
+    flags = resume_flags(vars(args), requested_precision(args.bf16, args.fp16), config["data_sha256"],
+                         args.batch * args.grad_accum * d.world)
+    latest = last_checkpoint(work) if args.resume else None
+    for note in check_checkpoint(latest, flags) if latest else []:  # before minutes of model loading
+        log(f"note: {note}", d)
 
-    # model -> loop -> outputs
+    # model -> loop -> outputs; nothing is written (or replaced) before the model has loaded
     tm = load_model(args, device)
-    metrics = train(tm, tokenizer, train_s, val_s, args, out_dir=out)
     if d.main:
-        save_final(tm.model, tokenizer, out, metrics, config, args.keep_checkpoints)
+        if args.overwrite and work != out:
+            shutil.rmtree(work, ignore_errors=True)  # an earlier --overwrite attempt's leftovers
+        with disk_errors(work / "run_config.json", "rerun"):
+            work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(work / "run_config.json", config)
+            if val_s:
+                write_jsonl_atomic(work / HELDOUT_QUESTIONS_FILE, heldout_questions(val_s))
+    d.barrier()
+    metrics = train(tm, tokenizer, train_s, val_s, args, out_dir=work, flags=flags)
+    if d.main:
+        save_outputs(tm.model, tokenizer, work, metrics, config)
+        if work != out:
+            with disk_errors(out, "rerun with --resume to complete the swap"):
+                commit_staged(out)  # the finished run it replaces goes only now
+        if not args.keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         val = f", validation loss {metrics['final_val_loss']:.4f}" if metrics["final_val_loss"] is not None else ""
         print(f"done: {metrics['steps']} steps, train loss {metrics['final_train_loss']:.4f}{val}, "
               f"{metrics['tokens_per_s']:,.0f} tok/s, peak memory {metrics['peak_memory_gb']:.2f} GB "
@@ -816,8 +829,8 @@ def _main(argv) -> int:
 
 def main(argv=None) -> int:
     try:
-        return run_main(_main, argv, interrupted="rerun the same command with --resume to continue from the last "
-                                                 "checkpoint", show_errors=launched_rank() == 0)
+        return run_main(_main, argv, interrupted="rerun with --resume (in place of --overwrite, if given) to continue "
+                                                 "from the last checkpoint", show_errors=launched_rank() == 0)
     finally:
         shutdown_distributed()
 

@@ -2,10 +2,13 @@
 it computes but not what (fused LoRA node, fused RMSNorm, Liger, packed attention)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from common import InputError
 from paperqa_tune import kernels, packing
 from paperqa_tune.loading import load_causal_lm
 from paperqa_tune.lora4bit import FusedLoRA
@@ -40,6 +43,38 @@ class TrainableModel:
     description: str                    # one line saying which speed pieces are on
 
 
+def check_model_code(name, trust_remote_code: bool) -> list[str]:
+    """Model code from a model folder never runs without trust_remote_code (loading passes it explicitly to every
+    from_pretrained). A local folder whose config.json or tokenizer_config.json maps to its own Python code
+    (auto_map) and whose model_type transformers lacks is refused up front (InputError naming the flag); with a
+    model_type transformers has, its built-in code is used (returned as a note). Hub ids: transformers checks."""
+    folder = Path(str(name))
+    if trust_remote_code or not folder.is_dir():
+        return []
+    cfgs = {}
+    for f in ("config.json", "tokenizer_config.json"):
+        try:
+            cfgs[f] = json.loads((folder / f).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise InputError(f"{folder / f}: unreadable ({e}); --model needs a model folder saved by "
+                             "save_pretrained") from None
+    own = [f for f, c in cfgs.items() if isinstance(c, dict) and c.get("auto_map")]
+    if not own:
+        return []
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = cfgs.get("config.json")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in CONFIG_MAPPING_NAMES:
+        return [f"{folder} ships its own model code (auto_map in {', '.join(own)}); transformers' built-in "
+                f"'{model_type}' code is used instead (pass --trust_remote_code to run theirs, if you trust it)"]
+    raise InputError(f"--model {folder}: {', '.join(own)} map(s) to the folder's own Python code (auto_map, model_type "
+                     f"{model_type!r} unknown to transformers), which never runs by default; pass --trust_remote_code "
+                     "if you trust that code")
+
+
 def build_qlora_model(name, device, dtype, lora: LoRASettings, speed: SpeedSettings,
                       trust_remote_code: bool = False) -> TrainableModel:
     """Load `name` in 4-bit NF4 on `device` with `dtype` compute and wrap it with fresh LoRA adapters.
@@ -65,8 +100,6 @@ def build_qlora_model(name, device, dtype, lora: LoRASettings, speed: SpeedSetti
     try:
         liger = kernels.apply_liger(model, speed.liger, device) if fast else "off (--kbit_upcast)"
     except ImportError:
-        from common import InputError
-
         raise InputError(f"--liger {speed.liger}: liger-kernel is not installed; pip install -r "
                          "requirements-gpu.txt or pass --liger off") from None
     n_norm = kernels.fuse_rms_norms(model) if speed.fused_norm and fast and "RMSNorm" not in liger else 0

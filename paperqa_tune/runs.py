@@ -1,48 +1,284 @@
 """A run folder (models/<run>/): what train_qlora_hf.py writes into it, safely, and what evaluation and
-inference read back from it."""
+inference read back from it.
+
+Training's output path is checked here too (out_dir_problems).
+Writing, in order: a lock file beside the folder while a run writes it (RunLock); where the run trains
+(check_out_dir: the folder itself, or out/.overwrite for --overwrite, so that the finished run it replaces
+stays whole until the new one is saved); the checkpoints and outputs; then, for --overwrite, the swap
+(commit_staged), which a kill may cut short and the next run on the folder finishes (finish_commit)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, sha256_file
+from common import (DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure, sha256_file,
+                    write_json_atomic)
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.loading import requested_precision
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+WEIGHTS = "adapter_model.safetensors"  # written last: its presence marks a finished run
+ADAPTER_FILES = (WEIGHTS, "adapter_config.json")
 RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md", HELDOUT_QUESTIONS_FILE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+STAGE_DIR = ".overwrite"      # an --overwrite run trains here, beside the finished run it replaces
+COMMIT_FILE = "COMMIT.json"   # in STAGE_DIR: the staged run is complete; its files are being moved into place
+RESUME_HINT = "rerun with --resume (in place of --overwrite, if given): it continues from the last checkpoint"
+
+
+# --------------------------------------------------------------------------- training's input paths
+def out_dir_problems(out: Path) -> list[str]:
+    """What makes `out` unusable as a run folder (a file, or under one)."""
+    if out.is_file():
+        return [f"--out {out} is a file; give a folder"]
+    above = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        return [f"--out {out}: {above} is a file, not a folder; choose another --out"]
+    return []
 
 
 # --------------------------------------------------------------------------- writing (training)
-def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to replace a finished run, or to restart an unfinished one, unless the flags say so."""
-    finished = (out / "adapter_model.safetensors").exists()
-    if finished and not overwrite:
-        raise InputError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
-    if not finished and list_checkpoints(out) and not (resume or overwrite):
-        raise InputError(f"{out} holds an unfinished run (checkpoints/{list_checkpoints(out)[-1].name}); "
-                         "pass --resume to continue it or --overwrite to start over")
+def lock_path(out: Path) -> Path:
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.lock"
 
 
-def clear_out_dir(out: Path) -> None:
-    """Remove what a run writes (and only that) from the folder."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """`with RunLock(out):` holds .<name>.lock beside the run folder ("pid host") while a run writes it. A second
+    run on the folder is refused (InputError naming the lock); a lock left by a killed run on this host (its
+    process is gone) is taken over. Beside, not inside: a run refused early leaves no folder behind."""
+
+    def __init__(self, out: Path):
+        self.out, self.path, self.held = Path(out), lock_path(out), False
+
+    def holder(self) -> str | None:
+        """Who may still hold the lock ('process P', 'process P on host H'), or None when it is stale."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return f"unknown ({e.strerror})"
+        parts = text.split()
+        if not parts:  # being written by a run starting this instant, or left empty by a crash
+            with contextlib.suppress(OSError):
+                return "a run starting now" if time.time() - self.path.stat().st_mtime < 10 else None
+            return None
+        pid = int(parts[0]) if parts[0].isdigit() else 0
+        host = parts[1] if len(parts) > 1 else socket.gethostname()
+        if host != socket.gethostname():
+            return f"process {pid} on {host}"  # cannot tell whether it still runs
+        return f"process {pid}" if pid and pid != os.getpid() and _alive(pid) else None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                who = self.holder()
+                if who:
+                    raise InputError(f"another run ({who}) is writing {self.out}: it holds the lock {self.path}; wait "
+                                     "for it to finish or choose another --out (delete the lock only if no such run "
+                                     "exists)") from None
+                self.path.unlink(missing_ok=True)  # left by a killed run: take it over
+                continue
+            with disk_errors(self.path, "rerun"):
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+                except OSError:
+                    self.path.unlink(missing_ok=True)
+                    raise
+            self.held = True
+            return self
+        raise InputError(f"cannot take the lock {self.path}; delete it if no run is writing {self.out}")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+@contextlib.contextmanager
+def disk_errors(path, then: str):
+    """A failed write inside the block (disk full, permissions) as a RunFailure naming `path`, the reason and the free
+    space, never a traceback. torch.save and safetensors report a full disk as RuntimeError/SafetensorError."""
+    try:
+        yield
+    except Exception as e:
+        name = type(e).__name__
+        if not (isinstance(e, OSError) or name == "SafetensorError" or
+                (isinstance(e, RuntimeError) and any(s in str(e) for s in ("inline_container", "PytorchStreamWriter",
+                                                                            "file write failed")))):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{name}: {str(e)[:200]}"
+        where = next((p for p in [Path(path), *Path(path).parents] if p.exists()), Path("."))
+        try:
+            free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise RunFailure(f"cannot write {path}: {reason} ({free}); free space on that disk (or fix its permissions), "
+                         f"then {then}") from None
+
+
+def check_out_dir(out: Path, overwrite: bool, resume: bool) -> Path:
+    """The folder this run trains in, or InputError: a finished run is never replaced, nor an unfinished one
+    restarted, unless the flags say so. Reads only (every process may call it).
+
+    --overwrite trains in out/.overwrite, so the finished run stays whole (and loadable) until the new one is
+    saved and commit_staged swaps it in; --resume continues such an --overwrite run that was cut short."""
+    stage = out / STAGE_DIR
+    pending = (stage / COMMIT_FILE).exists()  # saved and being swapped in: as good as finished
+    staged = stage.is_dir() and not pending
+    if overwrite or (resume and staged):
+        return stage
+    if pending or (out / WEIGHTS).exists():
+        cut = f"; an --overwrite run into it was cut short ({stage}): --resume continues it" if staged else ""
+        raise InputError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out{cut}")
+    unfinished = list_checkpoints(out) or list_checkpoints(stage) or ([stage] if staged else [])
+    if unfinished and not resume:
+        raise InputError(f"{out} holds an unfinished run ({unfinished[-1]}); pass --resume to continue it or "
+                         "--overwrite to start over")
+    return out
+
+
+def discard_failed_stage(out: Path, work: Path | None) -> None:
+    """After a failed --overwrite (or --resume of one) that saved no checkpoint: remove its staging folder, so
+    `out` is exactly as before. One with a checkpoint stays for --resume; one being swapped in stays too."""
+    if work is not None and work != Path(out) and work.is_dir() and not list_checkpoints(work) \
+            and not (work / COMMIT_FILE).exists():
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def commit_staged(out: Path) -> None:
+    """Replace the run in `out` by the complete one staged in out/.overwrite. The staged file names go into
+    COMMIT_FILE first: a kill halfway leaves a commit the next run finishes (finish_commit), never a mix."""
+    stage = Path(out) / STAGE_DIR
+    if not (stage / COMMIT_FILE).exists():
+        write_json_atomic(stage / COMMIT_FILE, {"files": sorted(p.name for p in stage.iterdir())})
+    finish_commit(out)
+
+
+def finish_commit(out: Path) -> bool:
+    """Finish a commit_staged (idempotent); False when none is pending. Call under the run's lock."""
+    out = Path(out)
+    stage = out / STAGE_DIR
+    if not (stage / COMMIT_FILE).exists():
+        return False
+    names = json.loads((stage / COMMIT_FILE).read_text(encoding="utf-8"))["files"]
+    if (stage / WEIGHTS).exists():
+        (out / WEIGHTS).unlink(missing_ok=True)  # the old run stops being finished before any file changes
+    for name in RUN_FILES + TOKENIZER_FILES + ("checkpoints", ".adapter.tmp"):
+        if name not in names:  # the old run's, with no counterpart in the new one
+            _remove(out / name)
+    for name in sorted(names, key=lambda n: n == WEIGHTS):  # weights last: the new run is finished once all is in
+        if (stage / name).exists() or (stage / name).is_symlink():
+            _remove(out / name)
+            os.replace(stage / name, out / name)
+    shutil.rmtree(stage)
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def system_prompts(samples: list[dict]) -> list[dict]:
+    """The system prompts the training data used, most frequent first ({"prompt": None} = no system turn).
+    Evaluation and inference read this from run_config.json so they prompt the way training did."""
+    counts = Counter(s["messages"][0]["content"] if s["messages"][0]["role"] == "system" else None for s in samples)
+    return [{"prompt": p, "count": n} for p, n in counts.most_common()]
+
+
+def heldout_questions(val_samples: list[dict]) -> list[dict]:
+    """Validation samples as evaluation questions (the format of data/eval_questions.jsonl): the first
+    exchange of each chat, with its own system prompt. They come from papers (or samples) never trained on."""
+    out = []
+    for i, s in enumerate(val_samples, 1):
+        msgs = s["messages"]
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        turns = msgs[1:] if system is not None else msgs
+        out.append({"id": f"val-{i}", "question": turns[0]["content"], "reference": turns[1]["content"],
+                    "type": s["type"], "paper_id": s["group"], "context": "", "system": system,
+                    "source": f"training data line {s['line']}"})
+    return out
+
+
+def run_metrics(state: dict, t_start: float, device, world: int, resumed_from, finished: bool) -> dict:
+    """metrics.json of a run from the training loop's state."""
+    from paperqa_tune.memory import peak_memory
+
+    peak, kind = peak_memory(device)
+    secs = max(state["train_seconds"], 1e-9)
+    return {"finished": finished, "steps": state["step"], "train": state["train"], "val": state["val"],
+            "final_train_loss": state["train"][-1]["loss"] if state["train"] else None,
+            "final_val_loss": state["val"][-1]["loss"] if state["val"] else None,
+            "trained_tokens": state["trained_tokens"], "input_tokens": state["input_tokens"],
+            "padded_tokens": state["padded_tokens"],
+            "padding_share": 1 - state["input_tokens"] / max(state["padded_tokens"], 1),
+            "tokens_per_s": state["input_tokens"] / secs, "trained_tokens_per_s": state["trained_tokens"] / secs,
+            "train_seconds": state["train_seconds"], "wall_seconds": time.perf_counter() - t_start,
+            "peak_memory_gb": peak, "peak_memory_kind": kind, "oom_backoffs": state["oom_backoffs"],
+            "final_micro_batch": state["micro"], "world_size": world, "device": str(device),
+            "resumed_from_step": resumed_from}
+
+
+def write_metrics(out_dir, metrics: dict) -> None:
+    """metrics.json and loss.png; a failed write is a RunFailure naming the file."""
+    from paperqa_tune import charts
+
+    with disk_errors(Path(out_dir) / "metrics.json", RESUME_HINT):
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    with disk_errors(Path(out_dir) / "loss.png", RESUME_HINT):
+        charts.plot_loss(metrics, Path(out_dir) / "loss.png")
+
+
+def save_outputs(model, tokenizer, out: Path, metrics: dict, config: dict) -> None:
+    """A finished run's outputs into `out`, the adapter's weights last; a failed write is a RunFailure naming the
+    file (the checkpoints stay, so --resume continues)."""
+    with disk_errors(out, RESUME_HINT):
+        tokenizer.save_pretrained(out)
+    with disk_errors(out / "run_config.json", RESUME_HINT):
+        write_json_atomic(out / "run_config.json", config)
+    write_metrics(out, metrics)
+    with disk_errors(out / WEIGHTS, RESUME_HINT):
+        save_adapter(model, out)
 
 
 def save_adapter(model, out: Path) -> None:
     """The PEFT adapter into `out`, weights last: adapter_model.safetensors appearing marks a finished run."""
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_model.safetensors"):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    try:
+        model.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == WEIGHTS):
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def versions() -> dict:
