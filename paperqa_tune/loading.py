@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import InputError, RunFailure, ensure_chat_template
+from paperqa_tune.outputs import pid_alive
 
 
 # --------------------------------------------------------------------------- precision, tokenizer, base model
@@ -273,20 +274,10 @@ def merged_model(run, model=None, trust_remote_code: bool = False):
 
 
 # --------------------------------------------------------------------------- writing a model folder
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stale(path: Path, prefix: str) -> bool:
     """A temp folder `prefix<pid>.<suffix>` whose process is gone (a killed run's)."""
     pid = path.name[len(prefix):].split(".", 1)[0]
-    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def write_folder(out: Path, write: Callable[[Path], None]) -> None:

@@ -38,7 +38,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a lock it holds is live)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -110,7 +111,7 @@ class OutputSet:
                     pid = int(self.lock_path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid and pid != os.getpid() and pid_alive(pid):
                     raise InputError(f"another run (process {pid}) is writing {', '.join(map(str, self.paths.values()))}; "
                                      f"wait for it to finish, or delete {self.lock_path} if no such run exists") from None
                 self.lock_path.unlink(missing_ok=True)  # left by a killed run: take it over

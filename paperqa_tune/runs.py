@@ -22,6 +22,7 @@ from pathlib import Path
 from common import (DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure, sha256_file,
                     write_json_atomic)
 from paperqa_tune.checkpoints import list_checkpoints
+from paperqa_tune.outputs import pid_alive
 from paperqa_tune.loading import requested_precision
 
 WEIGHTS = "adapter_model.safetensors"  # written last: its presence marks a finished run
@@ -51,16 +52,6 @@ def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class RunLock:
     """`with RunLock(out):` holds .<name>.lock beside the run folder ("pid host") while a run writes it. A second
     run on the folder is refused (InputError naming the lock); a lock left by a killed run on this host (its
@@ -86,7 +77,7 @@ class RunLock:
         host = parts[1] if len(parts) > 1 else socket.gethostname()
         if host != socket.gethostname():
             return f"process {pid} on {host}"  # cannot tell whether it still runs
-        return f"process {pid}" if pid and pid != os.getpid() and _alive(pid) else None
+        return f"process {pid}" if pid and pid != os.getpid() and pid_alive(pid) else None
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
