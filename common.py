@@ -186,14 +186,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give outputs the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, output_mode())  # mkstemp creates 0600 files; outputs get what a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def output_mode() -> int:
+    """The permissions a plain open() gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def share_like_outputs(folder: str | os.PathLike) -> None:
+    """Give the files a library wrote into `folder` the permissions of our other outputs: safetensors writes
+    weights 0600, which another user or a serving process cannot read."""
+    mode = output_mode()
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and (f.stat().st_mode & 0o777) != mode:
+            os.chmod(f, mode)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:

@@ -23,7 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from common import DEFAULT_RUN_DIR, HelpFormatter, InputError, RunFailure, ensure_chat_template, run_main
+from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, RunFailure, ensure_chat_template, run_main,
+                    share_like_outputs)
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, max_positions, merged_model,
                                   model_config, os_error_text, require_adapter_weights, run_tokenizer,
@@ -108,6 +109,7 @@ def write_merged(run, tokenizer, out: Path, overwrite: bool, trust_remote_code: 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        share_like_outputs(tmp)  # safetensors writes the weights 0600: a serving process must read them
 
     write_folder(out, write)
     print(f"merged model written to {out}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import InputError, write_json_atomic
+from common import InputError, share_like_outputs, write_json_atomic
 from paperqa_tune.optim import repage_optimizer_state
 
 STATE_FILE = "trainer_state.json"
@@ -93,6 +93,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state: dict, f
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None}, tmp / TRAINING_FILE)
         write_json_atomic(tmp / STATE_FILE, {**state, "fingerprint": fp, "flags": flags})
+        share_like_outputs(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

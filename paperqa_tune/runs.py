@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure, sha256_file,
-                    write_json_atomic)
+                    share_like_outputs, write_json_atomic)
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.outputs import pid_alive
 from paperqa_tune.loading import requested_precision
@@ -264,6 +264,7 @@ def save_adapter(model, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
+        share_like_outputs(tmp)  # safetensors writes the weights 0600
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == WEIGHTS):
             os.replace(f, out / f.name)
         tmp.rmdir()

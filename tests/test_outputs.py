@@ -79,3 +79,12 @@ def test_a_killed_run_is_taken_over_and_its_interrupted_commit_completed(tmp_pat
     with pytest.raises(InputError, match="already exist"):
         with OutputSet({"--out": a, "--manifest": b}):
             pass
+
+
+def test_weight_files_get_the_permissions_of_other_outputs(tiny_model):
+    """safetensors writes weights 0600; every folder of weights the project writes is shared like its other outputs
+    (the tiny model here; the run folder, checkpoints and --merge_out in their own tests)."""
+    from common import output_mode
+
+    modes = {f.name: f.stat().st_mode & 0o777 for f in tiny_model.iterdir() if f.is_file()}
+    assert modes["model.safetensors"] == output_mode() and set(modes.values()) == {output_mode()}, modes

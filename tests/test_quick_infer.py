@@ -95,6 +95,9 @@ def test_merge_out_loads_in_plain_transformers(tiny_run, reference, tmp_path, ca
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
     assert json.loads((out / "merge_info.json").read_text())["adapter_sha256"] == reference["run"].adapter_sha
+    from common import output_mode
+
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: output_mode() for f in out.iterdir()}
     merged = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert merged.dtype == torch.bfloat16 and tok.chat_template

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import train_qlora_hf as T
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.optim import make_optimizer, repage_optimizer_state
@@ -85,6 +86,9 @@ def test_seed_command_writes_every_output(tiny_model, qa24, tmp_path, capsys):
               "tokenizer.json", "tokenizer_config.json"):
         assert (out / f).is_file(), f
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the weights are as readable as every other output (safetensors alone writes them 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
+    assert modes["adapter_model.safetensors"] == modes["run_config.json"] == common.output_mode(), modes
     assert not (out / "checkpoints").exists()  # removed once finished
 
     rc = json.loads((out / "run_config.json").read_text())

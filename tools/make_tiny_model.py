@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import ZEPHYR_CHAT_TEMPLATE, render_zephyr, sha256_text, write_json_atomic  # noqa: E402
+from common import (ZEPHYR_CHAT_TEMPLATE, render_zephyr, sha256_text, share_like_outputs,  # noqa: E402
+                    write_json_atomic)
 
 ROOT = Path(__file__).resolve().parent.parent
 FALLBACK_TEXT = (
@@ -204,6 +205,7 @@ def build(out: Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
+    share_like_outputs(out)  # safetensors writes the weights 0600
     info["seconds"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(out / INFO_FILE, info)
     return out
