@@ -6,6 +6,7 @@ Nothing here runs at import time and nothing here imports torch or transformers,
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -277,16 +278,29 @@ def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> N
                          "or choose another output path")
 
 
+def os_error_text(e: OSError) -> str:
+    """An OSError in words, with what to do about a full disk."""
+    text = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += "; the disk is full: free some space and rerun"
+    return text
+
+
 def run_main(fn, argv=None, interrupted: str = "work done so far is saved, rerun the same command to resume",
              show_errors: bool = True) -> int:
-    """Call a script body with the documented exit codes: InputError -> 2, RunFailure -> 1, Ctrl-C -> 130,
-    each with a one-line message on stderr (show_errors False: no message, e.g. on all but one process)."""
+    """Call a script body with the documented exit codes: InputError -> 2, RunFailure -> 1, Ctrl-C -> 130, and
+    a file-system error no step converted: permissions -> 2, anything else (a full disk) -> 1; each with a
+    one-line message on stderr, never a traceback (show_errors False: no message, e.g. on all but one process)."""
     try:
         return fn(argv)
     except InputError as e:
         code, msg = 2, f"error: {e}"
     except RunFailure as e:
         code, msg = 1, f"error: {e}"
+    except PermissionError as e:  # a file-system error no step converted: the setup's problem
+        code, msg = 2, f"error: {os_error_text(e)}: check the permissions there, or choose another path"
+    except OSError as e:  # e.g. a full disk while appending to a cache, stdout closed under a pipe
+        code, msg = 1, f"error: {os_error_text(e)}"
     except KeyboardInterrupt:
         code, msg = 130, f"interrupted; {interrupted}"
     if show_errors:

@@ -52,14 +52,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, eval_questions_path,
+from common import (DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, eval_questions_path,
                     read_jsonl, run_main, sha256_file, sha256_text)
 from paperqa_tune import report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter_fits, choose_mode, dequantize_,
-                                  load_run_base, max_positions, model_config, os_error_text, require_adapter_weights,
+                                  load_run_base, max_positions, model_config, require_adapter_weights,
                                   run_tokenizer)
 from paperqa_tune.outputs import OutputSet
 from paperqa_tune.report import SIDES, open_outputs, output_paths
@@ -568,19 +568,8 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
     return report.write_outputs(outs, rows, summary, criteria, pairwise, curve, CURVE_SERIES)
 
 
-def _checked_main(argv=None) -> int:
-    """_main with the file-system errors no step converted (a full disk while appending to the answer cache)
-    as one-line failures: a permission problem is the setup's (exit 2), anything else a run-time failure (1)."""
-    try:
-        return _main(argv)
-    except PermissionError as e:
-        raise InputError(f"{os_error_text(e)}: check the permissions there, or choose another path") from None
-    except OSError as e:
-        raise RunFailure(os_error_text(e)) from None
-
-
 def main(argv=None) -> int:
-    return run_main(_checked_main, argv)
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

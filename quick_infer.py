@@ -23,11 +23,11 @@ import json
 import sys
 from pathlib import Path
 
-from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, RunFailure, ensure_chat_template, run_main,
+from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, run_main,
                     share_like_outputs)
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, max_positions, merged_model,
-                                  model_config, os_error_text, require_adapter_weights, run_tokenizer,
+                                  model_config, require_adapter_weights, run_tokenizer,
                                   write_folder)
 from paperqa_tune.runs import read_run
 
@@ -223,15 +223,8 @@ def _main(argv=None) -> int:
     return 0
 
 
-def _checked_main(argv=None) -> int:
-    try:
-        return _main(argv)
-    except OSError as e:  # what no step converted, e.g. stdout closed under a pipe
-        raise RunFailure(os_error_text(e)) from None
-
-
 def main(argv=None) -> int:
-    return run_main(_checked_main, argv)
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

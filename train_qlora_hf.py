@@ -691,11 +691,10 @@ def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_d
                 plans = {epoch: epoch_plan(lengths, per_step, args.seed, epoch, args.group_by_length, args.shuffle)}
             ids = sorted(plans[epoch][k], key=lambda i: -lengths[i])
             mine = [train_samples[i] for i in ids[d.rank::d.world]]  # round robin: ranks get similar lengths
+            n_tr = sum(trained[i] for i in ids)  # the step's trained tokens: every micro-batch's loss divides by it
             t0 = time.perf_counter()
-            loss, n_in, n_pad = forward_backward(loop, state, step, mine, max(1, sum(trained[i] for i in ids)),
-                                                 lengths[ids[0]], bar)
+            loss, n_in, n_pad = forward_backward(loop, state, step, mine, max(1, n_tr), lengths[ids[0]], bar)
             lr, norm = update(loop, step, loss, out_dir)
-            n_tr = sum(trained[i] for i in ids)
             record(state, step, steps_per_epoch, loss, lr, norm, n_tr, int(n_in), int(n_pad), time.perf_counter() - t0)
             if on_step is not None:
                 on_step(step + 1, loss, n_tr, int(n_in))
@@ -744,11 +743,13 @@ def _main(argv) -> int:
     out, first = Path(args.out), launched_rank() == 0
     if args.inspect:
         return _run(args, out, None)
+    init_distributed()
     with RunLock(out) if first else contextlib.nullcontext():  # one writer per run folder
-        if first and finish_commit(out):
+        swapped = first and finish_commit(out)
+        if swapped:
             print(f"finished replacing the run in {out} (an --overwrite that a kill cut short)")
-            if args.resume:
-                return 0  # that run was saved: only its swap was left
+        if Dist().from_main(int(swapped and args.resume)):  # every process, after rank 0 has finished the swap
+            return 0  # that run was saved: only its swap was left
         work = check_out_dir(out, args.overwrite, args.resume)  # out, or out/.overwrite for --overwrite
         try:
             return _run(args, out, work)

@@ -40,6 +40,14 @@ class Dist:
         if self.on:
             dist.barrier()
 
+    def from_main(self, value: int) -> int:
+        """Rank 0's `value` on every process (a decision only the main process could take)."""
+        if not self.on:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=default_device())
+        dist.broadcast(t, 0)
+        return int(t.item())
+
     def broadcast_(self, tensors) -> None:
         """Rank 0's values everywhere (an identical start whatever each process's RNG did)."""
         if self.on:

@@ -107,14 +107,22 @@ def left_pad(batch: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding,
-                   streamer=None) -> list[tuple[str, int, list[int]]]:
+def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, streamer=None,
+                   seed: int | None = None) -> list[tuple[str, int, list[int]]]:
     """Answers for a batch of prompt ids: [(text, generated tokens incl. EOS, token ids)]. A reply without EOS
-    used all max_new_tokens."""
+    used all max_new_tokens. seed: when sampling, draw from a generator state seeded with it alone (the same
+    replies on a rerun, whatever ran before); the caller's random state is left as it was."""
+    import contextlib
+
     import torch
 
-    ids, mask = left_pad(batch, tokenizer.pad_token_id, next(model.parameters()).device)
-    with torch.inference_mode():
+    device = next(model.parameters()).device
+    ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
+    local_rng = seed is not None and dec.do_sample
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if local_rng \
+            else contextlib.nullcontext(), torch.inference_mode():
+        if local_rng:
+            torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer))
     eos = tokenizer.eos_token_id
     results = []

@@ -340,16 +340,15 @@ class HFBackend(Backend):
         return self.cache.get(cache_key(self.model, messages, self._params()))
 
     def _generate(self, batch: list[list[dict]]) -> list[Outcome]:
-        from transformers import set_seed
-
         from paperqa_tune.generation import chat_prompt_ids, generate_batch
 
         prompts = [chat_prompt_ids(self.tok, m) for m in batch]  # exactly one BOS, decided per prompt
-        set_seed(self.dec.seed)  # each batch samples the same way on a rerun, whatever came before it
+        # seed: each batch samples the same way on a rerun, whatever came before it
+        replies = generate_batch(self.lm, self.tok, prompts, self.dec, seed=self.dec.seed)
         eos = self.tok.eos_token_id
         return [Outcome(content=text, finish_reason="stop" if eos in ids else "length",
                         usage={"prompt_tokens": len(prompt), "completion_tokens": n})
-                for prompt, (text, n, ids) in zip(prompts, generate_batch(self.lm, self.tok, prompts, self.dec))]
+                for prompt, (text, n, ids) in zip(prompts, replies)]
 
     async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict, on_done,
                        usable=None) -> list[Outcome]:

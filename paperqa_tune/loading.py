@@ -3,7 +3,6 @@ base exactly as training quantised it, and the dense/merged forms evaluation and
 code from the hub never runs unless the caller passes trust_remote_code=True."""
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -11,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from common import InputError, RunFailure, ensure_chat_template
+from common import InputError, RunFailure, ensure_chat_template, os_error_text
 from paperqa_tune.outputs import pid_alive
 
 
@@ -310,19 +309,13 @@ def write_folder(out: Path, write: Callable[[Path], None]) -> None:
             os.replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # the second rename failed: put the previous folder back
         raise RunFailure(f"cannot write {out}: {os_error_text(e)}; nothing was written there (it is as "
                          "it was)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def os_error_text(e: OSError) -> str:
-    """An OSError in words, with what to do about a full disk."""
-    text = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        text += "; the disk is full: free some space and rerun"
-    return text
 
 
 # --------------------------------------------------------------------------- memory for generation

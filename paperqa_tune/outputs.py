@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from common import InputError
+from common import InputError, check_outputs_free
 
 PARTIAL = ".partial"
 
@@ -85,10 +85,7 @@ class OutputSet:
         self.locked = False
 
     def _check_free(self) -> None:
-        existing = [f"{p}" for p in self.paths.values() if p.exists()]
-        if existing and not self.overwrite:
-            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose "
-                             "another output path")
+        check_outputs_free(self.paths.values(), self.overwrite)
 
     # ------------------------------------------------------------------ lock
     def __enter__(self) -> "OutputSet":
@@ -119,10 +116,14 @@ class OutputSet:
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             self.locked = True
-            if self.journal_path.exists():
-                self._finish_interrupted_commit()
-            self._remove_stale_partials()
-            self._check_free()  # again, now that no other run can be writing
+            try:
+                if self.journal_path.exists():
+                    self._finish_interrupted_commit()
+                self._remove_stale_partials()
+                self._check_free()  # again, now that no other run can be writing
+            except BaseException:
+                self.unlock()  # refused after all: leave no lock behind
+                raise
             return
         raise InputError(f"cannot take the lock {self.lock_path}; delete it if no run is writing these outputs")
 

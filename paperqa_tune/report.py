@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import InputError, RunFailure, atomic_write_text
+from common import InputError, RunFailure, atomic_write_text, os_error_text
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
 from paperqa_tune.verdict import TIE_MARGIN, compare, decide, headline
 
@@ -347,7 +347,6 @@ def write_outputs(outs, rows: list[dict], summary: dict, criteria: list[str], pa
     failed write (a full disk) is RunFailure with the previous outputs untouched. Returns the exit code: 1
     when the judge failed on every call (the evaluation is written, the judge marked failed), else 0."""
     from paperqa_tune import charts
-    from paperqa_tune.loading import os_error_text
 
     failure = judge_failure(summary)
     if failure:

@@ -79,6 +79,15 @@ def test_a_killed_run_is_taken_over_and_its_interrupted_commit_completed(tmp_pat
     with pytest.raises(InputError, match="already exist"):
         with OutputSet({"--out": a, "--manifest": b}):
             pass
+    # killed during its commit, rerun without --overwrite: the commit is completed, the run refused, no lock left
+    (tmp_path / ".a.lock").write_text(str(dead))
+    (tmp_path / f".b.{dead}.partial").write_text("newer b")
+    (tmp_path / ".a.commit.json").write_text(json.dumps([[str(tmp_path / f".b.{dead}.partial"), str(b)]]))
+    outs = OutputSet({"--out": a, "--manifest": b})
+    with pytest.raises(InputError, match="already exist"):
+        with outs:
+            pass
+    assert b.read_text() == "newer b" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 def test_weight_files_get_the_permissions_of_other_outputs(tiny_model):
