@@ -258,6 +258,7 @@ def sha256_text(text: str) -> str:
 
 
 DEFAULT_RUN_DIR = "models/zephyr-7b-qlora"  # the run folder evaluation and inference read by default
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a run folder's LoRA weights, written last: they mark it finished
 HELDOUT_QUESTIONS_FILE = "eval_questions.jsonl"  # a run folder's held-out samples, as evaluation questions
 
 

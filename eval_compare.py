@@ -52,8 +52,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, eval_questions_path,
-                    read_jsonl, run_main, sha256_file, sha256_text)
+from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError,
+                    eval_questions_path, read_jsonl, run_main, sha256_file, sha256_text)
 from paperqa_tune import report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.checkpoints import list_checkpoints
@@ -214,7 +214,7 @@ def find_checkpoints(run: Run, given: list[str]) -> list[Adapter]:
                          "list checkpoint folders")
     out = []
     for p in paths:
-        if not (p / "adapter_model.safetensors").is_file():
+        if not (p / ADAPTER_WEIGHTS).is_file():
             raise InputError(f"--checkpoints: {p} holds no adapter_model.safetensors (a PEFT checkpoint folder "
                              "such as models/<run>/checkpoints/step-50)")
         step = int(p.name[5:]) if p.name.startswith("step-") and p.name[5:].isdigit() else None
@@ -222,7 +222,7 @@ def find_checkpoints(run: Run, given: list[str]) -> list[Adapter]:
         if step is None:
             raise InputError(f"--checkpoints: cannot tell the training step of {p} (no trainer_state.json, name "
                              "not step-N)")
-        out.append(Adapter(f"step-{step}", p, step, sha256_file(p / "adapter_model.safetensors")))
+        out.append(Adapter(f"step-{step}", p, step, sha256_file(p / ADAPTER_WEIGHTS)))
     return sorted(out, key=lambda a: a.step)
 
 

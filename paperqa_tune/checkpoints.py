@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from common import InputError, share_like_outputs, write_json_atomic
+from common import ADAPTER_WEIGHTS, InputError, share_like_outputs, write_json_atomic
 from paperqa_tune.optim import repage_optimizer_state
 
 STATE_FILE = "trainer_state.json"
-ADAPTER_FILE = "adapter_model.safetensors"
 TRAINING_FILE = "training_state.pt"
 
 # Flags (and values derived from them) a resumed run must share with its checkpoint: they change the model, the
@@ -129,9 +128,9 @@ def _read_files(path: Path, device) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(path / ADAPTER_FILE, device=str(device))
+        weights = load_file(path / ADAPTER_WEIGHTS, device=str(device))
     except Exception as e:  # SafetensorError, OSError: truncated, garbage, missing
-        raise _unreadable(path, ADAPTER_FILE, f"unreadable ({str(e)[:200]})") from None
+        raise _unreadable(path, ADAPTER_WEIGHTS, f"unreadable ({str(e)[:200]})") from None
     try:
         ts = torch.load(path / TRAINING_FILE, map_location=device, weights_only=True)
     except pickle.UnpicklingError:  # garbage, or a pickle that would run code: never loaded otherwise
@@ -183,12 +182,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, d
     try:
         result = set_peft_model_state_dict(model, weights)
     except RuntimeError as e:  # size mismatch: another --lora_r or base
-        raise _unreadable(path, ADAPTER_FILE, f"does not fit the model ({str(e).strip().splitlines()[-1][:200]})") \
+        raise _unreadable(path, ADAPTER_WEIGHTS, f"does not fit the model ({str(e).strip().splitlines()[-1][:200]})") \
             from None
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if getattr(result, "unexpected_keys", None) or missing:
         keys = (result.unexpected_keys or missing)[:2]
-        raise _unreadable(path, ADAPTER_FILE, f"does not match the model's LoRA layers ({', '.join(keys)}...)")
+        raise _unreadable(path, ADAPTER_WEIGHTS, f"does not match the model's LoRA layers ({', '.join(keys)}...)")
     try:
         optimizer.load_state_dict(ts["optimizer"])
         repage_optimizer_state(optimizer)

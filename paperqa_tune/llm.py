@@ -313,7 +313,8 @@ class HFBackend(Backend):
         import torch
 
         from paperqa_tune.generation import Decoding
-        from paperqa_tune.loading import default_device, load_causal_lm, load_tokenizer
+        from paperqa_tune.distributed import default_device
+        from paperqa_tune.loading import load_causal_lm, load_tokenizer
 
         super().__init__()
         device = default_device()

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from common import InputError, RunFailure, ensure_chat_template, os_error_text
+from common import ADAPTER_WEIGHTS, InputError, RunFailure, ensure_chat_template, os_error_text
+from paperqa_tune.distributed import default_device
 from paperqa_tune.outputs import pid_alive
 
 
@@ -153,7 +154,7 @@ def adapter_mismatch(model, adapter: Path) -> str | None:
     """Why the LoRA weights in `adapter` do not fit `model` (a layer it targets is missing, or has other
     in/out sizes: an adapter trained on a different base model), or None when they fit. Reads only the
     safetensors header."""
-    weights = Path(adapter) / "adapter_model.safetensors"
+    weights = Path(adapter) / ADAPTER_WEIGHTS
     if not weights.is_file():
         return None
     from safetensors import safe_open
@@ -201,12 +202,6 @@ def _mismatch_message(model, adapter: Path, why: str) -> str:
             + "; pass --base_model with the model the run was trained on")
 
 
-def default_device():
-    import torch
-
-    return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 # --------------------------------------------------------------------------- a run's models
 def run_tokenizer(run, trust_remote_code: bool = False):
     """The run's saved tokenizer (the base model's if the run has none), left-padded for generation."""
@@ -217,7 +212,7 @@ def run_tokenizer(run, trust_remote_code: bool = False):
 def require_adapter_weights(run) -> None:
     """InputError unless the run folder holds its adapter's weights (written last: a run that did not finish
     has none)."""
-    if not (run.adapter / "adapter_model.safetensors").is_file():
+    if not (run.adapter / ADAPTER_WEIGHTS).is_file():
         raise InputError(f"{run.adapter}: no adapter_model.safetensors here, so the run did not finish "
                          "(train_qlora_hf.py writes the weights last); resume or rerun the training, or pass "
                          "--adapter with a finished run")

@@ -19,14 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure, sha256_file,
+from common import (ADAPTER_WEIGHTS, DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure, sha256_file,
                     share_like_outputs, write_json_atomic)
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.outputs import pid_alive
 from paperqa_tune.loading import requested_precision
 
-WEIGHTS = "adapter_model.safetensors"  # written last: its presence marks a finished run
-ADAPTER_FILES = (WEIGHTS, "adapter_config.json")
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")
 RUN_FILES = ADAPTER_FILES + ("run_config.json", "metrics.json", "loss.png", "README.md", HELDOUT_QUESTIONS_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -142,7 +141,7 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> Path:
     staged = stage.is_dir() and not pending
     if overwrite or (resume and staged):
         return stage
-    if pending or (out / WEIGHTS).exists():
+    if pending or (out / ADAPTER_WEIGHTS).exists():
         cut = f"; an --overwrite run into it was cut short ({stage}): --resume continues it" if staged else ""
         raise InputError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out{cut}")
     unfinished = list_checkpoints(out) or list_checkpoints(stage) or ([stage] if staged else [])
@@ -176,12 +175,12 @@ def finish_commit(out: Path) -> bool:
     if not (stage / COMMIT_FILE).exists():
         return False
     names = json.loads((stage / COMMIT_FILE).read_text(encoding="utf-8"))["files"]
-    if (stage / WEIGHTS).exists():
-        (out / WEIGHTS).unlink(missing_ok=True)  # the old run stops being finished before any file changes
+    if (stage / ADAPTER_WEIGHTS).exists():
+        (out / ADAPTER_WEIGHTS).unlink(missing_ok=True)  # the old run stops being finished before any file changes
     for name in RUN_FILES + TOKENIZER_FILES + ("checkpoints", ".adapter.tmp"):
         if name not in names:  # the old run's, with no counterpart in the new one
             _remove(out / name)
-    for name in sorted(names, key=lambda n: n == WEIGHTS):  # weights last: the new run is finished once all is in
+    for name in sorted(names, key=lambda n: n == ADAPTER_WEIGHTS):  # weights last: the new run is finished once all is in
         if (stage / name).exists() or (stage / name).is_symlink():
             _remove(out / name)
             os.replace(stage / name, out / name)
@@ -254,7 +253,7 @@ def save_outputs(model, tokenizer, out: Path, metrics: dict, config: dict) -> No
     with disk_errors(out / "run_config.json", RESUME_HINT):
         write_json_atomic(out / "run_config.json", config)
     write_metrics(out, metrics)
-    with disk_errors(out / WEIGHTS, RESUME_HINT):
+    with disk_errors(out / ADAPTER_WEIGHTS, RESUME_HINT):
         save_adapter(model, out)
 
 
@@ -265,7 +264,7 @@ def save_adapter(model, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         share_like_outputs(tmp)  # safetensors writes the weights 0600
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == WEIGHTS):
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == ADAPTER_WEIGHTS):
             os.replace(f, out / f.name)
         tmp.rmdir()
     except BaseException:
@@ -323,7 +322,7 @@ def read_run(adapter, base_model: str | None = None) -> Run:
     if not base:
         raise InputError(f"{adapter}: cannot tell the base model (no run_config.json base_model, no "
                          "adapter_config.json base_model_name_or_path); pass --base_model")
-    weights = adapter / "adapter_model.safetensors"
+    weights = adapter / ADAPTER_WEIGHTS
     # run_config.json records the prompt the data used (None = no system turn); runs from before it did
     # only know --system_prompt
     system = cfg["system_prompt"] if "system_prompt" in cfg else args.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
