@@ -51,7 +51,7 @@ from paperqa_tune.abstracts import fetch_arxiv, read_abstract_file
 from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, TIMEOUT_RETRIES, HFBackend, OpenAIBackend, Outcome, Progress,
                               ResponseCache, Stats)
 from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_pairs
-from paperqa_tune.outputs import OutputSet
+from paperqa_tune.outputs import OutputSet, write_staged
 from paperqa_tune.prompts import (ANSWERABLE, PAIRS_SCHEMA, SCORES_SCHEMA, TYPES, generation_messages,
                                   judge_messages, prompts_hash, repair_messages, type_quotas)
 from paperqa_tune.safety import chat_structure, scrub
@@ -567,15 +567,6 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _write(path: Path, text: str) -> None:
-    """Write and flush to disk; `path` is a staged temp file that OutputSet renames into place (or removes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_inputs(args) -> tuple[list[dict], list[dict], list[dict], dict[str, int]]:
     """(papers to work on, input records for the manifest, rejects of skipped papers, input order of every id)."""
     papers, inputs = load_papers(args)
@@ -682,7 +673,7 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
     if not pairs:
         # A failed run replaces nothing: the reasons go beside the cache, the outputs stay as they were.
         try:
-            _write(why, _jsonl(rejects))
+            write_staged(why, _jsonl(rejects))
         except OSError as e:
             why = f"(not saved: {e})"
         print(f"error: no pair survived, so no output was written (earlier ones are unchanged); why each pair or "
@@ -691,7 +682,7 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
     try:
         for name, text in (("--out", _jsonl(train)), ("--eval_out", _jsonl(evals)), ("--rejects", _jsonl(rejects)),
                            ("--manifest", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")):
-            _write(outs.stage(name), text)
+            write_staged(outs.stage(name), text)
     except OSError as e:  # a full disk, a read-only folder: what was staged is removed, nothing replaced
         raise RunFailure(f"cannot write {name} {outs.paths[name]} ({e.strerror or e}); no output was replaced, and "
                          "the cache keeps every reply: free space or fix the folder, then rerun the same command"

@@ -1,7 +1,7 @@
 """One run's output files, decided in one place and written together (torch-free).
 
     with OutputSet({"--out": out, "--eval_out": eval_out}, inputs=[abstracts], overwrite=args.overwrite) as outs:
-        write_jsonl(outs.stage("--out"), records)     # written beside the target, under a temp name
+        write_staged(outs.stage("--out"), text)       # written beside the target, under a temp name
         ...
         outs.commit()                                 # every staged file renamed into place, in order
 
@@ -47,6 +47,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def write_staged(path: Path, text: str) -> None:
+    """Write an output's text to its staged path (OutputSet.stage): no second temp file, flushed to disk before
+    OutputSet.commit() renames it into place (or abort() removes it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class OutputSet:

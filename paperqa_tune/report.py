@@ -10,12 +10,12 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
 
 from common import InputError, RunFailure, atomic_write_text, os_error_text
+from paperqa_tune.outputs import write_staged
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
 from paperqa_tune.verdict import TIE_MARGIN, compare, decide, headline
 
@@ -227,15 +227,6 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- staged outputs
-def write_staged(path: Path, text: str) -> None:
-    """Write an output's text to its staged (temporary) path: no second temp file, flushed to disk before
-    OutputSet.commit() renames it into place."""
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def split_skipped(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(rows that were answered and are scored, rows skipped with a reason in their 'skipped' cell)."""
     return [r for r in rows if not r.get("skipped")], [r for r in rows if r.get("skipped")]

@@ -132,14 +132,14 @@ def _interrupted(out, monkeypatch, extra):
 
 
 def _disk_full(out, monkeypatch, extra):
-    real, calls = generate_qa._write, []
+    real, calls = generate_qa.write_staged, []
 
     def write(path, text):  # the third staged file hits a full disk
         calls.append(path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device", str(path))
         real(path, text)
-    monkeypatch.setattr(generate_qa, "_write", write)
+    monkeypatch.setattr(generate_qa, "write_staged", write)
     return generate_qa.main(offline(out, *extra)), "No space left on device.*no output was replaced"
 
 
