@@ -115,18 +115,19 @@ def write_merged(run, tokenizer, out: Path, overwrite: bool, trust_remote_code: 
     print(f"merged model written to {out}")
 
 
-def answer(model, tokenizer, question: str, system: str, dec: Decoding, side: str, stream: bool = True) -> str:
-    """One answer from the base (adapter disabled) or the fine-tuned model, streamed to stdout."""
+def answer(model, tokenizer, prompt: list[int], dec: Decoding, side: str, stream: bool = True) -> str:
+    """One answer to prompt ids from the base (adapter disabled) or the fine-tuned model, streamed to stdout."""
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with model.disable_adapter() if side == "base" else contextlib.nullcontext():
-        return generate_batch(model, tokenizer, [prompt_ids(tokenizer, question, system)], dec, streamer)[0][0]
+        return generate_batch(model, tokenizer, [prompt], dec, streamer)[0][0]
 
 
 def respond(model, tokenizer, question: str, system: str, dec: Decoding, who: str, limit: int | None = None) -> dict:
     """Answer with one model or both; InputError (not answered) when the prompt does not fit the model."""
-    why = too_long(len(prompt_ids(tokenizer, question, system)), dec.max_new_tokens, limit)
+    prompt = prompt_ids(tokenizer, question, system)  # the training format, tokenised once for every side
+    why = too_long(len(prompt), dec.max_new_tokens, limit)
     if why:
         raise InputError(f"the question is {why}; shorten it or lower --max_new_tokens")
     sides = ("base", "ft") if who == "both" else (who,)
@@ -134,7 +135,7 @@ def respond(model, tokenizer, question: str, system: str, dec: Decoding, who: st
     for side in sides:
         if len(sides) > 1:
             print(f"--- {LABELS[side]} ---", flush=True)
-        out[side] = answer(model, tokenizer, question, system, dec, side)
+        out[side] = answer(model, tokenizer, prompt, dec, side)
     return out
 
 

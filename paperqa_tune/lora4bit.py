@@ -177,10 +177,11 @@ class FusedLoRA:
         """peft Linear4bit.forward through the one node; PEFT's own path where it does not apply."""
         if kwargs.get("adapter_names") is not None:
             return type(layer).forward(layer, x, *args, **kwargs)
-        if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1 \
-                or layer.base_layer.bias is not None or layer.active_adapters[0] not in layer.lora_A:
+        active = layer.active_adapters  # a PEFT property that builds a list: read it once per call (hot path)
+        if layer.disable_adapters or layer.merged or len(active) != 1 \
+                or layer.base_layer.bias is not None or active[0] not in layer.lora_A:
             return addmm_lora_forward(layer, x, *args, **kwargs)
-        name = layer.active_adapters[0]
+        name = active[0]
         drop = layer.lora_dropout[name]
         p = drop.p if (layer.training and isinstance(drop, torch.nn.Dropout)) else 0.0
         w = layer.base_layer.weight
