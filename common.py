@@ -124,9 +124,12 @@ def chat_record(messages: list[dict], meta: dict | None = None) -> dict:
     return {"text": render_zephyr(messages), "messages": messages, "meta": meta or {}}
 
 
-def qa_messages(question: str, answer: str | None = None, system: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
-    """One exchange; `system` None or empty means no system turn (data that had none is evaluated without)."""
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+def qa_messages(question: str, answer: str | None = None, system: str | None = DEFAULT_SYSTEM_PROMPT,
+                history: list[dict] = ()) -> list[dict]:
+    """One exchange, after the earlier user/assistant turns of its conversation (`history`); `system` None or
+    empty means no system turn (data that had none is evaluated without)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + list(history)
+    msgs.append({"role": "user", "content": question})
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
     return msgs

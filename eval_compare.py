@@ -106,11 +106,33 @@ def read_questions(path: Path) -> list[dict]:
             raise InputError(f"{where}: 'system' must be a string (or null for no system turn)")
         if path.suffix.lower() == ".csv" and not (rec.get("system") or "").strip():
             system = NO_SYSTEM  # an empty CSV cell means "not given"
+        history = read_history(rec.get("history"), where)
         out.append({"id": qid, "question": q.strip(), "reference": str(rec.get("reference") or "").strip(),
                     "type": str(rec.get("type") or "").strip().lower() or "unknown",
                     "paper_id": str(rec.get("paper_id") or ""), "context": str(rec.get("context") or ""),
-                    "system": system})
+                    "system": system, "history": history})
     return out
+
+
+def read_history(value, where: str) -> list[dict]:
+    """A follow-up question's earlier turns: user/assistant messages, alternating, starting with the user (JSONL
+    list, or a CSV cell holding that list as JSON). Empty when not given."""
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: 'history' is not JSON ({e.msg}); give a list of {{\"role\", \"content\"}} "
+                             "messages or leave it empty") from None
+    ok = isinstance(value, list) and len(value) % 2 == 0 and all(
+        isinstance(m, dict) and m.get("role") == ("user", "assistant")[i % 2] and isinstance(m.get("content"), str)
+        for i, m in enumerate(value))
+    if not ok:
+        raise InputError(f"{where}: 'history' must be a list of user/assistant messages, alternating and starting "
+                         'with the user, e.g. [{"role": "user", "content": "..."}, {"role": "assistant", '
+                         '"content": "..."}]')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _csv_rows(path: Path) -> list[tuple[str, dict]]:
@@ -510,7 +532,8 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
     dec = Decoding(args.max_new_tokens, args.min_new_tokens, args.do_sample, args.temperature, args.top_p,
                    args.seed, args.cache, args.compile)
     systems = {q["id"]: system_for(q, run, args.system) for q in questions}
-    prompts = {q["id"]: prompt_ids(tokenizer, q["question"], systems[q["id"]]) for q in questions}
+    prompts = {q["id"]: prompt_ids(tokenizer, q["question"], systems[q["id"]], q.get("history", ()))
+               for q in questions}
     skipped = skip_too_long(prompts, args.max_new_tokens, limit, run.base_model)
     asked = [q for q in questions if q["id"] not in skipped]
     adapters = checkpoints + [Adapter("finetuned", run.adapter, final_step(run), run.adapter_sha)]

@@ -16,6 +16,10 @@ Run as:
     python generate_qa.py --backend offline --arxiv_ids 2305.14314,2106.09685
     python generate_qa.py --arxiv_query "cat:cs.CL AND ti:instruction tuning" --max_papers 40
 
+    # full texts, split into sections: PDF files or folders of them, or the arXiv papers' PDFs
+    python generate_qa.py --backend offline --input paper.pdf papers/
+    python generate_qa.py --arxiv_ids 2305.14314 --full_text
+
 Writes data/synthetic_qa.jsonl (train), data/eval_questions.jsonl (whole held-out papers), a manifest
 (data/synthetic_qa.manifest.json) and the rejects (data/rejects_synthetic_qa.jsonl), together at the end:
 a run that fails, is interrupted or is killed (before the final renames) leaves the previous outputs as they
@@ -47,13 +51,17 @@ from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, chat_record,
                     eval_questions_path, qa_messages, run_main, sha256_file, sha256_text)
-from paperqa_tune.abstracts import fetch_arxiv, read_abstract_file
-from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, TIMEOUT_RETRIES, HFBackend, OpenAIBackend, Outcome, Progress,
-                              ResponseCache, Stats)
-from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_pairs
+from paperqa_tune.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
+from paperqa_tune.fulltext import PdfRejected, add_full_texts, read_pdf
+from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
+                              TIMEOUT_RETRIES, TOKENS_PER_ITEM, TOKENS_SLACK, HFBackend, OpenAIBackend, Outcome,
+                              Progress, ResponseCache, Stats, resolve_request_defaults, sized_max_tokens)
+from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, write_staged
-from paperqa_tune.prompts import (ANSWERABLE, PAIRS_SCHEMA, SCORES_SCHEMA, TYPES, generation_messages,
-                                  judge_messages, prompts_hash, repair_messages, type_quotas)
+from paperqa_tune.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA, TYPES,
+                                  conversations_per_source, generation_messages, judge_messages, prompts_hash,
+                                  repair_messages, type_quotas)
+from paperqa_tune.quality import format_quality, plot_quality, quality_report
 from paperqa_tune.safety import chat_structure, scrub
 from paperqa_tune.scoring import corrects_premise, is_refusal
 from paperqa_tune.textsim import (clean_text, cross_group_near_duplicates, grounding, normalized, numbers,
@@ -61,6 +69,7 @@ from paperqa_tune.textsim import (clean_text, cross_group_near_duplicates, groun
 
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "hf": "HuggingFaceH4/zephyr-7b-beta", "offline": OFFLINE_MODEL}
 ARXIV_API_URL = "https://export.arxiv.org/api/query"
+ARXIV_PDF_URL = "https://arxiv.org/pdf/{id}"
 ARXIV_ID_RE = re.compile(r"^(\d{4}\.\d{4,5}|[a-z][a-z\-]*(\.[A-Z]{2})?/\d{7})(v\d+)?$")
 # USD per 1M (input, output) tokens, for the manifest's cost estimate only; --price_per_mtok overrides.
 PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4.1-mini": (0.40, 1.60),
@@ -71,9 +80,11 @@ PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("inputs")
-    g.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="abstract files: .jsonl {id,title,abstract}, .csv with those columns, .txt with "
-                        "blank-line-separated abstracts; several allowed")
+    g.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
+                   help="papers: .pdf full texts (split into sections), abstract files (.jsonl {id,title,abstract}, "
+                        ".csv with those columns, .txt with blank-line-separated abstracts), or folders (every "
+                        ".pdf/.jsonl/.csv/.txt directly in one); several allowed. A PDF that gives no text "
+                        "(encrypted, scanned, damaged) is a reject and the run goes on")
     add_flag(g, "--arxiv_ids", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], action="extend",
              default=[], metavar="IDS", help="also fetch these arXiv papers' abstracts: comma-separated ids, "
                                              "e.g. 2305.14314,2106.09685")
@@ -82,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--max_papers", type=int, default=20, help="most papers --arxiv_query fetches")
     add_flag(g, "--arxiv_api_url", default=ARXIV_API_URL,
              help="arXiv API endpoint to fetch from (change it only for a mirror or for tests)")
+    add_flag(g, "--full_text", action="store_true",
+             help="with --arxiv_ids/--arxiv_query: also download each paper's PDF and work on its sections; a paper "
+                  "whose PDF fails keeps its abstract (the rejects say why)")
+    add_flag(g, "--arxiv_pdf_url", default=ARXIV_PDF_URL,
+             help="where --full_text downloads a paper's PDF from, {id} standing for its arXiv id")
+    add_flag(g, "--arxiv_delay", type=float, default=3.0,
+             help="seconds between requests to arXiv (API pages and PDFs); arXiv asks for 3")
+    add_flag(g, "--max_section_chars", type=int, default=6000,
+             help="full texts: cut a longer section into parts of at most this many characters, at paragraph or "
+                  "sentence boundaries")
     add_flag(g, "--max_abstract_chars", type=int, default=20000,
              help="skip (as a reject, the run goes on) a paper whose title and abstract together are longer: the "
                   "abstract is sent in every request about it and copied into each of its eval questions")
@@ -102,19 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
              help="system turn written into every training record and eval question")
     g.add_argument("--temperature", type=float, default=0.7,
                    help="sampling temperature of the model writing the pairs (0: greedy)")
-    add_flag(g, "--max_tokens", type=int, default=3000,
-             help="longest reply per request, in tokens; a reply cut off there usually cannot be parsed")
+    add_flag(g, "--max_tokens", type=int, default=None,
+             help="longest reply per request, in tokens; a reply cut off there usually cannot be parsed (default: "
+                  f"{HOSTED_DEFAULTS['max_tokens']} for OpenAI; for a --base_url server or --backend hf "
+                  f"{TOKENS_PER_ITEM} per pair asked + {TOKENS_SLACK}, e.g. {sized_max_tokens(12)} for 12 pairs, so a "
+                  "reply that never ends stops near the size of what was asked)")
     add_flag(g, "--response_format", choices=("json_schema", "json_object", "none"), default="json_schema",
-             help="structured output to ask the server for; plain JSON is asked instead if the server refuses it")
-    g.add_argument("--concurrency", type=int, default=8,
+             help="structured output to ask the server for; when the server's error says it refuses it, the next "
+                  "of json_schema, json_object, none is used (decided once, by the run's first request)")
+    g.add_argument("--concurrency", type=int, default=None,
                    help="requests in flight at once (openai backend); also the most a kill can make you pay twice "
-                        "(their replies never reach the cache)")
-    g.add_argument("--timeout", type=float, default=120.0,
+                        f"(their replies never reach the cache) (default: {HOSTED_DEFAULTS['concurrency']} for OpenAI, "
+                        f"{LOCAL_CONCURRENCY} for a --base_url server: a local server often answers one request at a "
+                        "time, and the others wait in its queue, their --timeout running)")
+    g.add_argument("--timeout", type=float, default=None,
                    help="seconds one attempt of a request may take in all, from sending it to the last byte of the "
                         "reply (a server that trickles bytes is cut off too); a request is tried at most "
                         f"{TIMEOUT_RETRIES + 1} times on timeouts, so a server that never answers costs at most "
                         f"{TIMEOUT_RETRIES + 1} x this per request, and the run stops with exit 1 after "
-                        f"{GIVE_UP_AFTER_TIMEOUTS} requests in a row got no reply")
+                        f"{GIVE_UP_AFTER_TIMEOUTS} requests in a row got no reply (default: "
+                        f"{HOSTED_DEFAULTS['timeout']:g} for OpenAI, {LOCAL_TIMEOUT:g} for a --base_url server)")
     add_flag(g, "--max_retries", type=int, default=4,
              help="retries of a request on rate limits (429), server errors (5xx) and lost connections, with "
                   "backoff and the server's Retry-After (timeouts: see --timeout)")
@@ -139,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--min_score", type=float, default=3.0, help="with --judge_model: drop pairs scored below this")
     add_flag(g, "--eval_papers", type=float, default=3,
              help="papers held out whole as evaluation questions: a count, or a fraction of them if below 1")
+    g = p.add_argument_group("conversations")
+    add_flag(g, "--turns", type=int, default=1,
+             help="Q&A turns per conversation: above 1, each record is a conversation whose follow-up questions build "
+                  "on the earlier answers (about --pairs_per_abstract turns per text, in conversations of this many; "
+                  "edge cases can come at any turn)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="data/synthetic_qa.jsonl", help="training records (chat JSONL) to write")
     add_flag(g, "--eval_out", default=None,
@@ -163,20 +196,35 @@ def validate_args(args) -> None:
     """Check everything at once, so one run shows every problem."""
     problems = []
     if not (args.input or args.arxiv_ids or args.arxiv_query):
-        problems.append("give abstracts with --input FILE, --arxiv_ids or --arxiv_query")
+        problems.append("give papers with --input FILE|FOLDER, --arxiv_ids or --arxiv_query")
+    if args.full_text and not (args.arxiv_ids or args.arxiv_query):
+        problems.append("--full_text downloads arXiv PDFs: give --arxiv_ids or --arxiv_query (PDF files on disk go "
+                        "to --input)")
+    try:
+        pdf_url_ok = bool(re.match(r"^https?://", args.arxiv_pdf_url)) and "{id}" in args.arxiv_pdf_url
+        args.arxiv_pdf_url.format(id="2305.14314")
+    except (KeyError, IndexError, ValueError):  # other {fields} in the template
+        pdf_url_ok = False
+    if not pdf_url_ok:
+        problems.append("--arxiv_pdf_url must start with http:// or https:// and hold {id} (and no other {...})")
     bad_ids = [i for i in args.arxiv_ids if not ARXIV_ID_RE.match(i)]
     if bad_ids:
         problems.append(f"--arxiv_ids: not arXiv ids: {', '.join(bad_ids)} "
                         "(expected e.g. 2305.14314 or hep-th/9901001)")
     if not re.match(r"^https?://", args.arxiv_api_url):
         problems.append("--arxiv_api_url must start with http:// or https://")
+    asked = conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns  # Q&A turns per request
+    defaults = resolve_request_defaults(args.backend, args.base_url, asked)  # by server: see --help
+    vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     checks = [("--pairs_per_abstract", args.pairs_per_abstract >= 1),
               ("--edge_case_ratio", 0 <= args.edge_case_ratio <= 1),
               ("--concurrency", args.concurrency >= 1), ("--timeout", args.timeout > 0),
               ("--max_retries", args.max_retries >= 0),
-              ("--batch_size", args.batch_size >= 1), ("--max_tokens", args.max_tokens >= 1),
+              ("--batch_size", args.batch_size >= 1), ("--turns", 1 <= args.turns <= 20),
+              ("--max_tokens", args.max_tokens >= 1),
               ("--max_papers", args.max_papers >= 1), ("--temperature", args.temperature >= 0),
               ("--max_abstract_chars", args.max_abstract_chars >= 1),
+              ("--max_section_chars", args.max_section_chars >= 200), ("--arxiv_delay", args.arxiv_delay >= 0),
               ("--min_grounding", 0 <= args.min_grounding <= 1), ("--dedup_threshold", 0 < args.dedup_threshold <= 1),
               ("--eval_papers", args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
               ("--min_question_chars/--max_question_chars", 0 <= args.min_question_chars <= args.max_question_chars),
@@ -207,10 +255,12 @@ def output_paths(args) -> dict[str, Path]:
     return {"train": out, "eval": Path(args.eval_out) if args.eval_out else eval_questions_path(out),
             "manifest": Path(args.manifest) if args.manifest else out.with_name(out.stem + ".manifest.json"),
             "rejects": Path(args.rejects) if args.rejects else out.with_name(f"rejects_{out.stem}.jsonl"),
-            "cache": Path(args.cache) if args.cache else out.parent / ".cache" / f"{out.stem}.jsonl"}
+            "cache": Path(args.cache) if args.cache else out.parent / ".cache" / f"{out.stem}.jsonl",
+            "quality": out.with_name(out.stem + ".quality.json"), "quality_png": out.with_name(out.stem + ".quality.png")}
 
 
-FLAG_OF = {"train": "--out", "eval": "--eval_out", "rejects": "--rejects", "manifest": "--manifest"}
+FLAG_OF = {"train": "--out", "eval": "--eval_out", "rejects": "--rejects", "manifest": "--manifest",
+           "quality": "quality report", "quality_png": "quality chart"}  # the last two: named after --out
 
 
 def output_set(args, paths: dict[str, Path]) -> OutputSet:
@@ -229,16 +279,34 @@ def output_set(args, paths: dict[str, Path]) -> OutputSet:
 
 
 # =========================================================================== inputs
-def load_papers(args) -> tuple[list[dict], list[dict]]:
-    papers, inputs = [], []
-    for path in args.input:
-        got = read_abstract_file(Path(path))
-        inputs.append({"path": str(path), "sha256": sha256_file(path), "papers": len(got)})
+def load_papers(args) -> tuple[list[dict], list[dict], list[dict]]:
+    """(papers, input records for the manifest, rejects of PDFs that gave no text). A folder in --input stands for
+    the files in it (this run's own outputs aside: they may live there)."""
+    papers, inputs, rejects = [], [], []
+    own = {p.resolve() for p in output_paths(args).values()}
+    for path in input_files(args.input, own):
+        if path.suffix.lower() == ".pdf" and path.is_file():
+            try:
+                got = [read_pdf(path, args.max_section_chars)]
+            except PdfRejected as e:
+                got = []
+                rejects.append({"paper_id": path.stem, "stage": "input", "where": str(path), "reason": str(e)})
+            record = {"path": str(path), "sha256": sha256_file(path), "papers": len(got)}
+            inputs.append({**record, "rejected": rejects[-1]["reason"]} if not got else record)
+        else:
+            got = read_abstract_file(path)
+            inputs.append({"path": str(path), "sha256": sha256_file(path), "papers": len(got)})
         papers += got
     if args.arxiv_ids or args.arxiv_query:
-        got = fetch_arxiv(args.arxiv_ids, args.arxiv_query, args.max_papers, args.arxiv_api_url)
-        inputs.append({"arxiv_ids": args.arxiv_ids, "arxiv_query": args.arxiv_query, "api_url": args.arxiv_api_url,
-                       "papers": len(got), "sha256": sha256_text(json.dumps(got, sort_keys=True))})
+        session = http_session()  # one timeout'ed session for the API and the PDFs
+        got = fetch_arxiv(args.arxiv_ids, args.arxiv_query, args.max_papers, args.arxiv_api_url, session,
+                          args.arxiv_delay)
+        entry = {"arxiv_ids": args.arxiv_ids, "arxiv_query": args.arxiv_query, "api_url": args.arxiv_api_url}
+        if args.full_text:
+            got, failed = add_full_texts(got, args.arxiv_pdf_url, session, args.arxiv_delay, args.max_section_chars)
+            rejects += failed
+            entry.update(full_text=True, pdf_url=args.arxiv_pdf_url, pdfs_read=sum("sections" in p for p in got))
+        inputs.append({**entry, "papers": len(got), "sha256": sha256_text(json.dumps(got, sort_keys=True))})
         papers += got
     seen: dict[str, dict] = {}
     unique = []
@@ -250,9 +318,12 @@ def load_papers(args) -> tuple[list[dict], list[dict]]:
             continue
         seen[p["id"]] = p
         unique.append(p)
+    if not unique and rejects:
+        raise InputError("\n  ".join(["no paper to work on: every input was rejected:"]
+                                      + [f"{r['where']}: {r['reason']}" for r in rejects]))
     if not unique:
         raise InputError("no abstracts to work on; pass --input FILE, --arxiv_ids or --arxiv_query")
-    return unique, inputs
+    return unique, inputs, rejects
 
 
 def skip_too_long(papers: list[dict], limit: int) -> tuple[list[dict], list[dict]]:
@@ -295,99 +366,124 @@ def _json_object(content: str | None):
         raise ValueError(f"not valid JSON ({e.msg} at char {e.pos})") from None
 
 
-def parse_pairs(out: Outcome) -> tuple[list[dict], list[tuple[dict, str]]]:
-    """(valid pairs, [(bad item, reason)]). Raises ValueError when nothing usable came back."""
+def _turn(item) -> tuple[dict | None, str | None]:
+    """(a valid Q&A turn, None) or (None, why the item is not one)."""
+    if not isinstance(item, dict):
+        return None, "pair is not an object"
+    t = re.sub(r"[\s-]+", "_", str(item.get("type", "")).strip().lower())
+    q, a = item.get("question"), item.get("answer")
+    if t not in TYPES:
+        return None, f"unknown type {item.get('type')!r}"
+    if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
+        return None, "missing or empty question/answer"
+    return {"type": t, "question": clean_text(q), "answer": a.strip()}, None
+
+
+def parse_reply(out: Outcome, turns: int = 1) -> tuple[list[list[dict]], list[tuple[dict, str]]]:
+    """(conversations, [(bad item, reason)]) from a generation reply: each conversation a list of turns (one turn
+    when --turns 1, whose replies are {"pairs": [...]}). A conversation is cut before its first invalid turn: the
+    turns after it build on it. Raises ValueError when nothing usable came back."""
     try:
         obj = _json_object(out.content)
     except ValueError as e:
         cut = " (cut off at --max_tokens)" if out.finish_reason == "length" else ""
         raise ValueError(f"{e}{cut}") from None
-    items = obj.get("pairs") if isinstance(obj, dict) else obj if isinstance(obj, list) else None
+    key = "pairs" if turns == 1 else "conversations"
+    items = obj.get(key) if isinstance(obj, dict) else obj if isinstance(obj, list) else None
     if not isinstance(items, list):
-        raise ValueError("the JSON has no 'pairs' list")
+        raise ValueError(f"the JSON has no {key!r} list")
     good, bad = [], []
     for item in items:
-        if not isinstance(item, dict):
-            bad.append(({"raw": str(item)[:200]}, "pair is not an object"))
+        steps = [item] if turns == 1 else item.get("turns") if isinstance(item, dict) else None
+        if not isinstance(steps, list):
+            bad.append(({"raw": str(item)[:200]}, "conversation has no 'turns' list"))
             continue
-        t = re.sub(r"[\s-]+", "_", str(item.get("type", "")).strip().lower())
-        q, a = item.get("question"), item.get("answer")
-        if t not in TYPES:
-            bad.append((item, f"unknown type {item.get('type')!r}"))
-        elif not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
-            bad.append((item, "missing or empty question/answer"))
-        else:
-            good.append({"type": t, "question": clean_text(q), "answer": a.strip()})
+        conv = []
+        for k, step in enumerate(steps[:turns]):
+            turn, why = _turn(step)
+            if turn is None:
+                raw = step if isinstance(step, dict) else {"raw": str(step)[:200]}
+                bad.append((raw, why if turns == 1 else f"turn {k + 1}: {why}"))
+                break
+            conv.append(turn)
+        if conv:
+            good.append(conv)
     if not good:
-        raise ValueError(f"no valid pair in the reply ({bad[0][1] if bad else 'empty pairs list'})")
+        what = "pair" if turns == 1 else "conversation"
+        raise ValueError(f"no valid {what} in the reply ({bad[0][1] if bad else f'empty {key} list'})")
     return good, bad
 
 
-def reply_problem(out: Outcome) -> str | None:
-    """Why a generation reply cannot be used (empty, not JSON, no valid pair), or None."""
+def reply_problem(out: Outcome, turns: int = 1) -> str | None:
+    """Why a generation reply cannot be used (empty, not JSON, nothing valid in it), or None."""
     try:
-        parse_pairs(out)
+        parse_reply(out, turns)
     except ValueError as e:
         return str(e)
     return None
 
 
-async def generate_llm(backend, papers: list[dict], quotas, stats: Stats, progress: Progress, counts: Counter,
-                       rejects: list[dict]) -> list[dict]:
-    """One request per abstract, one repair request for each unusable reply; failures become rejects."""
+async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: Stats, progress: Progress,
+                       counts: Counter, rejects: list[dict]) -> list[dict]:
+    """One request per source text (an abstract or a section), one repair request for each unusable reply;
+    failures become rejects. Returns conversations {"paper_id", "unit", "turns": [...]}."""
     def reject(pid, stage, reason, **extra):
         stats.rejects += 1
         counts[stage] += 1
         rejects.append({"paper_id": pid, "stage": stage, "reason": reason, **extra})
 
-    base = [generation_messages(p, quotas) for p in papers]
+    schema_name, schema = ("qa_pairs", PAIRS_SCHEMA) if turns == 1 else ("qa_conversations", DIALOGUES_SCHEMA)
+    base = [generation_messages(u, quotas, turns) for u in units]
 
     def generate_usable(k: int, cached: Outcome) -> bool:
-        """A cached first reply is used unless it failed and so did its cached repair: then the paper starts
+        """A cached first reply is used unless it failed and so did its cached repair: then the source starts
         over (a failed reply whose repair was never sent, e.g. after a kill, just goes on to the repair)."""
-        problem = reply_problem(cached)
+        problem = reply_problem(cached, turns)
         if problem is None:
             return True
-        repaired = backend.lookup(repair_messages(base[k], cached.content, problem), "qa_pairs", PAIRS_SCHEMA)
-        return repaired is None or reply_problem(repaired) is None
+        repaired = backend.lookup(repair_messages(base[k], cached.content, problem, turns), schema_name, schema)
+        return repaired is None or reply_problem(repaired, turns) is None
 
     def repair_usable(k: int, cached: Outcome) -> bool:
-        return reply_problem(cached) is None
+        return reply_problem(cached, turns) is None
 
-    parsed: dict[int, list[dict]] = {}
-    todo, msgs = list(range(len(papers))), base
+    parsed: dict[int, list[list[dict]]] = {}
+    todo, msgs = list(range(len(units))), base
     for rnd, usable in (("generate", generate_usable), ("repair", repair_usable)):
         retry: list[tuple[int, str, str | None]] = []
 
         def on_done(k: int, out: Outcome) -> None:  # parse each reply as it arrives, for the live counts
             i = todo[k]
+            pid = units[i]["id"]
             stats.add(out)
             if out.error:
-                reject(papers[i]["id"], "request_failed", out.error)
+                reject(pid, "request_failed", out.error, section=units[i]["section"])
             else:
                 try:
-                    good, bad = parse_pairs(out)
+                    good, bad = parse_reply(out, turns)
                     for item, why in bad:
-                        reject(papers[i]["id"], "invalid_pair", why, item=item)
-                    stats.pairs += len(good)
+                        reject(pid, "invalid_pair", why, item=item)
+                    stats.pairs += sum(map(len, good))
                     parsed[i] = good
                 except ValueError as e:
                     if rnd == "repair":
-                        reject(papers[i]["id"], "invalid_reply", f"unusable reply after one repair: {e}",
+                        reject(pid, "invalid_reply", f"unusable reply after one repair: {e}",
                                raw=(out.content or "")[:500])
                     else:
                         retry.append((i, str(e), out.content))
             progress.step()
 
         progress.start(len(todo), rnd)
-        await backend.complete(msgs, "qa_pairs", PAIRS_SCHEMA, on_done, usable)
+        await backend.complete(msgs, schema_name, schema, on_done, usable)
         progress.close()
         if not retry:
             break
         retry.sort()  # replies arrive in any order; the repair round is built in input order
-        todo, msgs = [i for i, _, _ in retry], [repair_messages(base[i], raw, err) for i, err, raw in retry]
+        todo = [i for i, _, _ in retry]
+        msgs = [repair_messages(base[i], raw, err, turns) for i, err, raw in retry]
     stats.failed = counts["request_failed"]
-    return [{**pair, "paper_id": papers[i]["id"]} for i in sorted(parsed) for pair in parsed[i]]
+    return [{"paper_id": units[i]["id"], "unit": units[i]["unit"], "turns": conv}
+            for i in sorted(parsed) for conv in parsed[i]]
 
 
 # =========================================================================== curation
@@ -426,36 +522,51 @@ def check_pair(p: dict, abstract: str, args) -> str | None:
     return None
 
 
-def curate(pairs: list[dict], papers: dict[str, dict], args, counts: Counter, rejects: list[dict]) -> list[dict]:
-    """Per-pair checks, then exact and near-duplicate removal (within a paper, then across papers)."""
-    def drop(p, reason):
+def curate(convs: list[dict], units: dict[str, dict], args, counts: Counter, rejects: list[dict]) -> list[dict]:
+    """Per-turn checks, then exact and near-duplicate removal of opening questions (within a paper, then across
+    papers). A conversation is cut before its first failing turn (the later turns build on it); one whose first
+    turn fails is dropped."""
+    def drop(c, k, reason, dropped_after=0):
         counts[reason.split(":")[0]] += 1
-        rejects.append({"paper_id": p["paper_id"], "stage": "curate", "reason": reason, "type": p["type"],
-                        "question": p["question"], "answer": p["answer"]})
+        t = c["turns"][k]
+        extra = {"turn": k + 1, "later_turns_dropped": dropped_after} if args.turns > 1 else {}
+        rejects.append({"paper_id": c["paper_id"], "stage": "curate", "reason": reason, "type": t["type"],
+                        "question": t["question"], "answer": t["answer"], **extra,
+                        **({"section": units[c["unit"]]["section"]} if units[c["unit"]]["section"] != "abstract"
+                           else {})})
 
     kept, seen = [], {}
     by_paper: dict[str, list[str]] = defaultdict(list)
-    for p in pairs:
-        paper = papers[p["paper_id"]]
-        reason = check_pair(p, paper["abstract"], args)
-        norm = normalized(p["question"])
-        if reason is None and norm in seen:
+    for c in convs:
+        unit = units[c["unit"]]
+        for k, turn in enumerate(c["turns"]):
+            reason = check_pair(turn, unit["abstract"], args)
+            if reason:
+                drop(c, k, reason, len(c["turns"]) - k - 1)
+                c = {**c, "turns": c["turns"][:k]}
+                break
+        if not c["turns"]:
+            continue
+        first = c["turns"][0]["question"]
+        norm, reason = normalized(first), None
+        if norm in seen:
             reason = f"duplicate: same question as one of paper {seen[norm]}"
-        if reason is None:
-            other = within_paper_duplicate(p["question"], by_paper[p["paper_id"]], paper["title"], args.dedup_threshold)
+        else:
+            other = within_paper_duplicate(first, by_paper[c["paper_id"]], unit["title"], args.dedup_threshold)
             if other is not None:
                 reason = f"near_duplicate: close to {other!r}"
         if reason:
-            drop(p, reason)
+            drop(c, 0, reason, len(c["turns"]) - 1)
             continue
-        seen[norm] = p["paper_id"]
-        by_paper[p["paper_id"]].append(p["question"])
-        kept.append(p)
-    dups = cross_group_near_duplicates([question_tokens(p["question"]) for p in kept], [p["paper_id"] for p in kept],
-                                       args.dedup_threshold)
+        seen[norm] = c["paper_id"]
+        by_paper[c["paper_id"]].append(first)
+        kept.append(c)
+    dups = cross_group_near_duplicates([question_tokens(c["turns"][0]["question"]) for c in kept],
+                                       [c["paper_id"] for c in kept], args.dedup_threshold)
     for i, j in dups.items():
-        drop(kept[i], f"near_duplicate: close to {kept[j]['question']!r} of paper {kept[j]['paper_id']}")
-    return [p for i, p in enumerate(kept) if i not in dups]
+        drop(kept[i], 0, f"near_duplicate: close to {kept[j]['turns'][0]['question']!r} of paper "
+                         f"{kept[j]['paper_id']}", len(kept[i]["turns"]) - 1)
+    return [c for i, c in enumerate(kept) if i not in dups]
 
 
 def judge_scores(out: Outcome) -> dict[int, tuple[float, str]]:
@@ -473,12 +584,13 @@ def judge_scores(out: Outcome) -> dict[int, tuple[float, str]]:
     return scores
 
 
-async def judge(judge_backend, pairs: list[dict], papers: dict[str, dict], min_score: float, stats: Stats,
+async def judge(judge_backend, convs: list[dict], units: dict[str, dict], min_score: float, stats: Stats,
                 progress: Progress, counts: Counter, rejects: list[dict]) -> list[dict]:
-    """Score each paper's surviving pairs in one request; keep those at or above --min_score."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for p in pairs:
-        groups[p["paper_id"]].append(p)
+    """Score each source text's surviving turns in one request; a conversation keeps its turns up to the first
+    one scored below --min_score (or not scored)."""
+    groups: dict[str, list[tuple[int, int]]] = defaultdict(list)  # unit -> (conversation, turn) in listing order
+    for ci, c in enumerate(convs):
+        groups[c["unit"]] += [(ci, k) for k in range(len(c["turns"]))]
     ids = list(groups)
     progress.start(len(ids), "judge")
 
@@ -489,24 +601,34 @@ async def judge(judge_backend, pairs: list[dict], papers: dict[str, dict], min_s
     def usable(k: int, cached: Outcome) -> bool:  # a cached verdict missing a pair's score is asked again
         return set(judge_scores(cached)) >= set(range(1, len(groups[ids[k]]) + 1))
 
-    msgs = [judge_messages(papers[i], groups[i]) for i in ids]
+    msgs = [judge_messages(units[u], [convs[ci]["turns"][k] for ci, k in groups[u]]) for u in ids]
     outs = await judge_backend.complete(msgs, "scores", SCORES_SCHEMA, on_done, usable)
     progress.close()
-    kept = []
-    for pid, out in zip(ids, outs):
+    score_of: dict[tuple[int, int], tuple[float, str] | str] = {}
+    for u, out in zip(ids, outs):
         scores = judge_scores(out)
-        for k, p in enumerate(groups[pid], 1):
-            if k in scores and scores[k][0] >= min_score:
-                kept.append({**p, "judge_score": scores[k][0]})
+        for n, pos in enumerate(groups[u], 1):
+            score_of[pos] = scores.get(n, out.error or "missing in the reply")
+    kept = []
+    for ci, c in enumerate(convs):
+        turns = []
+        for k, t in enumerate(c["turns"]):
+            got = score_of[(ci, k)]
+            if isinstance(got, tuple) and got[0] >= min_score:
+                turns.append({**t, "judge_score": got[0]})
                 continue
-            if k in scores:
-                reason, key = f"judge_low_score: {scores[k][0]:g} < {min_score:g} ({scores[k][1]})", "judge_low_score"
+            if isinstance(got, tuple):
+                reason, key = f"judge_low_score: {got[0]:g} < {min_score:g} ({got[1]})", "judge_low_score"
             else:
-                reason, key = f"judge_failed: no score ({out.error or 'missing in the reply'})", "judge_failed"
+                reason, key = f"judge_failed: no score ({got})", "judge_failed"
             counts[key] += 1
             stats.rejects += 1
-            rejects.append({"paper_id": pid, "stage": "judge", "reason": reason, "type": p["type"],
-                            "question": p["question"], "answer": p["answer"]})
+            later = {"turn": k + 1, "later_turns_dropped": len(c["turns"]) - k - 1} if len(c["turns"]) > 1 else {}
+            rejects.append({"paper_id": c["paper_id"], "stage": "judge", "reason": reason, "type": t["type"],
+                            "question": t["question"], "answer": t["answer"], **later})
+            break
+        if turns:
+            kept.append({**c, "turns": turns})
     return kept
 
 
@@ -520,24 +642,67 @@ def split_papers(paper_ids: list[str], spec: float, seed: int) -> set[str]:
 
 
 # =========================================================================== outputs
-def to_records(pairs: list[dict], papers: dict[str, dict], held_out: set[str], args, model: str
+def exchanges(turns: list[dict]) -> list[dict]:
+    """Q&A turns as the user/assistant messages of a chat."""
+    return [{"role": r, "content": t[k]} for t in turns for r, k in (("user", "question"), ("assistant", "answer"))]
+
+
+def to_records(convs: list[dict], units: dict[str, dict], held_out: set[str], args, model: str
                ) -> tuple[list[dict], list[dict]]:
-    """(training chat records, evaluation questions): every pair of a held-out paper becomes a question."""
+    """(training chat records, evaluation questions): every turn of a held-out paper's conversations becomes a
+    question, a follow-up with the turns before it as its "history"; the text it is grounded in is its context."""
     train, evals, n_by_paper = [], [], Counter()
-    for p in pairs:
-        n_by_paper[p["paper_id"]] += 1
-        pid = p["paper_id"]
+    for c in convs:
+        pid, unit, turns = c["paper_id"], units[c["unit"]], c["turns"]
+        n_by_paper[pid] += 1
+        cid = f"{pid}-q{n_by_paper[pid]}" if args.turns == 1 else f"{pid}-c{n_by_paper[pid]}"
+        section = {"section": unit["section"]} if unit.get("full_text") else {}
         if pid in held_out:
-            evals.append({"id": f"{pid}-q{n_by_paper[pid]}", "question": p["question"], "reference": p["answer"],
-                          "type": p["type"], "paper_id": pid, "context": papers[pid]["abstract"],
-                          "system": args.system_prompt})
-        else:
-            meta = {"paper_id": pid, "type": p["type"], "backend": args.backend, "model": model,
-                    "id": f"{pid}-q{n_by_paper[pid]}", "title": papers[pid]["title"], "generator": "generate_qa.py"}
-            if "judge_score" in p:
-                meta["judge_score"] = p["judge_score"]
-            train.append(chat_record(qa_messages(p["question"], p["answer"], args.system_prompt), meta))
+            for k, t in enumerate(turns):
+                evals.append({"id": cid if args.turns == 1 else f"{cid}-t{k + 1}", "question": t["question"],
+                              "reference": t["answer"], "type": t["type"], "paper_id": pid,
+                              "context": unit["abstract"], "system": args.system_prompt, **section,
+                              **({"history": exchanges(turns[:k])} if k else {})})
+            continue
+        meta = {"paper_id": pid, "type": turns[0]["type"], "backend": args.backend, "model": model, "id": cid,
+                "title": unit["title"], "generator": "generate_qa.py", **section}
+        if args.turns > 1:
+            meta["turn_types"] = [t["type"] for t in turns]
+        scores = [t["judge_score"] for t in turns if "judge_score" in t]
+        if scores:
+            meta["judge_score"] = min(scores)
+        messages = qa_messages(turns[-1]["question"], turns[-1]["answer"], args.system_prompt, exchanges(turns[:-1]))
+        train.append(chat_record(messages, meta))
     return train, evals
+
+
+def quality_items(convs: list[dict], units: dict[str, dict], held_out: set[str]) -> list[dict]:
+    """Every kept Q&A turn as paperqa_tune.quality reads it: split, type, section, the text it is grounded in."""
+    items, n_by_paper = [], Counter()
+    for c in convs:
+        n_by_paper[c["paper_id"]] += 1
+        unit = units[c["unit"]]
+        for k, t in enumerate(c["turns"], 1):
+            items.append({"split": "eval" if c["paper_id"] in held_out else "train", "type": t["type"],
+                          "section": unit["section"], "question": t["question"], "answer": t["answer"],
+                          "source": unit["abstract"], "conversation": f"{c['paper_id']}-{n_by_paper[c['paper_id']]}",
+                          "turn": k, "paper_id": c["paper_id"]})
+    return items
+
+
+def source_units(papers: list[dict]) -> list[dict]:
+    """The texts requests are grounded in: a paper's abstract, or each section (part) of its full text. A unit is
+    the paper dict the prompts read ("id" stays the paper's, "abstract" is the unit's text) with its own "unit"
+    id and "section" name."""
+    units = []
+    for p in papers:
+        if not p.get("sections"):
+            units.append({**p, "unit": p["id"], "section": "abstract"})
+            continue
+        for k, s in enumerate(p["sections"], 1):  # numbered: two sections can share a name (e.g. "body")
+            units.append({"id": p["id"], "title": p["title"], "abstract": s["text"], "_where": p["_where"],
+                          "unit": f"{p['id']}#{k}:{s['name']}", "section": s["name"], "full_text": True})
+    return units
 
 
 def cost_estimate(args, model: str, stats: Stats) -> dict:
@@ -569,13 +734,20 @@ def _jsonl(records: list[dict]) -> str:
 
 def read_inputs(args) -> tuple[list[dict], list[dict], list[dict], dict[str, int]]:
     """(papers to work on, input records for the manifest, rejects of skipped papers, input order of every id)."""
-    papers, inputs = load_papers(args)
+    papers, inputs, unreadable = load_papers(args)
     order = {p["id"]: k for k, p in enumerate(papers)}
+    for r in unreadable:  # rejected PDFs count as papers too, after the read ones
+        order.setdefault(r["paper_id"], len(order))
+    if unreadable:
+        print(f"note: {len(unreadable)} PDF(s) gave no full text (see the rejects): "
+              + "; ".join(f"{r['where']}: {r['reason'].split(';')[0]}" for r in unreadable[:3])
+              + (" ..." if len(unreadable) > 3 else ""), file=sys.stderr)
     papers, skipped = skip_too_long(papers, args.max_abstract_chars)
     if skipped:
         ids = [r["paper_id"] for r in skipped]
         print(f"note: {len(ids)} paper(s) longer than --max_abstract_chars {args.max_abstract_chars:,} skipped "
               f"(see the rejects): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}", file=sys.stderr)
+    skipped = unreadable + skipped
     marked = [p["id"] for p in papers if "_chat_markers" in p]
     if marked:
         print(f"note: chat markers removed from the title or abstract of {len(marked)} paper(s) (listed in the "
@@ -596,11 +768,20 @@ def _main(argv=None) -> int:
 def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
     model = args.model or DEFAULT_MODELS[args.backend]
     papers, inputs, skipped, order = read_inputs(args)
-    by_id = {p["id"]: p for p in papers}
-    quotas = type_quotas(args.pairs_per_abstract, args.edge_case_ratio)
-    print(f"generate_qa: {len(papers)} abstracts, backend={args.backend} model={model}, "
-          f"{args.pairs_per_abstract} pairs/abstract {quotas}, eval papers={args.eval_papers:g}, seed={args.seed}",
-          file=sys.stderr)
+    units = source_units(papers)
+    by_unit = {u["unit"]: u for u in units}
+    # --turns N: about --pairs_per_abstract Q&A turns per source text, dealt into conversations of N turns
+    quotas = type_quotas(conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns,
+                         args.edge_case_ratio)
+    sections = f" ({len(units)} texts: abstracts and full-text sections)" if len(units) > len(papers) else ""
+    shape = f"{args.pairs_per_abstract} pairs" if args.turns == 1 else (
+        f"{sum(quotas.values()) // args.turns} conversations of {args.turns} turns")
+    print(f"generate_qa: {len(papers)} papers{sections}, backend={args.backend} model={model}, {shape} per text "
+          f"{quotas}, eval papers={args.eval_papers:g}, seed={args.seed}", file=sys.stderr)
+    if args.backend != "offline" or args.judge_model:
+        print(f"requests: max_tokens={args.max_tokens} timeout={args.timeout:g}s concurrency={args.concurrency} "
+              f"response_format={args.response_format} ({'server ' + args.base_url if args.base_url else 'OpenAI'})",
+              file=sys.stderr)
 
     stats, counts, rejects = Stats(rejects=len(skipped)), Counter(), list(skipped)
     progress = Progress(stats)
@@ -612,50 +793,57 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
     def openai_backend(m):
         return OpenAIBackend(m, args.api_key, args.base_url, args.timeout, args.max_retries, args.concurrency,
                              args.temperature, args.max_tokens, args.seed, args.response_format, cache,
-                             args.reuse_cache)
+                             args.reuse_cache, model_flag="--model" if m == model else "--judge_model")
 
+    formats = {"asked": args.response_format if args.backend == "openai" else None}  # what the server accepted
     async def pipeline():
         if args.backend == "offline":
-            pairs = [{**pair, "paper_id": p["id"]} for p in papers
-                     for pair in offline_pairs(p, quotas, args.dedup_threshold)]
-            stats.pairs = len(pairs)
+            convs = [{"paper_id": u["id"], "unit": u["unit"], "turns": turns} for u in units
+                     for turns in offline_conversations(u, quotas, args.turns, args.dedup_threshold)]
+            stats.pairs = sum(len(c["turns"]) for c in convs)
         else:
             backend = openai_backend(model) if args.backend == "openai" else HFBackend(
                 model, args.batch_size, args.temperature, args.max_tokens, args.seed, args.trust_remote_code, cache,
                 args.reuse_cache)
-            pairs = await generate_llm(backend, papers, quotas, stats, progress, counts, rejects)
-        generated = len(pairs)
-        pairs = curate(pairs, by_id, args, counts, rejects)
-        if args.judge_model and pairs:
-            pairs = await judge(openai_backend(args.judge_model), pairs, by_id, args.min_score, stats, progress,
+            convs = await generate_llm(backend, units, quotas, args.turns, stats, progress, counts, rejects)
+            formats.update(used=getattr(backend, "format_used", None), note=getattr(backend, "format_note", None))
+        generated = sum(len(c["turns"]) for c in convs)
+        convs = curate(convs, by_unit, args, counts, rejects)
+        if args.judge_model and convs:
+            convs = await judge(openai_backend(args.judge_model), convs, by_unit, args.min_score, stats, progress,
                                 counts, rejects)
-        return generated, pairs
+        return generated, convs
 
     try:
-        generated, pairs = asyncio.run(pipeline())
+        generated, convs = asyncio.run(pipeline())
     finally:
         progress.close()
 
     # whole papers are held out, so no evaluation question shares its abstract with training
-    have = {q["paper_id"] for q in pairs}
+    have = {c["paper_id"] for c in convs}
     with_pairs = [p["id"] for p in papers if p["id"] in have]
     held_out = split_papers(with_pairs, args.eval_papers, args.seed)
-    if args.eval_papers and not held_out and pairs:
+    if args.eval_papers and not held_out and convs:
         print("warning: fewer than 2 papers have pairs, so none is held out for evaluation", file=sys.stderr)
-    train, evals = to_records(pairs, by_id, held_out, args, model)
+    train, evals = to_records(convs, by_unit, held_out, args, model)
+    kept = sum(len(c["turns"]) for c in convs)
 
     manifest = {
         "script": "generate_qa.py", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "args": {k: v for k, v in vars(args).items() if k not in ("api_key", "price")},
-        "inputs": inputs, "backend": args.backend, "model": model, "base_url": args.base_url,
-        "judge_model": args.judge_model, "prompt_sha256": prompts_hash(args.system_prompt), "quotas": quotas,
-        "papers": {"total": len(order), "skipped_too_long": [r["paper_id"] for r in skipped],
+        "inputs": inputs, "backend": args.backend, "model": model, "base_url": args.base_url, "response_format": formats,
+        "judge_model": args.judge_model, "prompt_sha256": prompts_hash(args.system_prompt, args.turns > 1 or len(units) > len(papers)),
+        "turns": args.turns, "quotas": quotas,
+        "papers": {"total": len(order), "skipped_too_long": [r["paper_id"] for r in skipped if r["reason"].startswith("too_long")],
+                   "rejected_inputs": [r["paper_id"] for r in skipped if not r["reason"].startswith("too_long")],
                    "chat_markers_removed": {p["id"]: p["_chat_markers"] for p in papers if "_chat_markers" in p},
                    "with_pairs": len(with_pairs), "eval": sorted(held_out), "train": len(with_pairs) - len(held_out)},
-        "counts": {"generated": generated, "kept": len(pairs), "train": len(train), "eval": len(evals),
-                   "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
+        # generated / kept count Q&A turns; train counts records (conversations), eval counts questions (turns)
+        "counts": {"generated": generated, "kept": kept, "conversations": len(convs), "train": len(train),
+                   "eval": len(evals), "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
                    "eval_by_type": dict(Counter(e["type"] for e in evals)),
+                   "by_section": dict(Counter(by_unit[c["unit"]]["section"] for c in convs for _ in c["turns"])),
                    "filters": dict(counts), "rejects": len(rejects)},
         # asked_again: cached replies sent again because they failed validation (or --reuse_cache none)
         "requests": {"answered_this_run": stats.requests_sent, "from_cache": stats.cache_hits,
@@ -668,9 +856,11 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
     }
     rejects.sort(key=lambda r: order[r["paper_id"]])  # replies arrive in any order; the file should not
     rejects, manifest = _scrubbed(rejects, args.api_key), _scrubbed(manifest, args.api_key)
-    report_run(args, paths, stats, counts, manifest, generated, pairs, train, evals, held_out)
+    items = quality_items(convs, by_unit, held_out)
+    quality = quality_report(items, rejects)
+    report_run(args, paths, stats, counts, manifest, generated, kept, train, evals, held_out)
     why = paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")
-    if not pairs:
+    if not convs:
         # A failed run replaces nothing: the reasons go beside the cache, the outputs stay as they were.
         try:
             write_staged(why, _jsonl(rejects))
@@ -681,22 +871,30 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
         return 1
     try:
         for name, text in (("--out", _jsonl(train)), ("--eval_out", _jsonl(evals)), ("--rejects", _jsonl(rejects)),
+                           ("quality report", json.dumps(quality, ensure_ascii=False, indent=2) + "\n"),
                            ("--manifest", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")):
             write_staged(outs.stage(name), text)
+        name = "quality chart"
+        plot_quality(items, outs.stage(name))
     except OSError as e:  # a full disk, a read-only folder: what was staged is removed, nothing replaced
         raise RunFailure(f"cannot write {name} {outs.paths[name]} ({e.strerror or e}); no output was replaced, and "
                          "the cache keeps every reply: free space or fix the folder, then rerun the same command"
                          ) from None
-    outs.commit(["--out", "--eval_out", "--rejects", "--manifest"])  # the manifest last: it marks a finished run
+    # the manifest last: it marks a finished run
+    outs.commit(["--out", "--eval_out", "--rejects", "quality report", "quality chart", "--manifest"])
+    print(format_quality(quality), file=sys.stderr)
+    print(f"quality report: {paths['quality']} and {paths['quality_png']}: check it before training", file=sys.stderr)
     why.unlink(missing_ok=True)  # an earlier failure's report no longer applies
     return 0
 
 
-def report_run(args, paths, stats: Stats, counts: Counter, manifest: dict, generated: int, pairs, train, evals,
+def report_run(args, paths, stats: Stats, counts: Counter, manifest: dict, generated: int, kept: int, train, evals,
                held_out) -> None:
-    print(f"pairs: {generated} generated, {len(pairs)} kept -> {len(train)} train ({paths['train']}), "
+    what = "pairs" if args.turns == 1 else "turns"
+    records = "train" if args.turns == 1 else "train conversations"
+    print(f"{what}: {generated} generated, {kept} kept -> {len(train)} {records} ({paths['train']}), "
           f"{len(evals)} eval from {len(held_out)} held-out papers ({paths['eval']})", file=sys.stderr)
-    where = f" in {paths['rejects']}" if pairs else ""
+    where = f" in {paths['rejects']}" if kept else ""
     print(f"filters: {dict(sorted(counts.items())) or 'nothing dropped'}; {manifest['counts']['rejects']} "
           f"rejects{where}", file=sys.stderr)
     if args.backend != "offline" or args.judge_model:
@@ -705,7 +903,7 @@ def report_run(args, paths, stats: Stats, counts: Counter, manifest: dict, gener
               f"failed; tokens {stats.prompt_tokens}+{stats.completion_tokens}, est. cost this run "
               f"${manifest['estimated_cost_usd']['this_run']:.4f}", file=sys.stderr)
     if stats.failed:
-        again = "rerun the same command with --overwrite" if pairs else "rerun the same command"
+        again = "rerun the same command with --overwrite" if kept else "rerun the same command"
         print(f"note: {stats.failed} request(s) failed (see the rejects); {again} to retry only those: answered "
               "requests come from the cache", file=sys.stderr)
 

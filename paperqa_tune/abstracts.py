@@ -1,6 +1,6 @@
 """Reading paper abstracts: JSONL, CSV or blank-line-separated text files, or the arXiv API. Each paper comes
 back as {"id", "title", "abstract", "_where"} (extra fields kept), with chat markers removed from its text
-(listed under "_chat_markers") and file:line in every error."""
+(listed under "_chat_markers") and file:line in every error. Full-text PDFs: paperqa_tune/fulltext.py."""
 from __future__ import annotations
 
 import csv
@@ -27,13 +27,20 @@ def decode_file(path: Path) -> str:
                          "re-save the file as UTF-8") from None
 
 
-def without_chat_markers(text: str) -> tuple[str, list[str]]:
-    """`text` with every chat role marker and special token removed, and the markers it held. Abstracts go into
-    the generation prompt and into eval questions' `context`, where a marker would act as a turn boundary."""
+def strip_chat_markers(text: str) -> tuple[str, list[str]]:
+    """`text` with every chat role marker and special token replaced by a space (its line breaks kept), and the
+    markers it held."""
     found = []
     while (marker := chat_structure(text)) is not None:
         found.append(marker)
         text = text.replace(marker, " ")
+    return text, found
+
+
+def without_chat_markers(text: str) -> tuple[str, list[str]]:
+    """`text` as one clean line without chat role markers or special tokens, and the markers it held. Abstracts go
+    into the generation prompt and into eval questions' `context`, where a marker would act as a turn boundary."""
+    text, found = strip_chat_markers(text)
     return clean_text(text), found
 
 
@@ -56,6 +63,31 @@ def paper_record(path: Path | str, line: int | None, obj: dict, fallback_id: str
     if markers or in_title:
         paper["_chat_markers"] = sorted(set(markers + in_title))
     return paper
+
+
+INPUT_SUFFIXES = (".pdf", ".jsonl", ".csv", ".txt")  # what a folder given to --input contributes
+
+
+def input_files(paths: list[str], skip: set[Path] = frozenset()) -> list[Path]:
+    """`paths` with each folder replaced by the .pdf/.jsonl/.csv/.txt files directly in it, sorted by name; files
+    in a folder whose resolved path is in `skip` (the run's own outputs) are left out. Other paths are returned as
+    given: their readers name what is wrong with them."""
+    files = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            files.append(path)
+            continue
+        try:
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in INPUT_SUFFIXES and p.is_file())
+        except OSError as e:
+            raise InputError(f"{path}: cannot list the folder ({e.strerror or e}); check its permissions") from None
+        found = [p for p in found if p.resolve() not in skip]
+        if not found:
+            raise InputError(f"{path}: the folder holds no {'/'.join(INPUT_SUFFIXES)} file (subfolders are not "
+                             "searched); put the papers there or name the files")
+        files += found
+    return files
 
 
 def read_abstract_file(path: Path) -> list[dict]:
@@ -108,23 +140,33 @@ def read_papers(path: Path) -> list[dict]:
                                            f"{path.stem}-{len(papers) + 1}"))
                 block = []
         return papers
-    raise InputError(f"{path}: unknown input type {suffix or '(no suffix)'}; use .jsonl, .csv or .txt "
+    raise InputError(f"{path}: unknown input type {suffix or '(no suffix)'}; use .pdf, .jsonl, .csv or .txt "
                      "(blank-line-separated abstracts)")
 
 
-def fetch_arxiv(ids: list[str], query: str | None, max_papers: int, api_url: str) -> list[dict]:
-    """Abstracts from the arXiv API through the `arxiv` client (its paging, rate limit and retries)."""
+def http_session(timeout: float = 30.0):
+    """A requests session whose every request has `timeout` unless the call sets its own: the arxiv client sets
+    none, and a dead connection must not hang the run. The arXiv API and the PDF downloads share it."""
+    import requests
+
+    class _Session(requests.Session):
+        def request(self, *a, **kw):
+            kw.setdefault("timeout", timeout)
+            return super().request(*a, **kw)
+
+    return _Session()
+
+
+def fetch_arxiv(ids: list[str], query: str | None, max_papers: int, api_url: str, session=None,
+                delay: float = 3.0) -> list[dict]:
+    """Abstracts from the arXiv API through the `arxiv` client (its paging, rate limit and retries), over `session`
+    (default: a new http_session()), `delay` seconds apart (arXiv asks for 3)."""
     import arxiv
     import requests
 
-    class _Session(requests.Session):  # the arxiv client sets no timeout; never hang on a dead connection
-        def request(self, *a, **kw):
-            kw.setdefault("timeout", 30)
-            return super().request(*a, **kw)
-
-    client = arxiv.Client(page_size=min(100, max(len(ids), max_papers)), delay_seconds=3.0, num_retries=2)
+    client = arxiv.Client(page_size=min(100, max(len(ids), max_papers)), delay_seconds=delay, num_retries=2)
     client.query_url_format = api_url + "?{}"  # class attribute in arxiv 4.x; the tests point it at loopback
-    client._session = _Session()
+    client._session = session if session is not None else http_session()
     search = arxiv.Search(query=query or "", id_list=ids, max_results=len(ids) if ids and not query else max_papers)
     try:
         results = list(client.results(search))

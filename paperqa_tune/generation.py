@@ -51,9 +51,10 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return encode_text(tokenizer, chat_text(tokenizer, messages, add_generation_prompt=True))
 
 
-def prompt_ids(tokenizer, question: str, system: str | None) -> list[int]:
-    """One question in the training format: system (if any) + user turns, then the assistant header."""
-    return chat_prompt_ids(tokenizer, qa_messages(question, system=system))
+def prompt_ids(tokenizer, question: str, system: str | None, history: list[dict] = ()) -> list[int]:
+    """One question in the training format: system (if any), the conversation's earlier turns (a follow-up
+    question's history), the user turn, then the assistant header."""
+    return chat_prompt_ids(tokenizer, qa_messages(question, system=system, history=history))
 
 
 def too_long(n_prompt: int, max_new_tokens: int, limit: int | None) -> str | None:

@@ -164,7 +164,7 @@ def _sentence_type(i: int, s: str) -> str:
     return max(scores, key=lambda t: (scores[t], t == "factual"))
 
 
-def _false_premises(ref: str, sents: list[str]) -> list[tuple[str, str]]:
+def _false_premises(ref: str, sents: list[str], src: str = "abstract") -> list[tuple[str, str]]:
     out = []
     by_len = sorted((s for s in sents if len(s) <= 240), key=len) + [s for s in sents if len(s) > 240]
     for s in by_len:  # the opposite finding
@@ -172,7 +172,7 @@ def _false_premises(ref: str, sents: list[str]) -> list[tuple[str, str]]:
             if re.search(rf"\b{re.escape(word)}\b", s):
                 swapped = re.sub(rf"\b{re.escape(word)}\b", opposite, s, count=1)
                 out.append((f"Why does {ref} find that {_clause(swapped)}?",
-                            f"That premise is incorrect: the abstract says the opposite. {_as_answer(s)}"))
+                            f"That premise is incorrect: the {src} says the opposite. {_as_answer(s)}"))
                 break
     for s in by_len:  # a wrong number
         m = next((m for m in NUMBER_RE.finditer(s) if not re.fullmatch(r"(19|20)\d\d", m.group())), None)
@@ -182,20 +182,27 @@ def _false_premises(ref: str, sents: list[str]) -> list[tuple[str, str]]:
             alt_s = f"{alt:g}" if "." in m.group() else str(int(alt))
             wrong = s[: m.start()] + alt_s + s[m.end():]
             out.append((f"Why does {ref} report that {_clause(wrong)}?",
-                        f"That premise is incorrect: the abstract gives {m.group()}, not {alt_s}. {_as_answer(s)}"))
+                        f"That premise is incorrect: the {src} gives {m.group()}, not {alt_s}. {_as_answer(s)}"))
     contrib = next((s for s in sents if _CONTRIB_RE.search(s)), sents[min(1, len(sents) - 1)])
     kp = keyphrase(contrib) or "the proposed approach"
     out.append((f"Why do the authors of {ref} conclude that {kp} does not work?",
-                f"That premise is false: the abstract does not say that {kp} fails. {_as_answer(contrib)}"))
+                f"That premise is false: the {src} does not say that {kp} fails. {_as_answer(contrib)}"))
     return out
 
 
 def offline_pairs(paper: dict, quotas: dict[str, int], dedup_threshold: float = 0.8) -> list[dict]:
-    """Deterministic pairs from the abstract's own sentences: each answer is (close to) a sentence of it."""
+    """Deterministic pairs from the abstract's own sentences: each answer is (close to) a sentence of it. A
+    section of the full text (paper["section"]) works the same way; the answers then name that section."""
     title = paper["title"]
+    section = paper.get("section", "abstract")
+    src = "abstract" if section == "abstract" else f"{section.replace('_', ' ')} section"
     sents = split_sentences(paper["abstract"]) or [paper["abstract"]]
     # An untitled paper (plain-text input) is named by its first sentence's key phrase, not its file position.
     ref = f'"{title}"' if title else f"the paper on {keyphrase(sents[0]) or 'paper ' + paper['id']}"
+    # a full-text section: questions name the section too, or every section would ask the same questions
+    owner = f"The {src} of {ref}"
+    if src != "abstract":
+        ref = owner = f"the {src} of {ref}"
     cands: dict[str, list[tuple[str, str]]] = {t: [] for t in TYPES}
 
     contrib = next((s for s in sents if _CONTRIB_RE.search(s)), None)
@@ -235,10 +242,10 @@ def offline_pairs(paper: dict, quotas: dict[str, int], dedup_threshold: float = 
     for k in range(len(_UNANSWERABLE)):
         q, missing, given = _UNANSWERABLE[(start + k) % len(_UNANSWERABLE)]
         if not any(g in low for g in given):
-            answer = (f"The abstract of {ref} does not state {missing}. It gives no information on this, "
-                      "so it cannot be answered from the abstract.")
+            answer = (f"{owner[:1].upper()}{owner[1:]} does not state {missing}. It gives no information on this, "
+                      f"so it cannot be answered from the {src}.")
             cands["unanswerable"].append((q.format(ref=ref), answer))
-    cands["false_premise"] = _false_premises(ref, sents)
+    cands["false_premise"] = _false_premises(ref, sents, src)
 
     chosen: list[dict] = []
 
@@ -271,3 +278,34 @@ def offline_pairs(paper: dict, quotas: dict[str, int], dedup_threshold: float = 
     chosen.sort(key=lambda p: order[p["type"]])
     return chosen
 
+
+
+def _as_follow_up(question: str, ref: str, earlier_answer: str) -> str:
+    """A standalone question rewritten as a follow-up: the paper is "this paper" now, and the question opens on a
+    key phrase of the answer just given, so the turn only reads right after it."""
+    q = question.replace(ref, "this paper")
+    kp = keyphrase((split_sentences(earlier_answer) or [earlier_answer])[0])
+    lead = f"Following up on {kp}:" if kp else "A follow-up:"
+    return f"{lead} {q[:1].lower()}{q[1:]}"
+
+
+def offline_conversations(paper: dict, quotas: dict[str, int], turns: int, dedup_threshold: float = 0.8
+                          ) -> list[list[dict]]:
+    """offline_pairs dealt into conversations of `turns` turns: conversation c takes pairs c, c + n, c + 2n ...
+    (pairs come sorted by type, so edge cases fall on later turns as follow-ups, where a user most often asks
+    for what the text does not give). Later turns are rewritten as follow-ups of the answer before them."""
+    pairs = offline_pairs(paper, quotas, dedup_threshold)
+    if turns == 1:
+        return [[p] for p in pairs]
+    title = paper["title"]
+    sents = split_sentences(paper["abstract"]) or [paper["abstract"]]
+    ref = f'"{title}"' if title else f"the paper on {keyphrase(sents[0]) or 'paper ' + paper['id']}"
+    n = max(1, len(pairs) // turns)
+    convs = [pairs[c::n][:turns] for c in range(n)]
+    out = []
+    for conv in convs:
+        turned = [dict(conv[0])]
+        for pair in conv[1:]:
+            turned.append({**pair, "question": _as_follow_up(pair["question"], ref, turned[-1]["answer"])})
+        out.append(turned)
+    return out

@@ -42,9 +42,40 @@ Rules:
 Reply with one JSON object and nothing else:
 {{"pairs": [{{"type": "<one of {types}>", "question": "...", "answer": "..."}}]}}"""
 
+# --turns N: conversations instead of single pairs. Same paper block, same type guide; follow-ups build on answers.
+DIALOGUE_PROMPT = """Paper: "{title}" (id {paper_id})
+<{open_tag}>
+{abstract}
+</{close_tag}>
+
+Write exactly {n_conv} conversations about this paper, each of {turns} turns: a user asks, an assistant answers,
+and every follow-up question builds on the answer just given (it may refer back to it: "that method", "those
+results"). Over all turns together: {quota}; edge cases may come at any turn, not only the first.
+
+Types:
+{type_guide}
+
+Rules:
+- The first question of each conversation names the paper ("{name}") so that it makes sense on its own.
+- Answers use only what the {source_word} says, in 1-3 sentences. Never add numbers or names it does not give.
+- No two conversations start with the same question.
+
+Reply with one JSON object and nothing else:
+{{"conversations": [{{"turns": [{{"type": "<one of {types}>", "question": "...", "answer": "..."}}]}}]}}"""
+
 REPAIR_PROMPT = """Your reply could not be used: {error}.
 Reply again with only the JSON object {{"pairs": [{{"type": ..., "question": ..., "answer": ...}}]}} as \
 instructed above: no prose, no code fences, every pair with a non-empty "type", "question" and "answer"."""
+
+# A section of the full text: the prompts above say "abstract"; this says which text that is.
+SECTION_NOTE = """
+
+Here the text above is the "{section}" section of the paper's full text, not its abstract: wherever these
+instructions say "the abstract", read "this section". Questions may name the section ("In its method section, ...")."""
+
+REPAIR_DIALOGUES_PROMPT = """Your reply could not be used: {error}.
+Reply again with only the JSON object {{"conversations": [{{"turns": [{{"type": ..., "question": ..., "answer": ...}}]}}]}} \
+as instructed above: no prose, no code fences, every turn with a non-empty "type", "question" and "answer"."""
 
 JUDGE_SYSTEM = "You grade question-answer pairs written about a paper abstract. You reply with JSON only."
 
@@ -62,6 +93,17 @@ that detail and invents nothing; a "false_premise" pair only if its answer corre
 Reply with one JSON object and nothing else:
 {{"scores": [{{"index": 1, "score": 4, "reason": "..."}}]}}"""
 
+_TURN = {"type": "object",
+         "properties": {"type": {"type": "string", "enum": list(TYPES)}, "question": {"type": "string"},
+                        "answer": {"type": "string"}},
+         "required": ["type", "question", "answer"], "additionalProperties": False}
+DIALOGUES_SCHEMA = {
+    "type": "object",
+    "properties": {"conversations": {"type": "array", "items": {
+        "type": "object", "properties": {"turns": {"type": "array", "items": _TURN}},
+        "required": ["turns"], "additionalProperties": False}}},
+    "required": ["conversations"], "additionalProperties": False,
+}
 PAIRS_SCHEMA = {
     "type": "object",
     "properties": {"pairs": {"type": "array", "items": {
@@ -81,10 +123,13 @@ SCORES_SCHEMA = {
 }
 
 
-def prompts_hash(system_prompt: str) -> str:
+def prompts_hash(system_prompt: str, extended: bool = False) -> str:
     """One hash over every prompt text, so the manifest says which prompts made the data."""
     return sha256_text(json.dumps([GENERATOR_SYSTEM, TYPE_GUIDE, GENERATION_PROMPT, REPAIR_PROMPT, JUDGE_SYSTEM,
-                                   JUDGE_PROMPT, PAIRS_SCHEMA, SCORES_SCHEMA, system_prompt], sort_keys=True))
+                                   JUDGE_PROMPT, PAIRS_SCHEMA, SCORES_SCHEMA, system_prompt]
+                                  # added later: hashed only when used, so older manifests keep their hash
+                                  + ([DIALOGUE_PROMPT, DIALOGUES_SCHEMA, REPAIR_DIALOGUES_PROMPT, SECTION_NOTE] if extended else []),
+                                  sort_keys=True))
 
 
 def type_quotas(n: int, edge_ratio: float) -> dict[str, int]:
@@ -107,22 +152,49 @@ def short_name(title: str, paper_id: str) -> str:
     return head if ":" in title and 1 < len(head) <= 40 else title
 
 
-def generation_messages(paper: dict, quotas: dict[str, int]) -> list[dict]:
+def conversations_per_source(pairs: int, turns: int) -> int:
+    """Conversations asked per source text: about --pairs_per_abstract Q&A turns in all, at least one."""
+    return max(1, round(pairs / turns))
+
+
+def source_tags(source: dict) -> tuple[str, str]:
+    """(opening, closing) tag around the text a request is grounded in: the abstract, or one full-text section."""
+    section = source.get("section", "abstract")
+    return ("abstract", "abstract") if section == "abstract" else (f'section name="{section}"', "section")
+
+
+def generation_messages(paper: dict, quotas: dict[str, int], turns: int = 1) -> list[dict]:
+    """The request for one source text: an abstract, or a section of the full text (`paper["section"]`). With
+    turns > 1 it asks for sum(quotas) // turns conversations; the type quotas then count turns over all of them.
+    A single-turn request for an abstract is the same text as always (earlier runs' cached replies still match)."""
     quota = ", ".join(f"{k} {t}" for t, k in quotas.items() if k)
     guide = "\n".join(f"- {t}: {TYPE_GUIDE[t]}" for t in TYPES if quotas.get(t))
-    user = GENERATION_PROMPT.format(title=paper["title"] or "(untitled)", paper_id=paper["id"],
-                                    abstract=paper["abstract"], n=sum(quotas.values()), quota=quota,
-                                    type_guide=guide, name=short_name(paper["title"], paper["id"]),
-                                    types="|".join(TYPES))
+    open_tag, close_tag = source_tags(paper)
+    fields = dict(title=paper["title"] or "(untitled)", paper_id=paper["id"], abstract=paper["abstract"],
+                  quota=quota, type_guide=guide, name=short_name(paper["title"], paper["id"]), types="|".join(TYPES))
+    if turns > 1:
+        user = DIALOGUE_PROMPT.format(**fields, open_tag=open_tag, close_tag=close_tag, turns=turns,
+                                      n_conv=max(1, sum(quotas.values()) // turns),
+                                      source_word="abstract" if close_tag == "abstract" else "section")
+    else:
+        user = GENERATION_PROMPT.format(**fields, n=sum(quotas.values()))
+        user = user.replace("<abstract>", f"<{open_tag}>", 1).replace("</abstract>", f"</{close_tag}>", 1)
+    if close_tag != "abstract":
+        user += SECTION_NOTE.format(section=paper["section"])
     return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": user}]
 
 
-def repair_messages(messages: list[dict], bad_reply: str | None, error: str) -> list[dict]:
+def repair_messages(messages: list[dict], bad_reply: str | None, error: str, turns: int = 1) -> list[dict]:
+    prompt = REPAIR_PROMPT if turns == 1 else REPAIR_DIALOGUES_PROMPT
     return messages + [{"role": "assistant", "content": (bad_reply or "")[:4000]},
-                       {"role": "user", "content": REPAIR_PROMPT.format(error=error)}]
+                       {"role": "user", "content": prompt.format(error=error)}]
 
 
 def judge_messages(paper: dict, pairs: list[dict]) -> list[dict]:
     listing = "\n\n".join(f"{i}. [{p['type']}]\nQ: {p['question']}\nA: {p['answer']}" for i, p in enumerate(pairs, 1))
     user = JUDGE_PROMPT.format(title=paper["title"] or paper["id"], abstract=paper["abstract"], pairs=listing)
+    open_tag, close_tag = source_tags(paper)
+    if close_tag != "abstract":  # a section of the full text: graded against that section
+        user = user.replace("<abstract>", f"<{open_tag}>", 1).replace("</abstract>", f"</{close_tag}>", 1)
+        user += SECTION_NOTE.format(section=paper["section"])
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]

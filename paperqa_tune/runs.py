@@ -203,16 +203,21 @@ def system_prompts(samples: list[dict]) -> list[dict]:
 
 
 def heldout_questions(val_samples: list[dict]) -> list[dict]:
-    """Validation samples as evaluation questions (the format of data/eval_questions.jsonl): the first
-    exchange of each chat, with its own system prompt. They come from papers (or samples) never trained on."""
+    """Validation samples as evaluation questions (the format of data/eval_questions.jsonl): every exchange of
+    each chat, a follow-up with the exchanges before it as "history", with the chat's own system prompt. They
+    come from papers (or samples) never trained on."""
     out = []
     for i, s in enumerate(val_samples, 1):
         msgs = s["messages"]
         system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
         turns = msgs[1:] if system is not None else msgs
-        out.append({"id": f"val-{i}", "question": turns[0]["content"], "reference": turns[1]["content"],
-                    "type": s["type"], "paper_id": s["group"], "context": "", "system": system,
-                    "source": f"training data line {s['line']}"})
+        pairs = [(turns[k], turns[k + 1]) for k in range(0, len(turns) - 1, 2)
+                 if turns[k]["role"] == "user" and turns[k + 1]["role"] == "assistant"]
+        for k, (user, answer) in enumerate(pairs):
+            out.append({"id": f"val-{i}" if len(pairs) == 1 else f"val-{i}-t{k + 1}", "question": user["content"],
+                        "reference": answer["content"], "type": s["type"], "paper_id": s["group"], "context": "",
+                        "system": system, "source": f"training data line {s['line']}",
+                        **({"history": turns[: 2 * k]} if k else {})})
     return out
 
 

@@ -254,7 +254,7 @@ def is_degenerate(text: str) -> bool:
 
 # =========================================================================== refusal
 _SRC = r"(?:abstract|paper|article|text|passage|excerpt|summary|study|source|document|publication|authors?" \
-       r"|researchers|appendix|manuscript)s?"
+       r"|researchers|appendix|manuscript|section)s?"
 _MENTIONS_SRC = _rx(rf"\b{_SRC}\b")
 _AUX = r"(?:does|do|did|has|have|had|will|can|could|is|are|was|were)"
 # _NEGATED: a negated auxiliary ("does not", "doesn't", "doesnt") or never/not, before a verb;

@@ -3,6 +3,7 @@ numbers a text carries, and (near-)duplicate questions within a paper and across
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections import Counter, defaultdict
@@ -62,24 +63,41 @@ def normalized(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def cross_group_near_duplicates(sets: list[frozenset], groups: list, threshold: float) -> dict[int, int]:
-    """{i: j}: set i has Jaccard >= threshold with an earlier kept set j of another group.
+def _signature(order: list, threshold: float) -> list[int]:
+    """Index keys of a set whose tokens are given rarest first (see cross_group_near_duplicates): every pair of
+    tokens among its first n - ceil(t*n) + 2, and for a set so small that a partner might need to share only one
+    token (t*(n+1) <= 1+t, e.g. a single word at t = 0.8), every single token too. Keys are hashes: a collision
+    only adds a candidate, which the exact Jaccard check then drops."""
+    n = len(order)
+    head = order[: n - math.ceil(threshold * n) + 2]
+    keys = [hash((a, b)) for a, b in itertools.combinations(head, 2)]
+    if threshold * (n + 1) <= 1 + threshold + 1e-9:
+        keys += [hash((t,)) for t in order]
+    return keys
 
-    Prefix filtering (the all-pairs similarity join): order tokens rarest first; two sets with
-    Jaccard >= t must share a token within their first |x| - ceil(t|x|) + 1 tokens, so only those are
-    indexed and probed. Exact, and near-linear on real data where the pairwise loop is quadratic.
+
+def cross_group_near_duplicates(sets: list[frozenset], groups: list, threshold: float) -> dict[int, int]:
+    """{i: j}: set i has Jaccard >= threshold with an earlier kept set j of another group (the first such j).
+
+    An exact similarity join by prefix filtering on token pairs: order tokens rarest first. Jaccard(x, y) >= t
+    needs |x & y| >= a = max(ceil(t|x|), ceil(t|y|)), so the common tokens' first two (in that order) lie within
+    the first |x| - a + 2 tokens of x and the first |y| - a + 2 of y: the sets share a pair of tokens from
+    those heads (unless a = 1, which only tiny sets allow; they also share a single token). Only those pairs are
+    indexed and probed. Single-token prefixes (the classic filter) are quadratic when questions share a few
+    frequent words (a paper title repeated in every question of it): a pair of such words is far rarer than
+    either word. Near-linear on real data where the pairwise loop is quadratic.
     """
     freq = Counter(t for s in sets for t in s)
-    index: dict[str, list[int]] = defaultdict(list)
+    index: dict[int, list[int]] = defaultdict(list)
     dups = {}
     for i, s in enumerate(sets):
         if not s:
             continue
         n = len(s)
-        prefix = sorted(s, key=lambda t: (freq[t], t))[: n - math.ceil(threshold * n) + 1]
+        keys = _signature(sorted(s, key=lambda t: (freq[t], t)), threshold)
         lo, hi = threshold * n, n / threshold  # Jaccard >= t also needs t|x| <= |y| <= |x|/t
         hit = None
-        for j in sorted({j for t in prefix for j in index[t]}):
+        for j in sorted({j for k in keys for j in index.get(k, ())}):
             y = sets[j]
             if groups[j] != groups[i] and lo <= len(y) <= hi and jaccard(s, y) >= threshold:
                 hit = j
@@ -87,8 +105,8 @@ def cross_group_near_duplicates(sets: list[frozenset], groups: list, threshold: 
         if hit is not None:
             dups[i] = hit
             continue
-        for t in prefix:
-            index[t].append(i)
+        for k in keys:
+            index[k].append(i)
     return dups
 
 

@@ -28,6 +28,72 @@ class Reply:
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 100, "completion_tokens": 50})
     trickle: float = 0.0                # send the body one byte every `trickle` seconds (a server that never times out)
     echo_auth: bool = False             # put the request's Authorization header into the error message / content
+    content_type: str = "application/json"  # of the body (a plain-text error page: "text/plain")
+
+
+# Error replies as real servers send them (status, body; "{model}" is replaced by the request's model), from their
+# source and bug reports: what generate_qa must tell apart (a refused response_format, a wrong model, anything else).
+SERVER_ERRORS = {
+    # vLLM: structured output it cannot compile is a 400; an unknown model a 404; both {"object": "error", ...}
+    "vllm_schema_unsupported": (400, {"object": "error", "message": "The provided JSON schema contains features not "
+                                      "supported by xgrammar.", "type": "BadRequestError", "param": None, "code": 400}),
+    "vllm_model_not_found": (404, {"object": "error", "message": "The model `{model}` does not exist.",
+                                   "type": "NotFoundError", "param": None, "code": 404}),
+    "vllm_context_length": (400, {"object": "error", "message": "This model's maximum context length is 4096 tokens. "
+                                  "However, you requested 5120 tokens (1024 in the messages, 4096 in the completion). "
+                                  "Please reduce the length of the messages or completion.",
+                                  "type": "BadRequestError", "param": None, "code": 400}),
+    # llama.cpp's llama-server: older builds answer json_schema with a 500, newer ones 400 on a schema they
+    # cannot turn into a grammar
+    "llama_server_json_schema": (500, {"error": {"code": 500, "message": 'response_format type must be one of "text" '
+                                                 'or "json_object", but got: json_schema', "type": "server_error"}}),
+    "llama_server_schema_conversion": (400, {"error": {"code": 400, "message": "JSON schema conversion failed:\n"
+                                                       'Unrecognized schema: {"enum": []}',
+                                                       "type": "invalid_request_error"}}),
+    # llama-cpp-python's server: its request model allows only "text" / "json_object", and its route handler turns
+    # the validation error into a 500 carrying the pydantic message
+    "llama_cpp_python_json_schema": (500, {"error": {
+        "message": "[{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be "
+                   "'text' or 'json_object'\", 'input': 'json_schema', 'ctx': {'expected': \"'text' or "
+                   "'json_object'\"}}]", "type": "internal_server_error", "param": None, "code": None}}),
+    "llama_cpp_python_model_not_found": (400, {"error": {"message": "The model `{model}` does not exist",
+                                                         "type": "invalid_request_error", "param": None,
+                                                         "code": "model_not_found"}}),
+    # Ollama's OpenAI-compatible endpoint
+    "ollama_model_not_found": (404, {"error": {"message": 'model "{model}" not found, try pulling it first',
+                                               "type": "api_error", "param": None, "code": None}}),
+    "ollama_bad_format": (400, {"error": {"message": 'invalid format: expected "json" or a JSON schema',
+                                          "type": "invalid_request_error", "param": None, "code": None}}),
+    # LM Studio refuses json_object (it wants json_schema), with a bare string as the error
+    "lmstudio_json_object": (400, {"error": "'response_format.type' must be 'json_schema'"}),
+    # OpenAI
+    "openai_model_not_found": (404, {"error": {"message": "The model `{model}` does not exist or you do not have "
+                                               "access to it.", "type": "invalid_request_error", "param": None,
+                                               "code": "model_not_found"}}),
+    "openai_schema_invalid": (400, {"error": {"message": "Invalid schema for response_format 'qa_pairs': In "
+                                              "context=(), 'additionalProperties' is required to be supplied and to "
+                                              "be false.", "type": "invalid_request_error",
+                                              "param": "response_format", "code": None}}),
+    "openai_json_schema_unsupported": (400, {"error": {"message": "Invalid parameter: 'response_format' of type "
+                                                       "'json_schema' is not supported with this model.",
+                                                       "type": "invalid_request_error", "param": "response_format",
+                                                       "code": None}}),
+    # transformers serve: HTTPException bodies are {"detail": ...}; an uncaught error is Starlette's plain text
+    "transformers_serve_pinned": (400, {"detail": "Server is pinned to 'fake-model'; requested '{model}'."}),
+    "transformers_serve_crash": (500, "Internal Server Error"),
+}
+
+
+def server_error(name: str, model: str = "fake-model", **kw) -> Reply:
+    """The error reply SERVER_ERRORS[name], as that server sends it (kw: other Reply fields, e.g. retry_after)."""
+    status, body = SERVER_ERRORS[name]
+    if isinstance(body, str):
+        return Reply(status=status, raw_body=body.encode(), content_type="text/plain; charset=utf-8", **kw)
+    def fill(v):
+        if isinstance(v, dict):
+            return {k: fill(x) for k, x in v.items()}
+        return v.replace("{model}", model) if isinstance(v, str) else v
+    return Reply(status=status, raw_body=json.dumps(fill(body)).encode(), **kw)
 
 
 def default_responder(req: dict, n: int) -> Reply:
@@ -49,10 +115,11 @@ class FakeOpenAI:
             def log_message(self, *a):  # keep test output clean
                 pass
 
-            def _send(self, status: int, body: bytes, headers: dict | None = None, trickle: float = 0.0):
+            def _send(self, status: int, body: bytes, headers: dict | None = None, trickle: float = 0.0,
+                      content_type: str = "application/json"):
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(body)))
                     for k, v in (headers or {}).items():
                         self.send_header(k, v)
@@ -92,7 +159,7 @@ class FakeOpenAI:
                 if reply.retry_after is not None:
                     headers["Retry-After"] = str(reply.retry_after)
                 if reply.raw_body is not None:
-                    self._send(reply.status, reply.raw_body, headers, reply.trickle)
+                    self._send(reply.status, reply.raw_body, headers, reply.trickle, reply.content_type)
                     return
                 echo = f" (request had Authorization: {self.headers.get('Authorization')})" if reply.echo_auth else ""
                 if reply.status != 200:

@@ -17,20 +17,25 @@ from fake_openai import Reply
 from paperqa_tune.offline_qa import offline_pairs
 from paperqa_tune.prompts import JUDGE_SYSTEM, TYPES
 
-_PAPER_RE = re.compile(r'^Paper: "(.*)" \(id (.*?)\)\n<abstract>\n(.*?)\n</abstract>', re.S)
-_QUOTA_RE = re.compile(r"Write exactly \d+ question-answer pairs about this paper: (.*?)\.\n")
+# the abstract, or one section of the full text (<section name="method">...</section>)
+_PAPER_RE = re.compile(r'^Paper: "(.*)" \(id (.*?)\)\n<(?:abstract|section name="(.*?)")>\n(.*?)\n</(?:abstract|section)>',
+                       re.S)
+# single pairs, or conversations (--turns N: "Over all turns together: 4 factual, ...; edge cases ...")
+_QUOTA_RE = re.compile(r"(?:Write exactly \d+ question-answer pairs about this paper|Over all turns together): "
+                       r"(.*?)[.;]\s")
 
 
 def request_paper(req: dict) -> dict:
     """The paper and type quotas a generation request asks about (repair requests carry the same first turn)."""
     user = req["messages"][1]["content"]
     m = _PAPER_RE.match(user)
-    title, pid, abstract = m.group(1), m.group(2), m.group(3)
+    title, pid, section, abstract = m.group(1), m.group(2), m.group(3) or "abstract", m.group(4)
     quotas = {t: 0 for t in TYPES}
     for part in _QUOTA_RE.search(user).group(1).split(", "):
         k, t = part.split(" ")
         quotas[t] = int(k)
-    return {"id": pid, "title": "" if title == "(untitled)" else title, "abstract": abstract, "quotas": quotas}
+    return {"id": pid, "title": "" if title == "(untitled)" else title, "abstract": abstract, "quotas": quotas,
+            "section": section}
 
 
 def good_reply(req: dict) -> str:

@@ -31,5 +31,12 @@ def assert_finetuned_better(paths: dict) -> None:
 def test_demo_finetuned_beats_base_on_held_out_papers(tmp_path):
     from tools import demo
 
-    paths = demo.run(tmp_path)
+    lines = []
+    paths = demo.run(tmp_path, log=lines.append)
     assert_finetuned_better(paths)
+    # the demo also shows one multi-turn conversation (--turns 3) whose follow-up is an edge case
+    shown = "\n".join(lines)
+    assert "one multi-turn conversation" in shown and shown.count("assistant: ") >= 3
+    recs = [json.loads(x) for x in paths["dialogues"].read_text(encoding="utf-8").splitlines()]
+    assert recs and all(1 <= len(r["meta"]["turn_types"]) <= 3 for r in recs)
+    assert sum(len(r["meta"]["turn_types"]) == 3 for r in recs) >= 0.9 * len(recs)

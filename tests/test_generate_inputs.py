@@ -90,7 +90,7 @@ BAD_INPUTS = {
     "undecodable_csv": ("x.csv", b"id,abstract\n1,ok\n2,caf\xe9\n", r"x.csv:3: not valid UTF-8"),
     "unknown_csv_columns": ("x.csv", b"paper,text\n1,Some text.\n", r"x.csv:1: unknown CSV columns \['paper', 'text'\]"),
     "empty_csv_abstract": ("x.csv", b'id,title,abstract\n1,T,"Fine, really."\n2,T2,\n', r"x.csv:3: empty abstract"),
-    "unknown_suffix": ("x.pdf", b"%PDF", r"x.pdf: unknown input type .pdf"),
+    "unknown_suffix": ("x.docx", b"PK", r"x.docx: unknown input type .docx"),
     "duplicate_id": ("x.jsonl", b'{"id": "7", "abstract": "One."}\n{"id": "7", "abstract": "Two."}\n',
                      r"x.jsonl:2: id '7' already used at .*x.jsonl:1"),
 }

@@ -159,8 +159,10 @@ def test_duplicates_removed_within_and_across_papers():
         {"paper_id": "p2", "type": "factual", "question": "Which GPU does QLoRA fit a 65B model on?", "answer": ans},
     ]
     counts, rejects = Counter(), []
-    kept = generate_qa.curate(pairs, papers, generate_qa.build_parser().parse_args([]), counts, rejects)
-    assert [p["question"] for p in kept] == [pairs[0]["question"], pairs[5]["question"]]
+    units = {pid: {**p, "id": pid, "unit": pid, "section": "abstract"} for pid, p in papers.items()}
+    convs = [{"paper_id": p["paper_id"], "unit": p["paper_id"], "turns": [p]} for p in pairs]
+    kept = generate_qa.curate(convs, units, generate_qa.build_parser().parse_args([]), counts, rejects)
+    assert [c["turns"][0]["question"] for c in kept] == [pairs[0]["question"], pairs[5]["question"]]
     assert counts == {"duplicate": 2, "near_duplicate": 2}
     assert all(r["stage"] == "curate" for r in rejects)
 

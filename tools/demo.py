@@ -69,6 +69,7 @@ def run(root: Path, seed: int = 0, *, abstracts: Path | None = None, threads: in
         "base_model": root / "models" / "tiny-zephyr",
         "train_data": root / "data" / "synthetic_qa.jsonl",
         "eval_questions": root / "data" / "eval_questions.jsonl",
+        "dialogues": root / "data" / "synthetic_qa_dialogues.jsonl",
         "adapter": root / "models" / "tiny-qlora",
         "outputs": root / "outputs",
         "evaluation": root / "outputs" / "evaluation.csv",
@@ -102,6 +103,12 @@ def run(root: Path, seed: int = 0, *, abstracts: Path | None = None, threads: in
                                  "--eval_out", str(paths["eval_questions"]), "--eval_papers", str(d["eval_papers"]),
                                  "--edge_case_ratio", str(d["edge_case_ratio"]), "--seed", str(seed),
                                  "--overwrite"]), "generate_qa.py")
+        # The same papers as multi-turn conversations (--turns 3), shown, not trained on: the demo's verdict is
+        # measured on single-turn data.
+        _check(generate_qa.main(["--backend", "offline", "--input", str(abstracts), "--out", str(paths["dialogues"]),
+                                 "--turns", "3", "--eval_papers", "0", "--edge_case_ratio", str(d["edge_case_ratio"]),
+                                 "--seed", str(seed), "--overwrite"]), "generate_qa.py --turns 3")
+        _show_conversation(paths["dialogues"], log)
         seconds["1_generate"] = time.perf_counter() - t
 
         import train_qlora_hf
@@ -138,6 +145,16 @@ def run(root: Path, seed: int = 0, *, abstracts: Path | None = None, threads: in
     seconds["total"] = time.perf_counter() - t_all
     log("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return {**paths, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+def _show_conversation(path: Path, log) -> None:
+    """Print one generated conversation whose follow-up is an edge case (else the first one)."""
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rec = next((r for r in recs if set(r["meta"]["turn_types"][1:]) & {"unanswerable", "false_premise"}), recs[0])
+    log(f"one multi-turn conversation of {path.name} ({len(recs)} conversations; turn types "
+        f"{', '.join(rec['meta']['turn_types'])}):")
+    for m in rec["messages"][1:]:
+        log(f"  {m['role']:>9}: {m['content']}")
 
 
 def _demo_question(eval_questions: Path) -> str:
