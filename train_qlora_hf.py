@@ -7,7 +7,7 @@ Run as:
     python train_qlora_hf.py ... --resume                  # continue an interrupted run from its last checkpoint
     torchrun --nproc_per_node 4 train_qlora_hf.py ...      # data parallel: one 4-bit copy per GPU
     accelerate launch --num_processes 4 train_qlora_hf.py ...
-    python train_qlora_hf.py ... --gpu_mem_budget 20      # spend up to 20 GB on speed (less checkpointing)
+    python train_qlora_hf.py ... --gpu_mem_budget 20      # spend at most 20 GB on speed (default: auto, what is free)
     python train_qlora_hf.py ... --lora_dropout 0.05 --kbit_upcast --no-packing --no-fused_lora --liger off
                                                            # the seed recipe (slow path), e.g. to compare
     pip install -r requirements-gpu.txt                    # optional: Liger's fused cross-entropy on CUDA
@@ -59,7 +59,7 @@ from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, in
                                       shutdown_distributed)
 from paperqa_tune.kernels import LIGER_AUTO, parse_liger
 from paperqa_tune.loading import load_tokenizer, requested_precision, resolve_precision
-from paperqa_tune.memory import frozen_gc, plan_for_budget
+from paperqa_tune.memory import auto_budget_gb, frozen_gc, plan_for_budget
 from paperqa_tune.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
 from paperqa_tune.packing import IGNORE, collate, collate_packed
 from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
@@ -159,12 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kbit_upcast", action="store_true",
                     help="the seed recipe's peft.prepare_model_for_kbit_training (norms, embeddings and lm_head "
                          "in fp32, autocast); slower, more memory; turns --fused_lora/--fused_norm off")
-    sp.add_argument("--gpu_mem_budget", type=float, default=None, metavar="GB",
-                    help="spend up to GB of GPU memory on speed: leave gradient checkpointing off on as many of "
-                         "the last layers as fit, or keep checkpoints in host memory if even full "
-                         "checkpointing does not fit (default: checkpoint every layer, no offload)")
+    sp.add_argument("--gpu_mem_budget", type=parse_mem_budget, default="auto", metavar="GB|auto|off",
+                    help="GPU memory to spend on speed: leave gradient checkpointing off on as many of the last "
+                         "layers as fit (or keep checkpoints in host memory if even full checkpointing does not "
+                         "fit), and with --merge_micro_batches run larger micro-batches; auto = what the GPU has "
+                         "free at the start less 15%%; off = checkpoint every layer, micro-batches of --batch. "
+                         "The OOM back-off stays the net either way")
+    sp.add_argument("--merge_micro_batches", action=argparse.BooleanOptionalAction, default=True,
+                    help="with a memory budget and --packing: run an optimizer step's --batch x --grad_accum samples "
+                         "as one packed micro-batch when that needs no more checkpointing than --batch does (the "
+                         "same update: each step's loss is already divided by its trained tokens)")
     sp.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     return p
+
+
+def parse_mem_budget(text: str):
+    """--gpu_mem_budget: GB (> 0), "auto" or "off" (None)."""
+    low = text.strip().lower()
+    if low in ("auto", "off"):
+        return None if low == "off" else "auto"
+    try:
+        return float(low)  # > 0: validate_args
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give GB (e.g. 20), auto or off") from None
 
 
 def validate_args(args) -> None:
@@ -192,8 +209,8 @@ def validate_args(args) -> None:
         bad.append("--resume continues a run and --overwrite starts it over: pick one")
     if not args.target_modules.strip(" ,"):
         bad.append("--target_modules is empty")
-    if args.gpu_mem_budget is not None and not args.gpu_mem_budget > 0:
-        bad.append("--gpu_mem_budget must be > 0 (GB)")
+    if isinstance(args.gpu_mem_budget, float) and not args.gpu_mem_budget > 0:
+        bad.append("--gpu_mem_budget must be > 0 (GB), auto or off")
     if args.inspect < 0:
         bad.append("--inspect N needs N >= 1")
     if args.system_prompt and chat_structure(args.system_prompt):
@@ -340,22 +357,117 @@ def check_chat_structure(tokenizer, chats: list[dict], path) -> None:
                          f"(a fake turn trained as the model's own){more}; remove or rewrite such records")
 
 
-def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path) -> tuple[list[dict], dict]:
-    check_chat_structure(tokenizer, chats, path)
-    samples, too_long, trimmed, longest = [], [], 0, 0
+# Data of this many chats or more is tokenized through `datasets`: one process per CPU, and an on-disk cache that
+# a rerun or a --resume of the same data reads instead (240,000 chats, 20k abstracts' worth, took 15 minutes on
+# one core here). Smaller data is tokenized in this process with no cache: nothing to win there.
+CACHE_MIN_CHATS = 2000
+TOKENIZED_CACHE_DIR = "paperqa_tune_tokenized"  # under datasets' cache ($HF_DATASETS_CACHE)
+
+
+def _tokenize_record(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
+    """fit_chat's outcome as plain values (what the cache stores): input_ids/labels ([] if it does not fit),
+    fits, exchanges dropped, the whole chat's length when it does not fit, and the error ("" if none)."""
+    try:
+        s, dropped = fit_chat(tokenizer, messages, max_seq_len)
+        full_len = 0 if s is not None else len(encode_text(tokenizer, chat_text(tokenizer, messages)))
+    except ValueError as e:
+        return {"input_ids": [], "labels": [], "fits": False, "dropped": 0, "full_len": 0, "error": str(e)}
+    return {"input_ids": s["input_ids"] if s else [], "labels": s["labels"] if s else [], "fits": s is not None,
+            "dropped": dropped, "full_len": full_len, "error": ""}
+
+
+def _tokenize_batch(batch: dict, tokenizer, max_seq_len: int) -> dict:
+    """datasets.map's function: a batch of chats -> a batch of _tokenize_record columns."""
+    rows = [_tokenize_record(tokenizer, m, max_seq_len) for m in batch["messages"]]
+    return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "fits", "dropped", "full_len", "error")}
+
+
+def tokenize_cache_key(tokenizer, chats: list[dict], max_seq_len: int) -> str:
+    """What the tokenized data depends on: the chats, the tokenizer (vocabulary, special tokens, chat template),
+    --max_seq_len, the library versions and this code (the files themselves: any edit starts a new cache)."""
+    import hashlib
+    import json
+
+    import tokenizers
+    import transformers
+    from datasets.fingerprint import Hasher
+
+    from common import ensure_chat_template
+    from paperqa_tune import packing
+
+    ensure_chat_template(tokenizer)  # as chat_text would, so the key sees the template the data is rendered with
+    h = hashlib.sha256()
+    for part in ("v1", str(max_seq_len), Hasher.hash(tokenizer), transformers.__version__, tokenizers.__version__):
+        h.update(part.encode() + b"\0")
+    for src in sorted({Path(f.__code__.co_filename) for f in (_tokenize_record, chat_text)} | {Path(packing.__file__)}):
+        h.update(src.read_bytes())
     for c in chats:
+        h.update(json.dumps(c["messages"], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()[:32]
+
+
+def default_num_proc(n_chats: int) -> int:
+    """Tokenizing processes: the CPUs this process may use, shared by the ranks on this machine (torchrun sets
+    LOCAL_WORLD_SIZE), each with at least 1000 chats."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, min(cpus // ranks, n_chats // 1000))
+
+
+def _tokenize_with_datasets(tokenizer, chats: list[dict], max_seq_len: int, num_proc: int,
+                            cache_dir: Path | None) -> list[dict]:
+    """_tokenize_record for every chat through datasets.map: num_proc processes, the result in an Arrow file
+    named by tokenize_cache_key, so the same data with the same tokenizer is read back, not tokenized again."""
+    import datasets
+
+    key = tokenize_cache_key(tokenizer, chats, max_seq_len)
+    cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / TOKENIZED_CACHE_DIR)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    ids = datasets.Sequence(datasets.Value("int32"))
+    features = datasets.Features({"input_ids": ids, "labels": ids, "fits": datasets.Value("bool"),
+                                  "dropped": datasets.Value("int32"), "full_len": datasets.Value("int32"),
+                                  "error": datasets.Value("string")})
+    chats_ds = datasets.Dataset.from_dict({"messages": [c["messages"] for c in chats]})
+    out = chats_ds.map(_tokenize_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
+                       fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len}, remove_columns=["messages"],
+                       features=features, cache_file_name=str(cache_dir / f"{key}.arrow"), new_fingerprint=key,
+                       desc=f"tokenizing {len(chats)} chats")
+    cols = out[:]
+    return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+
+def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path, num_proc: int | None = None,
+                  cache_dir: Path | None = None, cache_min_chats: int = CACHE_MIN_CHATS) -> tuple[list[dict], dict]:
+    """Chats -> training samples (input_ids, labels, line, group, type, messages) and a report of what was
+    dropped or trimmed; bad records raise InputError naming file:line. From cache_min_chats chats on, the
+    tokenizing runs through datasets (num_proc processes, default_num_proc when None; cached in cache_dir,
+    datasets' cache when None), with the same samples and errors as in this process."""
+    from common import os_error_text
+
+    check_chat_structure(tokenizer, chats, path)
+    results = None
+    if len(chats) >= cache_min_chats:
         try:
-            s, n_dropped = fit_chat(tokenizer, c["messages"], max_seq_len)
-        except ValueError as e:
-            raise InputError(f"{path}:{c['line']}: {e}") from None
-        if s is None:
+            results = _tokenize_with_datasets(tokenizer, chats, max_seq_len,
+                                              num_proc or default_num_proc(len(chats)), cache_dir)
+        except OSError as e:  # an unwritable or full cache folder costs the cache, not the run
+            print(f"warning: cannot use the tokenization cache ({os_error_text(e)}); tokenizing in this process",
+                  file=sys.stderr)
+    if results is None:  # lazily: the first bad record stops it
+        results = (_tokenize_record(tokenizer, c["messages"], max_seq_len) for c in chats)
+    samples, too_long, trimmed, longest = [], [], 0, 0
+    for c, r in zip(chats, results):
+        if r["error"]:
+            raise InputError(f"{path}:{c['line']}: {r['error']}")
+        if not r["fits"]:
             too_long.append(c["line"])
-            longest = max(longest, len(encode_text(tokenizer, chat_text(tokenizer, c["messages"]))))
+            longest = max(longest, r["full_len"])
             continue
-        if not any(l != IGNORE for l in s["labels"]):
+        if not any(l != IGNORE for l in r["labels"]):
             raise InputError(f"{path}:{c['line']}: no assistant token to train on after rendering")
-        trimmed += n_dropped > 0
-        samples.append({**s, "line": c["line"], "group": c["group"], "type": c["type"], "messages": c["messages"]})
+        trimmed += r["dropped"] > 0
+        samples.append({"input_ids": r["input_ids"], "labels": r["labels"], "line": c["line"], "group": c["group"],
+                        "type": c["type"], "messages": c["messages"]})
     report = {"n_records": len(chats), "dropped_too_long": len(too_long), "dropped_lines": too_long[:20],
               "longest_dropped": longest, "trimmed_earlier_turns": trimmed}
     if not samples:
@@ -514,19 +626,28 @@ def log(msg: str, d: Dist, bar=None) -> None:
         sys.stdout.flush()
 
 
-def plan_memory(loop: Loop, lengths, per_step, steps_per_epoch, total) -> dict | None:
-    """--gpu_mem_budget: which layers skip checkpointing (or offload the checkpoints), logged."""
+def plan_memory(loop: Loop, lengths, per_step, steps_per_epoch, total) -> tuple[dict | None, int]:
+    """--gpu_mem_budget: the micro-batch, and which layers skip checkpointing (or offload the checkpoints), logged.
+    Returns (plan or None, micro-batch in samples)."""
     args = loop.args
-    if args.gpu_mem_budget is None:
-        return None
+    if args.gpu_mem_budget is None or loop.device.type != "cuda":
+        if isinstance(args.gpu_mem_budget, float):
+            log(f"--gpu_mem_budget {args.gpu_mem_budget}: ignored on {loop.device.type} (it plans GPU memory)",
+                loop.d)
+        return None, args.batch
+    budget = auto_budget_gb(loop.device) if args.gpu_mem_budget == "auto" else args.gpu_mem_budget
     epochs = min(math.ceil(total / steps_per_epoch), 64)  # the plans repeat their length mix; bound the scan
-    plans = (s for e in range(epochs) for s in epoch_plan(lengths, per_step, args.seed, e, args.group_by_length,
-                                                            args.shuffle))
-    plan, line = plan_for_budget(loop.model, args.gpu_mem_budget, loop.device, plans, lengths, args.batch,
-                                 loop.d.rank, loop.d.world, loop.tm.packed, args.optim,
-                                 0.0 if loop.tm.fused is not None else args.lora_dropout)
-    log(line, loop.d)
-    return plan
+    plans = [s for e in range(epochs) for s in epoch_plan(lengths, per_step, args.seed, e, args.group_by_length,
+                                                           args.shuffle)]
+    whole_step = math.ceil(per_step / loop.d.world)
+    micros = [whole_step, args.batch] if args.merge_micro_batches and loop.tm.packed and whole_step > args.batch \
+        else [args.batch]
+    plan, micro, line = plan_for_budget(loop.model, budget, loop.device, plans, lengths, micros, loop.d.rank,
+                                        loop.d.world, loop.tm.packed, args.optim,
+                                        0.0 if loop.tm.fused is not None else args.lora_dropout)
+    log(line.replace("--gpu_mem_budget", "--gpu_mem_budget auto:" if args.gpu_mem_budget == "auto" else
+                     "--gpu_mem_budget", 1), loop.d)
+    return plan, micro
 
 
 def validation_loss(loop: Loop, samples: list[dict], micro: int) -> float:
@@ -629,9 +750,10 @@ def record(state: dict, step: int, steps_per_epoch: int, loss: float, lr: float,
                            "seconds": dt, "tokens_per_s": n_in / dt, "micro_batch": state["micro"]})
 
 
-def resume(loop: Loop, out_dir, fp: dict, total: int) -> tuple[dict, int | None]:
-    """(state, step resumed from) from the run's latest checkpoint when --resume asks for it."""
-    state = new_state(loop.args.batch)
+def resume(loop: Loop, out_dir, fp: dict, total: int, micro: int) -> tuple[dict, int | None]:
+    """(state, step resumed from) from the run's latest checkpoint when --resume asks for it. micro: the micro-batch
+    planned for this run (--batch, or more with --merge_micro_batches)."""
+    state = new_state(micro)
     if out_dir is None or not loop.args.resume:
         return state, None
     latest = last_checkpoint(out_dir)
@@ -639,7 +761,7 @@ def resume(loop: Loop, out_dir, fp: dict, total: int) -> tuple[dict, int | None]
         log(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; starting from step 0", loop.d)
         return state, None
     state = load_checkpoint(latest, loop.model, loop.optimizer, loop.scheduler, loop.scaler, fp, loop.device)
-    state["micro"] = min(state["micro"], loop.args.batch)  # a lower --batch on resume takes effect (same updates)
+    state["micro"] = min(state["micro"], micro)  # a lower --batch on resume takes effect (same updates)
     log(f"resumed from {latest} (step {state['step']}/{total}, micro-batch {state['micro']})", loop.d)
     return state, state["step"]
 
@@ -670,10 +792,10 @@ def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_d
     if loop.flat is not None and loop.flat.param is not None:
         log(f"optimizer: {args.optim}, {len(loop.flat.flat_members)} LoRA tensors as one flat buffer"
             f"{f' + {len(loop.flat.separate)} small ones separately' if loop.flat.separate else ''}", d)
-    plan_memory(loop, lengths, per_step, steps_per_epoch, total)
+    _, micro = plan_memory(loop, lengths, per_step, steps_per_epoch, total)
     fp = fingerprint(train_samples, per_step, total, args.seed, args.group_by_length, args.shuffle,
                      f"{args.optim}{' flat' if args.flat_optim else ''}")
-    state, resumed_from = resume(loop, out_dir, fp, total)
+    state, resumed_from = resume(loop, out_dir, fp, total, micro)
     loop.refresh_compute_copies()
     if loop.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loop.device)

@@ -16,6 +16,30 @@ random.Random(0), drawn in order then shuffled with the same Random, random toke
 order, first 2 batches are warm-up; "long" = 6 samples of 4096 tokens, batch 1, first 2 warm-up.
 Useful tokens = sum of sample lengths (padding excluded). Labels are on every token of a sample.
 
+Workload "real" (issue 13: the seed's command as a user runs it, on the pipeline's own data): the train records that
+generate_qa.py writes offline from data/sample_abstracts.jsonl (seed 0, default flags; 396 single-turn records),
+rendered with Zephyr's template, token counts modelled (no Zephyr tokenizer on the GPU machine; see
+bench/real_workload.py): text pieces ceil(chars / 4.5) tokens (4.5 = measured with Mistral-7B-v0.1's own
+SentencePiece model on these records), template markers at their real counts (29 tokens per record), random ids,
+labels only on each answer and its </s>; mean ~138 tokens/sample (the real tokenizer: 136.5).
+--real-answer-scale X lengthens the extractive answers by X to model LLM-written ones (default 1.0 = as generated).
+  * seed recipe on "real": the seed's HF Trainer run of `--epochs 2 --batch 8 --grad_accum 2 --lr 2e-4`: a new
+    random order every epoch, micro-batches of 8 padded to the longest, an optimizer step every 2 micro-batches
+    (the last step of an epoch takes what is left), each micro-batch's loss = its token-loss sum / the step's
+    trained tokens (HF Trainer's num_items_in_batch), lr 2e-4 linear decay to 0 without warm-up and gradient
+    clipping at 1.0 (HF Trainer's defaults), paged AdamW 8-bit, train mode (dropout 0.05), gradient checkpointing.
+  * project path on "real": train_qlora_hf's parser given exactly the seed's flags `--epochs 2 --batch 8
+    --grad_accum 2 --lr 2e-4 --bf16 --max_seq_len 4096` plus --model and --seed 0: every other flag at its default
+    (none of the overrides that qa/long get), the same samples passed to its train() (no validation split).
+  * memory: --mem-cap-gb (default 40 for "real": an A100-40GB) caps both runs with
+    torch.cuda.set_per_process_memory_fraction; an OOM under the cap is a FAILED row, not a crash.
+  * timing: optimizer steps after the first 2; tokens = non-padding input tokens. Equivalence: trained tokens per
+    epoch equal (and equal to the data's), token-weighted mean loss per epoch within --real-loss-tol (the order,
+    dropout and schedule differ, so steps cannot be compared one by one).
+
+    # issue 13's table: the seed's command on real data, next to the usual workloads (~8 min on an H200)
+    python bench/bench_train.py --workloads real,qa,long --variants seed --project auto
+
 Equivalence, two checks per variant against the seed recipe:
   * function check (batch 0 of "qa", before training, LoRA B set to the same seeded random values, dropout off):
     relative error of the final hidden states of the real tokens, |loss difference|, and relative error of the
@@ -51,10 +75,32 @@ from paperqa_tune.kernels import fuse_rms_norms  # noqa: E402
 from paperqa_tune.lora4bit import FusedLoRA, addmm_lora_forward  # noqa: E402
 from paperqa_tune.memory import apply_checkpoint_plan  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_workload  # noqa: E402  (workload "real": generate_qa.py's records, token counts modelled)
+
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 2e-4
-MICRO_BATCH = {"qa": 8, "long": 1}
+MICRO_BATCH = {"qa": 8, "long": 1, "real": 8}
 WARMUP_STEPS = 2
+# The seed's command as a user runs it (issue 13); the project path of workload "real" gets exactly these flags
+SEED_COMMAND = ["--epochs", "2", "--batch", "8", "--grad_accum", "2", "--lr", "2e-4", "--bf16", "--max_seq_len", "4096"]
+MEM_CAP_DEFAULT = {"real": 40.0}  # GB (1e9 bytes): an A100-40GB's memory
+
+
+@dataclasses.dataclass
+class Schedule:
+    """How the seed recipe steps through a workload's samples."""
+    accum: int = 1                # micro-batches per optimizer step
+    epochs: int = 1               # passes (each with its own order when order="random")
+    lr: str = "constant"          # constant | linear (HF Trainer's default: linear decay to 0, no warm-up)
+    max_grad_norm: float = 0.0    # 0: no clipping; HF Trainer's default is 1.0
+    order: str = "file"           # file (the workload's order) | random (a new permutation each epoch, HF Trainer)
+
+
+# qa/long: the bench's fixed batches (losses compare step by step with the project run in file order); real: the
+# seed's HF Trainer run of --epochs 2 --batch 8 --grad_accum 2 --lr 2e-4 with every other TrainingArguments default
+SCHEDULES = {"qa": Schedule(), "long": Schedule(),
+             "real": Schedule(accum=2, epochs=2, lr="linear", max_grad_norm=1.0, order="random")}
 
 # --------------------------------------------------------------------------------------------------------------
 # Workloads
@@ -84,7 +130,7 @@ def workload(name: str, vocab: int, smoke: bool = False) -> list[dict]:
         return make_samples(lengths, vocab, seed=1)
     if name == "long":
         return make_samples([64 if smoke else 4096] * 6, vocab, seed=2)
-    raise ValueError(f"unknown workload {name!r}")
+    raise ValueError(f"unknown workload {name!r} (known: qa, long, real)")
 
 
 def chunk(samples: list[dict], size: int) -> list[list[dict]]:
@@ -185,7 +231,8 @@ STANDIN = "project(bench stand-in)"
 
 def standin_recipe(spec: str, wl: str) -> Recipe:
     table = dict(kv.split("=", 1) for kv in spec.split(",")) if "=" in spec else {wl: spec}
-    return dataclasses.replace(parse_recipe(table[wl]), name=f"{STANDIN} {table[wl]}")
+    chosen = table.get(wl) or table["qa"]  # real: short samples in micro-batches of 8, as qa, unless given
+    return dataclasses.replace(parse_recipe(chosen), name=f"{STANDIN} {chosen}")
 
 
 def parse_recipe(spec: str) -> Recipe:
@@ -379,10 +426,78 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def parse_mem_caps(spec: str | None) -> dict[str, float]:
+    """--mem-cap-gb: None -> MEM_CAP_DEFAULT; "GB" -> that cap for workload real; "wl=GB,..." -> per workload;
+    0 -> no cap."""
+    if spec is None or spec == "":
+        caps = dict(MEM_CAP_DEFAULT)
+    elif "=" in spec:
+        caps = {k.strip(): float(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv.strip())}
+    else:
+        caps = {"real": float(spec)}
+    return {k: v for k, v in caps.items() if v > 0}
+
+
+def apply_mem_cap(device, gb: float | None) -> dict | None:
+    """Cap this process's CUDA allocations at gb (1e9 bytes) with set_per_process_memory_fraction; allocations
+    beyond it raise torch.cuda.OutOfMemoryError as on a GPU of that size. Returns what was done, for the JSON."""
+    if not gb:
+        return None
+    info = {"mem_cap_gb": gb, "applied": False}
+    if device.type != "cuda":
+        info["note"] = "not applied: no CUDA device (smoke)"
+        return info
+    total = torch.cuda.get_device_properties(device).total_memory
+    info["gpu_total_gb"] = total / 1e9
+    if gb * 1e9 >= total:
+        info["note"] = "not applied: the cap is not below the GPU's memory"
+        return info
+    gc.collect()
+    torch.cuda.empty_cache()  # blocks cached by an earlier run would count against the cap
+    torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total, device)
+    info.update(applied=True, fraction=gb * 1e9 / total)
+    return info
+
+
+def release_mem_cap(device, info: dict | None) -> None:
+    if info and info.get("applied"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
 def batches_for(recipe: Recipe, samples: list[dict], wl: str, seed: int) -> list[list[dict]]:
     if recipe.batching == "group" and MICRO_BATCH[wl] > 1:
         return length_grouped(samples, MICRO_BATCH[wl], seed)
     return chunk(samples, MICRO_BATCH[wl])
+
+
+def steps_for(recipe: Recipe, samples: list[dict], wl: str, seed: int) -> list[list[list[dict]]]:
+    """The optimizer steps of the whole run, each a list of micro-batches. File order: one micro-batch per step.
+    Random order (the seed's HF Trainer): per epoch a new permutation (one seeded generator drawn epoch after epoch,
+    as RandomSampler does), micro-batches of MICRO_BATCH in that order, grouped by `accum`; an epoch's last step
+    takes the micro-batches that are left (HF Trainer steps at the end of each epoch)."""
+    sc = SCHEDULES[wl]
+    if sc.order == "file":
+        return [[b] for b in batches_for(recipe, samples, wl, seed)]
+    g = torch.Generator().manual_seed(seed)
+    steps = []
+    for epoch in range(sc.epochs):
+        perm = [samples[i] for i in torch.randperm(len(samples), generator=g).tolist()]
+        micro = (length_grouped(perm, MICRO_BATCH[wl], seed + epoch) if recipe.batching == "group"
+                 else chunk(perm, MICRO_BATCH[wl]))
+        steps += [micro[k:k + sc.accum] for k in range(0, len(micro), sc.accum)]
+    return steps
+
+
+def per_epoch(losses: list[float], tokens: list[int], steps_per_epoch: int) -> tuple[list[float], list[int]]:
+    """Token-weighted mean loss and trained tokens of each epoch (losses are per-step token means)."""
+    means, toks = [], []
+    for k in range(0, len(losses), steps_per_epoch):
+        ls, ts = losses[k:k + steps_per_epoch], tokens[k:k + steps_per_epoch]
+        toks.append(sum(ts))
+        means.append(sum(l * t for l, t in zip(ls, ts)) / max(1, sum(ts)))
+    return means, toks
 
 
 def to_inputs(recipe: Recipe, batch: list[dict], device) -> dict:
@@ -448,10 +563,18 @@ def compare_check(res: dict, ref: dict) -> dict:
             "lora_grad_rel_err": rel(res["grad"], ref["grad"])}
 
 
-def train_loop(model, opt, recipe: Recipe, batches, device, warmup: int, repeat: int = 1) -> dict:
-    """The workload's batches `repeat` times in the same order (repeat > 1 only steadies the timing: the first
-    `warmup` steps are excluded once). Step boundaries are timed with CUDA events, so no extra host sync."""
-    run = batches * repeat
+def train_loop(model, opt, recipe: Recipe, steps, device, warmup: int, repeat: int = 1,
+               sched: Schedule | None = None) -> dict:
+    """The workload's optimizer steps (each a list of micro-batches) `repeat` times in the same order (repeat > 1
+    only steadies the timing: the first `warmup` steps are excluded once). Step boundaries are timed with CUDA
+    events, so no extra host sync. With accumulation each micro-batch's loss is its token-loss sum divided by the
+    step's trained tokens (HF Trainer's num_items_in_batch), so the step's loss is the token mean of the step."""
+    sched = sched or Schedule()
+    run = steps * repeat
+    total = len(run)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    lr_sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total - s) / total))
+                if sched.lr == "linear" else None)  # transformers' get_linear_schedule_with_warmup, 0 warm-up
     losses, per_step_tokens, events = [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -461,16 +584,26 @@ def train_loop(model, opt, recipe: Recipe, batches, device, warmup: int, repeat:
         gc.freeze()
     try:
         t0 = time.perf_counter()
-        for step, batch in enumerate(run):
+        for step, micro in enumerate(run):
             if step == warmup:
                 sync(device)
                 t0 = time.perf_counter()
-            out = model(**to_inputs(recipe, batch, device))
-            out.loss.backward()
+            n_items = sum(trained_tokens(b) for b in micro)
+            kw = {"num_items_in_batch": n_items} if sched.accum > 1 else {}
+            step_loss = None
+            for batch in micro:
+                out = model(**to_inputs(recipe, batch, device), **kw)
+                out.loss.backward()
+                step_loss = out.loss.detach() if step_loss is None else step_loss + out.loss.detach()
+                out = None
+            if sched.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, sched.max_grad_norm)
             opt.step()
+            if lr_sched is not None:
+                lr_sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(out.loss.detach())
-            per_step_tokens.append(trained_tokens(batch))
+            losses.append(step_loss)
+            per_step_tokens.append(n_items)
             if device.type == "cuda":
                 events.append(torch.cuda.Event(enable_timing=True))
                 events[-1].record()
@@ -478,21 +611,25 @@ def train_loop(model, opt, recipe: Recipe, batches, device, warmup: int, repeat:
         elapsed = time.perf_counter() - t0
     finally:
         gc.unfreeze()
-    timed = run[warmup:]
+    timed = [b for st in run[warmup:] for b in st]
     useful = sum(len(s["input_ids"]) for b in timed for s in b)
     computed = useful if recipe.batching == "pack" else sum(len(b) * max(len(s["input_ids"]) for s in b)
                                                             for b in timed)
-    n = len(batches)
-    res = {"steps": len(run), "repeat": repeat, "timed_steps": len(timed), "time_s": elapsed,
+    n = len(steps)
+    losses = [float(x) for x in losses]
+    spe = max(1, n // sched.epochs)  # steps per epoch (with repeat, every pass counts as epochs again)
+    epoch_means, epoch_tokens = per_epoch(losses, per_step_tokens, spe)
+    res = {"steps": len(run), "repeat": repeat, "timed_steps": len(run) - warmup, "time_s": elapsed,
            "useful_tokens": useful, "computed_tokens": computed, "tok_s": useful / elapsed,
            "tok_s_incl_padding": computed / elapsed,
-           "losses": [float(x) for x in losses], "trained_tokens_per_step": per_step_tokens,
-           "trained_tokens": sum(per_step_tokens[:n]), "batch_lengths": [[len(s["input_ids"]) for s in b]
-                                                                        for b in batches]}
+           "losses": losses, "trained_tokens_per_step": per_step_tokens,
+           "trained_tokens": epoch_tokens[0], "steps_per_epoch": spe, "epoch_mean_losses": epoch_means,
+           "trained_tokens_per_epoch": epoch_tokens, "schedule": dataclasses.asdict(sched),
+           "batch_lengths": [[len(s["input_ids"]) for s in b] for st in steps for b in st]}
     if events:
         ms = [events[i - 1].elapsed_time(events[i]) for i in range(warmup + 1, len(events))]
         res["step_ms"] = [round(x, 1) for x in ms]  # steps warmup+1.. (the first timed step has no start event)
-        toks = [sum(len(s["input_ids"]) for s in b) for b in run]
+        toks = [sum(len(s["input_ids"]) for b in st for s in b) for st in run]
         res["tok_s_by_pass"] = []
         for k in range(repeat):  # each pass's steps after warm-up, from the event times
             idx = [i for i in range(max(warmup + 1, k * n), (k + 1) * n)]
@@ -554,13 +691,28 @@ def summarize_profile(prof, wall: float, label: str, out_txt: Path) -> dict:
             "top": [(e.key[:90], getattr(e, key) / 1e6, e.count) for e in rows[:25]]}
 
 
-def loss_agreement(run: dict, seed_run: dict, same_order: bool, tol: float) -> dict:
+def loss_agreement(run: dict, seed_run: dict, same_order: bool, tol: float, by_epoch: bool = False,
+                   expected_tokens: int | None = None) -> dict:
+    """by_epoch (workload real: different order, dropout and schedule): the token-weighted mean loss of each epoch,
+    and the trained tokens of each epoch equal to each other (and to the data's, expected_tokens)."""
     a, b = run["losses"], seed_run["losses"]
     ta, tb = run["trained_tokens_per_step"], seed_run["trained_tokens_per_step"]
     mean = lambda ls, ts: sum(l * t for l, t in zip(ls, ts)) / sum(ts)  # noqa: E731
     out = {"same_trained_tokens": run["trained_tokens"] == seed_run["trained_tokens"],
            "mean_loss": mean(a, ta), "seed_mean_loss": mean(b, tb),
            "mean_loss_abs_diff": abs(mean(a, ta) - mean(b, tb)), "compared": "token-weighted mean"}
+    if by_epoch:
+        ea, eb = run["epoch_mean_losses"], seed_run["epoch_mean_losses"]
+        ka, kb = run["trained_tokens_per_epoch"], seed_run["trained_tokens_per_epoch"]
+        diffs = [abs(x - y) for x, y in zip(ea, eb)]
+        same = ka == kb and (expected_tokens is None or all(k == expected_tokens for k in ka))
+        out.update(compared="token-weighted mean per epoch", epoch_mean_losses=ea, seed_epoch_mean_losses=eb,
+                   epoch_abs_diffs=diffs, max_epoch_abs_diff=max(diffs) if diffs else float("nan"),
+                   trained_tokens_per_epoch=ka, seed_trained_tokens_per_epoch=kb,
+                   expected_trained_tokens_per_epoch=expected_tokens, same_trained_tokens_per_epoch=same, tol=tol)
+        out["same_trained_tokens"] = same
+        out["agree"] = same and len(ea) == len(eb) and bool(diffs) and max(diffs) <= tol
+        return out
     if same_order and len(a) == len(b) and ta == tb:
         diffs = [abs(x - y) for x, y in zip(a, b)]
         out.update(compared="per step", max_step_abs_diff=max(diffs),
@@ -585,10 +737,13 @@ def project_module():
 
 
 def project_args(T, model_dir: Path, wl: str, extra: list[str], repeat: int = 1, budget_gb: float | None = None):
-    """train_qlora_hf's own defaults for everything about speed; the seed recipe's hyper-parameters (micro-batch of
-    the workload, no accumulation, one epoch, constant lr 2e-4, no clipping) so that the losses are comparable.
-    Only flags the parser knows are passed; --project-args adds or overrides."""
+    """qa/long: train_qlora_hf's own defaults for everything about speed; the seed recipe's hyper-parameters
+    (micro-batch of the workload, no accumulation, one epoch, constant lr 2e-4, no clipping) so that the losses are
+    comparable. Only flags the parser knows are passed; --project-args adds or overrides.
+    real: exactly SEED_COMMAND + --model + --seed 0 (+ --project-args), every other flag at its default."""
     parser = T.build_parser()
+    if wl == "real":  # the seed's command as a user types it: nothing else but the model and the seed
+        return parser.parse_args(SEED_COMMAND + ["--model", str(model_dir), "--seed", "0"] + extra)
     known = {o for a in parser._actions for o in a.option_strings}
     wanted = [("--model", str(model_dir)), ("--batch", str(MICRO_BATCH[wl])), ("--grad_accum", "1"),
               ("--epochs", str(repeat)), ("--lr", str(LR)), ("--lr_scheduler", "constant"), ("--warmup_ratio", "0"),
@@ -636,12 +791,18 @@ def run_project_module(T, model_dir: Path, wl: str, samples: list[dict], device,
     timed = [i for i in range(WARMUP_STEPS, len(steps)) if i + 1 not in skip]  # 0-based; step i took t[i] - t[i-1]
     elapsed = sum(steps[i][0] - steps[i - 1][0] for i in timed)
     useful = sum(steps[i][3] for i in timed)
+    spe = math.ceil(len(samples) / (args.batch * args.grad_accum))  # one process: train()'s steps per epoch
+    epoch_means, epoch_tokens = per_epoch([s[1] for s in steps], [s[2] for s in steps], spe)
     res = {"steps": len(steps), "timed_steps": len(timed), "time_s": elapsed,
            "useful_tokens": useful, "tok_s": useful / elapsed, "losses": [s[1] for s in steps],
-           "trained_tokens_per_step": [s[2] for s in steps], "trained_tokens": sum(s[2] for s in steps) // repeat,
+           "trained_tokens_per_step": [s[2] for s in steps],
+           "trained_tokens": sum(s[2] for s in steps) // max(1, args.epochs),
+           "steps_per_epoch": spe, "epoch_mean_losses": epoch_means, "trained_tokens_per_epoch": epoch_tokens,
            "input_tokens": sum(s[3] for s in steps), "project_args": {k: (v if isinstance(v, (int, float, str,
            bool, type(None))) else str(v)) for k, v in vars(args).items()},
-           "project_metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))}}
+           "project_argv": (SEED_COMMAND + ["--model", str(model_dir), "--seed", "0"] + extra) if wl == "real" else None,
+           "project_metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))},
+           "oom_backoffs": (metrics or {}).get("oom_backoffs", [])}
     share = (metrics or {}).get("padding_share")
     if isinstance(share, (int, float)) and share < 1:
         res["computed_tokens"] = round(useful / (1 - share))  # padding share of the whole run, applied to the timed part
@@ -675,14 +836,18 @@ def versions() -> dict:
     return out
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], notes: list[str] | None = None) -> str:
     seeds = {r["workload"]: r for r in results if r["variant"] == "seed" and "tok_s" in r}
     head = (f"{'workload':8} {'variant':46} {'tok/s':>8} {'x seed':>7} {'pad%':>5} {'peak GB':>8} {'x seed':>7} "
-            f"{'loss agree':>11} {'fn check h/g':>13}")
+            f"{'loss agree':>11} {'fn check h/g':>13} {'cap GB':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
+        cap = (r.get("mem_cap") or {})
+        cap_s = (f"{cap['mem_cap_gb']:g}" + ("" if cap.get("applied") else "*")) if cap else "-"
         if "tok_s" not in r:
-            lines.append(f"{r['workload']:8} {r['variant'][:46]:46} FAILED: {r.get('error', '')[:80]}")
+            oom = "OutOfMemory" in r.get("error", "") or "out of memory" in r.get("error", "")
+            why = f"FAILED{f' (OOM under the {cap_s} GB cap)' if cap and oom else ''}: "
+            lines.append(f"{r['workload']:8} {r['variant'][:46]:46} {why}{r.get('error', '')[:80]}")
             continue
         s = seeds.get(r["workload"])
         ratio = f"{r['tok_s'] / s['tok_s']:.2f}" if s else "-"
@@ -690,12 +855,56 @@ def table(results: list[dict]) -> str:
         peak = r.get("peak_gb", float("nan"))
         mratio = f"{peak / s['peak_gb']:.2f}" if s and "peak_gb" in s else "-"
         la = r.get("loss_agreement", {})
-        agree = "-" if not la else (("ok " if la["agree"] else "NO ") + f"{la.get('max_step_abs_diff', la['mean_loss_abs_diff']):.3f}")
+        diff = la.get("max_step_abs_diff", la.get("max_epoch_abs_diff", la.get("mean_loss_abs_diff", 0.0)))
+        agree = "-" if not la else (("ok " if la["agree"] else "NO ") + f"{diff:.3f}")
         fc = r.get("function_check", {})
         fcs = f"{fc['hidden_rel_err']:.3f}/{fc['lora_grad_rel_err']:.3f}" if "hidden_rel_err" in fc else "-"
+        backoff = f"  OOM back-offs: {len(r['oom_backoffs'])}" if r.get("oom_backoffs") else ""
         lines.append(f"{r['workload']:8} {r['variant'][:46]:46} {r['tok_s']:8.0f} {ratio:>7} {pad:5.1f} {peak:8.2f} "
-                     f"{mratio:>7} {agree:>11} {fcs:>13}")
+                     f"{mratio:>7} {agree:>11} {fcs:>13} {cap_s:>6}{backoff}")
+    lines += notes or []
+    if any((r.get("mem_cap") or {}) and not r["mem_cap"].get("applied") for r in results):
+        lines.append("cap GB *: recorded but not applied (no CUDA device, or not below the GPU's memory)")
     return "\n".join(lines)
+
+
+def project_run(T, model_dir: Path, wl: str, samples: list[dict], device, extra: list[str], args, results,
+                stamp: str, T0: float, cap: dict | None, meta: dict) -> dict:
+    """One run of train_qlora_hf on one workload, recorded (a failure too) for the table."""
+    name = "project(train_qlora_hf)" + (" seed command" if wl == "real" else "") + (
+        " " + " ".join(extra) if extra else "")
+    rec = {"workload": wl, "variant": name}
+    if cap:
+        rec["mem_cap"] = cap
+    if args.time_budget and time.perf_counter() - T0 > args.time_budget:
+        rec["error"] = "skipped: --time-budget reached"
+        return rec
+    print(f"== {wl} / {name}  (t={time.perf_counter() - T0:.0f}s)", flush=True)
+    try:
+        seed_run = next((r for r in results if r["workload"] == wl and r["variant"] == "seed" and "tok_s" in r), None)
+        budget = None
+        if args.project_budget and wl != "real":  # real: the seed's flags and nothing else
+            # qa: the seed's measured peak (the goal: no more memory); long: 6.5 GB
+            budget = 6.5 if wl == "long" else (math.floor(seed_run["peak_gb"] * 10) / 10
+                                              if seed_run and "peak_gb" in seed_run else None)
+        rec["gpu_mem_budget"] = budget
+        prof_txt = (args.out_dir / f"profile_{stamp}_{len(results)}.txt"
+                    if "project" in args.profile.split(",") and wl == "qa" else None)
+        rec.update(run_project_module(T, model_dir, wl, samples, device, extra, args.repeat, budget, prof_txt))
+        if seed_run and wl == "real":
+            rec["loss_agreement"] = loss_agreement(rec, seed_run, False, args.real_loss_tol, by_epoch=True,
+                                                   expected_tokens=meta["real"]["total_trained_tokens"])
+        elif seed_run:
+            pa = rec.get("project_args", {})
+            same_order = pa.get("shuffle") is False and pa.get("group_by_length") is False
+            rec["loss_agreement"] = loss_agreement(rec, seed_run, same_order, args.loss_tol)
+    except Exception as e:  # noqa: BLE001 - an OOM under the cap included: a FAILED row, the bench goes on
+        rec["error"] = f"{type(e).__name__}: {e}"
+        rec["traceback"] = traceback.format_exc()[-3000:]
+        print(rec["traceback"], file=sys.stderr, flush=True)
+    short = {k: rec.get(k) for k in ("tok_s", "peak_gb", "static_gb", "time_s", "error")}
+    print(json.dumps(short), json.dumps(rec.get("loss_agreement", {})), flush=True)
+    return rec
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -703,7 +912,21 @@ def table(results: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="qa,long", help="comma list of qa,long (default: %(default)s)")
+    p.add_argument("--workloads", default="qa,long", help="comma list of qa,long,real (default: %(default)s)")
+    p.add_argument("--real-answer-scale", type=float, default=1.0,
+                   help="workload real: multiply each answer's modelled token count by this (1.0 = the offline "
+                        "generator's extractive answers as generated; ~2 models LLM-written 1-3 sentence answers) "
+                        "(default: %(default)s)")
+    p.add_argument("--real-chars-per-token", type=float, default=real_workload.CHARS_PER_TOKEN,
+                   help="workload real: characters per token of message text (measured with Mistral-7B-v0.1's "
+                        "tokenizer on these records; see bench/real_workload.py) (default: %(default)s)")
+    p.add_argument("--real-loss-tol", type=float, default=0.05,
+                   help="workload real: max |difference| of the per-epoch token-weighted mean loss vs the seed "
+                        "(order, dropout and lr schedule differ; see bench/README.md) (default: %(default)s)")
+    p.add_argument("--mem-cap-gb", default=None, metavar="GB",
+                   help="cap the CUDA memory of a workload's runs (seed and project) with "
+                        "torch.cuda.set_per_process_memory_fraction: GB for workload real, or wl=GB,...; 0: none "
+                        "(default: real=40, an A100-40GB; none for qa/long)")
     p.add_argument("--variants", default="seed",
                    help="comma list of recipes, each NAME[+MOD...]; 'seed' is the reference (default: %(default)s)")
     p.add_argument("--project", choices=["auto", "module", "bench", "off"], default="auto",
@@ -732,7 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds; variants not started by then are skipped, so the table still prints (0: none)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each workload's batches this many times (same order) for a steadier timing; the "
-                        "project path gets --epochs REPEAT (default: %(default)s)")
+                        "project path gets --epochs REPEAT; not workload real, which runs the seed's 2 epochs "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="LoRA init / ordering seed (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny workloads: code paths only")
     return p
@@ -746,6 +970,11 @@ def main(argv=None) -> int:
         print("no CUDA device: run with --smoke for the CPU code-path test", file=sys.stderr)
         return 2
     workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in workloads if w not in MICRO_BATCH]
+    if unknown:
+        print(f"unknown workload(s) {unknown}; known: {sorted(MICRO_BATCH)}", file=sys.stderr)
+        return 2
+    caps = parse_mem_caps(args.mem_cap_gb)
     recipes = [parse_recipe(v) for v in args.variants.split(",") if v]
     if any(r.name == "seed" for r in recipes):  # the reference runs first
         recipes.sort(key=lambda r: r.name != "seed")
@@ -753,7 +982,9 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
     meta = {"gpu": gpu, "date_utc": stamp, "versions": versions(), "argv": sys.argv[1:] if argv is None else argv,
-            "workloads": workloads, "micro_batch": MICRO_BATCH, "warmup_steps": WARMUP_STEPS, "lr": LR}
+            "workloads": workloads, "micro_batch": MICRO_BATCH, "warmup_steps": WARMUP_STEPS, "lr": LR,
+            "schedules": {wl: dataclasses.asdict(SCHEDULES[wl]) for wl in workloads},
+            "mem_caps_gb": {wl: caps[wl] for wl in workloads if wl in caps}}
     print(json.dumps(meta), flush=True)
     meta["packed_attention"] = packing.varlen_self_test(device)
     if device.type != "cuda":
@@ -772,8 +1003,21 @@ def main(argv=None) -> int:
     if not (model_dir / "config.json").exists():
         build_model(model_dir, device, args.smoke)
         meta["build_s"] = time.perf_counter() - t
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    data = {wl: workload(wl, vocab, args.smoke) for wl in workloads}
+    cfg = json.loads((model_dir / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    data = {wl: workload(wl, vocab, args.smoke) for wl in workloads if wl != "real"}
+    notes = []
+    if "real" in workloads:
+        data["real"], meta["real"] = real_workload.build(
+            ROOT, vocab, cfg.get("bos_token_id", 1), cfg.get("eos_token_id", 2), args.smoke, args.real_answer_scale,
+            args.real_chars_per_token, seed=args.seed)
+        notes.append(real_workload.describe(meta["real"]))
+        notes.append(f"real: seed recipe = HF Trainer loop of `{' '.join(SEED_COMMAND)}` (random order per epoch, "
+                     f"micro-batch 8 x accumulation 2, lr linear decay, clip 1.0, dropout 0.05); project = "
+                     f"train_qlora_hf with exactly those flags + --model --seed 0; loss agree = max |d| of the "
+                     f"per-epoch token-weighted mean (tol {args.real_loss_tol})")
+        print(notes[0], flush=True)
+        print(meta["real"]["generate_qa"], flush=True)
 
     # -- seed recipe and research variants, one loaded model -----------------------------------------------------
     mode, why = args.project, ""
@@ -810,61 +1054,72 @@ def main(argv=None) -> int:
         leak_done = False
         for wl in workloads:
             seed_run = None
-            for recipe in recipes:
-                if recipe.name == STANDIN:
-                    recipe = standin_recipe(args.project_recipe, wl)
-                rec = {"workload": wl, "variant": recipe.name, "recipe": dataclasses.asdict(recipe)}
-                if args.time_budget and time.perf_counter() - T0 > args.time_budget:
-                    rec["error"] = "skipped: --time-budget reached"
-                    results.append(rec)
-                    continue
-                print(f"== {wl} / {recipe.name}  (t={time.perf_counter() - T0:.0f}s)", flush=True)
-                t_var = time.perf_counter()
-                model = opt = None
-                try:
-                    model, opt = session.setup(recipe, args.seed)
-                    if wl == "qa" and not args.no_check:
-                        t = time.perf_counter()
-                        fc = function_check(model, recipe, qa_batch0, device, check_ref,
-                                            leak_control=not leak_done)
-                        if check_ref is None and recipe.name == "seed":
-                            check_ref = fc.pop("_ref")
-                        fc.pop("_ref", None)
-                        leak_done = leak_done or "negative_control_cross_sample_attention" in fc
-                        rec["function_check"] = fc
-                        rec["function_check_s"] = time.perf_counter() - t
-                    batches = batches_for(recipe, data[wl], wl, args.seed)
-                    rec.update(train_loop(model, opt, recipe, batches, device, WARMUP_STEPS, args.repeat))
-                    if recipe.name in args.profile.split(",") and wl == "qa":
-                        rec["profile"] = profile_steps(model, opt, recipe, batches[2:4], device,
-                                                       args.out_dir / f"profile_{stamp}_{len(results)}.txt")
-                    if recipe.name == "seed":
-                        seed_run = rec
-                    elif seed_run is not None:
-                        same_order = recipe.batching != "group" or MICRO_BATCH[wl] == 1
-                        rec["loss_agreement"] = loss_agreement(rec, seed_run, same_order, args.loss_tol)
-                except Exception as e:  # noqa: BLE001 - record and go on with the next variant
-                    rec["error"] = f"{type(e).__name__}: {e}"
-                    rec["traceback"] = traceback.format_exc()[-3000:]
-                    print(rec["traceback"], file=sys.stderr, flush=True)
-                finally:
-                    opt = None
-                    try:
-                        session.teardown(model, recipe)
-                        model = None  # the PEFT wrapper still points at the base: drop it, or it outlives the loop
-                    except Exception:  # noqa: BLE001
-                        rec["teardown_error"] = traceback.format_exc()[-2000:]
-                        print(rec["teardown_error"], file=sys.stderr, flush=True)
+            cap = apply_mem_cap(device, caps.get(wl))  # around every run of this workload
+            try:
+                for recipe in recipes:
+                    if recipe.name == STANDIN:
+                        recipe = standin_recipe(args.project_recipe, wl)
+                    rec = {"workload": wl, "variant": recipe.name, "recipe": dataclasses.asdict(recipe)}
+                    if cap:
+                        rec["mem_cap"] = cap
+                    if args.time_budget and time.perf_counter() - T0 > args.time_budget:
+                        rec["error"] = "skipped: --time-budget reached"
                         results.append(rec)
-                        save()
-                        print("model state unknown after a failed teardown: stopping the variants")
-                        raise
-                rec["variant_wall_s"] = time.perf_counter() - t_var
-                results.append(rec)
-                save()
-                short = {k: rec.get(k) for k in ("tok_s", "peak_gb", "static_gb", "time_s", "error")}
-                print(json.dumps(short), json.dumps(rec.get("function_check", {})),
-                      json.dumps(rec.get("loss_agreement", {})), flush=True)
+                        continue
+                    print(f"== {wl} / {recipe.name}  (t={time.perf_counter() - T0:.0f}s)", flush=True)
+                    t_var = time.perf_counter()
+                    model = opt = None
+                    try:
+                        model, opt = session.setup(recipe, args.seed)
+                        if wl == "qa" and not args.no_check:
+                            t = time.perf_counter()
+                            fc = function_check(model, recipe, qa_batch0, device, check_ref,
+                                                leak_control=not leak_done)
+                            if check_ref is None and recipe.name == "seed":
+                                check_ref = fc.pop("_ref")
+                            fc.pop("_ref", None)
+                            leak_done = leak_done or "negative_control_cross_sample_attention" in fc
+                            rec["function_check"] = fc
+                            rec["function_check_s"] = time.perf_counter() - t
+                        steps = steps_for(recipe, data[wl], wl, args.seed)
+                        rec.update(train_loop(model, opt, recipe, steps, device, WARMUP_STEPS,
+                                              1 if wl == "real" else args.repeat, SCHEDULES[wl]))
+                        if recipe.name in args.profile.split(",") and wl == "qa":
+                            rec["profile"] = profile_steps(model, opt, recipe, [b for st in steps for b in st][2:4],
+                                                           device, args.out_dir / f"profile_{stamp}_{len(results)}.txt")
+                        if recipe.name == "seed":
+                            seed_run = rec
+                        elif seed_run is not None and wl == "real":
+                            rec["loss_agreement"] = loss_agreement(
+                                rec, seed_run, False, args.real_loss_tol, by_epoch=True,
+                                expected_tokens=meta["real"]["total_trained_tokens"])
+                        elif seed_run is not None:
+                            same_order = recipe.batching != "group" or MICRO_BATCH[wl] == 1
+                            rec["loss_agreement"] = loss_agreement(rec, seed_run, same_order, args.loss_tol)
+                    except Exception as e:  # noqa: BLE001 - record and go on with the next variant
+                        rec["error"] = f"{type(e).__name__}: {e}"
+                        rec["traceback"] = traceback.format_exc()[-3000:]
+                        print(rec["traceback"], file=sys.stderr, flush=True)
+                    finally:
+                        opt = None
+                        try:
+                            session.teardown(model, recipe)
+                            model = None  # the PEFT wrapper still points at the base: drop it, or it outlives the loop
+                        except Exception:  # noqa: BLE001
+                            rec["teardown_error"] = traceback.format_exc()[-2000:]
+                            print(rec["teardown_error"], file=sys.stderr, flush=True)
+                            results.append(rec)
+                            save()
+                            print("model state unknown after a failed teardown: stopping the variants")
+                            raise
+                    rec["variant_wall_s"] = time.perf_counter() - t_var
+                    results.append(rec)
+                    save()
+                    short = {k: rec.get(k) for k in ("tok_s", "peak_gb", "static_gb", "time_s", "error")}
+                    print(json.dumps(short), json.dumps(rec.get("function_check", {})),
+                          json.dumps(rec.get("loss_agreement", {})), flush=True)
+            finally:
+                release_mem_cap(device, cap)
         del session, base
         gc.collect()
         if device.type == "cuda":
@@ -874,45 +1129,21 @@ def main(argv=None) -> int:
     if mode == "module":
         runs = [x.split() for x in args.project_args.split(";")]  # one project run per ';'-separated set
         for wl in workloads:
-            for extra in runs:
-                name = "project(train_qlora_hf)" + (" " + " ".join(extra) if extra else "")
-                rec = {"workload": wl, "variant": name}
-                if args.time_budget and time.perf_counter() - T0 > args.time_budget:
-                    rec["error"] = "skipped: --time-budget reached"
-                    results.append(rec)
-                    continue
-                print(f"== {wl} / {name}  (t={time.perf_counter() - T0:.0f}s)", flush=True)
-                try:
-                    seed_run = next((r for r in results if r["workload"] == wl and r["variant"] == "seed"
-                                     and "tok_s" in r), None)
-                    budget = None
-                    if args.project_budget:  # qa: the seed's measured peak (the goal: no more memory); long: 6.5 GB
-                        budget = 6.5 if wl == "long" else (math.floor(seed_run["peak_gb"] * 10) / 10
-                                                          if seed_run and "peak_gb" in seed_run else None)
-                    rec["gpu_mem_budget"] = budget
-                    prof_txt = (args.out_dir / f"profile_{stamp}_{len(results)}.txt"
-                                if "project" in args.profile.split(",") and wl == "qa" else None)
-                    rec.update(run_project_module(T, model_dir, wl, data[wl], device, extra, args.repeat, budget,
-                                                  prof_txt))
-                    if seed_run:
-                        pa = rec.get("project_args", {})
-                        same_order = pa.get("shuffle") is False and pa.get("group_by_length") is False
-                        rec["loss_agreement"] = loss_agreement(rec, seed_run, same_order, args.loss_tol)
-                except Exception as e:  # noqa: BLE001
-                    rec["error"] = f"{type(e).__name__}: {e}"
-                    rec["traceback"] = traceback.format_exc()[-3000:]
-                    print(rec["traceback"], file=sys.stderr, flush=True)
-                results.append(rec)
-                save()
-                short = {k: rec.get(k) for k in ("tok_s", "peak_gb", "static_gb", "time_s", "error")}
-                print(json.dumps(short), json.dumps(rec.get("loss_agreement", {})), flush=True)
+            cap = apply_mem_cap(device, caps.get(wl))  # the project runs of this workload under the same cap
+            try:
+                for extra in runs:
+                    results.append(project_run(T, model_dir, wl, data[wl], device, extra, args, results, stamp, T0,
+                                               cap, meta))
+                    save()
+            finally:
+                release_mem_cap(device, cap)
 
     print()
     print(f"GPU: {gpu} | {stamp} | " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     report = f"GPU: {gpu} | {stamp} | " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-    report += "\n" + table(results)
+    report += "\n" + table(results, notes)
     (args.out_dir / f"train_{stamp}.txt").write_text(report + "\n")
-    print(table(results))
+    print(table(results, notes))
     print(f"\nJSON: {out_json}")
     failed = [r for r in results if "error" in r]
     return 1 if failed else 0

@@ -34,7 +34,8 @@ MUST_MATCH = ("model", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
 # Flags that may change on --resume (noted): logging, checkpointing, the split of a step into micro-batches, and
 # speed/memory pieces that compute the same update (to kernel rounding).
 MAY_CHANGE = ("jsonl", "batch", "grad_accum", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-              "keep_checkpoints", "gpu_mem_budget", "gradient_checkpointing", "packing", "fused_lora", "fused_norm",
+              "keep_checkpoints", "gpu_mem_budget", "merge_micro_batches", "gradient_checkpointing", "packing",
+              "fused_lora", "fused_norm",
               "liger", "attn_implementation", "trust_remote_code")
 _DERIVED = {"precision": "precision (--bf16/--fp16/--no-bf16)", "data_sha256": "--jsonl content (sha256)",
             "samples_per_step": "samples per step (--batch x --grad_accum x processes)"}

@@ -89,27 +89,67 @@ def apply_checkpoint_plan(model, plan: dict, pin_memory: bool = True) -> list:
     return []
 
 
-def plan_for_budget(model, budget_gb: float, device, step_plans, lengths: list[int], micro: int, rank: int,
-                    world: int, packed: bool, optim: str, lora_dropout: float) -> tuple[dict | None, str]:
-    """--gpu_mem_budget: plan which checkpointed layers of `model` keep their activations (or offload the
-    checkpoints) for the largest micro-batch of `step_plans`, apply it, and say what was done. Returns
-    (plan or None, a line for the log). lora_dropout: the dropout whose masks the LoRA layers store (0 for the
-    fused LoRA node, which stores none)."""
+def auto_budget_gb(device, margin: float = 0.15) -> float:
+    """--gpu_mem_budget auto: the memory this process can still use on `device` (free now + what it already holds,
+    within a per-process cap such as torch.cuda.set_per_process_memory_fraction), less `margin` of it for the
+    allocator's fragmentation and other users of the GPU."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.9
+    usable = min(free + torch.cuda.memory_reserved(device), total * fraction)
+    return round(usable * (1 - margin) / 1e9, 2)
+
+
+def pick_micro_batch(options: list[tuple[int, int, dict]]) -> tuple[int, int, dict]:
+    """Of (micro-batch, its largest tokens, its plan) options, largest micro-batch first and the user's --batch
+    last: the first that fits the budget with no more checkpointing than the user's needs, else the user's."""
+    user = options[-1][2]
+    for m, t, p in options[:-1]:
+        if p["fits"] and (p["mode"] == "none" or (p["mode"] == "skip" and user["mode"] == "skip"
+                                                  and p["skip_layers"] >= user["skip_layers"])):
+            return m, t, p
+    return options[-1]
+
+
+def plan_for_budget(model, budget_gb: float, device, step_plans, lengths: list[int], micros: list[int], rank: int,
+                    world: int, packed: bool, optim: str, lora_dropout: float) -> tuple[dict | None, int, str]:
+    """--gpu_mem_budget: pick the micro-batch (samples per forward) among `micros` (the user's --batch last; a
+    larger one first, e.g. a whole step's samples as one packed row) and plan which checkpointed layers of `model`
+    keep their activations (or offload the checkpoints) for its largest micro-batch over `step_plans`; apply the
+    plan and say what was done. A larger micro-batch is taken only when it needs no more checkpointing than
+    --batch does: fewer, larger kernels on the same maths, never extra recompute. Returns (plan or None, micro-batch,
+    a line for the log). lora_dropout: the dropout whose masks the LoRA layers store (0 for the fused LoRA node)."""
+    user = micros[-1]
     if device.type != "cuda":
-        return None, f"--gpu_mem_budget {budget_gb}: ignored on {device.type} (it plans GPU memory)"
-    layers = [l for l in decoder_layers(model)[1] if getattr(l, "gradient_checkpointing", False)]
-    if not layers:
-        return None, f"--gpu_mem_budget {budget_gb}: ignored (gradient checkpointing is off)"
-    top = max_micro_tokens(step_plans, lengths, micro, rank, world, packed)
+        return None, user, f"--gpu_mem_budget {budget_gb}: ignored on {device.type} (it plans GPU memory)"
+    step_plans = list(step_plans)
+    _, all_layers = decoder_layers(model)
+    layers = [l for l in all_layers if getattr(l, "gradient_checkpointing", False)]
     cfg = model.config
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan = plan_checkpointing(budget_gb, torch.cuda.memory_allocated(device), n_lora, optim, top, cfg.hidden_size,
-                              getattr(cfg, "intermediate_size", 4 * cfg.hidden_size), len(layers), lora_dropout)
+    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    static = torch.cuda.memory_allocated(device)
+    options = []
+    for micro in micros:
+        top = max_micro_tokens(step_plans, lengths, micro, rank, world, packed)
+        if layers:
+            plan = plan_checkpointing(budget_gb, static, n_lora, optim, top, hidden, inter, len(layers), lora_dropout)
+        else:  # checkpointing is off: every layer keeps its activations
+            plan = plan_checkpointing(budget_gb, static, n_lora, optim, top, hidden, inter, 0, lora_dropout)
+            est = plan["estimate_gb"] + top * len(all_layers) * plan["act_bytes_per_token_layer"] / 1e9
+            plan = {**plan, "mode": "none", "estimate_gb": est, "fits": est <= budget_gb}
+        options.append((micro, top, plan))
+    micro, top, plan = pick_micro_batch(options)
+    merged = f"micro-batch {micro} (a whole step in one packed row), " if micro != user else ""
+    if not layers:
+        return None, micro, (f"--gpu_mem_budget {budget_gb} GB: {merged}largest micro-batch {top:,} tokens; "
+                             f"estimated peak {plan['estimate_gb']:.2f} GB (gradient checkpointing is off)"
+                             + ("" if plan["fits"] else " (over the budget: lower --batch)"))
     apply_checkpoint_plan(model, plan)
     what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)" if plan["mode"] == "offload"
             else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
-    return plan, (f"--gpu_mem_budget {budget_gb} GB: largest micro-batch {top:,} tokens -> {what}; estimated peak "
-                  f"{plan['estimate_gb']:.2f} GB" + ("" if plan["fits"] else " (over the budget: lower --batch)"))
+    return plan, micro, (f"--gpu_mem_budget {budget_gb} GB: {merged}largest micro-batch {top:,} tokens -> {what}; "
+                         f"estimated peak {plan['estimate_gb']:.2f} GB"
+                         + ("" if plan["fits"] else " (over the budget: lower --batch)"))
 
 
 def max_micro_tokens(step_plans, lengths: list[int], micro: int, rank: int, world: int, packed: bool) -> int:

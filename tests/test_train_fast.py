@@ -18,7 +18,7 @@ import train_qlora_hf as T
 from paperqa_tune.loading import load_tokenizer
 from paperqa_tune.lora4bit import FusedLoRA, dequantize
 from paperqa_tune.memory import (activation_bytes_per_token_layer, apply_checkpoint_plan, decoder_layers,
-                                 max_micro_tokens, plan_checkpointing)
+                                 max_micro_tokens, pick_micro_batch, plan_checkpointing)
 from paperqa_tune.optim import FlatParams, make_optimizer, zero_grads
 from paperqa_tune.packing import PACKED_ATTN, collate, collate_packed, uses_packed_attention
 
@@ -345,6 +345,24 @@ def test_plan_qa_spends_the_seed_memory_on_layers_without_checkpointing():
     assert tiny["mode"] == "offload" and not tiny["fits"]  # reported, the run still tries
     assert activation_bytes_per_token_layer(4096, 14336, 0.0) == pytest.approx(145e3)
     assert activation_bytes_per_token_layer(4096, 14336, 0.05) == pytest.approx(166e3)
+
+
+def test_whole_step_micro_batch_only_when_it_costs_no_recompute():
+    """--merge_micro_batches: the seed command's short Q&A steps (16 samples, ~2,300 tokens) fit a 40 GB budget as
+    one packed row with no checkpointing, as do 8-sample micro-batches: one row wins (fewer kernels, same maths).
+    Long 4,096-token samples in 6.5 GB: merging would need offload where --batch 1 needs less, so --batch stays."""
+    def option(micro, tokens, budget):
+        return micro, tokens, plan_checkpointing(budget, optim="paged_adamw_8bit", max_tokens=tokens, dropout=0.0,
+                                                 **SEVEN_B)
+    qa = [option(16, 2300, 40.0), option(8, 1200, 40.0)]
+    assert pick_micro_batch(qa)[0] == 16 and qa[0][2]["skip_layers"] == 32
+    long = [option(16, 16 * 4096, 6.5), option(1, 4096, 6.5)]
+    assert pick_micro_batch(long)[0] == 1
+    # a merge that would checkpoint more layers than --batch does is refused
+    tight = [option(16, 5600, 15.6), option(8, 2800, 15.6)]
+    assert tight[0][2]["skip_layers"] < tight[1][2]["skip_layers"] and pick_micro_batch(tight)[0] == 8
+    over = [option(16, 10**6, 40.0), option(8, 1200, 40.0)]
+    assert not over[0][2]["fits"] and pick_micro_batch(over)[0] == 8
 
 
 def test_checkpoint_plan_is_applied_to_the_last_layers(tiny_model):
