@@ -60,6 +60,7 @@ from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, in
 from paperqa_tune.kernels import LIGER_AUTO, parse_liger
 from paperqa_tune.loading import load_tokenizer, requested_precision, resolve_precision
 from paperqa_tune.memory import auto_budget_gb, frozen_gc, plan_for_budget
+from paperqa_tune.tokenized import CACHE_MIN_CHATS, default_num_proc, tokenize_cached
 from paperqa_tune.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
 from paperqa_tune.packing import IGNORE, collate, collate_packed
 from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
@@ -240,7 +241,8 @@ def load_chats(path, system_prompt: str | None = None) -> list[dict]:
             messages = [{"role": "system", "content": system_prompt}] + messages
         meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
         chats.append({"line": lineno, "messages": messages, "group": str(meta.get("paper_id", f"line{lineno}")),
-                      "type": str(meta.get("type") or "unknown")})
+                      "type": str(meta.get("type") or "unknown"),
+                      "turn_types": [str(t) for t in meta.get("turn_types") or [] if isinstance(t, str)]})
     if not chats:
         raise InputError(f"{path}: no records (the file is empty); generate data with generate_qa.py first")
     return chats
@@ -346,9 +348,9 @@ def check_chat_structure(tokenizer, chats: list[dict], path) -> None:
     """Refuse (exit 2, every such record named) a message whose content holds a role marker or one of the
     tokenizer's special tokens: the template would render it as chat structure, e.g. an answer with
     "</s><|user|>" as a fake turn learned as the model's own tokens."""
-    bad = []
+    bad, specials = [], tokenizer.all_special_tokens  # a property that builds the list on each call
     for c in chats:
-        marks = [(i, m["role"], chat_structure(m["content"], tokenizer.all_special_tokens))
+        marks = [(i, m["role"], chat_structure(m["content"], specials))
                  for i, m in enumerate(c["messages"])]
         bad += [(c["line"], f"messages[{i}] ({role}) contains {mark!r}") for i, role, mark in marks if mark][:1]
     if bad:
@@ -357,16 +359,9 @@ def check_chat_structure(tokenizer, chats: list[dict], path) -> None:
                          f"(a fake turn trained as the model's own){more}; remove or rewrite such records")
 
 
-# Data of this many chats or more is tokenized through `datasets`: one process per CPU, and an on-disk cache that
-# a rerun or a --resume of the same data reads instead (240,000 chats, 20k abstracts' worth, took 15 minutes on
-# one core here). Smaller data is tokenized in this process with no cache: nothing to win there.
-CACHE_MIN_CHATS = 2000
-TOKENIZED_CACHE_DIR = "paperqa_tune_tokenized"  # under datasets' cache ($HF_DATASETS_CACHE)
-
-
 def _tokenize_record(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
-    """fit_chat's outcome as plain values (what the cache stores): input_ids/labels ([] if it does not fit),
-    fits, exchanges dropped, the whole chat's length when it does not fit, and the error ("" if none)."""
+    """fit_chat's outcome as plain values: input_ids and labels ([] when the chat does not fit), fits, the
+    exchanges dropped, the whole chat's length when it does not fit, and the error ("" if none)."""
     try:
         s, dropped = fit_chat(tokenizer, messages, max_seq_len)
         full_len = 0 if s is not None else len(encode_text(tokenizer, chat_text(tokenizer, messages)))
@@ -377,83 +372,31 @@ def _tokenize_record(tokenizer, messages: list[dict], max_seq_len: int) -> dict:
 
 
 def _tokenize_batch(batch: dict, tokenizer, max_seq_len: int) -> dict:
-    """datasets.map's function: a batch of chats -> a batch of _tokenize_record columns."""
+    """datasets.map's function: chats -> _tokenize_record's columns, the labels stored as a trained mask."""
     rows = [_tokenize_record(tokenizer, m, max_seq_len) for m in batch["messages"]]
-    return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "fits", "dropped", "full_len", "error")}
-
-
-def tokenize_cache_key(tokenizer, chats: list[dict], max_seq_len: int) -> str:
-    """What the tokenized data depends on: the chats, the tokenizer (vocabulary, special tokens, chat template),
-    --max_seq_len, the library versions and this code (the files themselves: any edit starts a new cache)."""
-    import hashlib
-    import json
-
-    import tokenizers
-    import transformers
-    from datasets.fingerprint import Hasher
-
-    from common import ensure_chat_template
-    from paperqa_tune import packing
-
-    ensure_chat_template(tokenizer)  # as chat_text would, so the key sees the template the data is rendered with
-    h = hashlib.sha256()
-    for part in ("v1", str(max_seq_len), Hasher.hash(tokenizer), transformers.__version__, tokenizers.__version__):
-        h.update(part.encode() + b"\0")
-    for src in sorted({Path(f.__code__.co_filename) for f in (_tokenize_record, chat_text)} | {Path(packing.__file__)}):
-        h.update(src.read_bytes())
-    for c in chats:
-        h.update(json.dumps(c["messages"], ensure_ascii=False).encode() + b"\n")
-    return h.hexdigest()[:32]
-
-
-def default_num_proc(n_chats: int) -> int:
-    """Tokenizing processes: the CPUs this process may use, shared by the ranks on this machine (torchrun sets
-    LOCAL_WORLD_SIZE), each with at least 1000 chats."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    return max(1, min(cpus // ranks, n_chats // 1000))
-
-
-def _tokenize_with_datasets(tokenizer, chats: list[dict], max_seq_len: int, num_proc: int,
-                            cache_dir: Path | None) -> list[dict]:
-    """_tokenize_record for every chat through datasets.map: num_proc processes, the result in an Arrow file
-    named by tokenize_cache_key, so the same data with the same tokenizer is read back, not tokenized again."""
-    import datasets
-
-    key = tokenize_cache_key(tokenizer, chats, max_seq_len)
-    cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / TOKENIZED_CACHE_DIR)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    ids = datasets.Sequence(datasets.Value("int32"))
-    features = datasets.Features({"input_ids": ids, "labels": ids, "fits": datasets.Value("bool"),
-                                  "dropped": datasets.Value("int32"), "full_len": datasets.Value("int32"),
-                                  "error": datasets.Value("string")})
-    chats_ds = datasets.Dataset.from_dict({"messages": [c["messages"] for c in chats]})
-    out = chats_ds.map(_tokenize_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
-                       fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len}, remove_columns=["messages"],
-                       features=features, cache_file_name=str(cache_dir / f"{key}.arrow"), new_fingerprint=key,
-                       desc=f"tokenizing {len(chats)} chats")
-    cols = out[:]
-    return [dict(zip(cols, row)) for row in zip(*cols.values())]
+    out = {k: [r[k] for r in rows] for k in ("input_ids", "fits", "dropped", "full_len", "error")}
+    out["trained"] = [[label != IGNORE for label in r["labels"]] for r in rows]
+    return out
 
 
 def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path, num_proc: int | None = None,
                   cache_dir: Path | None = None, cache_min_chats: int = CACHE_MIN_CHATS) -> tuple[list[dict], dict]:
     """Chats -> training samples (input_ids, labels, line, group, type, messages) and a report of what was
-    dropped or trimmed; bad records raise InputError naming file:line. From cache_min_chats chats on, the
-    tokenizing runs through datasets (num_proc processes, default_num_proc when None; cached in cache_dir,
-    datasets' cache when None), with the same samples and errors as in this process."""
+    dropped or trimmed; a bad record is InputError naming file:line. From cache_min_chats chats on, tokenizing
+    goes through datasets (num_proc processes, default_num_proc when None; cached in cache_dir, datasets' cache
+    folder when None) with the very same samples and errors."""
     from common import os_error_text
 
     check_chat_structure(tokenizer, chats, path)
     results = None
     if len(chats) >= cache_min_chats:
         try:
-            results = _tokenize_with_datasets(tokenizer, chats, max_seq_len,
-                                              num_proc or default_num_proc(len(chats)), cache_dir)
+            results = tokenize_cached(_tokenize_batch, tokenizer, chats, max_seq_len,
+                                      num_proc or default_num_proc(len(chats)), cache_dir, sources=[__file__])
         except OSError as e:  # an unwritable or full cache folder costs the cache, not the run
             print(f"warning: cannot use the tokenization cache ({os_error_text(e)}); tokenizing in this process",
                   file=sys.stderr)
-    if results is None:  # lazily: the first bad record stops it
+    if results is None:  # lazily, so the first bad record stops it
         results = (_tokenize_record(tokenizer, c["messages"], max_seq_len) for c in chats)
     samples, too_long, trimmed, longest = [], [], 0, 0
     for c, r in zip(chats, results):
@@ -463,11 +406,11 @@ def build_samples(tokenizer, chats: list[dict], max_seq_len: int, path, num_proc
             too_long.append(c["line"])
             longest = max(longest, r["full_len"])
             continue
-        if not any(l != IGNORE for l in r["labels"]):
+        if r["labels"].count(IGNORE) == len(r["labels"]):
             raise InputError(f"{path}:{c['line']}: no assistant token to train on after rendering")
         trimmed += r["dropped"] > 0
         samples.append({"input_ids": r["input_ids"], "labels": r["labels"], "line": c["line"], "group": c["group"],
-                        "type": c["type"], "messages": c["messages"]})
+                        "type": c["type"], "turn_types": c["turn_types"], "messages": c["messages"]})
     report = {"n_records": len(chats), "dropped_too_long": len(too_long), "dropped_lines": too_long[:20],
               "longest_dropped": longest, "trimmed_earlier_turns": trimmed}
     if not samples:

@@ -2,7 +2,7 @@
 join, of generate_qa.py's offline backend, and of its openai backend against a loopback server, with a kill in
 the middle, a resume and a rerun answered from the cache.
 
-    python bench/bench_data_scale.py                                  # everything (~10 min on 2 shared cores)
+    python bench/bench_data_scale.py                                  # everything (~12 min on 2 shared cores)
     python bench/bench_data_scale.py --parts join --join_sizes 10000,30000,100000
     python bench/bench_data_scale.py --parts offline --offline_abstracts 20000
     python bench/bench_data_scale.py --parts openai --openai_abstracts 2000,5000 --concurrency 16
@@ -495,7 +495,8 @@ def print_tables(result: dict) -> None:
             rows.append((part, f"{r['abstracts']:,}", r.get("run", "full"), r["wall_s"], round(r["peak_rss_mb"]),
                          f"{r['counts']['train']:,}", f"{r['counts']['eval']:,}", r.get("server_requests", "–")))
         print("\n" + _table(rows))
-        print(f"{part}: {result[part]['mb_per_1k_abstracts']} MB of peak RSS per 1,000 abstracts")
+        if result[part]["mb_per_1k_abstracts"] is not None:
+            print(f"{part}: {result[part]['mb_per_1k_abstracts']} MB of peak RSS per 1,000 abstracts")
 
 
 def main(argv=None) -> int:

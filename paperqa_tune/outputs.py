@@ -49,12 +49,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def write_staged(path: Path, text: str) -> None:
-    """Write an output's text to its staged path (OutputSet.stage): no second temp file, flushed to disk before
+def write_staged(path: Path, text) -> None:
+    """Write an output's text (a string, or an iterable of strings written one by one: a large JSONL never held
+    whole in memory) to its staged path (OutputSet.stage): no second temp file, flushed to disk before
     OutputSet.commit() renames it into place (or abort() removes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
+        if isinstance(text, str):
+            f.write(text)
+        else:
+            f.writelines(text)
         f.flush()
         os.fsync(f.fileno())
 

@@ -10,6 +10,7 @@ An item is one kept Q&A turn: {"split", "type", "section", "question", "answer",
 """
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import sys
@@ -112,17 +113,17 @@ def _unsupported(items: list[dict], worst: int = 5) -> tuple[dict, dict]:
     for share, _, it in scored:
         by_type[it["type"]].append(share)
     answerable = {
-        "types": [t for t in ANSWERABLE],
+        "types": list(ANSWERABLE),
         "answers": n, "without_content_words": sum(no_words[t] for t in ANSWERABLE),
         "mean_share": round(sum(s for s, _, _ in scored) / n, 4) if n else None,
         **{f"answers_over_{round(lvl * 100)}pct": round(sum(1 for s, _, _ in scored if s > lvl) / n, 4) if n else None
            for lvl in UNSUPPORTED_LEVELS},
-        "mean_share_by_type": {t: round(sum(v) / len(v), 4) for t in _type_order(by_type) for v in [by_type[t]]},
+        "mean_share_by_type": {t: round(sum(by_type[t]) / len(by_type[t]), 4) for t in _type_order(by_type)},
         "top_unsupported_words": [{"stem": w, "answers": c} for w, c in
                                   sorted(missing_words.items(), key=lambda kv: (-kv[1], kv[0]))[:10]],
         "worst": [{"share": round(s, 4), "type": it["type"], "conversation": it["conversation"], "turn": it["turn"],
                    "question": it["question"][:200], "answer": it["answer"][:200]}
-                  for s, _, it in sorted(scored, key=lambda x: (-x[0], x[1]))[:worst] if s > 0],
+                  for s, _, it in heapq.nsmallest(worst, scored, key=lambda x: (-x[0], x[1])) if s > 0],
     }
     edge = {t: {"answers": len(other[t]) + no_words[t], "mean_share": round(sum(other[t]) / len(other[t]), 4)
                 if other[t] else None} for t in _type_order(set(other) | (set(no_words) - set(ANSWERABLE)))}

@@ -213,9 +213,11 @@ def heldout_questions(val_samples: list[dict]) -> list[dict]:
         turns = msgs[1:] if system is not None else msgs
         pairs = [(turns[k], turns[k + 1]) for k in range(0, len(turns) - 1, 2)
                  if turns[k]["role"] == "user" and turns[k + 1]["role"] == "assistant"]
+        types = s.get("turn_types") or []  # generate_qa --turns: each turn's own type
         for k, (user, answer) in enumerate(pairs):
             out.append({"id": f"val-{i}" if len(pairs) == 1 else f"val-{i}-t{k + 1}", "question": user["content"],
-                        "reference": answer["content"], "type": s["type"], "paper_id": s["group"], "context": "",
+                        "reference": answer["content"], "type": types[k] if k < len(types) else s["type"],
+                        "paper_id": s["group"], "context": "",
                         "system": system, "source": f"training data line {s['line']}",
                         **({"history": turns[: 2 * k]} if k else {})})
     return out

@@ -164,3 +164,16 @@ def test_eval_bad_history_names_the_line(tmp_path, history):
                     + '{"id": "b", "question": "Q2?", "history": ' + history + "}\n")
     with pytest.raises(common.InputError, match=r"q\.jsonl:2: 'history'"):
         eval_compare.read_questions(path)
+
+
+def test_held_out_conversations_become_one_question_per_turn():
+    from paperqa_tune.runs import heldout_questions
+
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"}]
+    sample = {"messages": msgs, "type": "factual", "turn_types": ["factual", "unanswerable"], "group": "p1", "line": 3}
+    q1, q2 = heldout_questions([sample])
+    assert (q1["id"], q1["type"], "history" in q1) == ("val-1-t1", "factual", False)
+    assert (q2["id"], q2["type"], q2["reference"]) == ("val-1-t2", "unanswerable", "A2")
+    assert q2["history"] == msgs[1:3] and q2["system"] == "S"
