@@ -148,12 +148,34 @@ def synthetic_abstracts(n: int, seed: int = 0) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- loopback arXiv API
-class ArxivFeedServer:
+class LoopbackServer:
+    """A ThreadingHTTPServer on 127.0.0.1 with `handler`, serving while the `with` block runs."""
+
+    def _serve(self, handler) -> None:
+        from http.server import ThreadingHTTPServer
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class ArxivFeedServer(LoopbackServer):
     """Serves a recorded Atom feed as the arXiv API would: `id_list` filters entries, `start` and
     `max_results` page through them, and opensearch:totalResults tells the client how many there are."""
 
     def __init__(self, feed_path):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
         from urllib.parse import parse_qs, urlparse
 
         text = open(feed_path, encoding="utf-8").read()
@@ -183,17 +205,8 @@ class ArxivFeedServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._serve(Handler)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/api/query"
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        return f"http://127.0.0.1:{self.port}/api/query"

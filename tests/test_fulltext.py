@@ -2,16 +2,15 @@
 --input, and --full_text over loopback servers (the arXiv API and its PDFs)."""
 import json
 import shutil
-import threading
 import unicodedata
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 import generate_qa
 import pdf_maker
-from generate_fakes import ArxivFeedServer
+from generate_fakes import ArxivFeedServer, LoopbackServer
 from paperqa_tune import fulltext
 from paperqa_tune.fulltext import PdfRejected, read_pdf, read_pdf_bytes, split_long, split_sections
 
@@ -233,7 +232,7 @@ def test_empty_folder_exits_2_naming_it(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- --full_text over loopback
-class PdfServer:
+class PdfServer(LoopbackServer):
     """Serves {path: bytes} as application/pdf; any other path is a 404. Records the paths asked for."""
 
     def __init__(self, files: dict[str, bytes]):
@@ -254,17 +253,8 @@ class PdfServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve(Handler)
+        self.url = f"http://127.0.0.1:{self.port}"
 
 
 def test_full_text_downloads_each_pdf_and_keeps_the_abstract_when_one_fails(tmp_path, monkeypatch):
