@@ -58,14 +58,15 @@ from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CON
                               Progress, ResponseCache, Stats, resolve_request_defaults, sized_max_tokens)
 from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, write_staged
-from paperqa_tune.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA, TYPES,
+from paperqa_tune.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA,
                                   conversations_per_source, generation_messages, judge_messages, prompts_hash,
                                   repair_messages, type_quotas)
 from paperqa_tune.quality import format_quality, plot_quality, quality_report
+from paperqa_tune.replies import judge_scores, parse_reply, reply_problem
 from paperqa_tune.safety import chat_structure, scrub
 from paperqa_tune.scoring import corrects_premise, is_refusal
-from paperqa_tune.textsim import (clean_text, cross_group_near_duplicates, grounding, normalized, numbers,
-                                  question_tokens, within_paper_duplicate)
+from paperqa_tune.textsim import (cross_group_near_duplicates, grounding, normalized, numbers, question_tokens,
+                                  within_paper_duplicate)
 
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "hf": "HuggingFaceH4/zephyr-7b-beta", "offline": OFFLINE_MODEL}
 ARXIV_API_URL = "https://export.arxiv.org/api/query"
@@ -226,7 +227,8 @@ def validate_args(args) -> None:
               ("--max_abstract_chars", args.max_abstract_chars >= 1),
               ("--max_section_chars", args.max_section_chars >= 200), ("--arxiv_delay", args.arxiv_delay >= 0),
               ("--min_grounding", 0 <= args.min_grounding <= 1), ("--dedup_threshold", 0 < args.dedup_threshold <= 1),
-              ("--eval_papers", args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
+              ("--eval_papers",
+               args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
               ("--min_question_chars/--max_question_chars", 0 <= args.min_question_chars <= args.max_question_chars),
               ("--min_answer_chars/--max_answer_chars", 0 <= args.min_answer_chars <= args.max_answer_chars)]
     problems += [f"{name}: invalid value" for name, ok in checks if not ok]
@@ -256,7 +258,8 @@ def output_paths(args) -> dict[str, Path]:
             "manifest": Path(args.manifest) if args.manifest else out.with_name(out.stem + ".manifest.json"),
             "rejects": Path(args.rejects) if args.rejects else out.with_name(f"rejects_{out.stem}.jsonl"),
             "cache": Path(args.cache) if args.cache else out.parent / ".cache" / f"{out.stem}.jsonl",
-            "quality": out.with_name(out.stem + ".quality.json"), "quality_png": out.with_name(out.stem + ".quality.png")}
+            "quality": out.with_name(out.stem + ".quality.json"),
+            "quality_png": out.with_name(out.stem + ".quality.png")}
 
 
 FLAG_OF = {"train": "--out", "eval": "--eval_out", "rejects": "--rejects", "manifest": "--manifest",
@@ -346,83 +349,7 @@ def skip_too_long(papers: list[dict], limit: int) -> tuple[list[dict], list[dict
     return kept, rejects
 
 
-# =========================================================================== generation: replies, requests
-def _json_object(content: str | None):
-    if content is None or not content.strip():
-        raise ValueError("the reply was empty")
-    text = content.strip()
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        a, b = text.find("{"), text.rfind("}")
-        if 0 <= a < b:
-            try:
-                return json.loads(text[a: b + 1])
-            except json.JSONDecodeError:
-                pass
-        raise ValueError(f"not valid JSON ({e.msg} at char {e.pos})") from None
-
-
-def _turn(item) -> tuple[dict | None, str | None]:
-    """(a valid Q&A turn, None) or (None, why the item is not one)."""
-    if not isinstance(item, dict):
-        return None, "pair is not an object"
-    t = re.sub(r"[\s-]+", "_", str(item.get("type", "")).strip().lower())
-    q, a = item.get("question"), item.get("answer")
-    if t not in TYPES:
-        return None, f"unknown type {item.get('type')!r}"
-    if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
-        return None, "missing or empty question/answer"
-    return {"type": t, "question": clean_text(q), "answer": a.strip()}, None
-
-
-def parse_reply(out: Outcome, turns: int = 1) -> tuple[list[list[dict]], list[tuple[dict, str]]]:
-    """(conversations, [(bad item, reason)]) from a generation reply: each conversation a list of turns (one turn
-    when --turns 1, whose replies are {"pairs": [...]}). A conversation is cut before its first invalid turn: the
-    turns after it build on it. Raises ValueError when nothing usable came back."""
-    try:
-        obj = _json_object(out.content)
-    except ValueError as e:
-        cut = " (cut off at --max_tokens)" if out.finish_reason == "length" else ""
-        raise ValueError(f"{e}{cut}") from None
-    key = "pairs" if turns == 1 else "conversations"
-    items = obj.get(key) if isinstance(obj, dict) else obj if isinstance(obj, list) else None
-    if not isinstance(items, list):
-        raise ValueError(f"the JSON has no {key!r} list")
-    good, bad = [], []
-    for item in items:
-        steps = [item] if turns == 1 else item.get("turns") if isinstance(item, dict) else None
-        if not isinstance(steps, list):
-            bad.append(({"raw": str(item)[:200]}, "conversation has no 'turns' list"))
-            continue
-        conv = []
-        for k, step in enumerate(steps[:turns]):
-            turn, why = _turn(step)
-            if turn is None:
-                raw = step if isinstance(step, dict) else {"raw": str(step)[:200]}
-                bad.append((raw, why if turns == 1 else f"turn {k + 1}: {why}"))
-                break
-            conv.append(turn)
-        if conv:
-            good.append(conv)
-    if not good:
-        what = "pair" if turns == 1 else "conversation"
-        raise ValueError(f"no valid {what} in the reply ({bad[0][1] if bad else f'empty {key} list'})")
-    return good, bad
-
-
-def reply_problem(out: Outcome, turns: int = 1) -> str | None:
-    """Why a generation reply cannot be used (empty, not JSON, nothing valid in it), or None."""
-    try:
-        parse_reply(out, turns)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
+# =========================================================================== generation: requests
 async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: Stats, progress: Progress,
                        counts: Counter, rejects: list[dict]) -> list[dict]:
     """One request per source text (an abstract or a section), one repair request for each unusable reply;
@@ -567,21 +494,6 @@ def curate(convs: list[dict], units: dict[str, dict], args, counts: Counter, rej
         drop(kept[i], 0, f"near_duplicate: close to {kept[j]['turns'][0]['question']!r} of paper "
                          f"{kept[j]['paper_id']}", len(kept[i]["turns"]) - 1)
     return [c for i, c in enumerate(kept) if i not in dups]
-
-
-def judge_scores(out: Outcome) -> dict[int, tuple[float, str]]:
-    """{pair index: (score, reason)} from a judge reply; empty when it failed or does not parse."""
-    scores = {}
-    if out.error is None:
-        try:
-            obj = _json_object(out.content)
-        except ValueError:
-            return scores
-        for s in obj.get("scores", []) if isinstance(obj, dict) else []:
-            ok = isinstance(s, dict) and isinstance(s.get("index"), int) and not isinstance(s.get("score"), bool)
-            if ok and isinstance(s.get("score"), (int, float)):
-                scores[s["index"]] = (float(s["score"]), str(s.get("reason", ""))[:300])
-    return scores
 
 
 async def judge(judge_backend, convs: list[dict], units: dict[str, dict], min_score: float, stats: Stats,
@@ -833,10 +745,12 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
         "script": "generate_qa.py", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "args": {k: v for k, v in vars(args).items() if k not in ("api_key", "price")},
-        "inputs": inputs, "backend": args.backend, "model": model, "base_url": args.base_url, "response_format": formats,
-        "judge_model": args.judge_model, "prompt_sha256": prompts_hash(args.system_prompt, args.turns > 1 or len(units) > len(papers)),
+        "inputs": inputs, "backend": args.backend, "model": model, "base_url": args.base_url,
+        "response_format": formats, "judge_model": args.judge_model,
+        "prompt_sha256": prompts_hash(args.system_prompt, args.turns > 1 or len(units) > len(papers)),
         "turns": args.turns, "quotas": quotas,
-        "papers": {"total": len(order), "skipped_too_long": [r["paper_id"] for r in skipped if r["reason"].startswith("too_long")],
+        "papers": {"total": len(order),
+                   "skipped_too_long": [r["paper_id"] for r in skipped if r["reason"].startswith("too_long")],
                    "rejected_inputs": [r["paper_id"] for r in skipped if not r["reason"].startswith("too_long")],
                    "chat_markers_removed": {p["id"]: p["_chat_markers"] for p in papers if "_chat_markers" in p},
                    "with_pairs": len(with_pairs), "eval": sorted(held_out), "train": len(with_pairs) - len(held_out)},

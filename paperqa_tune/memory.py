@@ -145,8 +145,9 @@ def plan_for_budget(model, budget_gb: float, device, step_plans, lengths: list[i
                              f"estimated peak {plan['estimate_gb']:.2f} GB (gradient checkpointing is off)"
                              + ("" if plan["fits"] else " (over the budget: lower --batch)"))
     apply_checkpoint_plan(model, plan)
-    what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)" if plan["mode"] == "offload"
-            else f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
+    what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)"
+            if plan["mode"] == "offload" else
+            f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
     return plan, micro, (f"--gpu_mem_budget {budget_gb} GB: {merged}largest micro-batch {top:,} tokens -> {what}; "
                          f"estimated peak {plan['estimate_gb']:.2f} GB"
                          + ("" if plan["fits"] else " (over the budget: lower --batch)"))
