@@ -455,12 +455,12 @@ def curate(convs: list[dict], units: dict[str, dict], args, counts: Counter, rej
     turn fails is dropped."""
     def drop(c, k, reason, dropped_after=0):
         counts[reason.split(":")[0]] += 1
-        t = c["turns"][k]
+        t, section = c["turns"][k], units[c["unit"]]["section"]
         extra = {"turn": k + 1, "later_turns_dropped": dropped_after} if args.turns > 1 else {}
+        if section != "abstract":
+            extra["section"] = section
         rejects.append({"paper_id": c["paper_id"], "stage": "curate", "reason": reason, "type": t["type"],
-                        "question": t["question"], "answer": t["answer"], **extra,
-                        **({"section": units[c["unit"]]["section"]} if units[c["unit"]]["section"] != "abstract"
-                           else {})})
+                        "question": t["question"], "answer": t["answer"], **extra})
 
     kept, seen = [], {}
     by_paper: dict[str, list[str]] = defaultdict(list)
@@ -559,15 +559,23 @@ def exchanges(turns: list[dict]) -> list[dict]:
     return [{"role": r, "content": t[k]} for t in turns for r, k in (("user", "question"), ("assistant", "answer"))]
 
 
+def conversation_ids(convs: list[dict], turns: int) -> list[str]:
+    """Each kept conversation's id, numbered within its paper: <paper>-q<n> for single pairs, <paper>-c<n> for
+    conversations (their evaluation questions add -t<turn>)."""
+    n_by_paper, ids = Counter(), []
+    for c in convs:
+        n_by_paper[c["paper_id"]] += 1
+        ids.append(f"{c['paper_id']}-{'q' if turns == 1 else 'c'}{n_by_paper[c['paper_id']]}")
+    return ids
+
+
 def to_records(convs: list[dict], units: dict[str, dict], held_out: set[str], args, model: str
                ) -> tuple[list[dict], list[dict]]:
     """(training chat records, evaluation questions): every turn of a held-out paper's conversations becomes a
     question, a follow-up with the turns before it as its "history"; the text it is grounded in is its context."""
-    train, evals, n_by_paper = [], [], Counter()
-    for c in convs:
+    train, evals = [], []
+    for c, cid in zip(convs, conversation_ids(convs, args.turns)):
         pid, unit, turns = c["paper_id"], units[c["unit"]], c["turns"]
-        n_by_paper[pid] += 1
-        cid = f"{pid}-q{n_by_paper[pid]}" if args.turns == 1 else f"{pid}-c{n_by_paper[pid]}"
         section = {"section": unit["section"]} if unit.get("full_text") else {}
         if pid in held_out:
             for k, t in enumerate(turns):
@@ -588,17 +596,15 @@ def to_records(convs: list[dict], units: dict[str, dict], held_out: set[str], ar
     return train, evals
 
 
-def quality_items(convs: list[dict], units: dict[str, dict], held_out: set[str]) -> list[dict]:
+def quality_items(convs: list[dict], units: dict[str, dict], held_out: set[str], turns: int) -> list[dict]:
     """Every kept Q&A turn as paperqa_tune.quality reads it: split, type, section, the text it is grounded in."""
-    items, n_by_paper = [], Counter()
-    for c in convs:
-        n_by_paper[c["paper_id"]] += 1
+    items = []
+    for c, cid in zip(convs, conversation_ids(convs, turns)):
         unit = units[c["unit"]]
         for k, t in enumerate(c["turns"], 1):
             items.append({"split": "eval" if c["paper_id"] in held_out else "train", "type": t["type"],
                           "section": unit["section"], "question": t["question"], "answer": t["answer"],
-                          "source": unit["abstract"], "conversation": f"{c['paper_id']}-{n_by_paper[c['paper_id']]}",
-                          "turn": k, "paper_id": c["paper_id"]})
+                          "source": unit["abstract"], "conversation": cid, "turn": k, "paper_id": c["paper_id"]})
     return items
 
 
@@ -771,7 +777,7 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
     }
     rejects.sort(key=lambda r: order[r["paper_id"]])  # replies arrive in any order; the file should not
     rejects, manifest = _scrubbed(rejects, args.api_key), _scrubbed(manifest, args.api_key)
-    items = quality_items(convs, by_unit, held_out)
+    items = quality_items(convs, by_unit, held_out, args.turns)
     quality = quality_report(items, rejects)
     report_run(args, paths, stats, counts, manifest, generated, kept, train, evals, held_out)
     why = paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")

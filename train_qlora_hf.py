@@ -242,7 +242,7 @@ def load_chats(path, system_prompt: str | None = None) -> list[dict]:
         meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
         chats.append({"line": lineno, "messages": messages, "group": str(meta.get("paper_id", f"line{lineno}")),
                       "type": str(meta.get("type") or "unknown"),
-                      "turn_types": [str(t) for t in meta.get("turn_types") or [] if isinstance(t, str)]})
+                      "turn_types": [t for t in meta.get("turn_types") or [] if isinstance(t, str)]})
     if not chats:
         raise InputError(f"{path}: no records (the file is empty); generate data with generate_qa.py first")
     return chats
@@ -585,11 +585,11 @@ def plan_memory(loop: Loop, lengths, per_step, steps_per_epoch, total) -> tuple[
     whole_step = math.ceil(per_step / loop.d.world)
     micros = [whole_step, args.batch] if args.merge_micro_batches and loop.tm.packed and whole_step > args.batch \
         else [args.batch]
+    label = "--gpu_mem_budget auto:" if args.gpu_mem_budget == "auto" else "--gpu_mem_budget"
     plan, micro, line = plan_for_budget(loop.model, budget, loop.device, plans, lengths, micros, loop.d.rank,
                                         loop.d.world, loop.tm.packed, args.optim,
-                                        0.0 if loop.tm.fused is not None else args.lora_dropout)
-    log(line.replace("--gpu_mem_budget", "--gpu_mem_budget auto:" if args.gpu_mem_budget == "auto" else
-                     "--gpu_mem_budget", 1), loop.d)
+                                        0.0 if loop.tm.fused is not None else args.lora_dropout, label)
+    log(line, loop.d)
     return plan, micro
 
 

@@ -111,16 +111,16 @@ def pick_micro_batch(options: list[tuple[int, int, dict]]) -> tuple[int, int, di
 
 
 def plan_for_budget(model, budget_gb: float, device, step_plans, lengths: list[int], micros: list[int], rank: int,
-                    world: int, packed: bool, optim: str, lora_dropout: float) -> tuple[dict | None, int, str]:
+                    world: int, packed: bool, optim: str, lora_dropout: float, label: str = "--gpu_mem_budget"
+                    ) -> tuple[dict | None, int, str]:
     """--gpu_mem_budget: pick the micro-batch (samples per forward) among `micros` (the user's --batch last; a
     larger one first, e.g. a whole step's samples as one packed row) and plan which checkpointed layers of `model`
     keep their activations (or offload the checkpoints) for its largest micro-batch over `step_plans`; apply the
     plan and say what was done. A larger micro-batch is taken only when it needs no more checkpointing than
     --batch does: fewer, larger kernels on the same maths, never extra recompute. Returns (plan or None, micro-batch,
-    a line for the log). lora_dropout: the dropout whose masks the LoRA layers store (0 for the fused LoRA node)."""
+    a line for the log, starting with `label`). lora_dropout: the dropout whose masks the LoRA layers store (0 for
+    the fused LoRA node). CUDA only: the caller says why there is no plan on other devices."""
     user = micros[-1]
-    if device.type != "cuda":
-        return None, user, f"--gpu_mem_budget {budget_gb}: ignored on {device.type} (it plans GPU memory)"
     step_plans = list(step_plans)
     _, all_layers = decoder_layers(model)
     layers = [l for l in all_layers if getattr(l, "gradient_checkpointing", False)]
@@ -141,14 +141,14 @@ def plan_for_budget(model, budget_gb: float, device, step_plans, lengths: list[i
     micro, top, plan = pick_micro_batch(options)
     merged = f"micro-batch {micro} (a whole step in one packed row), " if micro != user else ""
     if not layers:
-        return None, micro, (f"--gpu_mem_budget {budget_gb} GB: {merged}largest micro-batch {top:,} tokens; "
+        return None, micro, (f"{label} {budget_gb} GB: {merged}largest micro-batch {top:,} tokens; "
                              f"estimated peak {plan['estimate_gb']:.2f} GB (gradient checkpointing is off)"
                              + ("" if plan["fits"] else " (over the budget: lower --batch)"))
     apply_checkpoint_plan(model, plan)
     what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)"
             if plan["mode"] == "offload" else
             f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
-    return plan, micro, (f"--gpu_mem_budget {budget_gb} GB: {merged}largest micro-batch {top:,} tokens -> {what}; "
+    return plan, micro, (f"{label} {budget_gb} GB: {merged}largest micro-batch {top:,} tokens -> {what}; "
                          f"estimated peak {plan['estimate_gb']:.2f} GB"
                          + ("" if plan["fits"] else " (over the budget: lower --batch)"))
 

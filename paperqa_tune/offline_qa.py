@@ -190,6 +190,13 @@ def _false_premises(ref: str, sents: list[str], src: str = "abstract") -> list[t
     return out
 
 
+def _paper_ref(paper: dict, sents: list[str]) -> str:
+    """How the questions name the paper: its quoted title; an untitled paper (plain-text input) by its first
+    sentence's key phrase, not its file position."""
+    title = paper["title"]
+    return f'"{title}"' if title else f"the paper on {keyphrase(sents[0]) or 'paper ' + paper['id']}"
+
+
 def offline_pairs(paper: dict, quotas: dict[str, int], dedup_threshold: float = 0.8) -> list[dict]:
     """Deterministic pairs from the abstract's own sentences: each answer is (close to) a sentence of it. A
     section of the full text (paper["section"]) works the same way; the answers then name that section."""
@@ -197,8 +204,7 @@ def offline_pairs(paper: dict, quotas: dict[str, int], dedup_threshold: float = 
     section = paper.get("section", "abstract")
     src = "abstract" if section == "abstract" else f"{section.replace('_', ' ')} section"
     sents = split_sentences(paper["abstract"]) or [paper["abstract"]]
-    # An untitled paper (plain-text input) is named by its first sentence's key phrase, not its file position.
-    ref = f'"{title}"' if title else f"the paper on {keyphrase(sents[0]) or 'paper ' + paper['id']}"
+    ref = _paper_ref(paper, sents)
     # a full-text section: questions name the section too, or every section would ask the same questions
     owner = f"The {src} of {ref}"
     if src != "abstract":
@@ -297,9 +303,7 @@ def offline_conversations(paper: dict, quotas: dict[str, int], turns: int, dedup
     pairs = offline_pairs(paper, quotas, dedup_threshold)
     if turns == 1:
         return [[p] for p in pairs]
-    title = paper["title"]
-    sents = split_sentences(paper["abstract"]) or [paper["abstract"]]
-    ref = f'"{title}"' if title else f"the paper on {keyphrase(sents[0]) or 'paper ' + paper['id']}"
+    ref = _paper_ref(paper, split_sentences(paper["abstract"]) or [paper["abstract"]])
     n = max(1, len(pairs) // turns)
     convs = [pairs[c::n][:turns] for c in range(n)]
     out = []

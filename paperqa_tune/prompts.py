@@ -44,9 +44,9 @@ Reply with one JSON object and nothing else:
 
 # --turns N: conversations instead of single pairs. Same paper block, same type guide; follow-ups build on answers.
 DIALOGUE_PROMPT = """Paper: "{title}" (id {paper_id})
-<{open_tag}>
+<abstract>
 {abstract}
-</{close_tag}>
+</abstract>
 
 Write exactly {n_conv} conversations about this paper, each of {turns} turns: a user asks, an assistant answers,
 and every follow-up question builds on the answer just given (it may refer back to it: "that method", "those
@@ -57,7 +57,7 @@ Types:
 
 Rules:
 - The first question of each conversation names the paper ("{name}") so that it makes sense on its own.
-- Answers use only what the {source_word} says, in 1-3 sentences. Never add numbers or names it does not give.
+- Answers use only what the abstract says, in 1-3 sentences. Never add numbers or names it does not give.
 - No two conversations start with the same question.
 
 Reply with one JSON object and nothing else:
@@ -74,7 +74,8 @@ Here the text above is the "{section}" section of the paper's full text, not its
 instructions say "the abstract", read "this section". Questions may name the section ("In its method section, ...")."""
 
 REPAIR_DIALOGUES_PROMPT = """Your reply could not be used: {error}.
-Reply again with only the JSON object {{"conversations": [{{"turns": [{{"type": ..., "question": ..., "answer": ...}}]}}]}} \
+Reply again with only the JSON object \
+{{"conversations": [{{"turns": [{{"type": ..., "question": ..., "answer": ...}}]}}]}} \
 as instructed above: no prose, no code fences, every turn with a non-empty "type", "question" and "answer"."""
 
 JUDGE_SYSTEM = "You grade question-answer pairs written about a paper abstract. You reply with JSON only."
@@ -128,7 +129,8 @@ def prompts_hash(system_prompt: str, extended: bool = False) -> str:
     return sha256_text(json.dumps([GENERATOR_SYSTEM, TYPE_GUIDE, GENERATION_PROMPT, REPAIR_PROMPT, JUDGE_SYSTEM,
                                    JUDGE_PROMPT, PAIRS_SCHEMA, SCORES_SCHEMA, system_prompt]
                                   # added later: hashed only when used, so older manifests keep their hash
-                                  + ([DIALOGUE_PROMPT, DIALOGUES_SCHEMA, REPAIR_DIALOGUES_PROMPT, SECTION_NOTE] if extended else []),
+                                  + ([DIALOGUE_PROMPT, DIALOGUES_SCHEMA, REPAIR_DIALOGUES_PROMPT, SECTION_NOTE]
+                                     if extended else []),
                                   sort_keys=True))
 
 
@@ -157,10 +159,15 @@ def conversations_per_source(pairs: int, turns: int) -> int:
     return max(1, round(pairs / turns))
 
 
-def source_tags(source: dict) -> tuple[str, str]:
-    """(opening, closing) tag around the text a request is grounded in: the abstract, or one full-text section."""
+def for_source(user: str, source: dict) -> str:
+    """A prompt written for an abstract, for the text it is really grounded in: unchanged for an abstract; for a
+    section of the full text the <abstract> block is tagged as that section and SECTION_NOTE says how to read the
+    instructions."""
     section = source.get("section", "abstract")
-    return ("abstract", "abstract") if section == "abstract" else (f'section name="{section}"', "section")
+    if section == "abstract":
+        return user
+    user = user.replace("<abstract>", f'<section name="{section}">', 1).replace("</abstract>", "</section>", 1)
+    return user + SECTION_NOTE.format(section=section)
 
 
 def generation_messages(paper: dict, quotas: dict[str, int], turns: int = 1) -> list[dict]:
@@ -169,19 +176,13 @@ def generation_messages(paper: dict, quotas: dict[str, int], turns: int = 1) -> 
     A single-turn request for an abstract is the same text as always (earlier runs' cached replies still match)."""
     quota = ", ".join(f"{k} {t}" for t, k in quotas.items() if k)
     guide = "\n".join(f"- {t}: {TYPE_GUIDE[t]}" for t in TYPES if quotas.get(t))
-    open_tag, close_tag = source_tags(paper)
     fields = dict(title=paper["title"] or "(untitled)", paper_id=paper["id"], abstract=paper["abstract"],
                   quota=quota, type_guide=guide, name=short_name(paper["title"], paper["id"]), types="|".join(TYPES))
     if turns > 1:
-        user = DIALOGUE_PROMPT.format(**fields, open_tag=open_tag, close_tag=close_tag, turns=turns,
-                                      n_conv=max(1, sum(quotas.values()) // turns),
-                                      source_word="abstract" if close_tag == "abstract" else "section")
+        user = DIALOGUE_PROMPT.format(**fields, turns=turns, n_conv=max(1, sum(quotas.values()) // turns))
     else:
         user = GENERATION_PROMPT.format(**fields, n=sum(quotas.values()))
-        user = user.replace("<abstract>", f"<{open_tag}>", 1).replace("</abstract>", f"</{close_tag}>", 1)
-    if close_tag != "abstract":
-        user += SECTION_NOTE.format(section=paper["section"])
-    return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": for_source(user, paper)}]
 
 
 def repair_messages(messages: list[dict], bad_reply: str | None, error: str, turns: int = 1) -> list[dict]:
@@ -193,8 +194,4 @@ def repair_messages(messages: list[dict], bad_reply: str | None, error: str, tur
 def judge_messages(paper: dict, pairs: list[dict]) -> list[dict]:
     listing = "\n\n".join(f"{i}. [{p['type']}]\nQ: {p['question']}\nA: {p['answer']}" for i, p in enumerate(pairs, 1))
     user = JUDGE_PROMPT.format(title=paper["title"] or paper["id"], abstract=paper["abstract"], pairs=listing)
-    open_tag, close_tag = source_tags(paper)
-    if close_tag != "abstract":  # a section of the full text: graded against that section
-        user = user.replace("<abstract>", f"<{open_tag}>", 1).replace("</abstract>", f"</{close_tag}>", 1)
-        user += SECTION_NOTE.format(section=paper["section"])
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": for_source(user, paper)}]
