@@ -82,20 +82,21 @@ def ev(evaluated, tiny_run):
     return {**evaluated, "tiny_run": tiny_run}
 
 
-def run_ec(capsys, argv) -> tuple[int, str, str]:
+def _run(main, capsys, argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a script's main on argv; never a traceback."""
     capsys.readouterr()
-    rc = ec.main([str(a) for a in argv])
+    rc = main([str(a) for a in argv])
     cap = capsys.readouterr()
     assert "Traceback" not in cap.err
     return rc, cap.out, cap.err
+
+
+def run_ec(capsys, argv) -> tuple[int, str, str]:
+    return _run(ec.main, capsys, argv)
 
 
 def run_qi(capsys, argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = qi.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.err
-    return rc, cap.out, cap.err
+    return _run(qi.main, capsys, argv)
 
 
 def read_csv(path: Path) -> list[dict]:
