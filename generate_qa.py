@@ -59,8 +59,8 @@ from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CON
 from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, write_staged
 from paperqa_tune.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA,
-                                  conversations_per_source, generation_messages, judge_messages, prompts_hash,
-                                  repair_messages, type_quotas)
+                                  conversations_per_source, generation_messages, items_asked, judge_messages,
+                                  prompts_hash, repair_messages, type_quotas)
 from paperqa_tune.quality import format_quality, plot_quality, quality_report
 from paperqa_tune.replies import judge_scores, parse_reply, reply_problem
 from paperqa_tune.safety import chat_structure, scrub
@@ -147,8 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--max_retries", type=int, default=4,
              help="retries of a request on rate limits (429), server errors (5xx) and lost connections, with "
                   "backoff and the server's Retry-After (timeouts: see --timeout)")
-    add_flag(g, "--batch_size", type=int, default=4,
-             help="prompts generated together (hf backend); lower it if the GPU runs out of memory")
+    add_flag(g, "--batch_size", type=int, default=16,
+             help="prompts generated together (hf backend): the KV cache holds batch x (prompt + --max_tokens) "
+                  "tokens, ~0.13 MB each for a 7B Mistral; lower it if the GPU runs out of memory")
+    g.add_argument("--constrained_decoding", action=argparse.BooleanOptionalAction, default=True,
+                   help="hf backend: every reply follows the request's JSON schema token by token (xgrammar), with "
+                        "the number of items asked and questions and answers no longer than --max_question_chars and "
+                        "--max_answer_chars, so it "
+                        "parses unless --max_tokens cuts it; --no-constrained_decoding lets the model write freely")
     add_flag(g, "--trust_remote_code", action="store_true",
              help="run the model repository's own Python code (hf backend); only for models you trust")
     add_flag(g, "--price_per_mtok", default=None, metavar="IN,OUT",
@@ -723,7 +729,8 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
         else:
             backend = openai_backend(model) if args.backend == "openai" else HFBackend(
                 model, args.batch_size, args.temperature, args.max_tokens, args.seed, args.trust_remote_code, cache,
-                args.reuse_cache)
+                args.reuse_cache, args.constrained_decoding, (items_asked(quotas, args.turns), args.turns),
+                {"question": args.max_question_chars, "answer": args.max_answer_chars})
             convs = await generate_llm(backend, units, quotas, args.turns, stats, progress, counts, rejects)
             formats.update(used=getattr(backend, "format_used", None), note=getattr(backend, "format_note", None))
         generated = sum(len(c["turns"]) for c in convs)

@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed_n", type=int, default=3, help="questions for the seed-style path (default: %(default)s)")
     p.add_argument("--seed_tokens", type=int, default=128, help="new tokens per seed-style answer (default: %(default)s)")
     p.add_argument("--fast_variants", default=None,
-                   help="comma list of fast-path variants: default,dynamic_cache,dynamic_cache_expandable_segments "
+                   help="comma list of fast-path variants: default,no_cuda_graphs,dynamic_cache,"
+                        "dynamic_cache_expandable_segments "
                         "(default: all)")
     p.add_argument("--inprocess_variants", action="store_true",
                    help="also measure bf16 load + round trip and static cache + torch.compile in-process")
@@ -247,8 +248,9 @@ def main(argv=None) -> int:
     common = ["--adapter", str(paths["run"]), "--questions", str(paths["questions"])]
     job = ["--n", str(a.n), "--max_new_tokens", str(a.new_tokens), "--min_new_tokens", str(a.new_tokens)]
     # The fast path as shipped (eval_compare.py's defaults), then the alternatives each in a fresh process.
-    fast_variants = {"default": ([], None),  # static KV cache, eager
-                     "dynamic_cache": (["--cache", "dynamic"], None),
+    fast_variants = {"default": ([], None),  # our loop: static KV cache, the step replayed as a CUDA graph
+                     "no_cuda_graphs": (["--no-cuda_graphs"], None),  # our loop, every step launched eagerly
+                     "dynamic_cache": (["--cache", "dynamic"], None),  # transformers' generate
                      "dynamic_cache_expandable_segments": (["--cache", "dynamic"],
                                                            {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})}
     if a.fast_variants:

@@ -32,4 +32,33 @@ python3 eval_compare.py --adapter "$out/run" --questions "$out/data/eval.jsonl" 
   --max_new_tokens 32 --mode reference --overwrite
 python3 quick_infer.py --adapter "$out/run" --answer_with both --max_new_tokens 16 --prompt "What does QLoRA quantize?"
 python3 quick_infer.py --adapter "$out/run" --merge_out "$out/merged" --overwrite
+# the local-model generator: our decoding loop with CUDA graphs under the JSON-schema grammar. The random tiny
+# model's pairs rarely survive curation (exit 1, "no pair survived"); every reply must still parse.
+python3 generate_qa.py --backend hf --model "$out/tiny" --input data/sample_abstracts.jsonl --pairs_per_abstract 2 \
+  --max_tokens 300 --max_question_chars 60 --max_answer_chars 150 --temperature 0 --eval_papers 0 --batch_size 8 \
+  --out "$out/data_hf/qa.jsonl" \
+  --eval_out "$out/data_hf/eval.jsonl" --overwrite || [ $? -eq 1 ]
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(x) for x in open(f"{sys.argv[1]}/data_hf/.cache/qa.jsonl") if x.strip()]
+bad = [r for r in rows if r["finish_reason"] != "stop" or not isinstance(json.loads(r["content"]), dict)]
+print(f"hf backend: {len(rows)} replies, {len(rows) - len(bad)} parse and end with EOS")
+assert rows and not bad, bad[:2]
+PY
+# CUDA graph replay vs eager steps vs transformers' generate: the same tokens (fp32 tiny model)
+python3 - "$out" <<'PY'
+import sys, torch
+sys.path.insert(0, ".")
+from transformers import AutoModelForCausalLM
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
+from paperqa_tune.loading import load_tokenizer
+tok = load_tokenizer(f"{sys.argv[1]}/tiny", padding_side="left")
+model = AutoModelForCausalLM.from_pretrained(f"{sys.argv[1]}/tiny", dtype=torch.float32).cuda().eval()
+ps = [prompt_ids(tok, q, None) for q in ("What does QLoRA quantize?", "Why do low-rank adapters save memory on one GPU?")]
+g = generate_batch(model, tok, ps, Decoding(max_new_tokens=48))
+e = generate_batch(model, tok, ps, Decoding(max_new_tokens=48, cuda_graphs=False))
+h = generate_batch(model, tok, ps, Decoding(max_new_tokens=48, cache="dynamic"))
+print("graph == eager:", g == e, " graph == generate:", g == h)
+assert g == e == h
+PY
 echo "GPU smoke: all commands exited 0"

@@ -20,8 +20,9 @@ class Decoding:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
-    cache: str = "static"           # KV cache allocated once per batch; "dynamic" grows (and allocates) per step
-    compile: bool = False           # torch.compile the decoding step (needs the static cache)
+    cache: str = "static"           # KV cache allocated once per batch (our loop, engine.py); "dynamic": generate's
+    compile: bool = False           # torch.compile the decoding step through model.generate (static cache)
+    cuda_graphs: bool = True        # static cache on a GPU: replay the one-token step as a CUDA graph
 
     def key(self) -> dict:
         """What changes the answers (for cache keys): the sampling settings only when sampling."""
@@ -108,26 +109,48 @@ def left_pad(batch: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(text: str) -> None:
+    if text not in _NOTED:
+        _NOTED.add(text)
+        print(f"note: {text}", file=sys.stderr)
+
+
 def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, streamer=None,
-                   seed: int | None = None) -> list[tuple[str, int, list[int]]]:
+                   seed: int | None = None, constraint=None) -> list[tuple[str, int, list[int]]]:
     """Answers for a batch of prompt ids: [(text, generated tokens incl. EOS, token ids)]. A reply without EOS
     used all max_new_tokens. seed: when sampling, draw from a generator state seeded with it alone (the same
-    replies on a rerun, whatever ran before); the caller's random state is left as it was."""
+    replies on a rerun, whatever ran before); the caller's random state is left as it was. constraint: a
+    grammar.BatchGrammar for this batch (every reply a prefix of its JSON schema).
+
+    The static cache runs our own loop (engine.decode: one CUDA graph per batch on a GPU); the dynamic cache,
+    --compile and architectures the loop does not know run model.generate."""
     import contextlib
 
     import torch
 
+    from paperqa_tune import engine
+
     device = next(model.parameters()).device
-    ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
+    eos = tokenizer.eos_token_id
     local_rng = seed is not None and dec.do_sample
+    unfit = "--cache dynamic" if dec.cache != "static" else "--compile" if dec.compile else \
+        engine.supports(model, max(map(len, batch)) + dec.max_new_tokens)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if local_rng \
             else contextlib.nullcontext(), torch.inference_mode():
         if local_rng:
             torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer))
-    eos = tokenizer.eos_token_id
-    results = []
-    for row in out[:, ids.shape[1]:].tolist():
-        n = row.index(eos) + 1 if eos in row else len(row)
-        results.append((tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n, row[:n]))
-    return results
+        if unfit is None:
+            rows = engine.decode(model, batch, dec, tokenizer.pad_token_id, eos, streamer, constraint,
+                                 dec.cuda_graphs)
+        else:
+            if dec.cache == "static" and not dec.compile:
+                _note_once(f"decoding through model.generate: {unfit}")
+            ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
+            extra = {"logits_processor": [constraint.hf_processor()]} if constraint is not None else {}
+            out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer),
+                                 **extra)
+            rows = [row[:row.index(eos) + 1] if eos in row else row for row in out[:, ids.shape[1]:].tolist()]
+    return [(tokenizer.decode(row, skip_special_tokens=True).strip(), len(row), row) for row in rows]

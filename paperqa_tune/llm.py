@@ -512,13 +512,17 @@ def _retry_after(headers) -> float | None:
 
 
 class HFBackend(Backend):
-    """A local transformers model: batched left-padded generation through the shared generation code (prompts
-    rendered and tokenized as training renders them); replies go through the same cache."""
+    """A local transformers model: batched left-padded generation through the shared decoding loop (prompts
+    rendered and tokenized as training renders them; a static KV cache and CUDA graphs on a GPU); each reply
+    constrained to the request's JSON schema unless constrained=False; replies go through the same cache.
+    shape: (items asked per request, turns per conversation) and max_chars ({"question": n, "answer": n}) are
+    written into the schema (grammar.bounded)."""
 
     name = "hf"
 
     def __init__(self, model, batch_size, temperature, max_tokens, seed, trust_remote_code, cache: ResponseCache,
-                 reuse: str = "valid"):
+                 reuse: str = "valid", constrained: bool = True, shape: tuple[int, int] = (1, 1),
+                 max_chars: dict[str, int] | None = None):
         import torch
 
         from paperqa_tune.generation import Decoding
@@ -536,25 +540,38 @@ class HFBackend(Backend):
         except InputError as e:
             raise InputError(f"--model {model}: {e}") from None
         self.lm.eval()
-        # The dynamic KV cache: a static one would reserve prompt + max_tokens (3000 by default) per prompt for
-        # every batch up front, for replies that usually stop far sooner.
+        # The static cache (our loop): one allocation of prompt + max_tokens per row for each batch
         self.dec = Decoding(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
-                            top_p=0.95, seed=seed, cache="dynamic")
-        self.model, self.batch_size = model, batch_size
+                            top_p=0.95, seed=seed)
+        self.grammar = None
+        if constrained:
+            from paperqa_tune.grammar import JsonGrammar
+
+            vocab = self.lm.get_output_embeddings().weight.shape[0]  # the logits' width (may exceed the tokenizer)
+            self.grammar = JsonGrammar(self.tok, vocab)
+        self.model, self.batch_size, self.shape, self.max_chars = model, batch_size, shape, max_chars or {}
         self.cache, self.reuse = cache, reuse
 
-    def _params(self) -> dict:  # the cache key's params, as replies were cached before
-        return {"temperature": self.dec.temperature, "max_new_tokens": self.dec.max_new_tokens, "seed": self.dec.seed}
+    def _params(self) -> dict:  # the cache key's params, as replies were cached before (+ the grammar when used)
+        params = {"temperature": self.dec.temperature, "max_new_tokens": self.dec.max_new_tokens, "seed": self.dec.seed}
+        if self.grammar is not None:
+            params["grammar"] = {"json_schema": "bounded", "max_chars": self.max_chars}
+        return params
 
     def lookup(self, messages: list[dict], schema_name: str, schema: dict) -> Outcome | None:
         return self.cache.get(cache_key(self.model, messages, self._params()))
 
-    def _generate(self, batch: list[list[dict]]) -> list[Outcome]:
+    def _generate(self, batch: list[list[dict]], schema: dict) -> list[Outcome]:
         from paperqa_tune.generation import chat_prompt_ids, generate_batch
+        from paperqa_tune.grammar import bounded
 
         prompts = [chat_prompt_ids(self.tok, m) for m in batch]  # exactly one BOS, decided per prompt
+        constraint = None
+        if self.grammar is not None:
+            device = self.lm.get_output_embeddings().weight.device  # where the logits are
+            constraint = self.grammar.batch(bounded(schema, *self.shape, self.max_chars), len(prompts), device)
         # seed: each batch samples the same way on a rerun, whatever came before it
-        replies = generate_batch(self.lm, self.tok, prompts, self.dec, seed=self.dec.seed)
+        replies = generate_batch(self.lm, self.tok, prompts, self.dec, seed=self.dec.seed, constraint=constraint)
         eos = self.tok.eos_token_id
         return [Outcome(content=text, finish_reason="stop" if eos in ids else "length",
                         usage={"prompt_tokens": len(prompt), "completion_tokens": n})
@@ -575,7 +592,7 @@ class HFBackend(Backend):
         todo = [i for i, r in enumerate(results) if r is None]
         for s in range(0, len(todo), self.batch_size):
             idx = todo[s: s + self.batch_size]
-            for i, out in zip(idx, self._generate([batch[i] for i in idx])):
+            for i, out in zip(idx, self._generate([batch[i] for i in idx], schema)):
                 out.retried = i in retried
                 self.cache.put(keys[i], self.model, out)
                 self.fresh.add(keys[i])

@@ -159,6 +159,13 @@ def conversations_per_source(pairs: int, turns: int) -> int:
     return max(1, round(pairs / turns))
 
 
+def items_asked(quotas: dict[str, int], turns: int) -> int:
+    """What one request asks for: pairs, or with turns > 1 conversations of `turns` turns (the type quotas count
+    turns over all of them)."""
+    n = sum(quotas.values())
+    return n if turns == 1 else max(1, n // turns)
+
+
 def for_source(user: str, source: dict) -> str:
     """A prompt written for an abstract, for the text it is really grounded in: unchanged for an abstract; for a
     section of the full text the <abstract> block is tagged as that section and SECTION_NOTE says how to read the
@@ -179,9 +186,9 @@ def generation_messages(paper: dict, quotas: dict[str, int], turns: int = 1) -> 
     fields = dict(title=paper["title"] or "(untitled)", paper_id=paper["id"], abstract=paper["abstract"],
                   quota=quota, type_guide=guide, name=short_name(paper["title"], paper["id"]), types="|".join(TYPES))
     if turns > 1:
-        user = DIALOGUE_PROMPT.format(**fields, turns=turns, n_conv=max(1, sum(quotas.values()) // turns))
+        user = DIALOGUE_PROMPT.format(**fields, turns=turns, n_conv=items_asked(quotas, turns))
     else:
-        user = GENERATION_PROMPT.format(**fields, n=sum(quotas.values()))
+        user = GENERATION_PROMPT.format(**fields, n=items_asked(quotas, turns))
     return [{"role": "system", "content": GENERATOR_SYSTEM}, {"role": "user", "content": for_source(user, paper)}]
 
 

@@ -1,0 +1,172 @@
+"""The shared decoding loop (paperqa_tune/engine.py) against transformers' own model.generate, and the
+JSON-schema grammar (paperqa_tune/grammar.py) on the hf backend of generate_qa.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import common  # noqa: E402
+import generate_qa  # noqa: E402
+from paperqa_tune import engine  # noqa: E402
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids  # noqa: E402
+from paperqa_tune.prompts import DIALOGUES_SCHEMA, PAIRS_SCHEMA  # noqa: E402
+
+QUESTIONS = ["What does the paper propose?", "How is memory reduced in four-bit training with low-rank adapters, "
+             "and why does it matter for a single GPU?", "Why?"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model, one_torch_thread):
+    from paperqa_tune.loading import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_model, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    return model, tok
+
+
+def prompts(tok):
+    return [prompt_ids(tok, q, common.DEFAULT_SYSTEM_PROMPT) for q in QUESTIONS]  # three widths: left padding
+
+
+def hf(dec: Decoding) -> Decoding:
+    return Decoding(**{**dec.__dict__, "cache": "dynamic"})  # the same settings through model.generate
+
+
+@pytest.mark.parametrize("dec", [Decoding(max_new_tokens=24), Decoding(max_new_tokens=24, min_new_tokens=24),
+                                 Decoding(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.8)],
+                         ids=["greedy", "min_new_tokens", "sampled"])
+def test_loop_writes_what_generate_writes(model_and_tok, dec):
+    model, tok = model_and_tok
+    ours = generate_batch(model, tok, prompts(tok), dec, seed=7)
+    assert ours == generate_batch(model, tok, prompts(tok), hf(dec), seed=7)
+    assert ours == generate_batch(model, tok, prompts(tok), dec, seed=7)  # and again: nothing leaks between calls
+    assert all(n == 24 for _, n, _ in ours)
+
+
+def test_rows_stop_at_eos_and_the_rest_go_on(model_and_tok):
+    """Make EOS the model's favourite where row 0 would write its 5th token: that row stops there, the others
+    run on, exactly as generate does it (finished rows are padded, never decoded into the text)."""
+    model, tok = model_and_tok
+    dec = Decoding(max_new_tokens=20)
+    first = generate_batch(model, tok, prompts(tok), dec)
+    head = model.lm_head.weight
+    saved = head[tok.eos_token_id].clone()
+    try:
+        with torch.no_grad():
+            head[tok.eos_token_id] = head[first[0][2][4]] * 1.5
+        ours = generate_batch(model, tok, prompts(tok), dec)
+        theirs = generate_batch(model, tok, prompts(tok), hf(dec))
+    finally:
+        with torch.no_grad():
+            head[tok.eos_token_id] = saved
+    assert ours == theirs
+    lengths = [n for _, n, _ in ours]
+    assert lengths[0] == 5 and ours[0][2][-1] == tok.eos_token_id and max(lengths) > 5
+
+
+def test_eager_attention_gets_an_additive_mask(model_and_tok):
+    model, tok = model_and_tok
+    dec = Decoding(max_new_tokens=12)
+    sdpa = generate_batch(model, tok, prompts(tok), dec)
+    model.config._attn_implementation = "eager"
+    try:
+        assert generate_batch(model, tok, prompts(tok), dec) == sdpa
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_models_the_loop_does_not_know_decode_through_generate(model_and_tok, capsys):
+    model, tok = model_and_tok
+    assert engine.supports(model, 100) is None
+    model.config.sliding_window = 40  # Mistral's window: our full-causal mask would be wrong past it
+    try:
+        assert "sliding window" in engine.supports(model, 100)
+        out = generate_batch(model, tok, prompts(tok), Decoding(max_new_tokens=30))
+        assert out == generate_batch(model, tok, prompts(tok), Decoding(max_new_tokens=30, cache="dynamic"))
+    finally:
+        model.config.sliding_window = None
+    assert "decoding through model.generate" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run by bench/gpu_smoke.sh)")
+def test_cuda_graph_replay_writes_what_eager_steps_write(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from paperqa_tune.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny_model, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
+    dec = Decoding(max_new_tokens=32)
+    graphed = generate_batch(model, tok, prompts(tok), dec)
+    eager = generate_batch(model, tok, prompts(tok), Decoding(max_new_tokens=32, cuda_graphs=False))
+    assert graphed == eager == generate_batch(model, tok, prompts(tok), hf(dec))
+
+
+# --------------------------------------------------------------------------- the grammar
+def test_bounded_schema_writes_the_request_shape():
+    from paperqa_tune.grammar import bounded
+
+    pairs = bounded(PAIRS_SCHEMA, 6, 1, {"question": 50, "answer": 90})
+    arr = pairs["properties"]["pairs"]
+    assert (arr["minItems"], arr["maxItems"]) == (1, 6)
+    assert arr["items"]["properties"]["question"]["maxLength"] == 50
+    assert arr["items"]["properties"]["answer"]["maxLength"] == 90
+    assert "maxLength" not in arr["items"]["properties"]["type"] and "maxItems" not in PAIRS_SCHEMA["properties"]["pairs"]
+    convs = bounded(DIALOGUES_SCHEMA, 2, 3)["properties"]["conversations"]
+    turns = convs["items"]["properties"]["turns"]
+    assert (convs["maxItems"], turns["minItems"], turns["maxItems"]) == (2, 3, 3)
+
+
+def valid(obj, schema) -> bool:
+    """A small validator for the keywords our schemas use."""
+    t = schema.get("type")
+    if t == "object":
+        props = schema["properties"]
+        return isinstance(obj, dict) and set(obj) == set(schema["required"]) and \
+            all(valid(obj[k], props[k]) for k in obj)
+    if t == "array":
+        return isinstance(obj, list) and schema.get("minItems", 0) <= len(obj) <= schema.get("maxItems", 10**9) and \
+            all(valid(x, schema["items"]) for x in obj)
+    if t == "string":
+        return isinstance(obj, str) and len(obj) <= schema.get("maxLength", 10**9) and \
+            ("enum" not in schema or obj in schema["enum"])
+    return True
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_hf_backend_replies_always_parse_under_the_grammar(tmp_path, tiny_model, one_torch_thread, turns):
+    """The tiny random model writes garbage; constrained, every reply is JSON of the bounded schema and ends
+    with EOS. Unconstrained (the control), the same model's replies never parse."""
+    from paperqa_tune.grammar import bounded
+
+    abstracts = tmp_path / "abstracts.txt"  # one paragraph per abstract
+    abstracts.write_text("We fine-tune a 65B model on one 48GB GPU with 4-bit NF4 weights and low-rank adapters.\n\n"
+                         "Low-rank adapters train a small number of parameters and keep the base weights frozen.\n",
+                         encoding="utf-8")
+    replies = {}
+    for constrained in (True, False):
+        out = tmp_path / f"out-{constrained}"
+        generate_qa.main(["--backend", "hf", "--model", str(tiny_model), "--input", str(abstracts),
+                          "--pairs_per_abstract", "2", "--turns", str(turns), "--max_tokens", "200",
+                          "--max_question_chars", "30", "--max_answer_chars", "40", "--temperature", "0",
+                          "--batch_size", "3", "--eval_papers", "0", "--out", str(out / "train.jsonl"),
+                          "--eval_out", str(out / "eval.jsonl")]
+                         + ([] if constrained else ["--no-constrained_decoding"]))
+        replies[constrained] = common.read_jsonl_tolerant(out / ".cache" / "train.jsonl")
+    schema = bounded(PAIRS_SCHEMA if turns == 1 else DIALOGUES_SCHEMA, 2 if turns == 1 else 1, turns,
+                     {"question": 30, "answer": 40})
+    assert len(replies[True]) >= 2  # a request per abstract (+ repairs: garbage pairs fail generate_qa's checks)
+    for r in replies[True]:
+        assert r["finish_reason"] == "stop" and valid(json.loads(r["content"]), schema), r["content"]
+        assert list(json.loads(r["content"])) == list(schema["properties"])  # keys in the schema's order
+
+    def parses(text):
+        try:
+            return valid(json.loads(text), schema)
+        except ValueError:
+            return False
+    assert not any(parses(r["content"]) for r in replies[False])
