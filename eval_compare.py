@@ -56,7 +56,6 @@ from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, He
                     eval_questions_path, read_jsonl, run_main, sha256_file, sha256_text)
 from paperqa_tune import report
 from paperqa_tune.cache import JsonlCache
-from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter_fits, choose_mode, dequantize_,
                                   load_run_base, max_positions, model_config, require_adapter_weights,
@@ -229,6 +228,8 @@ class Adapter:
 
 def find_checkpoints(run: Run, given: list[str]) -> list[Adapter]:
     """--checkpoints: the listed folders, or (none listed) every checkpoint the run kept, by step."""
+    from paperqa_tune.checkpoints import list_checkpoints  # imports torch: only when asked for
+
     paths = [Path(p) for p in given] if given else list_checkpoints(run.adapter)
     if not paths:
         raise InputError(f"--checkpoints: no checkpoint in {run.adapter / 'checkpoints'}; train with "
@@ -417,9 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="fast: dequantised bf16 + merged LoRA; reference: 4-bit + adapter; auto: fast when a CUDA GPU "
            "has room")
     a("--cache", choices=("static", "dynamic"), default="static",
-      help="KV cache allocated once per batch, or grown every step")
-    a("--compile", action="store_true", help="static KV cache + torch.compile of the decoding step; pays only "
-      "for several hundred questions, see bench/README.md (default: off)")
+      help="static: our decoding loop, the KV cache allocated once per batch; dynamic: transformers' generate, "
+           "the cache grown every step")
+    a("--cuda_graphs", action=argparse.BooleanOptionalAction, default=True,
+      help="static cache on a GPU: record the one-token decoding step once per batch as a CUDA graph and replay "
+           "it (one launch per step instead of ~1,000)")
+    a("--compile", action="store_true", help="transformers' generate with a static KV cache + torch.compile of "
+      "the decoding step; its compile costs more than it saves on 100 questions, see bench/README.md (default: off)")
     a("--judge_model", default=None,
       help="OpenAI-compatible model that scores each answer on the rubric and picks the better answer of each pair "
            "(default: no judge)")
@@ -530,7 +535,7 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
     set_seed(args.seed)
     tokenizer = run_tokenizer(run, args.trust_remote_code)
     dec = Decoding(args.max_new_tokens, args.min_new_tokens, args.do_sample, args.temperature, args.top_p,
-                   args.seed, args.cache, args.compile)
+                   args.seed, args.cache, args.compile, args.cuda_graphs)
     systems = {q["id"]: system_for(q, run, args.system) for q in questions}
     prompts = {q["id"]: prompt_ids(tokenizer, q["question"], systems[q["id"]], q.get("history", ()))
                for q in questions}

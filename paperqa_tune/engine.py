@@ -30,6 +30,9 @@ def supports(model, total_len: int) -> str | None:
         return f"{total_len} positions exceed the sliding window of {window}"
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return "quantized weights"  # bitsandbytes kernels: graph capture is not theirs to promise
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:  # device_map="auto" over several GPUs: one cache and one graph would span them
+        return f"the model is spread over {len(devices)} devices"
     return None
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 
 from common import ADAPTER_WEIGHTS, InputError, RunFailure, ensure_chat_template, os_error_text
-from paperqa_tune.distributed import default_device
 from paperqa_tune.outputs import pid_alive
 
 
@@ -221,6 +220,8 @@ def require_adapter_weights(run) -> None:
 def load_run_base(run, trust_remote_code: bool = False):
     """The run's base model as training loaded it: NF4, double quant, training's compute dtype (resolved on
     this device the way training resolves it), in eval mode."""
+    from paperqa_tune.distributed import default_device
+
     device = default_device()
     dtype, note = resolve_precision(run.args.get("bf16"), bool(run.args.get("fp16")), device)
     if "falling back" in note:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from common import (ADAPTER_WEIGHTS, DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure, sha256_file,
                     share_like_outputs, write_json_atomic)
-from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.outputs import pid_alive
 from paperqa_tune.loading import requested_precision
 
@@ -136,6 +135,8 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> Path:
 
     --overwrite trains in out/.overwrite, so the finished run stays whole (and loadable) until the new one is
     saved and commit_staged swaps it in; --resume continues such an --overwrite run that was cut short."""
+    from paperqa_tune.checkpoints import list_checkpoints  # imports torch: training's path, not evaluation's
+
     stage = out / STAGE_DIR
     pending = (stage / COMMIT_FILE).exists()  # saved and being swapped in: as good as finished
     staged = stage.is_dir() and not pending
@@ -154,6 +155,8 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> Path:
 def discard_failed_stage(out: Path, work: Path | None) -> None:
     """After a failed --overwrite (or --resume of one) that saved no checkpoint: remove its staging folder, so
     `out` is exactly as before. One with a checkpoint stays for --resume; one being swapped in stays too."""
+    from paperqa_tune.checkpoints import list_checkpoints
+
     if work is not None and work != Path(out) and work.is_dir() and not list_checkpoints(work) \
             and not (work / COMMIT_FILE).exists():
         shutil.rmtree(work, ignore_errors=True)

@@ -101,13 +101,25 @@ def rouge_l(pred: str, ref: str) -> float:
     p, r = _ALNUM_RUNS.sub(" ", pred.lower()).split(), _ALNUM_RUNS.sub(" ", ref.lower()).split()
     if not p or not r:
         return float(p == r)
-    prev = [0] * (len(r) + 1)  # LCS by dynamic programming, one row at a time
-    for tp in p:
-        cur = [0]
-        for j, tr in enumerate(r, 1):
-            cur.append(prev[j - 1] + 1 if tp == tr else max(prev[j], cur[j - 1]))
-        prev = cur
-    return _f1(prev[-1], len(p), len(r))
+    return _f1(_lcs_length(p, r), len(p), len(r))
+
+
+def _lcs_length(p: list[str], r: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists, exactly what the row-by-row dynamic programme
+    gives, computed bit-parallel (Allison-Dix / Hyyro): one integer holds a DP row, a zero bit where the row steps
+    up by one, so the LCS is the number of zero bits; each answer token costs a few integer operations instead of
+    len(r) Python steps (ROUGE-L of 200 answers of 256 tokens: ~1 s less)."""
+    masks: dict[str, int] = {}
+    for j, t in enumerate(r):
+        masks[t] = masks.get(t, 0) | (1 << j)
+    full = (1 << len(r)) - 1
+    v = full
+    for t in p:
+        m = masks.get(t)
+        if m:
+            u = v & m
+            v = ((v + u) | (v - u)) & full
+    return len(r) - bin(v).count("1")
 
 
 # =========================================================================== text preparation

@@ -92,6 +92,19 @@ def test_models_the_loop_does_not_know_decode_through_generate(model_and_tok, ca
     assert "decoding through model.generate" in capsys.readouterr().err
 
 
+def test_supports_names_each_model_it_leaves_to_generate():
+    from types import SimpleNamespace as NS
+
+    def model(model_type="mistral", devices=("cpu",), **flags):
+        params = [torch.zeros(1, device="meta") if d == "meta" else torch.zeros(1) for d in devices]
+        return NS(config=NS(model_type=model_type, sliding_window=None), parameters=lambda: iter(params), **flags)
+
+    assert engine.supports(model(), 64) is None and engine.supports(model("llama"), 64) is None
+    assert "gemma2" in engine.supports(model("gemma2"), 64)
+    assert "quantized" in engine.supports(model(is_loaded_in_4bit=True), 64)
+    assert "2 devices" in engine.supports(model(devices=("cpu", "meta")), 64)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run by bench/gpu_smoke.sh)")
 def test_cuda_graph_replay_writes_what_eager_steps_write(tiny_model):
     from transformers import AutoModelForCausalLM

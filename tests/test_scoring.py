@@ -222,3 +222,25 @@ def test_false_premise():
     bare = score_answer("The abstract does not say why eight-bit weights were used.", qf)
     assert bare["behaviour"] == "refused" and bare["correct"] == 0 and bare["score"] == 0.0
     assert score_answer("Because eight bits are faster.", qf)["correct"] == 0
+
+
+def test_bit_parallel_lcs_equals_the_dynamic_programme():
+    import random
+
+    from paperqa_tune.scoring import _lcs_length
+
+    def naive(p, r):
+        prev = [0] * (len(r) + 1)
+        for tp in p:
+            cur = [0]
+            for j, tr in enumerate(r, 1):
+                cur.append(prev[j - 1] + 1 if tp == tr else max(prev[j], cur[j - 1]))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        vocab = [f"w{i}" for i in range(rng.randint(1, 8))]
+        p = [rng.choice(vocab) for _ in range(rng.randint(0, 70))]
+        r = [rng.choice(vocab) for _ in range(rng.randint(0, 70))]
+        assert _lcs_length(p, r) == naive(p, r), (p, r)
