@@ -8,7 +8,9 @@ What it does, in one process and one GPU (PERF.md's method):
      32 heads, 8 KV heads, MLP 14336, untied head) with a 32000-word tokenizer carrying Zephyr's template,
      saves it under --workdir (default /dev/shm), plus a run folder with a random LoRA (r=16, alpha=32,
      q,k,v,o,gate,up,down; init_lora_weights=False so it really changes the weights) and 100 questions;
-  2. fast path: `python eval_compare.py --mode fast` as a user runs it (subprocess: the wall time includes
+  2. fast path: `python eval_compare.py --mode fast` as a user runs it, after one import pass that writes the
+     Python bytecode a normal install has (an image with PYTHONDONTWRITEBYTECODE would otherwise recompile
+     ~2,300 modules in every process) (subprocess: the wall time includes
      interpreter start, imports, the 4-bit load, dequantisation, merge and writing every output):
      100 questions x (base + fine-tuned) x 256 new tokens, EOS suppressed so every answer is 256 tokens;
   3. seed-style path: `--mode reference --batch_size 1` (4-bit + PEFT adapter, one prompt at a time) on
@@ -112,7 +114,9 @@ def run_cli(name: str, argv: list[str], workdir: Path, log, timeout: int, env: d
     """Run eval_compare.py as a user would; wall time from process start to exit."""
     out = workdir / name / "evaluation.csv"
     cmd = [sys.executable, str(ROOT / "eval_compare.py"), "--out", str(out), "--overwrite", *argv]
-    full_env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    # A user's install has compiled bytecode (pip writes it); an image that sets PYTHONDONTWRITEBYTECODE makes
+    # every process compile ~2,300 modules again (~8 s on the H200 machine), which no user pays: see warm_bytecode
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTHONDONTWRITEBYTECODE")}
     full_env.update(env or {})
     log(" ".join(f"{k}={v}" for k, v in (env or {}).items()) + " $ " + " ".join(cmd))
     t0 = time.perf_counter()
@@ -131,6 +135,17 @@ def run_cli(name: str, argv: list[str], workdir: Path, log, timeout: int, env: d
             "base_tok_per_s": round(t["base"]["new_tokens"] / t["base"]["seconds"], 1),
             "finetuned_tok_per_s": round(t["finetuned"]["new_tokens"] / t["finetuned"]["seconds"], 1),
             "end_to_end_tok_per_s": round(tokens / wall, 1), "answers": {(r["id"], r["model"]): r for r in cache}}
+
+
+def warm_bytecode(log) -> None:
+    """Import what eval_compare.py imports once, writing the .pyc files a normal install already has."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    mods = ("eval_compare, torch, transformers, peft, bitsandbytes, accelerate, matplotlib.pyplot, "
+            "transformers.models.mistral.modeling_mistral, paperqa_tune.loading, paperqa_tune.scoring, "
+            "paperqa_tune.report, paperqa_tune.engine")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", f"import {mods}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log(f"bytecode warm-up (imports once, .pyc written): {time.perf_counter() - t0:.1f}s, exit {p.returncode}")
 
 
 def variants(paths: dict, n: int, new_tokens: int, log) -> dict:
@@ -255,6 +270,7 @@ def main(argv=None) -> int:
                                                            {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})}
     if a.fast_variants:
         fast_variants = {k: v for k, v in fast_variants.items() if k in a.fast_variants.split(",")}
+    warm_bytecode(log)
     fast_runs = {name: run_cli(f"fast_{name}", common + ["--mode", "fast"] + job + extra, workdir, log, 300, env)
                  for name, (extra, env) in fast_variants.items()}
     fast = fast_runs[next(iter(fast_runs))]

@@ -55,18 +55,19 @@ class JsonGrammar:
                                                   stop_token_ids=[tokenizer.eos_token_id])
         self.compiler = xgr.GrammarCompiler(info)
         self._compiled: dict[str, object] = {}
-        self.keep = self._keep_row(info, vocab_size, tokenizer.eos_token_id)
+        self.keep = self._keep_row(info, vocab_size, tokenizer.eos_token_id, set(tokenizer.all_special_ids))
 
-    def _keep_row(self, info, vocab_size: int, eos: int):
+    def _keep_row(self, info, vocab_size: int, eos: int, special: set[int]):
         """A bitmask row that bars two kinds of token the schema grammar would let into a string: ones holding
         a control byte (xgrammar's length-bounded strings exclude only CR and LF, and json.loads rejects the
         rest unescaped) and special tokens other than EOS (decoding drops them: the text would not be what the
         grammar checked). Our grammar has no free whitespace, so no structural token needs either."""
         import torch
 
-        barred = [i for i, piece in enumerate(info.decoded_vocab) if i != eos and
-                  (i in set(info.special_token_ids) or any(b < 0x20 for b in piece))]
-        barred += range(len(info.decoded_vocab), vocab_size)  # ids the tokenizer does not have
+        pieces, special = info.decoded_vocab, special | set(info.special_token_ids)  # each read copies: once
+        barred = [i for i, piece in enumerate(pieces) if i != eos and
+                  (i in special or any(b < 0x20 for b in piece))]
+        barred += range(len(pieces), vocab_size)  # ids the tokenizer does not have
         keep = torch.full((1, (vocab_size + 31) // 32), -1, dtype=torch.int32)
         for i in barred:
             keep[0, i // 32] &= ~(1 << (i % 32)) if i % 32 < 31 else 0x7FFFFFFF
@@ -127,7 +128,22 @@ class BatchGrammar:
         return stop
 
     def hf_processor(self):
-        """The same grammar as a logits processor for model.generate (architectures our loop does not run)."""
-        from xgrammar.contrib.hf import LogitsProcessor
+        """This batch's grammar as a logits processor for model.generate (architectures our loop does not run):
+        the same matchers, masks and barred tokens. generate calls it once per step, the newest token last in
+        input_ids."""
+        from transformers import LogitsProcessor
 
-        return LogitsProcessor(self.compiled_grammar)
+        grammar = self
+
+        class _GrammarProcessor(LogitsProcessor):
+            started = False
+
+            def __call__(self, input_ids, scores):
+                if self.started:  # the token chosen at the previous call
+                    grammar.accept(input_ids[:, -1].tolist())
+                self.started = True
+                grammar.fill()
+                grammar.apply_(scores)
+                return scores
+
+        return _GrammarProcessor()

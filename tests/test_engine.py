@@ -183,3 +183,38 @@ def test_hf_backend_replies_always_parse_under_the_grammar(tmp_path, tiny_model,
         except ValueError:
             return False
     assert not any(parses(r["content"]) for r in replies[False])
+
+
+def test_grammar_bars_special_and_control_tokens(model_and_tok):
+    """Tokens the JSON grammar would let into a string but that break the reply: special tokens other than EOS
+    (decoding drops them) and control bytes (json.loads refuses them unescaped)."""
+    from paperqa_tune.grammar import JsonGrammar
+
+    model, tok = model_and_tok
+    vocab = model.get_output_embeddings().weight.shape[0]
+    grammar = JsonGrammar(tok, vocab + 5)  # logits wider than the tokenizer: the extra ids are never allowed
+
+    def kept(i):
+        return bool(int(grammar.keep[0, i // 32]) >> (i % 32) & 1)
+
+    control = tok.convert_tokens_to_ids("Ĉ")  # byte-level BPE's piece for the byte 0x08 (backspace)
+    word = tok.encode("model", add_special_tokens=False)[0]
+    assert kept(tok.eos_token_id) and kept(word)
+    assert not kept(tok.bos_token_id) and not kept(tok.unk_token_id) and not kept(control)
+    assert not any(kept(i) for i in range(vocab, vocab + 5))
+
+
+def test_the_grammar_constrains_generate_the_same_way(model_and_tok):
+    """Where our loop does not run (here --cache dynamic), the same grammar goes to model.generate as a logits
+    processor: the same constrained tokens, every reply JSON of the schema."""
+    from paperqa_tune.grammar import JsonGrammar, bounded
+
+    model, tok = model_and_tok
+    grammar = JsonGrammar(tok, model.get_output_embeddings().weight.shape[0])
+    schema = bounded(PAIRS_SCHEMA, 2, 1, {"question": 30, "answer": 40})
+    ours = generate_batch(model, tok, prompts(tok), Decoding(max_new_tokens=200),
+                          constraint=grammar.batch(schema, 3, "cpu"))
+    theirs = generate_batch(model, tok, prompts(tok), Decoding(max_new_tokens=200, cache="dynamic"),
+                            constraint=grammar.batch(schema, 3, "cpu"))
+    assert ours == theirs
+    assert all(ids[-1] == tok.eos_token_id and valid(json.loads(text), schema) for text, _, ids in ours)
