@@ -360,6 +360,7 @@ def both_paths(run_dir: Path, max_new_tokens: int = 12) -> dict:
         assert not any("4bit" in type(m).__name__ for m in fast.modules())
         r["base_logits"] = fast(input_ids=ids, attention_mask=mask).logits.float()[keep]
         r["base"] = generate_batch(fast, tok, prompts, dec)
+        r["base_dynamic"] = generate_batch(fast, tok, prompts, Decoding(max_new_tokens=max_new_tokens, cache="dynamic"))
         fast = merged_model(run, fast)
         assert not any("lora" in n for n, _ in fast.named_parameters())
         r["ft_logits"] = fast(input_ids=ids, attention_mask=mask).logits.float()[keep]
@@ -393,7 +394,15 @@ def test_fast_path_matches_reference_bf16(tiny_run):
 
     r = both_paths(tiny_run)
     assert torch.equal(r["base_logits"], r["ref_base_logits"])
-    assert r["base"] == r["ref_base"]
+    assert r["base_dynamic"] == r["ref_base"]  # the same weights through the same generate: the same tokens
+    # Our decoding loop's attention rounds differently in bf16 (fp32 softmax over bf16 scores, no repeat_kv copy):
+    # its greedy text may leave the reference's only where the reference itself nearly tied.
+    for p, (_, _, ours), (_, _, ref_ids) in zip(r["prompts"], r["base"], r["ref_base"]):
+        k = next((i for i, (a, b) in enumerate(zip(ours, ref_ids)) if a != b), None)
+        if k is not None:
+            with r["ref_model"].disable_adapter():
+                top = teacher_forced_logits(r["ref_model"], p, ref_ids)[k].topk(2).values
+            assert (top[0] - top[1]).item() <= 2 * LOGIT_TOL_FT, (k, top)
     diff = (r["ft_logits"] - r["ref_ft_logits"]).abs().max().item()
     effect = (r["ref_ft_logits"] - r["ref_base_logits"]).abs().max().item()
     same_text = sum(a == b for a, b in zip(r["ft"], r["ref_ft"]))
