@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common import InputError, chat_text, encode_text, qa_messages
 
@@ -23,6 +23,12 @@ class Decoding:
     cache: str = "static"           # KV cache allocated once per batch (our loop, engine.py); "dynamic": generate's
     compile: bool = False           # torch.compile the decoding step through model.generate (static cache)
     cuda_graphs: bool = True        # static cache on a GPU: replay the one-token step as a CUDA graph
+    said: set = field(default_factory=set, compare=False, repr=False)  # notes already on stderr in this run
+
+    def note_once(self, text: str) -> None:
+        if text not in self.said:
+            self.said.add(text)
+            print(f"note: {text}", file=sys.stderr)
 
     def key(self) -> dict:
         """What changes the answers (for cache keys): the sampling settings only when sampling."""
@@ -109,15 +115,6 @@ def left_pad(batch: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-_NOTED: set[str] = set()
-
-
-def _note_once(text: str) -> None:
-    if text not in _NOTED:
-        _NOTED.add(text)
-        print(f"note: {text}", file=sys.stderr)
-
-
 def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, streamer=None,
                    seed: int | None = None, constraint=None) -> list[tuple[str, int, list[int]]]:
     """Answers for a batch of prompt ids: [(text, generated tokens incl. EOS, token ids)]. A reply without EOS
@@ -147,7 +144,7 @@ def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, stre
                                  dec.cuda_graphs)
         else:
             if dec.cache == "static" and not dec.compile:
-                _note_once(f"decoding through model.generate: {unfit}")
+                dec.note_once(f"decoding through model.generate: {unfit}")
             ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
             extra = {"logits_processor": [constraint.hf_processor()]} if constraint is not None else {}
             out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer),
