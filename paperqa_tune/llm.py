@@ -548,7 +548,15 @@ class HFBackend(Backend):
             from paperqa_tune.grammar import JsonGrammar
 
             vocab = self.lm.get_output_embeddings().weight.shape[0]  # the logits' width (may exceed the tokenizer)
-            self.grammar = JsonGrammar(self.tok, vocab)
+            try:
+                self.grammar = JsonGrammar(self.tok, vocab)
+            except ImportError as e:
+                raise InputError(f"constrained decoding needs xgrammar ({e}): pip install -r requirements.txt, or "
+                                 "run with --no-constrained_decoding") from None
+            except (RuntimeError, ValueError) as e:  # a tokenizer xgrammar cannot map to bytes
+                why = (str(e) or type(e).__name__).splitlines()[0]
+                raise InputError(f"--model {model}: xgrammar cannot read this tokenizer ({why}); run with "
+                                 "--no-constrained_decoding") from None
         self.model, self.batch_size, self.shape, self.max_chars = model, batch_size, shape, max_chars or {}
         self.cache, self.reuse = cache, reuse
 

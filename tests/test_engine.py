@@ -128,7 +128,8 @@ def test_bounded_schema_writes_the_request_shape():
     assert (arr["minItems"], arr["maxItems"]) == (1, 6)
     assert arr["items"]["properties"]["question"]["maxLength"] == 50
     assert arr["items"]["properties"]["answer"]["maxLength"] == 90
-    assert "maxLength" not in arr["items"]["properties"]["type"] and "maxItems" not in PAIRS_SCHEMA["properties"]["pairs"]
+    assert "maxLength" not in arr["items"]["properties"]["type"]
+    assert "maxItems" not in PAIRS_SCHEMA["properties"]["pairs"]  # the shared schema itself is left as it was
     convs = bounded(DIALOGUES_SCHEMA, 2, 3)["properties"]["conversations"]
     turns = convs["items"]["properties"]["turns"]
     assert (convs["maxItems"], turns["minItems"], turns["maxItems"]) == (2, 3, 3)
@@ -218,3 +219,21 @@ def test_the_grammar_constrains_generate_the_same_way(model_and_tok):
                             constraint=grammar.batch(schema, 3, "cpu"))
     assert ours == theirs
     assert all(ids[-1] == tok.eos_token_id and valid(json.loads(text), schema) for text, _, ids in ours)
+
+
+@pytest.mark.parametrize("error, said", [(ImportError("No module named 'xgrammar'"), "pip install -r requirements.txt"),
+                                         (RuntimeError("unsupported vocabulary"), "cannot read this tokenizer")])
+def test_without_a_usable_grammar_the_run_stops_with_what_to_do(tmp_path, tiny_model, monkeypatch, capsys, error,
+                                                               said):
+    import paperqa_tune.grammar as grammar
+
+    def broken(*a, **k):
+        raise error
+    monkeypatch.setattr(grammar, "JsonGrammar", broken)
+    abstracts = tmp_path / "a.txt"
+    abstracts.write_text("Low-rank adapters train few parameters and keep the base weights frozen.\n")
+    rc = generate_qa.main(["--backend", "hf", "--model", str(tiny_model), "--input", str(abstracts),
+                           "--out", str(tmp_path / "out" / "train.jsonl"),
+                           "--eval_out", str(tmp_path / "out" / "e.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err and "--no-constrained_decoding" in err and "Traceback" not in err
