@@ -162,7 +162,9 @@ class _Step:
         except Exception as e:  # an op that syncs with the host or allocates outside the pool: run eagerly
             self.graph = self.logits = None
             torch.cuda.synchronize()
-            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            from paperqa_tune.loading import _first_line
+
+            return f"{type(e).__name__}: {_first_line(e)}"
 
     def __call__(self):
         if self.graph is None:
@@ -173,7 +175,8 @@ class _Step:
 
 def decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, streamer=None, constraint=None,
            cuda_graphs: bool = True) -> list[list[int]]:
-    """Generated token ids for each prompt (see _decode), with our decode attention while it runs."""
+    """Generated token ids for each prompt (see _decode; generation.generate_batch cuts each at its EOS), with our
+    decode attention while it runs."""
     restore = _use_decode_attention(model)
     try:
         return _decode(model, batch, dec, pad_id, eos_id, streamer, constraint, cuda_graphs)
@@ -184,11 +187,13 @@ def decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, streame
 
 def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, streamer=None, constraint=None,
             cuda_graphs: bool = True) -> list[list[int]]:
-    """Generated token ids for each prompt (ids, no padding), up to and including EOS; a row without EOS used
-    all dec.max_new_tokens. constraint: an object with fill() (host work for the next mask), apply_(logits) and
-    accept(tokens) -> rows that must stop (e.g. grammar.BatchGrammar); streamer: transformers' streamer
-    protocol (put the prompt, then each token; end)."""
+    """Generated token ids for each prompt, as many as the longest reply took (after a row's EOS: padding).
+    constraint: an object with fill() (host work for the next mask), apply_(logits) and accept(tokens) -> rows
+    that must stop (e.g. grammar.BatchGrammar); streamer: transformers' streamer protocol (put the prompt, then
+    each token; end)."""
     import torch
+
+    from paperqa_tune.generation import left_pad
 
     device = next(model.parameters()).device
     n, width = len(batch), max(len(x) for x in batch)
@@ -198,12 +203,8 @@ def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, stream
 
     # Left-padded prompts. Pad queries may see themselves: a row that sees nothing would turn into NaN, and
     # their keys and values (never attended) would carry it into every later step.
-    prompt = torch.full((n, width), pad_id, dtype=torch.long)
-    real = torch.zeros((n, width), dtype=torch.bool)
-    for i, x in enumerate(batch):
-        prompt[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        real[i, width - len(x):] = True
-    prompt, real = prompt.to(device), real.to(device)
+    prompt, real = left_pad(batch, pad_id, device)
+    real = real.bool()
     positions = (real.long().cumsum(-1) - 1).clamp_(min=0)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
     eye = torch.eye(width, dtype=torch.bool, device=device)
@@ -260,5 +261,4 @@ def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, stream
             constraint.fill()  # host work for the next mask, while the GPU runs the step
     if streamer is not None:
         streamer.end()
-    rows = out[:, :used].tolist()
-    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return out[:, :used].tolist()

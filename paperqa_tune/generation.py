@@ -149,5 +149,6 @@ def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, stre
             extra = {"logits_processor": [constraint.hf_processor()]} if constraint is not None else {}
             out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer),
                                  **extra)
-            rows = [row[:row.index(eos) + 1] if eos in row else row for row in out[:, ids.shape[1]:].tolist()]
+            rows = out[:, ids.shape[1]:].tolist()
+    rows = [row[:row.index(eos) + 1] if eos in row else row for row in rows]  # what follows EOS is padding
     return [(tokenizer.decode(row, skip_special_tokens=True).strip(), len(row), row) for row in rows]

@@ -124,7 +124,8 @@ class BatchGrammar:
             if not m.accept_token(tokens[i]) or m.is_terminated():
                 stop.append(i)
         if stop:
-            self.active = [i for i in self.active if i not in set(stop)]
+            stopped = set(stop)
+            self.active = [i for i in self.active if i not in stopped]
         return stop
 
     def hf_processor(self):
