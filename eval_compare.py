@@ -188,24 +188,36 @@ def answer_key(q: dict, prompt: list[int], model_name: str, dec: Decoding) -> st
                                    "decoding": dec.key()}, sort_keys=True))[:32]
 
 
-def generate_missing(model, tokenizer, todo: list[tuple[str, dict, list[int]]], side: str, dec: Decoding,
+def batches_in_order(planned: list[tuple[str, dict, list[int]]], batch_size: int) -> list[tuple[int, list]]:
+    """Every question of a side in fixed batches: longest prompts first (ties in question order), cut every
+    batch_size. The batches depend on the questions alone, never on which answers a killed run already cached,
+    so a resumed run computes each answer in the same batch (same shapes, same padding, same numerics) as an
+    uninterrupted one. Returns (start, batch) pairs; start seeds a sampled batch."""
+    order = sorted(range(len(planned)), key=lambda i: (-len(planned[i][2]), i))
+    ranked = [planned[i] for i in order]
+    return [(s, ranked[s:s + batch_size]) for s in range(0, len(ranked), batch_size)]
+
+
+def generate_missing(model, tokenizer, planned: list[tuple[str, dict, list[int]]], side: str, dec: Decoding,
                      batch_size: int, cache: JsonlCache) -> dict:
-    """Generate answers for (key, question, prompt ids) not yet cached, longest prompts first, writing
-    each batch to the cache as soon as it is done. Returns timing for the summary."""
+    """Answer the batches (batches_in_order) that hold an answer not yet cached: the whole batch is run again
+    as it was planned, and only the missing answers are written, each batch as soon as it is done. Returns
+    timing for the summary."""
     from tqdm import tqdm
     from transformers import set_seed
 
-    todo = sorted(todo, key=lambda t: -len(t[2]))
-    tokens, t0 = 0, time.perf_counter()
-    for start in tqdm(range(0, len(todo), batch_size), desc=f"{side} answers", unit="batch", disable=not todo):
-        chunk = todo[start:start + batch_size]
+    todo = [(s, b) for s, b in batches_in_order(planned, batch_size) if any(cache.get(k) is None for k, _, _ in b)]
+    tokens, asked, t0 = 0, 0, time.perf_counter()
+    for start, chunk in tqdm(todo, desc=f"{side} answers", unit="batch", disable=not todo):
         if dec.do_sample:
             set_seed(dec.seed + start)
         for (key, q, _), (text, n, _) in zip(chunk, generate_batch(model, tokenizer, [c[2] for c in chunk], dec)):
-            cache.put({"key": key, "id": q["id"], "model": side, "answer": text, "new_tokens": n})
-            tokens += n
+            if cache.get(key) is None:
+                cache.put({"key": key, "id": q["id"], "model": side, "answer": text, "new_tokens": n,
+                           "batch_size": batch_size})
+                tokens, asked = tokens + n, asked + 1
     _sync()
-    return {"questions": len(todo), "new_tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}
+    return {"questions": asked, "new_tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _sync() -> None:
@@ -257,9 +269,16 @@ def final_step(run: Run) -> int | None:
         return None
 
 
-def generate_all(run: Run, tokenizer, todo: dict[str, list], adapters: list[Adapter], dec: Decoding, args,
+def cached_batch_size(planned: dict[str, list], cache: JsonlCache) -> int | None:
+    """The batch size an interrupted run of these questions answered with (recorded with each answer), if any."""
+    return next((r["batch_size"] for side in planned.values() for key, _, _ in side
+                 if (r := cache.get(key)) is not None and r.get("batch_size")), None)
+
+
+def generate_all(run: Run, tokenizer, planned: dict[str, list], adapters: list[Adapter], dec: Decoding, args,
                  n_questions: int, seq_len: int, cache: JsonlCache) -> dict:
-    """Answer what is not cached: base first, then each checkpoint, the final adapter last. One base load."""
+    """Answer what is not cached (planned: every answer of each side, in order): base first, then each
+    checkpoint, the final adapter last. One base load."""
     import torch
 
     timing: dict = {}
@@ -278,25 +297,26 @@ def generate_all(run: Run, tokenizer, todo: dict[str, list], adapters: list[Adap
         dequantize_(model)
         _sync()
         timing["dequantize_s"] = round(time.perf_counter() - t0, 3)
-    bs = args.batch_size or auto_batch_size(model, n_questions, seq_len)
+    # a resumed run keeps the batch size its answers were made with: the batches, and so the answers, stay the same
+    bs = args.batch_size or cached_batch_size(planned, cache) or auto_batch_size(model, n_questions, seq_len)
     timing["batch_size"] = bs
-    timing["base"] = generate_missing(model, tokenizer, todo["base"], "base", dec, bs, cache)
+    timing["base"] = generate_missing(model, tokenizer, planned["base"], "base", dec, bs, cache)
     for a in adapters:
-        if not todo[a.label]:
+        if all(cache.get(key) is not None for key, _, _ in planned[a.label]):
             continue
         if a.label != "finetuned":  # a checkpoint: unmerged on top of the base, then removed again
             peft_model = attach_adapter(model, a.path)
-            timing[a.label] = generate_missing(peft_model, tokenizer, todo[a.label], a.label, dec, bs, cache)
+            timing[a.label] = generate_missing(peft_model, tokenizer, planned[a.label], a.label, dec, bs, cache)
             model = peft_model.unload()
         elif mode == "fast":
             t0 = time.perf_counter()
             model = attach_adapter(model, a.path).merge_and_unload()
             _sync()
             timing["merge_s"] = round(time.perf_counter() - t0, 3)
-            timing["finetuned"] = generate_missing(model, tokenizer, todo["finetuned"], "finetuned", dec, bs, cache)
+            timing["finetuned"] = generate_missing(model, tokenizer, planned["finetuned"], "finetuned", dec, bs, cache)
         else:
             model = attach_adapter(model, a.path)
-            timing["finetuned"] = generate_missing(model, tokenizer, todo["finetuned"], "finetuned", dec, bs, cache)
+            timing["finetuned"] = generate_missing(model, tokenizer, planned["finetuned"], "finetuned", dec, bs, cache)
     del model
     if torch.cuda.is_available():
         timing["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -545,15 +565,14 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
     names = {"base": f"base:{run.base_model}", **{a.label: f"finetuned:{run.base_model}+{a.sha}" for a in adapters}}
     keys = {(q["id"], m): answer_key(q, prompts[q["id"]], name, dec) for q in asked for m, name in names.items()}
     cache = JsonlCache(paths["cache"])
-    todo = {m: [(keys[q["id"], m], q, prompts[q["id"]]) for q in asked if cache.get(keys[q["id"], m]) is None]
-            for m in names}
-    print(f"{len(asked)} questions; cached answers: base {len(asked) - len(todo['base'])}, "
-          f"fine-tuned {len(asked) - len(todo['finetuned'])}"
+    planned = {m: [(keys[q["id"], m], q, prompts[q["id"]]) for q in asked] for m in names}  # every answer, in order
+    cached = {m: sum(cache.get(k) is not None for k, _, _ in planned[m]) for m in names}
+    print(f"{len(asked)} questions; cached answers: base {cached['base']}, fine-tuned {cached['finetuned']}"
           + (f"; {len(checkpoints)} checkpoint(s)" if checkpoints else ""), flush=True)
     timing: dict = {"mode": None, "prepare_s": round(time.perf_counter() - t_start, 3)}
-    if any(todo.values()):
+    if any(cached[m] < len(asked) for m in names):
         seq_len = max(len(prompts[q["id"]]) for q in asked) + args.max_new_tokens
-        timing.update(generate_all(run, tokenizer, todo, adapters, dec, args, len(asked), seq_len, cache))
+        timing.update(generate_all(run, tokenizer, planned, adapters, dec, args, len(asked), seq_len, cache))
 
     t_scores = time.perf_counter()
     answers = {m: {q["id"]: cache.get(keys[q["id"], m]) for q in asked} for m in names}

@@ -596,10 +596,15 @@ class HFBackend(Backend):
                 retried.add(i)
             elif r is not None:
                 on_done(i, r)
-        todo = [i for i, r in enumerate(results) if r is None]
-        for s in range(0, len(todo), self.batch_size):
-            idx = todo[s: s + self.batch_size]
+        # Batches are fixed by the requests' order, not by what is cached: a rerun after a kill generates each
+        # missing reply in the same batch (same shapes and padding, so the same numerics) as an uninterrupted run.
+        for s in range(0, len(batch), self.batch_size):
+            idx = range(s, min(s + self.batch_size, len(batch)))
+            if all(results[i] is not None for i in idx):
+                continue
             for i, out in zip(idx, self._generate([batch[i] for i in idx], schema)):
+                if results[i] is not None:
+                    continue  # cached and usable: kept as it was
                 out.retried = i in retried
                 self.cache.put(keys[i], self.model, out)
                 self.fresh.add(keys[i])

@@ -35,12 +35,23 @@ def openai_server():
         yield srv
 
 
+def pytest_addoption(parser):
+    parser.addoption("--torch-threads", default="1", choices=("1", "all"),
+                     help="intra-op threads of the tests that ask for one_torch_thread: 1 (the default, fast) or all "
+                          "(torch's default, as a user runs). CI runs the numerically sensitive tests (-m numerics) "
+                          "both ways, the second time with OMP_NUM_THREADS=1 for everything else too")
+
+
 @pytest.fixture(scope="module")
-def one_torch_thread():
+def one_torch_thread(request):
     """Tiny models gain nothing from intra-op threads, and when the 2 CPUs are shared, OpenMP spin-waits
-    made generation tests up to 50x slower (32 s instead of 0.5 s for an interactive session)."""
+    made generation tests up to 50x slower (32 s instead of 0.5 s for an interactive session).
+    --torch-threads all leaves torch's thread count as it is."""
     import torch
 
+    if request.config.getoption("--torch-threads") == "all":
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

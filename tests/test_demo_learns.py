@@ -27,6 +27,7 @@ def assert_finetuned_better(paths: dict) -> None:
     assert rates["degenerate_rate"]["finetuned"] <= rates["degenerate_rate"]["base"], msg
 
 
+@pytest.mark.numerics
 @pytest.mark.timeout(900)
 def test_demo_finetuned_beats_base_on_held_out_papers(tmp_path):
     from tools import demo

@@ -14,6 +14,8 @@ from paperqa_tune import engine  # noqa: E402
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids  # noqa: E402
 from paperqa_tune.prompts import DIALOGUES_SCHEMA, PAIRS_SCHEMA  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # our decoding loop against generate: token for token
+
 QUESTIONS = ["What does the paper propose?", "How is memory reduced in four-bit training with low-rank adapters, "
              "and why does it matter for a single GPU?", "Why?"]
 
@@ -184,6 +186,36 @@ def test_hf_backend_replies_always_parse_under_the_grammar(tmp_path, tiny_model,
         except ValueError:
             return False
     assert not any(parses(r["content"]) for r in replies[False])
+
+
+def test_hf_backend_resumed_from_a_partial_cache_equals_the_uninterrupted_run(tmp_path, tiny_model,
+                                                                              one_torch_thread):
+    """A killed generate_qa run leaves some replies cached; the rerun must write what an uninterrupted run writes.
+    Replies are sampled and depend on their batch (padding, shapes): this holds because the batches are fixed by
+    the requests' order, whatever was cached, so each missing reply is made in the same batch as before."""
+    abstracts = tmp_path / "abstracts.txt"
+    abstracts.write_text("\n\n".join(f"Paper {i} fine-tunes a {i + 3}B model with {'low-rank ' * (i % 3)}adapters "
+                                      f"and reports {i + 40} points." for i in range(5)) + "\n", encoding="utf-8")
+
+    def run(name: str, cached: list[str] | None = None) -> dict:
+        out = tmp_path / name
+        if cached is not None:
+            (out / ".cache").mkdir(parents=True)
+            (out / ".cache" / "train.jsonl").write_text("".join(cached), encoding="utf-8")
+        assert generate_qa.main(["--backend", "hf", "--model", str(tiny_model), "--input", str(abstracts),
+                                 "--pairs_per_abstract", "2", "--max_tokens", "120", "--max_question_chars", "30",
+                                 "--max_answer_chars", "40", "--batch_size", "2", "--eval_papers", "0",
+                                 "--out", str(out / "train.jsonl"), "--eval_out", str(out / "eval.jsonl")]) in (0, 1)
+        lines = (out / ".cache" / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        return {"lines": lines, "replies": {json.loads(l)["key"]: json.loads(l)["content"] for l in lines}}
+
+    full = run("full")
+    assert len(full["replies"]) >= 5
+    resumed = run("resumed", full["lines"][::2])  # every other reply cached: both batches were cut short
+    assert resumed["replies"] == full["replies"]
+    for name in ("train.jsonl", "rejects_train.jsonl"):
+        a, b = tmp_path / "full" / name, tmp_path / "resumed" / name
+        assert a.exists() == b.exists() and (not a.exists() or a.read_bytes() == b.read_bytes()), name
 
 
 def test_grammar_bars_special_and_control_tokens(model_and_tok):

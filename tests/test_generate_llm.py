@@ -149,6 +149,7 @@ def test_injected_faults_all_end_in_rejects(tmp_path, openai_server):
     assert man["counts"]["filters"]["request_failed"] == len([w for w in failed.values() if "request failed" in w])
 
 
+@pytest.mark.numerics
 def test_killed_run_resumes_without_repeating_answered_requests(tmp_path):
     abstracts = tmp_path / "abstracts.jsonl"
     common.write_jsonl_atomic(abstracts, synthetic_abstracts(12, seed=1))

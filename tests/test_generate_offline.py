@@ -65,6 +65,7 @@ def test_offline_backend_records_follow_the_contract(tmp_path):
     assert not (out / ".cache").exists()  # nothing to cache without an LLM
 
 
+@pytest.mark.numerics
 def test_offline_is_deterministic_and_system_prompt_configurable(tmp_path):
     _, a = run_offline(tmp_path / "a")
     _, b = run_offline(tmp_path / "b")

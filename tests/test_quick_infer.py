@@ -11,7 +11,8 @@ from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
 from paperqa_tune.loading import attach_adapter, load_run_base, merged_model, run_tokenizer
 from paperqa_tune.runs import read_run
 import quick_infer as qi
-from test_eval_compare import LOGIT_TOL_FT, make_run, teacher_forced_logits
+from numerics import assert_greedy_agrees, logit_tolerance, teacher_forced_logits
+from test_eval_compare import make_run
 
 N = 8
 
@@ -84,6 +85,7 @@ def test_interactive_ends_on_eof(tiny_run, monkeypatch, capsys):
     assert "now answering: both" in capsys.readouterr().out
 
 
+@pytest.mark.numerics
 def test_merge_out_loads_in_plain_transformers(tiny_run, reference, tmp_path, capsys):
     """bf16 run: the merged checkpoint is a plain bf16 model (no quantization_config) that reproduces the
     in-memory fast path bit for bit and the adapter path within the logit tolerance."""
@@ -107,21 +109,27 @@ def test_merge_out_loads_in_plain_transformers(tiny_run, reference, tmp_path, ca
     ids = prompt_ids(tok, q, reference["run"].system_prompt)
     assert ids == prompt_ids(reference["tok"], q, reference["run"].system_prompt)  # same template
     in_memory = merged_model(reference["run"])
+    device = next(in_memory.parameters()).device
+    merged.to(device)  # the same weights through the same kernels on the same shapes: bit for bit
     with torch.no_grad():
-        a = merged(input_ids=torch.tensor([ids])).logits
-        b = in_memory(input_ids=torch.tensor([ids])).logits
+        a = merged(input_ids=torch.tensor([ids], device=device)).logits
+        b = in_memory(input_ids=torch.tensor([ids], device=device)).logits
     assert torch.equal(a, b)
     _, _, ref_ids = reference["answer"](q, n=12)
-    diff = (teacher_forced_logits(merged, ids, ref_ids) - teacher_forced_logits(reference["model"], ids, ref_ids))
-    assert diff.abs().max().item() <= LOGIT_TOL_FT
+    ref_logits = teacher_forced_logits(reference["model"], ids, ref_ids)
+    tol = logit_tolerance(merged, torch.bfloat16, ref_logits.abs().max().item())  # another kernel: its rounding
+    assert (teacher_forced_logits(merged, ids, ref_ids) - ref_logits).abs().max().item() <= tol
 
     assert qi.main(["--adapter", str(tiny_run), "--merge_out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_merged_greedy_equals_adapter_path_fp32(tiny_model, tmp_path):
-    """fp32 run (the merge is exact to float rounding): the saved merged model's greedy output equals
-    the adapter path's token for token."""
+@pytest.mark.numerics
+def test_merged_greedy_matches_adapter_path_fp32(tiny_model, tmp_path):
+    """fp32 run (the merge is exact to float rounding): the saved merged model's logits are the adapter path's
+    within fp32's kernel tolerance, and its greedy output is the adapter path's token for token except where the
+    adapter path itself nearly tied (merged W + BA and W then BA are different arithmetic)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     run_dir = make_run(tiny_model, tmp_path / "fp32-run", bf16=False)
@@ -132,8 +140,13 @@ def test_merged_greedy_equals_adapter_path_fp32(tiny_model, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     prompts = [prompt_ids(tok, q, run.system_prompt) for q in ("What is proposed?", "Why four bits?")]
     dec = Decoding(max_new_tokens=12)
-    for p in prompts:
-        assert generate_batch(merged, tok, [p], dec) == generate_batch(adapter_path, tok, [p], dec)
+    ours = [generate_batch(merged, tok, [p], dec)[0][2] for p in prompts]
+    ref = [generate_batch(adapter_path, tok, [p], dec)[0][2] for p in prompts]
+    ref_logits = [teacher_forced_logits(adapter_path, p, r) for p, r in zip(prompts, ref)]
+    tol = logit_tolerance(merged, torch.float32, max(x.abs().max().item() for x in ref_logits))
+    for p, r, rl in zip(prompts, ref, ref_logits):
+        assert (teacher_forced_logits(merged, p, r) - rl).abs().max().item() <= tol
+    assert_greedy_agrees(adapter_path, prompts, ours, ref, tol)
 
 
 def test_bad_inputs_exit_2(tmp_path, tiny_run, capsys):

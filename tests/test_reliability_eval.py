@@ -273,49 +273,90 @@ def test_rescore_in_place_disk_full_keeps_the_csv(ev, tmp_path, capsys, monkeypa
     assert leftovers(tmp_path) == []
 
 
-def test_kill_9_mid_evaluation_then_resume_equals_uninterrupted(tiny_run, tmp_path, capsys):
+def _eval_process(argv: list, log: Path) -> subprocess.Popen:
+    """`python eval_compare.py ARGV` as a user runs it. Every run of a comparison gets this same environment
+    (threads included: OMP_NUM_THREADS is inherited as the test runs), so the same kernels run on the same shapes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, "eval_compare.py", *map(str, argv)], cwd=ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.numerics
+def test_kill_9_mid_evaluation_then_resume_equals_uninterrupted(tiny_run, tmp_path):
     """A real process killed with SIGKILL at a random point once answers are in the cache: the rerun of the
-    same command completes and writes the same evaluation.csv as a run that was never interrupted."""
-    qs = [{"id": f"k{i}", "type": "factual", "question": f"What does paper {i} report about topic {i * 7}?",
-           "reference": f"Paper {i} reports a gain of {i} points."} for i in range(8)]
+    same command completes and writes the same evaluation.csv, byte for byte, as a run that was never
+    interrupted. Batches of 2 over questions of different lengths: the answers depend on their batch (padding,
+    shapes), so this holds only because the batches are fixed by the questions, not by what was cached."""
+    qs = [{"id": f"k{i}", "type": "factual", "question": f"What does paper {i} report about topic {i * 7}?"
+           + " In detail." * (i % 4), "reference": f"Paper {i} reports a gain of {i} points."} for i in range(9)]
     q = write_questions(tmp_path / "q.jsonl", qs)
-    common_args = ["--adapter", str(tiny_run), "--questions", str(q), "--batch_size", "1", "--max_new_tokens", "12",
+    common_args = ["--adapter", tiny_run, "--questions", q, "--batch_size", "2", "--max_new_tokens", "12",
                    "--mode", "reference"]
     out = tmp_path / "killed" / "evaluation.csv"
     cache = ec.output_paths(out)["cache"]
     seed = int.from_bytes(os.urandom(2), "little")
     target = random.Random(seed).randint(1, 2 * len(qs) - 2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "eval_compare.py", *common_args, "--out", str(out)], cwd=ROOT,
-                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 240
-            while proc.poll() is None and time.monotonic() < deadline:
-                if cache.is_file() and cache.read_bytes().count(b"\n") >= target:
-                    break
-                time.sleep(0.005)
-            assert proc.poll() is None, f"finished before the kill (seed {seed}): " + \
-                (tmp_path / "killed.log").read_text()[-2000:]
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    proc = _eval_process(common_args + ["--out", out], tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if cache.is_file() and cache.read_bytes().count(b"\n") >= target:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, f"finished before the kill (seed {seed}): " + \
+            (tmp_path / "killed.log").read_text()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done = cache.read_bytes().count(b"\n")
     assert target <= done < 2 * len(qs), (seed, target, done)
     assert not out.exists() and {p.name for p in out.parent.iterdir()} <= {cache.name, f".{out.name}.lock"}
 
-    rc, printed, _ = run_ec(capsys, common_args + ["--out", out])  # the same command again
-    assert rc == 0 and "cached answers: base" in printed and leftovers(out.parent) == []
     ref = tmp_path / "ref" / "evaluation.csv"
-    assert run_ec(capsys, common_args + ["--out", ref])[0] == 0
+    resumed = _eval_process(common_args + ["--out", out], tmp_path / "resumed.log")  # the same command again
+    uninterrupted = _eval_process(common_args + ["--out", ref], tmp_path / "ref.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
+    assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    assert "cached answers: base" in (tmp_path / "resumed.log").read_text() and leftovers(out.parent) == []
     cols = ("id", "base_answer", "finetuned_answer", "base_new_tokens", "finetuned_new_tokens")
-    resumed, uninterrupted = read_csv(out), read_csv(ref)
-    assert [[r[c] for c in cols] for r in resumed] == [[r[c] for c in cols] for r in uninterrupted], seed
+    assert [[r[c] for c in cols] for r in read_csv(out)] == [[r[c] for c in cols] for r in read_csv(ref)], seed
     assert out.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.numerics
+def test_answer_batches_do_not_depend_on_what_was_cached(tmp_path, monkeypatch):
+    """The construction behind the resume promise: whatever part of the answers a killed run cached (a whole
+    batch, part of one, none), the rerun generates exactly the batches of an uninterrupted run that are not
+    yet complete, with the same members in the same order, and writes only the missing answers."""
+    from paperqa_tune.cache import JsonlCache
+
+    planned = [(f"key{i}", {"id": f"q{i}"}, [i] * (3 + i % 5)) for i in range(11)]  # lengths tie
+    seen: list[list[str]] = []
+
+    def fake_generate(model, tok, batch, dec):
+        seen.append([f"key{p[0]}" for p in batch])
+        return [(f"answer {len(p)}", 2, [7, 2]) for p in batch]
+
+    monkeypatch.setattr(ec, "generate_batch", fake_generate)
+    dec = ec.Decoding(max_new_tokens=4)
+    ec.generate_missing(None, None, planned, "base", dec, 3, JsonlCache(tmp_path / "full.jsonl"))
+    full, seen[:] = list(seen), []
+    batches = [[k for k, _, _ in b] for _, b in ec.batches_in_order(planned, 3)]
+    assert [len(b) for b in batches] == [3, 3, 3, 2] and sorted(sum(batches, [])) == sorted(k for k, _, _ in planned)
+    for cached in ([], batches[0], batches[1][:1], batches[0] + batches[2][1:], sum(batches, [])[:-1]):
+        cache = JsonlCache(tmp_path / f"part{len(seen)}-{len(cached)}.jsonl")
+        for k in cached:
+            cache.put({"key": k, "answer": "from the killed run"})
+        seen[:] = []
+        r = ec.generate_missing(None, None, planned, "base", dec, 3, cache)
+        expect = [full[i] for i, b in enumerate(batches) if not set(b) <= set(cached)]
+        assert seen == expect, cached
+        assert r["questions"] == len(planned) - len(cached) == len(cache) - len(cached)
+        assert all(cache.get(k)["answer"] == "from the killed run" for k in cached)
 
 
 # --------------------------------------------------------------------------- no custom code without the flag
