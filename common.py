@@ -147,6 +147,7 @@ def ensure_chat_template(tokenizer) -> bool:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for each non-blank line; InputError names file:line on bad input."""
     path = Path(path)
+    resolve_path(path, "")  # a looping link: said so (is_file() below would call it missing)
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a .jsonl file")
     if not path.is_file():
@@ -282,6 +283,28 @@ def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> N
                          "or choose another output path")
 
 
+def resolve_path(path: str | os.PathLike, what: str) -> Path:
+    """`path` (a user-given path, named `what` in messages: "--out", "--input") made absolute with its symbolic
+    links followed; a link that loops is InputError naming the path, never a traceback. Every user-given path is
+    resolved through here."""
+    try:
+        resolved = Path(path).resolve()
+        os.stat(resolved)  # Python 3.13 resolves a loop without complaint: stat still reports it (ELOOP)
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        raise InputError(link_loop_text(path, what)) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(link_loop_text(path, what)) from None
+        # missing (an output not written yet) or not readable: resolved as far as it goes, for the caller to judge
+    return resolved
+
+
+def link_loop_text(path, what: str = "") -> str:
+    """The message for a looping link at `path` (given as option `what`, if any)."""
+    return (f"{what + ' ' if what else ''}{path}: a symbolic link that loops (it points back to itself, directly "
+            "or through other links); fix the link or remove it")
+
+
 def os_error_text(e: OSError) -> str:
     """An OSError in words, with what to do about a full disk."""
     text = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
@@ -293,8 +316,9 @@ def os_error_text(e: OSError) -> str:
 def run_main(fn, argv=None, interrupted: str = "work done so far is saved, rerun the same command to resume",
              show_errors: bool = True) -> int:
     """Call a script body with the documented exit codes: InputError -> 2, RunFailure -> 1, Ctrl-C -> 130, and
-    a file-system error no step converted: permissions -> 2, anything else (a full disk) -> 1; each with a
-    one-line message on stderr, never a traceback (show_errors False: no message, e.g. on all but one process)."""
+    a file-system error no step converted: permissions or a looping link -> 2, anything else (a full disk) -> 1;
+    each with a one-line message on stderr, never a traceback (show_errors False: no message, e.g. on all but one
+    process)."""
     try:
         return fn(argv)
     except InputError as e:
@@ -304,7 +328,10 @@ def run_main(fn, argv=None, interrupted: str = "work done so far is saved, rerun
     except PermissionError as e:  # a file-system error no step converted: the setup's problem
         code, msg = 2, f"error: {os_error_text(e)}: check the permissions there, or choose another path"
     except OSError as e:  # e.g. a full disk while appending to a cache, stdout closed under a pipe
-        code, msg = 1, f"error: {os_error_text(e)}"
+        if e.errno == errno.ELOOP:  # a looping link no check caught (Python 3.13 raises it on open): the input's fault
+            code, msg = 2, f"error: {link_loop_text(e.filename or '(a path)')}"
+        else:
+            code, msg = 1, f"error: {os_error_text(e)}"
     except KeyboardInterrupt:
         code, msg = 130, f"interrupted; {interrupted}"
     if show_errors:

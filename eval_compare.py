@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError,
-                    eval_questions_path, read_jsonl, run_main, sha256_file, sha256_text)
+                    eval_questions_path, read_jsonl, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune import report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
@@ -495,13 +495,14 @@ def rescore(args) -> int:
     if not scored:
         raise InputError(f"{src}: every row was skipped (too long for the model); nothing to rescore")
     out = Path(args.out) if args.out else src
-    in_place = out.resolve() == src.resolve()
+    src_real = resolve_path(src, "--rescore")
+    in_place = resolve_path(out, "--out") == src_real
     paths = output_paths(out)
     prev = report.read_json_or_empty(src.with_name("summary.json"), "the adapter, base model and decoding it names")
     qfile = args.questions or prev.get("questions")
     if qfile and not args.questions and not Path(qfile).is_file():
         qfile = None  # the questions the evaluation used are gone: no abstracts for the judge
-    inputs = ([] if in_place else [src]) + ([qfile] if qfile and Path(qfile).resolve() != src.resolve() else [])
+    inputs = ([] if in_place else [src]) + ([qfile] if qfile and resolve_path(qfile, "--questions") != src_real else [])
     with open_outputs(paths, False, inputs, args.overwrite or in_place) as outs:
         questions = {}
         if qfile:  # for the abstracts the judge grounds on

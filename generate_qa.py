@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, chat_record,
-                    eval_questions_path, qa_messages, run_main, sha256_file, sha256_text)
+                    eval_questions_path, qa_messages, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
 from paperqa_tune.fulltext import PdfRejected, add_full_texts, read_pdf
 from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
@@ -281,7 +281,7 @@ def output_set(args, paths: dict[str, Path]) -> OutputSet:
         raise InputError(f"--cache {cache} is a folder; give a file path")
     taken = {**{FLAG_OF[k]: paths[k] for k in FLAG_OF}, **{f"--input {i}": Path(i) for i in args.input}}
     for name, p in taken.items():
-        if p.resolve() == cache.resolve():
+        if resolve_path(p, name.split()[0] if name.startswith("--") else name) == resolve_path(cache, "--cache"):
             raise InputError(f"--cache {cache} is also {name.split()[0]} ({p}); the cache is appended to, so give "
                              "it its own path")
     return outs
@@ -292,7 +292,7 @@ def load_papers(args) -> tuple[list[dict], list[dict], list[dict]]:
     """(papers, input records for the manifest, rejects of PDFs that gave no text). A folder in --input stands for
     the files in it (this run's own outputs aside: they may live there)."""
     papers, inputs, rejects = [], [], []
-    own = {p.resolve() for p in output_paths(args).values()}
+    own = {resolve_path(p, "--out") for p in output_paths(args).values()}
     for path in input_files(args.input, own):
         if path.suffix.lower() == ".pdf" and path.is_file():
             try:
@@ -686,13 +686,14 @@ def _main(argv=None) -> int:
     validate_args(args)
     paths = output_paths(args)
     outs = output_set(args, paths)  # exits 2 on outputs that clash with each other, an input or the cache
+    read = read_inputs(args)  # before the lock: bad input exits 2 having created nothing (not even a folder)
     with outs:  # locked: a second run on these outputs is refused; ours replace the old ones only at commit()
-        return _run(args, argv, paths, outs, t0)
+        return _run(args, argv, paths, outs, t0, read)
 
 
-def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float) -> int:
+def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: tuple) -> int:
     model = args.model or DEFAULT_MODELS[args.backend]
-    papers, inputs, skipped, order = read_inputs(args)
+    papers, inputs, skipped, order = read
     units = source_units(papers)
     by_unit = {u["unit"]: u for u in units}
     # --turns N: about --pairs_per_abstract Q&A turns per source text, dealt into conversations of N turns

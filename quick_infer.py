@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, run_main,
+from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, resolve_path, run_main,
                     share_like_outputs)
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, max_positions, merged_model,
@@ -79,10 +79,10 @@ def check_merge_out(out: Path, overwrite: bool, protected: dict[str, str]) -> No
     this script wrote, and never the run or base model folder nor a folder holding them (`protected`)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--merge_out {out} is a file; give a folder")
-    target = out.resolve()
+    target = resolve_path(out, "--merge_out")
     for what, path in protected.items():
         p = Path(path).expanduser()
-        if p.exists() and (target == p.resolve() or target in p.resolve().parents):
+        if p.exists() and (target == (r := resolve_path(p, what)) or target in r.parents):
             raise InputError(f"--merge_out {out} is or holds {what} {path}, which this run reads; choose another "
                              "folder")
     if out.exists() and any(out.iterdir()):

@@ -8,7 +8,7 @@ import io
 import re
 from pathlib import Path
 
-from common import InputError, read_jsonl
+from common import InputError, read_jsonl, resolve_path
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.textsim import clean_text
 
@@ -78,11 +78,7 @@ def input_files(paths: list[str], skip: set[Path] = frozenset()) -> list[Path]:
         if not path.is_dir():
             files.append(path)
             continue
-        try:
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in INPUT_SUFFIXES and p.is_file())
-        except OSError as e:
-            raise InputError(f"{path}: cannot list the folder ({e.strerror or e}); check its permissions") from None
-        found = [p for p in found if p.resolve() not in skip]
+        found = folder_inputs(path, skip)
         if not found:
             raise InputError(f"{path}: the folder holds no {'/'.join(INPUT_SUFFIXES)} file (subfolders are not "
                              "searched); put the papers there or name the files")
@@ -90,9 +86,27 @@ def input_files(paths: list[str], skip: set[Path] = frozenset()) -> list[Path]:
     return files
 
 
+def folder_inputs(folder: Path, skip: set[Path] = frozenset()) -> list[Path]:
+    """The files with an input suffix directly in `folder`, sorted by name, but those whose resolved path is in
+    `skip`. A link among them that leads nowhere (it loops, or its target is gone) is InputError naming it:
+    skipping it would drop papers without a word."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in INPUT_SUFFIXES)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot list the folder ({e.strerror or e}); check its permissions") from None
+    entries = [p for p in entries if resolve_path(p, "--input") not in skip]
+    for p in entries:
+        if p.is_symlink() and not p.exists():  # exists() follows the link: False for a loop or a missing target
+            resolve_path(p, "--input")  # a loop: said so
+            raise InputError(f"--input {p}: a symbolic link to {p.readlink()}, which does not exist; fix the link "
+                             f"or remove it from {folder}")
+    return [p for p in entries if p.is_file()]
+
+
 def read_abstract_file(path: Path) -> list[dict]:
     """JSONL ({"id","title","abstract"}, extra keys kept), CSV with those columns, or blank-line-separated text.
     A folder is refused (name its files: --input DIR/*.jsonl), as is a file with no abstract in it."""
+    resolve_path(path, "--input")  # a looping link: said so (exists() below would call it missing)
     if path.is_dir():
         raise InputError(f"{path} is a folder; give the files in it, e.g. --input {path}/*.jsonl")
     if not path.exists():

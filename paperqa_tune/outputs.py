@@ -7,7 +7,8 @@
 
 Guarantees: the outputs are distinct files, none of them is an input and none is a folder; existing outputs
 are replaced only with overwrite; while a run writes, a lock file beside the first output keeps a second
-run off the same outputs (a lock left by a killed run is taken over); nothing replaces an existing output
+run off the same outputs (a lock left by a killed run is taken over; paperqa_tune/locks.py), and a folder made
+for the outputs is removed again when the run ends without writing into it; nothing replaces an existing output
 before commit(), so a run that fails or is killed leaves the previous outputs exactly as they were, and
 its rerun starts clean (stale temp files of the killed run are removed). commit() first writes a journal of
 the renames it is about to make: a run killed in the middle of them is completed by the next run on the
@@ -20,7 +21,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from common import InputError, check_outputs_free
+from common import InputError, check_outputs_free, resolve_path
+from paperqa_tune.locks import LockFile, make_dirs, pid_alive, remove_empty  # noqa: F401 (pid_alive: for loading.py)
 
 PARTIAL = ".partial"
 
@@ -36,17 +38,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (a lock it holds is live)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def write_staged(path: Path, text) -> None:
@@ -71,7 +62,7 @@ class OutputSet:
             raise ValueError("OutputSet needs at least one output")
         seen: dict[Path, str] = {}
         for name, p in self.paths.items():
-            r = p.resolve()
+            r = resolve_path(p, name)
             if r in seen:
                 raise InputError(f"{seen[r]} and {name} are the same file ({p}); give each output its own path")
             seen[r] = name
@@ -85,7 +76,7 @@ class OutputSet:
         for i in inputs:
             if i is None:
                 continue
-            name = seen.get(Path(i).resolve())
+            name = seen.get(resolve_path(i, "--input"))
             if name is not None:
                 raise InputError(f"{name} {self.paths[name]} is also an input of this run ({i}) and would be "
                                  "overwritten; choose another output path")
@@ -97,6 +88,8 @@ class OutputSet:
             self._check_free()
         self.staged: dict[str, Path] = {}
         self.locked = False
+        self._lock = LockFile(self.lock_path, ", ".join(map(str, self.paths.values())))
+        self.made: list[Path] = []  # folders stage() created, removed again by unlock() if they stay empty
 
     def _check_free(self) -> None:
         check_outputs_free(self.paths.values(), self.overwrite)
@@ -112,38 +105,24 @@ class OutputSet:
         self.unlock()
 
     def lock(self) -> None:
-        """Take the lock file, or raise InputError naming the live run that holds it."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.lock_path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and pid_alive(pid):
-                    raise InputError(f"another run (process {pid}) is writing {', '.join(map(str, self.paths.values()))}; "
-                                     f"wait for it to finish, or delete {self.lock_path} if no such run exists") from None
-                self.lock_path.unlink(missing_ok=True)  # left by a killed run: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self.locked = True
-            try:
-                if self.journal_path.exists():
-                    self._finish_interrupted_commit()
-                self._remove_stale_partials()
-                self._check_free()  # again, now that no other run can be writing
-            except BaseException:
-                self.unlock()  # refused after all: leave no lock behind
-                raise
-            return
-        raise InputError(f"cannot take the lock {self.lock_path}; delete it if no run is writing these outputs")
+        """Take the lock file (paperqa_tune.locks), or raise InputError naming the live run that holds it."""
+        self._lock.acquire()
+        self.locked = True
+        try:
+            if self.journal_path.exists():
+                self._finish_interrupted_commit()
+            self._remove_stale_partials()
+            self._check_free()  # again, now that no other run can be writing
+        except BaseException:
+            self.unlock()  # refused after all: leave no lock (and no folder) behind
+            raise
 
     def unlock(self) -> None:
+        """Release the lock; folders this run created and left empty (it failed before writing) go with it."""
+        remove_empty(self.made)  # first: one may lie in a folder the lock created
+        self.made = []
         if self.locked:
-            self.lock_path.unlink(missing_ok=True)
+            self._lock.release()
             self.locked = False
 
     def _remove_stale_partials(self) -> None:
@@ -169,7 +148,7 @@ class OutputSet:
     def stage(self, name: str) -> Path:
         """Where to write output `name` now: a temp file beside its final path."""
         final = self.paths[name]
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self.made += make_dirs(final.parent)
         tmp = final.with_name(f".{final.name}.{os.getpid()}{PARTIAL}")
         self.staged[name] = tmp
         return tmp

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import InputError, RunFailure, atomic_write_text, os_error_text
+from common import InputError, RunFailure, atomic_write_text, os_error_text, resolve_path
 from paperqa_tune.outputs import write_staged
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
 from paperqa_tune.verdict import TIE_MARGIN, compare, decide, headline
@@ -324,7 +324,7 @@ def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool):
     from paperqa_tune.outputs import OutputSet
 
     for i in inputs:
-        if i and Path(i).resolve() == paths["cache"].resolve():
+        if i and resolve_path(i, "input") == resolve_path(paths["cache"], "the answer cache"):
             raise InputError(f"{i} is this run's answer cache (<out stem>.cache.jsonl), where answers are appended; "
                              "choose another --out")
     keys = [k for k in OUTPUTS if curve or not k.startswith("curve")]

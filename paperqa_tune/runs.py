@@ -12,16 +12,15 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (ADAPTER_WEIGHTS, DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure, sha256_file,
-                    share_like_outputs, write_json_atomic)
-from paperqa_tune.outputs import pid_alive
+from common import (ADAPTER_WEIGHTS, DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure,
+                    resolve_path, sha256_file, share_like_outputs, write_json_atomic)
+from paperqa_tune.locks import LockFile
 from paperqa_tune.loading import requested_precision
 
 ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")
@@ -35,7 +34,11 @@ RESUME_HINT = "rerun with --resume (in place of --overwrite, if given): it conti
 
 # --------------------------------------------------------------------------- training's input paths
 def out_dir_problems(out: Path) -> list[str]:
-    """What makes `out` unusable as a run folder (a file, or under one)."""
+    """What makes `out` unusable as a run folder (a looping link, a file, or under one)."""
+    try:
+        resolve_path(out, "--out")
+    except InputError as e:  # said so, rather than "a file" below (a loop is neither file nor folder)
+        return [str(e)]
     if out.is_file():
         return [f"--out {out} is a file; give a folder"]
     above = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
@@ -46,65 +49,15 @@ def out_dir_problems(out: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- writing (training)
 def lock_path(out: Path) -> Path:
-    out = Path(out).resolve()
+    out = resolve_path(out, "--out")
     return out.parent / f".{out.name}.lock"
 
 
-class RunLock:
-    """`with RunLock(out):` holds .<name>.lock beside the run folder ("pid host") while a run writes it. A second
-    run on the folder is refused (InputError naming the lock); a lock left by a killed run on this host (its
-    process is gone) is taken over. Beside, not inside: a run refused early leaves no folder behind."""
-
-    def __init__(self, out: Path):
-        self.out, self.path, self.held = Path(out), lock_path(out), False
-
-    def holder(self) -> str | None:
-        """Who may still hold the lock ('process P', 'process P on host H'), or None when it is stale."""
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            return f"unknown ({e.strerror})"
-        parts = text.split()
-        if not parts:  # being written by a run starting this instant, or left empty by a crash
-            with contextlib.suppress(OSError):
-                return "a run starting now" if time.time() - self.path.stat().st_mtime < 10 else None
-            return None
-        pid = int(parts[0]) if parts[0].isdigit() else 0
-        host = parts[1] if len(parts) > 1 else socket.gethostname()
-        if host != socket.gethostname():
-            return f"process {pid} on {host}"  # cannot tell whether it still runs
-        return f"process {pid}" if pid and pid != os.getpid() and pid_alive(pid) else None
-
-    def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                who = self.holder()
-                if who:
-                    raise InputError(f"another run ({who}) is writing {self.out}: it holds the lock {self.path}; wait "
-                                     "for it to finish or choose another --out (delete the lock only if no such run "
-                                     "exists)") from None
-                self.path.unlink(missing_ok=True)  # left by a killed run: take it over
-                continue
-            with disk_errors(self.path, "rerun"):
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-                except OSError:
-                    self.path.unlink(missing_ok=True)
-                    raise
-            self.held = True
-            return self
-        raise InputError(f"cannot take the lock {self.path}; delete it if no run is writing {self.out}")
-
-    def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+def RunLock(out: Path) -> LockFile:  # noqa: N802 (was a class; `with RunLock(out):` reads as before)
+    """`with RunLock(out):` holds .<name>.lock beside the run folder while a run writes it (paperqa_tune/locks.py:
+    a second run is refused naming the lock, a killed run's lock taken over). Beside, not inside: a run refused
+    early leaves no folder behind."""
+    return LockFile(lock_path(out), str(out), "choose another --out")
 
 
 @contextlib.contextmanager

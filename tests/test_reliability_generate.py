@@ -68,8 +68,8 @@ def load(path: Path) -> list[dict]:
 
 
 def nothing_written(out: Path) -> bool:
-    """No output, no lock, no temp file (the output folder may exist: the lock is taken in it)."""
-    return not out.exists() or not [p for p in out.iterdir()]
+    """No output, no lock, no temp file, not even the output folder: a run refused on its input makes nothing."""
+    return not out.exists()
 
 
 def previous_outputs(out: Path) -> dict[str, bytes]:
@@ -190,7 +190,9 @@ def test_run_killed_during_final_writes_is_taken_over_by_the_rerun(tmp_path, loc
     assert generate_qa.main(offline(ref)) == 0
     out.mkdir()
     pid = _dead_pid()
-    (out / ".train.jsonl.lock").write_text({"dead_pid": str(pid), "garbage": "not a pid", "empty": ""}[lock_text])
+    lock = out / ".train.jsonl.lock"
+    lock.write_text({"dead_pid": str(pid), "garbage": "not a pid", "empty": ""}[lock_text])
+    os.utime(lock, (time.time() - 60, time.time() - 60))  # an empty lock is a starting run's for 10 s, then stale
     for name in ("train.jsonl", "eval.jsonl", "rejects_train.jsonl"):  # staged, not yet renamed
         (out / f".{name}.{pid}.partial").write_text('{"half": "writ')
     assert generate_qa.main(offline(out)) == 0
@@ -223,7 +225,7 @@ def test_kill_9_at_a_random_point_then_rerun_matches_an_uninterrupted_run(tmp_pa
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert outputs(out) == before, f"k={k}"  # the killed run replaced nothing
-        assert (out / ".train.jsonl.lock").read_text() == str(proc.pid)  # and left its lock, for the rerun to take
+        assert (out / ".train.jsonl.lock").read_text().split()[0] == str(proc.pid)  # and left its lock ("pid host")
         answered = {e["key"] for e in common.read_jsonl_tolerant(cache)}
         sent_before = srv.count
         rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -541,3 +543,63 @@ def test_utf8_bom_is_read_in_every_format(tmp_path, name, content):
     (paper,) = generate_qa.read_abstract_file(tmp_path / name)
     assert paper["abstract"] == "We train a model on 3 tasks. It works well."
     assert not any(k.startswith("\ufeff") for k in paper)
+
+
+# =========================================================================== 9. links that loop, folders left behind
+def _loop(folder: Path, name: str = "loop.jsonl") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / name
+    link.symlink_to(name)  # points at itself
+    return link
+
+
+def _in_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "abstracts.jsonl").write_bytes((DATA / "abstracts.jsonl").read_bytes())
+    return folder
+
+
+LINK_CASES = {  # where the looping link is -> (inputs, --out folder, the flag the message names)
+    "input_file": lambda tmp: ((_loop(tmp / "in"),), tmp / "out", "--input"),
+    "inside_input_folder": lambda tmp: ((_in_folder(tmp),), tmp / "out", "--input"),
+    "out": lambda tmp: ((DATA / "abstracts.jsonl",), _loop(tmp / "o", "train.jsonl").parent, "--out"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINK_CASES))
+def test_symlink_loop_exits_2_naming_it_and_creates_nothing(tmp_path, capsys, case):
+    inputs, out, flag = LINK_CASES[case](tmp_path)
+    if case == "inside_input_folder":
+        _loop(inputs[0])
+    state, paths = snapshot(tmp_path), sorted(tmp_path.rglob("*"))
+    assert generate_qa.main(args(out, "--backend", "offline", inputs=inputs)) == 2
+    err = capsys.readouterr().err
+    link = next(p for p in tmp_path.rglob("*") if p.is_symlink())
+    assert f"{flag} {link}: a symbolic link that loops" in err and "fix the link or remove it" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == state and sorted(tmp_path.rglob("*")) == paths  # no file, no folder added
+
+
+def test_dangling_link_in_an_input_folder_exits_2_naming_it(tmp_path, capsys):
+    folder = _in_folder(tmp_path)
+    (folder / "gone.jsonl").symlink_to("moved_away.jsonl")  # was skipped without a word: its papers missing
+    out = tmp_path / "out"
+    assert generate_qa.main(offline(out, inputs=(folder,))) == 2
+    err = capsys.readouterr().err
+    assert f"--input {folder / 'gone.jsonl'}: a symbolic link to moved_away.jsonl, which does not exist" in err, err
+    assert "fix the link or remove it" in err and not out.exists()
+
+
+def test_bad_input_into_new_folders_leaves_none_behind(tmp_path, capsys):
+    """Every output in a folder that does not exist yet (two of them, nested): bad input exits 2 and neither is
+    created; the same command on good input creates them."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"bad json\n')
+    out, eval_out = tmp_path / "new" / "deeper" / "train.jsonl", tmp_path / "elsewhere" / "eval.jsonl"
+    flags = ["--backend", "offline", "--out", str(out), "--eval_out", str(eval_out)]
+    assert generate_qa.main(["--input", str(bad), *flags]) == 2
+    assert "bad.jsonl:1: malformed JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    assert generate_qa.main(["--input", str(DATA / "abstracts.jsonl"), *flags]) == 0
+    assert out.is_file() and eval_out.is_file()

@@ -415,6 +415,28 @@ def test_bad_jsonl_is_exit_2_naming_it(kind, says, tmp_path, capsys, monkeypatch
     assert not (tmp_path / "o").exists()
 
 
+def test_bad_jsonl_into_a_new_folder_leaves_none(tmp_path, capsys):
+    """The lock beside the run folder made its parent folders; a run refused on its data removes them again."""
+    p = write_jsonl(tmp_path / "qa.jsonl", ['{"bad json'])
+    assert run(p, "/unused", tmp_path / "new" / "deeper" / "run", *FLAGS) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:1: malformed JSON" in err and no_traceback(err), err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["qa.jsonl"]
+
+
+@pytest.mark.parametrize("where", ["out", "under_out", "jsonl"])
+def test_symlink_loop_is_exit_2_naming_it(where, data, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    jsonl, out = (loop, tmp_path / "run") if where == "jsonl" else (data, loop if where == "out" else loop / "run")
+    assert run(jsonl, "/unused", out, *FLAGS) == 2
+    err = capsys.readouterr().err
+    # (--jsonl: train_qlora_hf.validate_args still calls the loop "file not found"; exit 2 naming it all the same)
+    said = f"--jsonl {jsonl}: " if where == "jsonl" else f"--out {out}: a symbolic link that loops"
+    assert said in err and no_traceback(err), err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["loop"]
+
+
 def test_jsonl_with_a_utf8_bom_is_read(tiny_model, tmp_path, capsys):
     rows = [chat_record(qa_messages(q, a)) for q, a in QA[:2]]
     p = write_jsonl(tmp_path / "bom.jsonl", rows, prefix=b"\xef\xbb\xbf")
