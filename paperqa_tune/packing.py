@@ -108,10 +108,10 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         raise ValueError(f"a sample of {max_len} tokens exceeds the model's sliding window {sliding_window}")
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one packed row per micro-batch")
-    if impl == "varlen":
+    if impl == "varlen" and query.dtype in (torch.float16, torch.bfloat16):  # the flash kernel: half precision only
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
         return varlen_call(q, k, v, cu, max_len, scaling).unsqueeze(0), None
-    bounds = cu.tolist()  # CPU, or a GPU whose varlen kernel failed its self-test: one SDPA call per sample
+    bounds = cu.tolist()  # CPU, fp32, or a GPU whose varlen kernel failed its self-test: one SDPA call per sample
     outs = [_sdpa(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling)
             for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs, dim=1), None

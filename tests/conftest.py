@@ -36,10 +36,27 @@ def openai_server():
 
 
 def pytest_addoption(parser):
+    parser.addoption("--cuda", action="store_true",
+                     help="let the tests see the GPU (run with -m numerics on a GPU host: the paths that differ by "
+                          "device). Without it the suite hides every GPU, also from its subprocesses: it checks the "
+                          "CPU behaviour that CI and a laptop see, the same on a GPU host")
     parser.addoption("--torch-threads", default="1", choices=("1", "all"),
                      help="intra-op threads of the tests that ask for one_torch_thread: 1 (the default, fast) or all "
                           "(torch's default, as a user runs). CI runs the numerically sensitive tests (-m numerics) "
                           "both ways, the second time with OMP_NUM_THREADS=1 for everything else too")
+
+
+def pytest_configure(config):
+    if not config.getoption("--cuda"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before any test module imports torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--cuda"):
+        skip = pytest.mark.skip(reason="checks CPU behaviour (CPU tensors, gloo processes): run without --cuda")
+        for item in items:
+            if "cpu_only" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -201,6 +201,7 @@ def test_run_killed_during_final_writes_is_taken_over_by_the_rerun(tmp_path, loc
     assert all(got[n] == want[n] for n in OUTS if n != "train.manifest.json")
 
 
+@pytest.mark.numerics
 def test_kill_9_at_a_random_point_then_rerun_matches_an_uninterrupted_run(tmp_path):
     """A subprocess over the loopback server with --concurrency 2 is killed after a random number of cached
     replies; the previous outputs survive it byte-identical, and the same command run again completes with the

@@ -135,6 +135,7 @@ def test_overwrite_with_a_missing_model_keeps_the_finished_run(reference, data, 
     assert "holds a finished run" in capsys.readouterr().err
 
 
+@pytest.mark.numerics
 def test_killed_overwrite_keeps_the_old_run_and_resume_completes_it(reference, tiny_model, data, copy_of, capsys):
     out = copy_of(reference)
     before = snapshot(out)
@@ -494,9 +495,11 @@ def test_model_code_beside_a_builtin_type_is_not_run(tiny_model, data, tmp_path,
 
 
 # --------------------------------------------------------------------------- 9. kill -9 and resume
+@pytest.mark.numerics
 def test_kill_9_at_a_random_point_then_resume_matches_uninterrupted(reference, tiny_model, data, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # as in this process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}  # one thread, as this process under the default --torch-threads 1
     cmd = [sys.executable, str(ROOT / "train_qlora_hf.py"), "--jsonl", str(data), "--model", str(tiny_model),
            "--out", str(out), *map(str, FLAGS)]
     rng = random.Random()

@@ -63,6 +63,8 @@ def packed_model(tiny_model):
 
 
 # --------------------------------------------------------------------------- packing
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 def test_packed_equals_padded_per_sample_losses_and_grads(packed_model):
     model, samples = packed_model.model, _samples()
     base = model.get_base_model()
@@ -116,6 +118,8 @@ def _per_sample_losses_packed(logits, cu, samples):
         for a, b, s in zip(cu[:-1], cu[1:], samples)])
 
 
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 def test_validation_loss_packed_equals_padded(packed_model, tiny_model):
     import dataclasses
 
@@ -143,6 +147,8 @@ def test_seed_sets_the_lora_init_with_packing_on(tiny_model):
 
 
 # --------------------------------------------------------------------------- lean 4-bit + LoRA kernel
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 def test_lean_lora_forward_backward_equals_peft(tiny_model):
     from peft.tuners.lora.bnb import Linear4bit
 
@@ -170,6 +176,8 @@ def test_lean_lora_forward_backward_equals_peft(tiny_model):
             assert torch.allclose(fused.forward(m, x), m.base_layer(x), atol=1e-6)
 
 
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 def test_lean_lora_dropout_is_reproducible_and_scaled(tiny_model):
     """With dropout the lean kernel draws its own mask: same seed, same output; gradients consistent with it."""
     from peft.tuners.lora.bnb import Linear4bit
@@ -242,6 +250,8 @@ def test_lora_sum_keeps_small_deltas(tiny_model):
     assert kept[False] < 0.3, kept  # the check can fail: the two-rounding order loses the delta
 
 
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw_torch"])
 def test_flat_optimizer_update_equals_per_tensor(optim):
     """--flat_optim: one flat parameter gives bit for bit the update of one parameter per tensor (8-bit state
@@ -309,6 +319,8 @@ def test_compute_copy_is_used_only_while_the_weights_are_unchanged():
 
 
 # --------------------------------------------------------------------------- fused RMSNorm
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 def test_fused_rmsnorm_matches_hf(tiny_model):
     model = T.load_model(_args(tiny_model, "--no-packing")).model
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
@@ -426,6 +438,8 @@ def test_max_micro_tokens_packed_and_padded():
 
 
 # --------------------------------------------------------------------------- the CLI with the new flags
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 def test_fast_and_plain_paths_train_the_same(tiny_model, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     from common import chat_record, qa_messages
@@ -468,3 +482,21 @@ def test_bad_speed_flags_exit_2(tiny_model, tmp_path, capsys):
         T.build_parser().parse_args(["--liger", "flce,softmax"])
     assert e.value.code == 2
     assert T.build_parser().parse_args(["--liger", "FLCE, rope,flce"]).liger == "flce,rope"
+
+
+def test_fp32_packed_attention_never_takes_the_half_precision_kernel():
+    """The flash varlen kernel takes fp16/bf16 only: an fp32 run (--no-bf16) on a GPU whose self-test chose it
+    must take the per-sample path (it crashed with 'FlashAttention only support fp16 and bf16'). On CPU, where
+    varlen has no kernel at all, the same call shows the guard: it returns the per-sample result."""
+    from types import SimpleNamespace
+
+    from paperqa_tune.packing import packed_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 12, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    module = SimpleNamespace(num_key_value_groups=1, training=False, is_causal=True)
+    kw = {"cu_seq_lens_q": cu, "max_length_q": 7}
+    loop, _ = packed_attention_forward(module, q, k, v, None, scaling=0.35, impl="loop", **kw)
+    varlen, _ = packed_attention_forward(module, q, k, v, None, scaling=0.35, impl="varlen", **kw)
+    assert torch.equal(loop, varlen)

@@ -150,6 +150,7 @@ def greedy_answers(model, tok) -> list[str]:
     return answers
 
 
+@pytest.mark.numerics
 def test_learns_the_answers(tiny_model, qa8, tmp_path):
     """8 Q&As, 120 steps: greedy answers of the saved adapter match the references (token F1 >= 0.8, base <= 0.2)."""
     from peft import AutoPeftModelForCausalLM
@@ -175,6 +176,7 @@ def test_learns_the_answers(tiny_model, qa8, tmp_path):
 
 
 # --------------------------------------------------------------------------- kill and resume
+@pytest.mark.numerics
 def test_kill_and_resume_matches_uninterrupted(tiny_model, qa24, tmp_path, monkeypatch, capsys):
     # dropout on (the default is 0 since issue 5); rank 64: the LoRA tensors are big enough (4,096 elements) to
     # live in --flat_optim's flat buffer, so its checkpoint and resume are exercised too
@@ -330,12 +332,15 @@ def test_train_api_on_pretokenized_samples(tiny_model):
 
 
 # --------------------------------------------------------------------------- DDP: 2 CPU processes, gloo
+@pytest.mark.numerics
+@pytest.mark.cpu_only
 def test_ddp_two_processes_gloo_matches_one_process(tiny_model, qa24, tmp_path):
     # rank 64: the LoRA tensors live in --flat_optim's buffer, gathered after the all-reduce
     flags = ["--max_steps", 3, "--grad_accum", 1, "--save_steps", 2, "--lora_dropout", 0, "--val_fraction", 0,
              "--lora_r", 64, *FAST]
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "train_qlora_hf.py"), "--jsonl", str(qa24), "--model", str(tiny_model), "--out", str(out),
