@@ -11,7 +11,7 @@ from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
 from paperqa_tune.loading import attach_adapter, load_run_base, merged_model, run_tokenizer
 from paperqa_tune.runs import read_run
 import quick_infer as qi
-from numerics import assert_greedy_agrees, logit_tolerance, teacher_forced_logits
+from numerics import assert_greedy_agrees, four_bit_dtype, logit_tolerance, teacher_forced_logits
 from test_eval_compare import make_run
 
 N = 8
@@ -143,7 +143,8 @@ def test_merged_greedy_matches_adapter_path_fp32(tiny_model, tmp_path):
     ours = [generate_batch(merged, tok, [p], dec)[0][2] for p in prompts]
     ref = [generate_batch(adapter_path, tok, [p], dec)[0][2] for p in prompts]
     ref_logits = [teacher_forced_logits(adapter_path, p, r) for p, r in zip(prompts, ref)]
-    tol = logit_tolerance(merged, torch.float32, max(x.abs().max().item() for x in ref_logits))
+    scale = max(x.abs().max().item() for x in ref_logits)
+    tol = logit_tolerance(merged, four_bit_dtype(adapter_path, torch.float32), scale)
     for p, r, rl in zip(prompts, ref, ref_logits):
         assert (teacher_forced_logits(merged, p, r) - rl).abs().max().item() <= tol
     assert_greedy_agrees(adapter_path, prompts, ours, ref, tol)
