@@ -36,6 +36,20 @@ def supports(model, total_len: int) -> str | None:
     return None
 
 
+def left_pad(batch: list[list[int]], pad_id: int, device):
+    """Prompts of different lengths as one (batch, width) id tensor padded on the left with pad_id, and its
+    attention mask (1 on real tokens)."""
+    import torch
+
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class StaticKV:
     """Keys and values of every layer for a batch, allocated once: (batch, kv_heads, length, head_dim). The
     positions the next forward writes are `at` (a device tensor the loop moves), so a captured CUDA graph
@@ -192,8 +206,6 @@ def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, stream
     that must stop (e.g. grammar.BatchGrammar); streamer: transformers' streamer protocol (put the prompt, then
     each token; end)."""
     import torch
-
-    from paperqa_tune.generation import left_pad
 
     device = next(model.parameters()).device
     n, width = len(batch), max(len(x) for x in batch)

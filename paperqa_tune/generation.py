@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field
 
 from common import InputError, chat_text, encode_text, qa_messages
+from paperqa_tune import engine
+from paperqa_tune.engine import left_pad
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -103,18 +105,6 @@ def undecodable(text: str) -> str | None:
         f" at character {m.start()}"
 
 
-def left_pad(batch: list[list[int]], pad_id: int, device):
-    import torch
-
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, streamer=None,
                    seed: int | None = None, constraint=None) -> list[tuple[str, int, list[int]]]:
     """Answers for a batch of prompt ids: [(text, generated tokens incl. EOS, token ids)]. A reply without EOS
@@ -127,8 +117,6 @@ def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, stre
     import contextlib
 
     import torch
-
-    from paperqa_tune import engine
 
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id

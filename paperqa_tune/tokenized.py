@@ -1,7 +1,7 @@
 """Tokenizing a large training file once: `datasets.map` in worker processes, the result kept in Arrow files named
 by everything it depends on, read back on a rerun or a --resume of the same data.
 
-Used by train_qlora_hf.build_samples from CACHE_MIN_CHATS chats on; smaller data is tokenized in the training
+Used by paperqa_tune.chats.build_samples from CACHE_MIN_CHATS chats on; smaller data is tokenized in the training
 process, uncached (little to win). Measured on 240,000 chats (20k abstracts' worth, 2 shared cores): 13 minutes in
 one process, 7.7 with 2 workers, 23 s from the cache; peak memory 2.6 GB, 2.9 GB with datasets.
 """

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import eval_compare as ec
+from paperqa_tune import chats as C
 from paperqa_tune.generation import prompt_ids
 from paperqa_tune.loading import run_tokenizer
 from paperqa_tune.runs import read_run
@@ -70,9 +71,9 @@ def test_seed_workflow_holds_out_questions_and_evaluates_them(seed_run, tmp_path
 def test_one_system_prompt_token_for_token(seed_run, seed_data, monkeypatch, capsys):
     """The prompt evaluation and inference send is exactly the prefix training computed its labels after."""
     tok = run_tokenizer(read_run(seed_run))
-    chats = T.load_chats(seed_data)
+    chats = C.load_chats(seed_data)
     q = chats[0]["messages"][1]["content"]
-    train_ids = T.tokenize_chat(tok, chats[0]["messages"], 4096)
+    train_ids = C.tokenize_chat(tok, chats[0]["messages"], 4096)
     prompt_len = next(i for i, lab in enumerate(train_ids["labels"]) if lab != T.IGNORE)
     run = read_run(seed_run)
     held = ec.read_questions(seed_run / "eval_questions.jsonl")

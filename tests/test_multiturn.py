@@ -12,6 +12,7 @@ import generate_qa
 import train_qlora_hf as T
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import request_paper
+from paperqa_tune import chats as C
 from paperqa_tune import prompts
 from paperqa_tune.generation import prompt_ids
 from paperqa_tune.loading import load_tokenizer
@@ -84,8 +85,8 @@ def test_training_masks_every_answer_of_a_generated_conversation(tiny_model, tmp
     assert generate_qa.main(["--backend", "offline", "--input", str(DATA / "abstracts.jsonl"), "--turns", "3",
                              "--out", str(out / "train.jsonl"), "--eval_papers", "1"]) == 0
     tok = load_tokenizer(tiny_model, "right")
-    chats = T.load_chats(out / "train.jsonl")
-    samples, _ = T.build_samples(tok, chats[:5], 4096, out / "train.jsonl")
+    chats = C.load_chats(out / "train.jsonl")
+    samples, _ = C.build_samples(tok, chats[:5], 4096, out / "train.jsonl")
     for chat, s in zip(chats, samples):
         answers = [m["content"] for m in chat["messages"] if m["role"] == "assistant"]
         runs, cur = [], []

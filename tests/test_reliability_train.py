@@ -23,6 +23,7 @@ import torch
 
 import train_qlora_hf as T
 from common import chat_record, qa_messages
+from paperqa_tune import chats as C
 from paperqa_tune import checkpoints, runs
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.runs import STAGE_DIR, lock_path, read_run
@@ -441,7 +442,7 @@ def test_symlink_loop_is_exit_2_naming_it(where, data, tmp_path, capsys):
 def test_jsonl_with_a_utf8_bom_is_read(tiny_model, tmp_path, capsys):
     rows = [chat_record(qa_messages(q, a)) for q, a in QA[:2]]
     p = write_jsonl(tmp_path / "bom.jsonl", rows, prefix=b"\xef\xbb\xbf")
-    assert [c["line"] for c in T.load_chats(p)] == [1, 2]
+    assert [c["line"] for c in C.load_chats(p)] == [1, 2]
     assert run(p, tiny_model, tmp_path / "o", "--inspect", 1) == 0
     assert "--- line 1" in capsys.readouterr().out
     bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], "{oops"], prefix=b"\xef\xbb\xbf")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_qlora_hf as T
+from paperqa_tune import chats as C
 from paperqa_tune.packing import collate
 from paperqa_tune.samples import padding_share
 from paperqa_tune.loading import ensure_pad, load_tokenizer, resolve_precision
@@ -116,7 +117,7 @@ def test_single_turn_all_three_input_forms_token_by_token(tok, tmp_path):
         {"text": render_zephyr(SINGLE)},
         {"text": flat(SINGLE)},
     ])
-    samples, report = T.build_samples(tok, T.load_chats(data), 4096, data)
+    samples, report = C.build_samples(tok, C.load_chats(data), 4096, data)
     want_ids, want_labels = expected(tok, zephyr_pieces(SINGLE))
     assert report["dropped_too_long"] == 0
     for s in samples:
@@ -132,7 +133,7 @@ def test_single_turn_all_three_input_forms_token_by_token(tok, tmp_path):
 
 def test_multi_turn_trains_every_answer(tok, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI}, {"text": render_zephyr(MULTI)}, {"text": flat(MULTI)}])
-    samples, _ = T.build_samples(tok, T.load_chats(data), 4096, data)
+    samples, _ = C.build_samples(tok, C.load_chats(data), 4096, data)
     want_ids, want_labels = expected(tok, zephyr_pieces(MULTI))
     for s in samples:
         assert (s["input_ids"], s["labels"]) == (want_ids, want_labels)
@@ -149,9 +150,9 @@ def test_multi_turn_trains_every_answer(tok, tmp_path):
 def test_template_that_writes_bos_gets_exactly_one(tok):
     t2 = __import__("copy").deepcopy(tok)
     t2.chat_template = "{{ bos_token }}" + ZEPHYR_CHAT_TEMPLATE
-    s = T.tokenize_chat(t2, SINGLE, 4096)
+    s = C.tokenize_chat(t2, SINGLE, 4096)
     assert s["input_ids"].count(t2.bos_token_id) == 1 and s["input_ids"][0] == t2.bos_token_id
-    assert s == T.tokenize_chat(tok, SINGLE, 4096)
+    assert s == C.tokenize_chat(tok, SINGLE, 4096)
 
 
 def test_other_template_spans_found_from_the_template(tok):
@@ -159,14 +160,14 @@ def test_other_template_spans_found_from_the_template(tok):
     t2 = __import__("copy").deepcopy(tok)
     t2.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    s = T.tokenize_chat(t2, MULTI, 4096)
+    s = C.tokenize_chat(t2, MULTI, 4096)
     trained = [t for t, l in zip(s["input_ids"], s["labels"]) if l != -100]
     assert tok.decode(trained) == A1 + "<|im_end|>" + A2 + "<|im_end|>"
 
 
 def test_pad_never_hides_the_real_eos(tok):
     assert tok.pad_token == "<unk>" and tok.pad_token_id != tok.eos_token_id  # the tiny tokenizer had no pad
-    short, long_ = T.tokenize_chat(tok, SINGLE, 4096), T.tokenize_chat(tok, MULTI, 4096)
+    short, long_ = C.tokenize_chat(tok, SINGLE, 4096), C.tokenize_chat(tok, MULTI, 4096)
     # Zephyr's real tokenizer pads with </s>: collate with pad == eos and the trained </s> must survive
     batch = collate([short, long_], tok.eos_token_id, "cpu")
     n = len(short["input_ids"])
@@ -191,17 +192,17 @@ def test_missing_pad_falls_back_to_unk_then_eos(tok):
 
 # --------------------------------------------------------------------------- too long: never cut an answer
 def test_too_long_dropped_or_earlier_turns_dropped(tok, tmp_path):
-    single_len = len(T.tokenize_chat(tok, SINGLE, 4096)["input_ids"])
+    single_len = len(C.tokenize_chat(tok, SINGLE, 4096)["input_ids"])
     last_only = [MULTI[0]] + MULTI[3:]
-    last_len = len(T.tokenize_chat(tok, last_only, 4096)["input_ids"])
+    last_len = len(C.tokenize_chat(tok, last_only, 4096)["input_ids"])
     long_answer = [MULTI[0], MULTI[1], {"role": "assistant", "content": "word " * 200}]
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI}, {"messages": long_answer}, {"messages": SINGLE}])
     limit = max(single_len, last_len)
-    samples, report = T.build_samples(tok, T.load_chats(data), limit, data)
+    samples, report = C.build_samples(tok, C.load_chats(data), limit, data)
     assert report["dropped_too_long"] == 1 and report["dropped_lines"] == [2]
     assert report["trimmed_earlier_turns"] == 1
     assert [s["line"] for s in samples] == [1, 3]
-    assert samples[0]["input_ids"] == T.tokenize_chat(tok, last_only, 4096)["input_ids"]
+    assert samples[0]["input_ids"] == C.tokenize_chat(tok, last_only, 4096)["input_ids"]
     assert all(len(s["input_ids"]) <= limit for s in samples)
 
 
@@ -293,4 +294,4 @@ def test_slow_tokenizer_without_offsets_gives_the_same_labels(tok):
                 raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
             return self._inner(text, **kw)
 
-    assert T.tokenize_chat(Slow(tok), MULTI, 4096) == T.tokenize_chat(tok, MULTI, 4096)
+    assert C.tokenize_chat(Slow(tok), MULTI, 4096) == C.tokenize_chat(tok, MULTI, 4096)
