@@ -60,7 +60,7 @@ from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_t
 from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter_fits, choose_mode, dequantize_,
                                   load_run_base, max_positions, model_config, require_adapter_weights,
                                   run_tokenizer)
-from paperqa_tune.outputs import OutputSet
+from paperqa_tune.outputs import OutputSet, run_command
 from paperqa_tune.report import SIDES, open_outputs, output_paths
 from paperqa_tune.runs import Run, read_run
 
@@ -503,7 +503,10 @@ def rescore(args) -> int:
     if qfile and not args.questions and not Path(qfile).is_file():
         qfile = None  # the questions the evaluation used are gone: no abstracts for the judge
     inputs = ([] if in_place else [src]) + ([qfile] if qfile and resolve_path(qfile, "--questions") != src_real else [])
-    with open_outputs(paths, False, inputs, args.overwrite or in_place) as outs:
+    with open_outputs(paths, False, inputs, args.overwrite or in_place, run_command("eval_compare.py", args)) as outs:
+        if outs.finished_earlier:
+            print(outs.finished_note(), file=sys.stderr)
+            return 0
         questions = {}
         if qfile:  # for the abstracts the judge grounds on
             questions = {q["id"]: q for q in read_questions(Path(qfile))}
@@ -537,7 +540,11 @@ def _main(argv=None) -> int:
     paths = output_paths(Path(args.out or DEFAULT_OUT))
     checkpoints = find_checkpoints(run, args.checkpoints) if args.checkpoints is not None else []
     config = model_config(run.base_model, args.trust_remote_code)  # found, and no custom code without the flag
-    with open_outputs(paths, args.checkpoints is not None, [qpath, *run_files(run)], args.overwrite) as outs:
+    with open_outputs(paths, args.checkpoints is not None, [qpath, *run_files(run)], args.overwrite,
+                      run_command("eval_compare.py", args)) as outs:
+        if outs.finished_earlier:
+            print(outs.finished_note(), file=sys.stderr)
+            return 0
         return evaluate(args, run, questions, (qpath, where), checkpoints, max_positions(config), paths, outs,
                         t_start)
 

@@ -57,7 +57,7 @@ from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CON
                               TIMEOUT_RETRIES, TOKENS_PER_ITEM, TOKENS_SLACK, HFBackend, OpenAIBackend, Outcome,
                               Progress, ResponseCache, Stats, resolve_request_defaults, sized_max_tokens)
 from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_conversations
-from paperqa_tune.outputs import OutputSet, write_staged
+from paperqa_tune.outputs import OutputSet, run_command, write_staged
 from paperqa_tune.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA,
                                   conversations_per_source, generation_messages, items_asked, judge_messages,
                                   prompts_hash, repair_messages, type_quotas)
@@ -275,7 +275,8 @@ FLAG_OF = {"train": "--out", "eval": "--eval_out", "rejects": "--rejects", "mani
 def output_set(args, paths: dict[str, Path]) -> OutputSet:
     """The four outputs, written together at the end (the cache is not one of them: it is the append-only resume
     log and survives a failed run, so it only has to stay clear of the inputs and outputs)."""
-    outs = OutputSet({FLAG_OF[k]: paths[k] for k in FLAG_OF}, inputs=args.input, overwrite=args.overwrite)
+    outs = OutputSet({FLAG_OF[k]: paths[k] for k in FLAG_OF}, inputs=args.input, overwrite=args.overwrite,
+                     command=run_command("generate_qa.py", args))
     cache = paths["cache"]
     if cache.is_dir():
         raise InputError(f"--cache {cache} is a folder; give a file path")
@@ -688,7 +689,16 @@ def _main(argv=None) -> int:
     outs = output_set(args, paths)  # exits 2 on outputs that clash with each other, an input or the cache
     read = read_inputs(args)  # before the lock: bad input exits 2 having created nothing (not even a folder)
     with outs:  # locked: a second run on these outputs is refused; ours replace the old ones only at commit()
+        if outs.finished_earlier:  # this command's run was killed in its commit, now completed: nothing to redo
+            print(outs.finished_note(), file=sys.stderr)
+            failed_run_rejects(paths).unlink(missing_ok=True)  # as that run would have, right after its commit
+            return 0
         return _run(args, argv, paths, outs, t0, read)
+
+
+def failed_run_rejects(paths: dict[str, Path]) -> Path:
+    """Where a run that kept no pair writes why (beside the cache: it is not an output)."""
+    return paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")
 
 
 def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: tuple) -> int:
@@ -788,7 +798,7 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
     items = quality_items(convs, by_unit, held_out, args.turns)
     quality = quality_report(items, rejects)
     report_run(args, paths, stats, counts, manifest, generated, kept, train, evals, held_out)
-    why = paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")
+    why = failed_run_rejects(paths)
     if not convs:
         # A failed run replaces nothing: the reasons go beside the cache, the outputs stay as they were.
         try:

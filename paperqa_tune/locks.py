@@ -4,9 +4,10 @@ training's beside its run folder (runs.RunLock).
     with LockFile(path, "models/run", "choose another --out"):
         ...   # no second run writes the same outputs meanwhile
 
-The file holds "pid host". A second run is refused (InputError naming the lock and who holds it); a lock whose
-process is gone (killed on this host), or whose text is not ours (garbage), is taken over; an empty one is left
-alone for EMPTY_GRACE_S (a run that has just created it is about to write its pid). Folders the lock had to create
+The file holds "pid host" (and a word a run adds with note(): OutputSet's "committed:<command>"). A second run
+is refused (InputError naming the lock and who holds it); a lock whose process is gone (killed on this host), or
+whose text is not ours (garbage), is taken over (its text kept in `taken_over`); an empty one is left alone for
+EMPTY_GRACE_S (a run that has just created it is about to write its pid). Folders the lock had to create
 for itself are removed again on release when nothing else was put in them: a run refused or failed on bad input
 leaves no folder behind.
 """
@@ -69,6 +70,7 @@ class LockFile:
     def __init__(self, path: str | os.PathLike, what: str, instead: str = "choose other output paths"):
         self.path, self.what, self.instead = Path(path), what, instead
         self.held, self.created = False, []
+        self.taken_over: str | None = None  # the text of a stale lock this one replaced (see note())
 
     def holder(self) -> str | None:
         """Who may still hold the lock ('process P', 'process P on host H'), or None when it is stale."""
@@ -111,6 +113,8 @@ class LockFile:
                     raise InputError(f"another run ({who}) is writing {self.what}: it holds the lock {self.path}; "
                                      f"wait for it to finish or {self.instead} (delete the lock only if no such run "
                                      "exists)") from None
+                with contextlib.suppress(OSError):
+                    self.taken_over = self.path.read_text(encoding="utf-8", errors="replace")
                 self.path.unlink(missing_ok=True)  # left by a killed run: take it over
                 continue
             self.held = True  # the file is ours from here on: release() removes it whatever happens next
@@ -125,6 +129,16 @@ class LockFile:
         except OSError as e:  # a full disk: exit 1 naming the lock, not a traceback
             raise RunFailure(f"cannot write the lock {self.path}: {e.strerror or e}; free space on that disk (or fix "
                              "its permissions), then rerun") from None
+
+    def note(self, word: str) -> None:
+        """Add `word` to the held lock's text ("pid host word"), atomically (renamed over it: never an empty or
+        half-written lock): what a run that takes this lock over after a kill reads in `taken_over`."""
+        tmp = self.path.with_name(self.path.name + ".partial")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()} {word}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def release(self) -> None:
         """Drop the lock (if held) and the folders acquire() created, when nothing else went into them."""

@@ -318,9 +318,11 @@ OUTPUTS = {"csv": "--out", "marking": "the marking sheet", "plot": "the chart", 
 COMMIT_ORDER = ("curve_csv", "curve_plot", "marking", "plot", "csv", "summary")
 
 
-def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool):
+def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool, command=None):
     """The evaluation's OutputSet (with the learning curve's files when `curve`): distinct outputs, none an
-    input, nor the answer cache one; existing ones replaced only with overwrite. `with` it to hold the lock."""
+    input, nor the answer cache one; existing ones replaced only with overwrite. `with` it to hold the lock;
+    `command` (outputs.run_command) lets a rerun of the same command finish a commit cut short and stop there
+    (OutputSet.finished_earlier)."""
     from paperqa_tune.outputs import OutputSet
 
     for i in inputs:
@@ -328,7 +330,7 @@ def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool):
             raise InputError(f"{i} is this run's answer cache (<out stem>.cache.jsonl), where answers are appended; "
                              "choose another --out")
     keys = [k for k in OUTPUTS if curve or not k.startswith("curve")]
-    return OutputSet({OUTPUTS[k]: paths[k] for k in keys}, inputs=inputs, overwrite=overwrite)
+    return OutputSet({OUTPUTS[k]: paths[k] for k in keys}, inputs=inputs, overwrite=overwrite, command=command)
 
 
 def write_outputs(outs, rows: list[dict], summary: dict, criteria: list[str], pairwise: bool,

@@ -261,3 +261,160 @@ def test_quick_infer_bad_adapter_into_a_new_merge_folder_leaves_none(tmp_path, c
         assert quick_infer.main(["--adapter", str(adapter), "--merge_out", str(out)]) == 2
         assert str(adapter) in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_run"]
+
+
+# --------------------------------------------------------------------------- issue 24: commits cut short by a kill
+def _journal(folder: Path, first: str, command, moves) -> None:
+    from paperqa_tune.outputs import command_digest
+
+    (folder / f".{first}.commit.json").write_text(json.dumps({"command": command_digest(command), "moves": moves}))
+
+
+def test_a_commit_of_the_same_command_cut_short_is_finished_not_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    dead = 2 ** 22 + 12345
+    (tmp_path / ".a.lock").write_text(f"{dead} {socket.gethostname()}")
+    a.write_text("new a")  # renamed before the kill; b still under its temp name, the old b already removed
+    (tmp_path / f".b.{dead}.partial").write_text("new b")
+    _journal(tmp_path, "a", {"cmd": 1}, [[str(tmp_path / f".a.{dead}.partial"), str(a)],
+                                         [str(tmp_path / f".b.{dead}.partial"), str(b)]])
+    outs = OutputSet({"--out": a, "--manifest": b}, command={"cmd": 1})  # no overwrite: not refused
+    with outs:
+        assert outs.finished_earlier and (a.read_text(), b.read_text()) == ("new a", "new b")
+        assert "nothing was redone" in outs.finished_note()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    # whole now, and not cut short: another run of the same command needs --overwrite, like any finished set
+    with pytest.raises(InputError, match="already exist"):
+        OutputSet({"--out": a, "--manifest": b}, command={"cmd": 1})
+    # another command's commit cut short: completed as that run wrote it, then refused, saying so
+    (tmp_path / f".b.{dead}.partial").write_text("other b")
+    _journal(tmp_path, "a", {"cmd": 2}, [[str(tmp_path / f".b.{dead}.partial"), str(b)]])
+    with pytest.raises(InputError, match="another command was stopped .* pass --overwrite"):
+        with OutputSet({"--out": a, "--manifest": b}, command={"cmd": 1}):
+            pass
+    assert b.read_text() == "other b" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_a_run_killed_after_its_commit_but_holding_the_lock_counts_as_finished(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with OutputSet({"--out": a, "--manifest": b}, command=["x"]) as outs:
+        for name in ("--out", "--manifest"):
+            outs.stage(name).write_text("new")
+        outs.commit()
+        held = (tmp_path / ".a.lock").read_text()
+    assert held.split()[2:] and held.split()[2].startswith("committed:")  # the lock said so before its release
+    dead = 2 ** 22 + 12345
+    (tmp_path / ".a.lock").write_text(f"{dead} {socket.gethostname()} {held.split()[2]}")  # killed right there
+    outs = OutputSet({"--out": a, "--manifest": b}, command=["x"])
+    with outs:
+        assert outs.finished_earlier
+    (tmp_path / ".a.lock").write_text(f"{dead} {socket.gethostname()} {held.split()[2]}")
+    with pytest.raises(InputError, match="another command .* pass --overwrite"):
+        OutputSet({"--out": a, "--manifest": b}, command=["y"]).lock()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_an_output_staged_but_not_written_leaves_no_older_one_beside_the_new_set(tmp_path):
+    """A chart not drawn (no matplotlib) must not leave the previous run's chart beside the new data."""
+    a, chart, b = tmp_path / "a", tmp_path / "chart.png", tmp_path / "b"
+    for p in (a, chart, b):
+        p.write_text("old")
+    with OutputSet({"--out": a, "chart": chart, "--manifest": b}, overwrite=True) as outs:
+        outs.stage("--out").write_text("new")
+        outs.stage("chart")  # asked for, never written
+        outs.stage("--manifest").write_text("new")
+        outs.commit()
+    assert (a.read_text(), b.read_text(), chart.exists()) == ("new", "new", False)
+
+
+def test_the_journal_holds_absolute_paths(tmp_path, monkeypatch):
+    """A run given relative paths, killed in its commit, is completed by a rerun from another folder."""
+    import paperqa_tune.outputs as outputs_mod
+
+    class Killed(BaseException):
+        pass
+
+    def killed(moves):
+        raise Killed
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    outs = OutputSet({"--out": "a", "--manifest": "b"})
+    outs.lock()
+    for name in ("--out", "--manifest"):
+        outs.stage(name).write_text("new")
+    monkeypatch.setattr(outputs_mod.OutputSet, "_apply", staticmethod(killed))
+    with pytest.raises(Killed):
+        outs.commit()
+    monkeypatch.undo()
+    journal = json.loads((tmp_path / ".a.commit.json").read_text())
+    assert all(Path(p).is_absolute() for move in journal["moves"] for p in move)
+    outs._lock.held = False  # the killed run's lock stays, its process "gone": taken over as stale below
+    (tmp_path / ".a.lock").write_text(f"{2 ** 22 + 12345} {socket.gethostname()}")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(InputError, match="already exist"):  # no command given: completed, then refused
+        OutputSet({"--out": tmp_path / "a", "--manifest": tmp_path / "b"}).lock()
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "new"
+
+
+EVAL_SET = ("evaluation.csv", "evaluation_for_marking.csv", "summary.json", "results_bar.png")
+
+
+def _eval_set(folder: Path) -> dict[str, bytes | None]:
+    return {n: (folder / n).read_bytes() if (folder / n).exists() else None for n in EVAL_SET}
+
+
+def _hand_made_csv(path: Path) -> None:
+    import csv
+
+    rows = [{"id": f"q{i}", "type": ["factual", "conceptual", "unanswerable"][i % 3],
+             "question": f"What does paper {i} find?", "reference": f"Paper {i} finds a gain of {i} points.",
+             "base_answer": f"It finds {i} points." if i % 2 else "I don't know.",
+             "finetuned_answer": f"Paper {i} finds a gain of {i} points."} for i in range(6)]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_eval_compare_rescore_killed_at_every_write_then_the_same_command_completes(tmp_path, capsys, monkeypatch):
+    """`eval_compare.py --rescore evaluation.csv --f1_threshold 0.9` (in place, over an earlier rescored set) killed
+    with SIGKILL just before each of its writes: the four outputs are the old set or the new one (a mix only under
+    the commit journal, and then without summary.json), and the same command run again exits 0 with the bytes of
+    an uninterrupted run and nothing else left behind."""
+    import shutil
+
+    import eval_compare
+    import killpoints
+
+    d = tmp_path / "eval"
+    d.mkdir()
+    _hand_made_csv(d / "evaluation.csv")
+    monkeypatch.chdir(ROOT)
+    assert eval_compare.main(["--rescore", str(d / "evaluation.csv")]) == 0
+    old = _eval_set(d)
+    keep = tmp_path / "old"
+    shutil.copytree(d, keep)
+    cmd = ["eval_compare.py", "--rescore", str(d / "evaluation.csv"), "--f1_threshold", "0.9"]
+    proc, events = killpoints.count(cmd, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    new = _eval_set(d)
+    assert new != old and None not in new.values()
+    finished = 0
+    for k in range(1, len(events) + 1):
+        where = f"killed before write {k} {events[k - 1]}"
+        shutil.rmtree(d)
+        shutil.copytree(keep, d)
+        killed = killpoints.run(cmd, kill_at=k, cwd=ROOT)
+        assert killed.returncode == -9, f"{where}: {killed.returncode} {killed.stderr[-2000:]}"
+        got, journal = _eval_set(d), (d / ".evaluation.csv.commit.json").exists()
+        if got not in (old, new):
+            assert journal and got["summary.json"] is None, f"{where}: a mix without a journal, or with a summary"
+            assert all(got[n] in (old[n], new[n]) for n in EVAL_SET if n != "summary.json"), where
+        capsys.readouterr()
+        assert eval_compare.main(cmd[1:]) == 0, f"{where}: {capsys.readouterr().err[-2000:]}"
+        err = capsys.readouterr().err
+        assert _eval_set(d) == new, where
+        assert sorted(p.name for p in d.iterdir()) == sorted(EVAL_SET), (where, sorted(p.name for p in d.iterdir()))
+        finished += "nothing was redone" in err
+    assert finished >= 4  # every rename of the commit was a kill point

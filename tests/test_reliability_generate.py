@@ -604,3 +604,89 @@ def test_bad_input_into_new_folders_leaves_none_behind(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
     assert generate_qa.main(["--input", str(DATA / "abstracts.jsonl"), *flags]) == 0
     assert out.is_file() and eval_out.is_file()
+
+
+# =========================================================================== issue 24: a kill -9 at every write
+GEN_OUTS = ("train.jsonl", "eval.jsonl", "rejects_train.jsonl", "train.manifest.json", "train.quality.json",
+            "train.quality.png")
+VOLATILE = ("created", "seconds")  # the manifest's clock readings: the only bytes two runs may differ in
+
+
+def whole_set(out: Path) -> dict[str, bytes | None]:
+    """Every output of the set (quality report and chart too), the manifest without its clock readings."""
+    got = {n: (out / n).read_bytes() if (out / n).exists() else None for n in GEN_OUTS}
+    if got["train.manifest.json"] is not None:
+        man = json.loads(got["train.manifest.json"])
+        got["train.manifest.json"] = json.dumps({k: v for k, v in man.items() if k not in VOLATILE}).encode()
+    return got
+
+
+def _reset(out: Path, state: dict[str, bytes] | None) -> None:
+    """`out` holding exactly the files of `state` (None: not there at all)."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    for rel, data in (state or {}).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+
+
+def _check_killed_state(out: Path, old: dict, new: dict, where: str) -> bool:
+    """After a kill: the old set or the new one; a mix only while the commit journal says how it ends, and then
+    without the manifest (the set reads as unfinished). Returns whether a journal was left."""
+    got = whole_set(out)
+    journal = (out / ".train.jsonl.commit.json").exists()
+    if got in (old, new):
+        return journal
+    assert journal, f"{where}: a mix of old and new outputs with no commit journal: {got.keys()}"
+    assert got["train.manifest.json"] is None, f"{where}: a half-renamed set still has a manifest"
+    for name in (n for n in GEN_OUTS if n != "train.manifest.json"):  # the manifest: gone
+        assert got[name] in (old[name], new[name]), f"{where}: {name} is neither the old nor the new file"
+    return journal
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["first_run", "replacing"])
+def test_kill_9_at_every_write_of_the_commit_then_the_same_command_completes(tmp_path, capsys, monkeypatch, earlier):
+    """A real generate_qa process killed (SIGKILL) just before each of its final writes -- the staged files, the
+    journal, every rename of the commit, the journal's removal: afterwards the outputs are the old set or the new
+    one (a mix only under a commit journal, without a manifest), and the same command run again, with no
+    --overwrite it did not have, exits 0 and leaves the bytes of an uninterrupted run, and no lock, temp file or
+    journal. Over an earlier set the command has --overwrite, as a user's replacing run does."""
+    import killpoints
+
+    out = tmp_path / "out"
+    argv = ["--backend", "offline", "--input", str(ROOT / "data" / "sample_abstracts.jsonl"),
+            "--out", str(out / "train.jsonl"), "--eval_out", str(out / "eval.jsonl")] + (["--overwrite"] * earlier)
+    old_state = None
+    if earlier:  # another command's finished set, to be replaced
+        assert generate_qa.main(offline(out, inputs=(DATA / "abstracts.csv",))) == 0
+        old_state = snapshot(out)
+    old = whole_set(out)
+    _reset(out, old_state)
+    proc, events = killpoints.count(["generate_qa.py", *argv], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    new = whole_set(out)
+    assert None not in new.values() and new != old
+    first = 1 if not earlier else next(i for i, (op, p) in enumerate(events, 1) if p.endswith(".commit.json.partial"))
+    assert any(op == "replace" and p.endswith(".train.jsonl.commit.json.partial") for op, p in events)
+    monkeypatch.chdir(ROOT)  # the reruns run where the killed process ran: the same command
+    finished = 0
+    for k in range(first, len(events) + 1):
+        where = f"killed before write {k} {events[k - 1]}"
+        _reset(out, old_state)
+        killed = killpoints.run(["generate_qa.py", *argv], kill_at=k, cwd=ROOT)
+        assert killed.returncode == -signal.SIGKILL, f"{where}: {killed.returncode} {killed.stderr[-2000:]}"
+        journal = _check_killed_state(out, old, new, where)
+        capsys.readouterr()
+        assert generate_qa.main(argv) == 0, f"{where}: {capsys.readouterr().err[-2000:]}"
+        err = capsys.readouterr().err
+        assert whole_set(out) == new, where
+        assert not leftovers(out) and not (out / ".train.jsonl.commit.json").exists(), (where, leftovers(out))
+        if journal:  # completed, not redone
+            finished += 1
+            assert "nothing was redone" in err, (where, err[-1000:])
+    assert finished >= 6  # every rename of the commit was a kill point
+    # a set that is whole still needs --overwrite from another command, and this command with it still works
+    if not earlier:
+        capsys.readouterr()
+        assert generate_qa.main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
