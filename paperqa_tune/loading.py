@@ -3,12 +3,14 @@ base exactly as training quantised it, and the dense/merged forms evaluation and
 code from the hub never runs unless the caller passes trust_remote_code=True."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from common import ADAPTER_WEIGHTS, InputError, RunFailure, ensure_chat_template, os_error_text
 from paperqa_tune.outputs import pid_alive
@@ -50,7 +52,8 @@ def load_tokenizer(source, padding_side: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        with model_file_errors(source, "tokenizer"):
+            tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise InputError(_custom_code_message(source, e) or f"cannot load the tokenizer from {source}: {e}") from None
     ensure_chat_template(tok)
@@ -85,7 +88,11 @@ def load_causal_lm(name, dtype, device=None, quantized: bool = True, attn_implem
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(str(name), **kw)
+        with model_file_errors(name):
+            model = AutoModelForCausalLM.from_pretrained(str(name), **kw)
+            if quantized:  # transformers checks no shapes when it quantises while loading
+                check_weight_shapes(model, name)
+            return model
     except OSError as e:
         raise InputError(f"cannot load model {name}: {e}") from None
     except ValueError as e:
@@ -125,7 +132,8 @@ def model_config(name: str, trust_remote_code: bool = False, what: str = "base m
     if Path(name).is_file():
         raise InputError(f"{what} {name} is a file; pass the model's folder (with config.json)")
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        with model_file_errors(name, "config"):
+            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise InputError(_custom_code_message(name, e) or f"cannot read the config of {what} {name}: "
                          f"{_first_line(e)}") from None
@@ -146,6 +154,157 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+# --------------------------------------------------------------------------- corrupt or foreign model files
+MODEL_FIX = "re-download or re-convert the model, or pass another one"
+RUN_FIX = "copy the run folder again or rerun the training, or pass --adapter with another run"
+
+
+@contextlib.contextmanager
+def model_file_errors(source, what: str = "model") -> Iterator[None]:
+    """Turn what a corrupt or foreign model folder raises while loading (a safetensors header that is not one, a
+    truncated shard, a config.json or tokenizer file that is not JSON, a model_type transformers lacks, weights of
+    other shapes than the config gives) into an InputError naming the file and what to do. `what`: "model",
+    "tokenizer", "config" or "adapter" (a run folder's LoRA). Anything else (out of memory, a CUDA error) is
+    raised as it is."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:
+        msg = bad_model_files(source, e, what)
+        if msg is None:
+            raise
+        raise InputError(msg) from None
+
+
+def _local_folder(source) -> Path | None:
+    """The folder holding a model's files: a local path, or a hub id's snapshot in the local cache; else None."""
+    p = Path(str(source)).expanduser()
+    if p.is_dir():
+        return p
+    if p.is_file():
+        return p.parent
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except Exception:
+        return None
+
+
+def _bad_safetensors(folder: Path | None, source) -> tuple[Path | str, str]:
+    """(the first .safetensors file under `folder` that safetensors cannot open, why) -- or (source, '') when
+    every file opens (or there is no local folder)."""
+    if folder is not None:
+        from safetensors import safe_open
+
+        for f in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    h.keys()
+            except Exception as e:
+                return f, _safetensors_reason(e)
+    return source, ""
+
+
+def _safetensors_reason(e: Exception) -> str:
+    text = _first_line(e).replace("Error while deserializing header: ", "")
+    if "not fully covered" in text or "incomplete metadata" in text:
+        return f"truncated: the file is shorter than its header says ({text})"
+    return f"not a valid safetensors file ({text})"
+
+
+def _bad_json(folder: Path | None, names=None) -> tuple[Path, str] | None:
+    """(the first JSON file under `folder` (or of `names`) that does not parse, why), else None."""
+    if folder is None:
+        return None
+    for f in sorted(folder.glob("*.json")) if names is None else [folder / n for n in names]:
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            return f, _first_line(e)
+    return None
+
+
+def _is_safetensors_error(e: Exception) -> bool:
+    return type(e).__name__ == "SafetensorError" or "while deserializing header" in str(e)
+
+
+def bad_model_files(source, e: Exception, what: str = "model") -> str | None:
+    """The message for an error `e` raised while loading `source` that says its files are corrupt or foreign,
+    naming the file where it can be found; None for any other error."""
+    fix = RUN_FIX if what == "adapter" else MODEL_FIX
+    kind = "run's adapter" if what == "adapter" else "model's"
+    text = str(e)
+    if _is_safetensors_error(e):
+        folder = _local_folder(source)
+        f, why = _bad_safetensors(folder, source)
+        return f"{f}: {why or _safetensors_reason(e)}; the {kind} weights are corrupt or incomplete; {fix}"
+    if isinstance(e, json.JSONDecodeError) or "not a valid JSON file" in text:
+        bad = _bad_json(_local_folder(source))
+        where, why = bad if bad else (source, _first_line(e))
+        return f"{where}: not valid JSON ({why}); the {kind} files are corrupt or incomplete; {fix}"
+    if "did not match any variant" in text or "untagged enum" in text:  # tokenizers: tokenizer.json of a foreign shape
+        folder = _local_folder(source)
+        where = folder / "tokenizer.json" if folder is not None else source
+        return f"{where}: not a tokenizer file this version of tokenizers reads ({_first_line(e)}); {fix}"
+    if isinstance(e, ValueError) and ("Unrecognized model" in text or "does not recognize this architecture" in text
+                                      or "Unrecognized configuration class" in text):
+        folder = _local_folder(source)
+        where = folder / "config.json" if folder is not None else source
+        return (f"{where}: transformers cannot build this model ({_first_line(e)}); a config.json of another kind "
+                f"of model, or one for a newer transformers (pip install -U transformers); {fix}")
+    if isinstance(e, RuntimeError) and ("size mismatch" in text or "ignore_mismatched_sizes" in text):
+        folder = _local_folder(source)
+        where = folder / "config.json" if folder is not None else source
+        detail = ("the layers marked MISMATCH in the report above" if "ignore_mismatched_sizes" in text
+                  else _first_line(e))
+        return (f"{source}: its weights do not have the shapes {where} gives (a config.json of another model, or "
+                f"weights converted wrongly): {detail}; {fix}")
+    if "PytorchStreamReader" in text or type(e).__name__ == "UnpicklingError":
+        folder = _local_folder(source)
+        bins = sorted(folder.glob("*.bin")) if folder is not None else []
+        where = bins[0] if len(bins) == 1 else source
+        return f"{where}: unreadable PyTorch weights ({_first_line(e)}); the {kind} weights are corrupt; {fix}"
+    return None
+
+
+def _weight_shapes(folder: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Every floating-point 2-D tensor in the folder's .safetensors files -> (file, shape), from the headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                sl = h.get_slice(key)
+                if sl.get_dtype() in ("F32", "F16", "BF16") and len(sl.get_shape()) == 2:
+                    shapes[key] = (f, sl.get_shape())
+    return shapes
+
+
+def check_weight_shapes(model, source) -> None:
+    """InputError when a linear layer's weights in a local model folder have other sizes than the loaded model's
+    layer (built from config.json): 4-bit loading checks no shapes, and would quantise them anyway. Reads only the
+    safetensors headers; keys it cannot map to a layer (a renamed checkpoint, packed 4-bit weights) are skipped."""
+    folder = Path(str(source)).expanduser()
+    if not folder.is_dir():
+        return
+    modules = dict(model.named_modules())
+    for key, (f, shape) in _weight_shapes(folder).items():
+        if not key.endswith(".weight"):
+            continue
+        mod = modules.get(key[:-len(".weight")])
+        want = (getattr(mod, "out_features", None), getattr(mod, "in_features", None))
+        if None in want or list(want) == list(shape):
+            continue
+        raise InputError(f"{f}: its weights do not have the shapes {folder / 'config.json'} gives ({key} is "
+                         f"{list(shape)}, the config makes that layer {list(want)}: a config.json of another model, "
+                         f"or weights converted wrongly); {MODEL_FIX}")
+
+
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$")
 
 
@@ -159,7 +318,7 @@ def adapter_mismatch(model, adapter: Path) -> str | None:
     from safetensors import safe_open
 
     modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as f:
+    with model_file_errors(adapter, "adapter"), safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             m = _LORA_KEY.match(key)
             if not m:
@@ -229,7 +388,9 @@ def load_run_base(run, trust_remote_code: bool = False):
     try:
         model = load_causal_lm(run.base_model, dtype, device, trust_remote_code=trust_remote_code)
     except InputError as e:
-        raise InputError(f"{e}; pass --base_model") from None
+        msg = str(e)
+        raise InputError(msg.replace(MODEL_FIX, f"{MODEL_FIX} with --base_model") if MODEL_FIX in msg
+                         else f"{msg}; pass --base_model") from None
     return model.eval()
 
 
@@ -254,7 +415,8 @@ def attach_adapter(model, adapter: Path):
 
     check_adapter_fits(model, adapter)
     try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+        with model_file_errors(adapter, "adapter"):
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
     except RuntimeError as e:  # what the header check cannot see (e.g. an adapter saved as .bin)
         if "size mismatch" not in str(e):
             raise
@@ -275,11 +437,35 @@ def _stale(path: Path, prefix: str) -> bool:
     return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
+def _write_error_text(e: BaseException) -> str | None:
+    """A write failure in words: an OSError, or safetensors' SafetensorError wrapping one (what save_file raises
+    on a full disk: 'Error while serializing: I/O error: No space left on device (os error 28)'); else None."""
+    if isinstance(e, OSError):
+        return os_error_text(e)
+    text = str(e)
+    if type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        m = re.search(r"\(os error (\d+)\)", text)
+        code = int(m.group(1)) if m else None
+        return os_error_text(OSError(code, os.strerror(code))) if code else _first_line(e)
+    return None
+
+
+def _free_space(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            free = shutil.disk_usage(p).free
+        except OSError:
+            continue
+        return f"{free / 2**30:.2f} GiB free there" if free >= 2**30 else f"{free / 2**20:.1f} MiB free there"
+    return "free space unknown"
+
+
 def write_folder(out: Path, write: Callable[[Path], None]) -> None:
     """Build a folder under a temp name beside `out` (`write(tmp)` fills it), then rename it into place,
     replacing `out` (an empty folder, or one the caller has checked may be replaced). A failure removes
     the temp folder and leaves `out` as it was; a kill leaves at most a hidden temp folder, removed by the
-    next call. OSError (a full disk) becomes RunFailure."""
+    next call. OSError or safetensors' I/O error (a full disk) becomes RunFailure naming `out` and the free
+    space."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{out.name}."
@@ -303,15 +489,15 @@ def write_folder(out: Path, write: Callable[[Path], None]) -> None:
             if out.exists():
                 out.rmdir()
             os.replace(tmp, out)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
             os.replace(old, out)  # the second rename failed: put the previous folder back
-        raise RunFailure(f"cannot write {out}: {os_error_text(e)}; nothing was written there (it is as "
-                         "it was)") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        text = _write_error_text(e) if isinstance(e, Exception) else None
+        if text is None:
+            raise
+        raise RunFailure(f"cannot write {out} ({_free_space(out.parent)}): {text}; nothing was written there "
+                         "(it is as it was)") from None
 
 
 # --------------------------------------------------------------------------- memory for generation

@@ -626,6 +626,7 @@ def test_merge_out_disk_full_leaves_nothing_and_the_rerun_works(ev, tmp_path, ca
     out = tmp_path / "merged"
     rc, _, err = run_qi(capsys, ["--adapter", ev["tiny_run"], "--merge_out", out])
     assert rc == 1 and "No space left on device" in err and "nothing was written there" in err
+    assert f"cannot write {out} (" in err and "free there" in err  # the folder, and the space left on its disk
     assert list(tmp_path.iterdir()) == []  # no half-written folder, no temp folder
     monkeypatch.undo()
     rc, _, err = run_qi(capsys, ["--adapter", ev["tiny_run"], "--merge_out", out])
