@@ -262,7 +262,7 @@ def sha256_text(text: str) -> str:
 
 
 DEFAULT_RUN_DIR = "models/zephyr-7b-qlora"  # the run folder evaluation and inference read by default
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a run folder's LoRA weights, written last: they mark it finished
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a run folder's LoRA weights (then metrics.json says finished)
 HELDOUT_QUESTIONS_FILE = "eval_questions.jsonl"  # a run folder's held-out samples, as evaluation questions
 
 
@@ -384,3 +384,16 @@ def encode_text(tokenizer, text: str) -> list[int]:
         ids = [tokenizer.bos_token_id] + ids
     return ids
 
+
+def finite_float(text: str) -> float:
+    """argparse type for a float flag: a finite number. inf and nan (any spelling float() takes) are refused at parse
+    time, so argparse exits 2 naming the flag ("argument --lr: ..."), before anything is read or written."""
+    import math
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a finite value")
+    return value

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError,
-                    eval_questions_path, read_jsonl, resolve_path, run_main, sha256_file, sha256_text)
+                    eval_questions_path, finite_float, read_jsonl, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune import report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoints", nargs="*", default=None, metavar="DIR",
       help="also evaluate these checkpoint folders, or with no folder every checkpoint the run kept "
            "(train with --keep_checkpoints), and write learning_curve.csv/.png (default: off)")
-    a("--f1_threshold", type=float, default=0.4,
+    a("--f1_threshold", type=finite_float, default=0.4,
       help="token F1 against the reference at which an answerable question counts as correct")
     a("--max_new_tokens", type=int, default=256, help="answer length limit")
     a("--min_new_tokens", type=int, default=0,
@@ -432,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="prompts per generate call (default: from free GPU memory; 8 on CPU)")
     a("--seed", type=int, default=0, help="random seed for sampling and the bootstrap")
     a("--do_sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
-    a("--temperature", type=float, default=0.7, help="sampling temperature with --do_sample")
-    a("--top_p", type=float, default=0.9, help="nucleus sampling with --do_sample")
+    a("--temperature", type=finite_float, default=0.7, help="sampling temperature with --do_sample")
+    a("--top_p", type=finite_float, default=0.9, help="nucleus sampling with --do_sample")
     a("--mode", choices=("auto", "fast", "reference"), default="auto",
       help="fast: dequantised bf16 + merged LoRA; reference: 4-bit + adapter; auto: fast when a CUDA GPU "
            "has room")

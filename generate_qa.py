@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, chat_record,
-                    eval_questions_path, qa_messages, resolve_path, run_main, sha256_file, sha256_text)
+                    eval_questions_path, finite_float, qa_messages, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
 from paperqa_tune.fulltext import PdfRejected, add_full_texts, read_pdf
 from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "whose PDF fails keeps its abstract (the rejects say why)")
     add_flag(g, "--arxiv_pdf_url", default=ARXIV_PDF_URL,
              help="where --full_text downloads a paper's PDF from, {id} standing for its arXiv id")
-    add_flag(g, "--arxiv_delay", type=float, default=3.0,
+    add_flag(g, "--arxiv_delay", type=finite_float, default=3.0,
              help="seconds between requests to arXiv (API pages and PDFs); arXiv asks for 3")
     add_flag(g, "--max_section_chars", type=int, default=6000,
              help="full texts: cut a longer section into parts of at most this many characters, at paragraph or "
@@ -118,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
              help="OpenAI-compatible server to send requests to, e.g. http://localhost:8000/v1 (default: "
                   "OpenAI's); the key comes from OPENAI_API_KEY")
     add_flag(g, "--pairs_per_abstract", type=int, default=12, help="Q&A pairs to ask for per abstract")
-    add_flag(g, "--edge_case_ratio", type=float, default=0.2,
+    add_flag(g, "--edge_case_ratio", type=finite_float, default=0.2,
              help="share of those pairs that are edge cases (unanswerable and false-premise questions)")
     add_flag(g, "--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
              help="system turn written into every training record and eval question")
-    g.add_argument("--temperature", type=float, default=0.7,
+    g.add_argument("--temperature", type=finite_float, default=0.7,
                    help="sampling temperature of the model writing the pairs (0: greedy)")
     add_flag(g, "--max_tokens", type=int, default=None,
              help="longest reply per request, in tokens; a reply cut off there usually cannot be parsed (default: "
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(their replies never reach the cache) (default: {HOSTED_DEFAULTS['concurrency']} for OpenAI, "
                         f"{LOCAL_CONCURRENCY} for a --base_url server: a local server often answers one request at a "
                         "time, and the others wait in its queue, their --timeout running)")
-    g.add_argument("--timeout", type=float, default=None,
+    g.add_argument("--timeout", type=finite_float, default=None,
                    help="seconds one attempt of a request may take in all, from sending it to the last byte of the "
                         "reply (a server that trickles bytes is cut off too); a request is tried at most "
                         f"{TIMEOUT_RETRIES + 1} times on timeouts, so a server that never answers costs at most "
@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
              help="USD per 1M input,output tokens for the manifest's cost estimate (default: the price of "
                   "known OpenAI models, else 0)")
     g = p.add_argument_group("curation and split")
-    add_flag(g, "--min_grounding", type=float, default=0.5,
+    add_flag(g, "--min_grounding", type=finite_float, default=0.5,
              help="drop an answerable pair unless this share of its answer's content words occurs in the abstract")
-    add_flag(g, "--dedup_threshold", type=float, default=0.8,
+    add_flag(g, "--dedup_threshold", type=finite_float, default=0.8,
              help="drop a question whose word overlap (Jaccard) with a kept question is at least this")
     add_flag(g, "--min_question_chars", type=int, default=10, help="drop pairs whose question is shorter")
     add_flag(g, "--max_question_chars", type=int, default=400, help="drop pairs whose question is longer")
@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--max_answer_chars", type=int, default=1500, help="drop pairs whose answer is longer")
     add_flag(g, "--judge_model", default=None,
              help="also have this model (same server and key) score every pair 1-5, and drop low scores")
-    add_flag(g, "--min_score", type=float, default=3.0, help="with --judge_model: drop pairs scored below this")
-    add_flag(g, "--eval_papers", type=float, default=3,
+    add_flag(g, "--min_score", type=finite_float, default=3.0, help="with --judge_model: drop pairs scored below this")
+    add_flag(g, "--eval_papers", type=finite_float, default=3,
              help="papers held out whole as evaluation questions: a count, or a fraction of them if below 1")
     g = p.add_argument_group("conversations")
     add_flag(g, "--turns", type=int, default=1,

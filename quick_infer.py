@@ -23,8 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, resolve_path, run_main,
-                    share_like_outputs)
+from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, finite_float, resolve_path,
+                    run_main, share_like_outputs)
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, max_positions, merged_model,
                                   model_config, require_adapter_weights, run_tokenizer,
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--system", default=None,
       help="system prompt; '' for none (default: the one the run's training data used, from run_config.json)")
     a("--max_new_tokens", type=int, default=256, help="answer length limit")
-    a("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    a("--top_p", type=float, default=0.9, help="nucleus sampling when --temperature > 0")
+    a("--temperature", type=finite_float, default=0.0, help="0 = greedy; > 0 samples")
+    a("--top_p", type=finite_float, default=0.9, help="nucleus sampling when --temperature > 0")
     a("--seed", type=int, default=0, help="random seed")
     a("--mode", choices=("auto", "fast", "reference"), default="auto",
       help="fast: dequantised bf16 base; reference: 4-bit; auto: fast when a CUDA GPU has room")

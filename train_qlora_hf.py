@@ -33,7 +33,9 @@ autograd node (--fused_lora), one flat optimizer buffer (--flat_optim), fused RM
 Safety: one run per --out (a lock beside it); --overwrite replaces the old run only once the new one is saved
 (--resume continues a cut-short one); --resume refuses flags that change the run (named old -> new) and unreadable
 checkpoint files (exit 2); a full disk is exit 1 naming the file; records whose text holds a role marker or special
-token are refused (exit 2, file:line); model code never runs without --trust_remote_code.
+token are refused (exit 2, file:line); model code never runs without --trust_remote_code. inf/nan float flags are
+exit 2; a non-finite loss, gradient norm or LoRA weight stops the run (exit 1) with the last good checkpoint kept and
+no adapter saved. metrics.json's "finished": true is written last: readers refuse a folder without it.
 """
 from __future__ import annotations
 
@@ -50,8 +52,8 @@ from pathlib import Path
 
 import torch
 
-from common import (HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, eval_questions_path, run_main,
-                    sha256_file, write_json_atomic, write_jsonl_atomic)
+from common import (HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, eval_questions_path, finite_float,
+                    run_main, sha256_file, write_json_atomic, write_jsonl_atomic)
 from paperqa_tune.chats import build_samples, load_chats, print_inspect
 from paperqa_tune.checkpoints import (check_checkpoint, fingerprint, last_checkpoint, load_checkpoint, resume_flags,
                                       save_checkpoint)
@@ -63,9 +65,10 @@ from paperqa_tune.memory import auto_budget_gb, frozen_gc, plan_for_budget
 from paperqa_tune.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
 from paperqa_tune.packing import IGNORE, collate, collate_packed
 from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
-from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, check_out_dir, commit_staged, discard_failed_stage,
-                               disk_errors, finish_commit, heldout_questions, out_dir_problems,
-                               run_metrics, save_outputs, system_prompts, versions, write_metrics)
+from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_template_source, check_finite_weights,
+                               check_out_dir, commit_staged, discard_failed_stage, disk_errors, finish_commit,
+                               heldout_questions, out_dir_problems, run_metrics, save_outputs, system_prompts,
+                               versions, write_metrics)
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.samples import padding_share
 
@@ -84,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", default="./models/zephyr-7b-qlora", help="run folder for adapter, metrics, checkpoints")
     io.add_argument("--max_seq_len", type=int, default=4096,
                     help="longest sample in tokens; longer chats lose whole earlier turns or are dropped, never cut")
-    io.add_argument("--val_fraction", type=float, default=0.05,
+    io.add_argument("--val_fraction", type=finite_float, default=0.05,
                     help="share of samples held out for validation loss, split by paper when meta.paper_id exists")
     io.add_argument("--system_prompt", default=None,
                     help="system prompt to add to records that have none (default: leave them as they are)")
@@ -110,11 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=int, default=8, help="micro-batch per GPU/process")
     tr.add_argument("--grad_accum", type=int, default=2,
                     help="micro-batches per optimizer step; effective batch = batch x grad_accum x processes")
-    tr.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    tr.add_argument("--lr", type=finite_float, default=2e-4, help="peak learning rate")
     tr.add_argument("--lr_scheduler", choices=SCHEDULERS, default="cosine", help="learning-rate schedule")
-    tr.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps spent warming up")
-    tr.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    tr.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    tr.add_argument("--warmup_ratio", type=finite_float, default=0.03, help="share of steps spent warming up")
+    tr.add_argument("--weight_decay", type=finite_float, default=0.0, help="AdamW weight decay")
+    tr.add_argument("--max_grad_norm", type=finite_float, default=1.0, help="gradient clipping; 0 turns it off")
     tr.add_argument("--optim", choices=OPTIMIZERS, default="paged_adamw_8bit", help="optimizer")
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 compute (the default; falls back to fp16 on GPUs without bf16); --no-bf16 = fp32")
@@ -122,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_r", type=int, default=16, help="adapter rank")
-    lo.add_argument("--lora_alpha", type=float, default=32, help="adapter scale numerator")
-    lo.add_argument("--lora_dropout", type=float, default=0.0,
+    lo.add_argument("--lora_alpha", type=finite_float, default=32, help="adapter scale numerator")
+    lo.add_argument("--lora_dropout", type=finite_float, default=0.0,
                     help="dropout on the adapter input; 0 is ~10%% faster, pass 0.05 for the seed recipe's "
                          "regularisation")
     lo.add_argument("--target_modules", default="all-linear",
@@ -179,8 +182,8 @@ def parse_mem_budget(text: str):
     if low in ("auto", "off"):
         return None if low == "off" else "auto"
     try:
-        return float(low)  # > 0: validate_args
-    except ValueError:
+        return finite_float(low)  # > 0: validate_args
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r}: give GB (e.g. 20), auto or off") from None
 
 
@@ -436,14 +439,20 @@ def forward_backward(loop: Loop, state: dict, step: int, mine: list[dict], n_ite
         state["micro"] = new
 
 
+def _nonfinite_hint(args, out_dir) -> str:
+    """What to do after a non-finite loss or gradient: nothing of the step was applied or saved."""
+    return (f"Last good checkpoint: {last_checkpoint(out_dir) or 'none'}. Rerun with --resume to retry from it "
+            f"(same flags), or start over with a lower --lr (now {args.lr}) and --overwrite; use --bf16 instead of "
+            "--fp16, or check the data")
+
+
 def update(loop: Loop, step: int, loss_value: float, out_dir) -> tuple[float, float]:
     """Exchange gradients, clip, step the optimizer and schedule; stop before a non-finite update.
     Returns (learning rate used, gradient norm)."""
     args = loop.args
     if not math.isfinite(loss_value):
-        raise RunFailure(f"loss is {loss_value} at step {step + 1}; stopped before the update. Last good checkpoint: "
-                         f"{last_checkpoint(out_dir) or 'none'}. Lower --lr (now {args.lr}), use --bf16 instead of "
-                         "--fp16, or check the data; then rerun with --resume")
+        raise RunFailure(f"loss is {loss_value} at step {step + 1}; stopped before the update. "
+                         + _nonfinite_hint(args, out_dir))
     all_reduce_grads(loop.params, loop.d)
     if loop.flat is not None:  # from here on the optimizer's own parameters carry the gradients
         loop.flat.gather_grads()
@@ -452,8 +461,8 @@ def update(loop: Loop, step: int, loss_value: float, out_dir) -> tuple[float, fl
     clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(loop.flat.optimizer_params() if loop.flat else loop.params, clip).item()
     if loop.scaler is None and not math.isfinite(norm):  # fp16's scaler skips such steps itself
-        raise RunFailure(f"gradient norm is {norm} at step {step + 1}; stopped before the update. Last good "
-                         f"checkpoint: {last_checkpoint(out_dir) or 'none'}. Lower --lr and rerun with --resume")
+        raise RunFailure(f"gradient norm is {norm} at step {step + 1}; stopped before the update. "
+                         + _nonfinite_hint(args, out_dir))
     lr = loop.scheduler.get_last_lr()[0]
     if loop.scaler:
         loop.scaler.step(loop.optimizer)
@@ -575,6 +584,8 @@ def after_step(loop: Loop, state: dict, total: int, steps_per_epoch: int, val_sa
         state["val"].append({"step": state["step"], "loss": vl})
         log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
     if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
+        # a finite loss and gradient can still give inf/nan weights (a huge --lr): never checkpoint those
+        check_finite_weights(loop.model, f"after the update of step {state['step']}", last_checkpoint(out_dir))
         if d.main:
             with disk_errors(Path(out_dir) / "checkpoints" / f"step-{state['step']}", RESUME_HINT):
                 save_checkpoint(out_dir, loop.model, loop.optimizer, loop.scheduler, loop.scaler, state, fp,
@@ -584,12 +595,14 @@ def after_step(loop: Loop, state: dict, total: int, steps_per_epoch: int, val_sa
 
 
 # --------------------------------------------------------------------------- outputs
-def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict]) -> dict:
+def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict],
+               template_source: str = "model") -> dict:
     return {"base_model": args.model, "system_prompt": prompts[0]["prompt"], "system_prompts": prompts,
             "args": vars(args), "versions": versions(),
             "data_sha256": sha256_file(args.jsonl), "n_train": n_train, "n_val": n_val,
             "dropped_too_long": report["dropped_too_long"], "trimmed_earlier_turns": report["trimmed_earlier_turns"],
-            "chat_template": tokenizer.chat_template, "precision": precision_note, "world_size": world}
+            "chat_template": tokenizer.chat_template, "chat_template_source": template_source,
+            "precision": precision_note, "world_size": world}
 
 
 # --------------------------------------------------------------------------- main
@@ -624,6 +637,11 @@ def _run(args, out: Path, work: Path | None) -> int:
     for note in check_model_code(args.model, args.trust_remote_code):
         log(f"note: {note}", d)
     tokenizer = load_tokenizer(args.model, "right", args.trust_remote_code)
+    template_source = chat_template_source(tokenizer)
+    if template_source != "model":
+        log(f"note: {args.model} has no chat template; training renders the chats with the project's default "
+            "(Zephyr's), saved with the run (run_config.json chat_template_source), so evaluation and inference "
+            "use it too", d)
     samples, report = build_samples(tokenizer, chats, args.max_seq_len, args.jsonl)
     if args.inspect:
         if d.main:
@@ -648,7 +666,8 @@ def _run(args, out: Path, work: Path | None) -> int:
     log("flags: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()), d)
     log(f"model {args.model} in 4-bit NF4, {precision}, device {device}, {d.world} process(es)", d)
     prompts = system_prompts(samples)
-    config = run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world, prompts)
+    config = run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world, prompts,
+                        template_source)
     if len(prompts) > 1:
         log(f"note: the data uses {len(prompts)} different system prompts; evaluation defaults to the most "
             f"frequent ({prompts[0]['count']} of {len(samples)} samples)", d)
@@ -671,7 +690,7 @@ def _run(args, out: Path, work: Path | None) -> int:
     d.barrier()
     metrics = train(tm, tokenizer, train_s, val_s, args, out_dir=work, flags=flags)
     if d.main:
-        save_outputs(tm.model, tokenizer, work, metrics, config)
+        save_outputs(tm.model, tokenizer, work, metrics, config, last_checkpoint(work))
         if work != out:
             with disk_errors(out, "rerun with --resume to complete the swap"):
                 commit_staged(out)  # the finished run it replaces goes only now

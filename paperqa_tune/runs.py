@@ -5,7 +5,14 @@ Training's output path is checked here too (out_dir_problems).
 Writing, in order: a lock file beside the folder while a run writes it (RunLock); where the run trains
 (check_out_dir: the folder itself, or out/.overwrite for --overwrite, so that the finished run it replaces
 stays whole until the new one is saved); the checkpoints and outputs; then, for --overwrite, the swap
-(commit_staged), which a kill may cut short and the next run on the folder finishes (finish_commit)."""
+(commit_staged), which a kill may cut short and the next run on the folder finishes (finish_commit).
+
+Finished (run_unfinished): the adapter's weights are there, metrics.json (where there is one) says "finished": true,
+and no --overwrite swap is pending. save_outputs writes metrics.json with "finished": false before the weights and
+rewrites it with "finished": true as the very last file, so a failure or kill at any point leaves a folder that
+says unfinished. A folder without metrics.json (a PEFT adapter saved by hand, or by an older version) counts as
+finished when its weights are there. Every reader (read_run: evaluation, inference, --merge_out; check_out_dir:
+training) uses that one rule."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 STAGE_DIR = ".overwrite"      # an --overwrite run trains here, beside the finished run it replaces
 COMMIT_FILE = "COMMIT.json"   # in STAGE_DIR: the staged run is complete; its files are being moved into place
+METRICS_FILE = "metrics.json"  # its "finished": true is the last thing a run writes
 RESUME_HINT = "rerun with --resume (in place of --overwrite, if given): it continues from the last checkpoint"
 
 
@@ -95,7 +103,7 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> Path:
     staged = stage.is_dir() and not pending
     if overwrite or (resume and staged):
         return stage
-    if pending or (out / ADAPTER_WEIGHTS).exists():
+    if pending or run_unfinished(out) is None:
         cut = f"; an --overwrite run into it was cut short ({stage}): --resume continues it" if staged else ""
         raise InputError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out{cut}")
     unfinished = list_checkpoints(out) or list_checkpoints(stage) or ([stage] if staged else [])
@@ -136,7 +144,8 @@ def finish_commit(out: Path) -> bool:
     for name in RUN_FILES + TOKENIZER_FILES + ("checkpoints", ".adapter.tmp"):
         if name not in names:  # the old run's, with no counterpart in the new one
             _remove(out / name)
-    for name in sorted(names, key=lambda n: n == ADAPTER_WEIGHTS):  # weights last: the new run is finished once all is in
+    # the weights, then metrics.json ("finished": true) last; until COMMIT_FILE goes, readers see a pending swap
+    for name in sorted(names, key=lambda n: (n == METRICS_FILE, n == ADAPTER_WEIGHTS)):
         if (stage / name).exists() or (stage / name).is_symlink():
             _remove(out / name)
             os.replace(stage / name, out / name)
@@ -149,6 +158,17 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
     else:
         p.unlink(missing_ok=True)
+
+
+def chat_template_source(tokenizer) -> str:
+    """run_config.json's chat_template_source: "model" when the tokenizer came with its own chat template,
+    "project default" when loading.load_tokenizer gave it Zephyr's (common.ensure_chat_template). transformers
+    passes a template it read from the model's files to the tokenizer as init_kwargs["chat_template"]."""
+    from common import ZEPHYR_CHAT_TEMPLATE
+
+    if (getattr(tokenizer, "init_kwargs", None) or {}).get("chat_template"):
+        return "model"
+    return "project default" if tokenizer.chat_template == ZEPHYR_CHAT_TEMPLATE else "model"
 
 
 def system_prompts(samples: list[dict]) -> list[dict]:
@@ -208,20 +228,45 @@ def write_metrics(out_dir, metrics: dict) -> None:
         charts.plot_loss(metrics, Path(out_dir) / "loss.png")
 
 
-def save_outputs(model, tokenizer, out: Path, metrics: dict, config: dict) -> None:
-    """A finished run's outputs into `out`, the adapter's weights last; a failed write is a RunFailure naming the
-    file (the checkpoints stay, so --resume continues)."""
+def save_outputs(model, tokenizer, out: Path, metrics: dict, config: dict, last_good=None) -> None:
+    """A finished run's outputs into `out`: the tokenizer, run_config.json, metrics.json saying "finished": false and
+    loss.png, the adapter's weights, then metrics.json saying "finished": true as the very last write. A failed write is a RunFailure naming the file
+    (the checkpoints stay, so --resume continues) and leaves a folder that says unfinished. Non-finite LoRA weights
+    are never saved (RunFailure before anything is written; last_good: the checkpoint to name)."""
+    check_finite_weights(model, f"after step {metrics.get('steps')}", last_good)
     with disk_errors(out, RESUME_HINT):
         tokenizer.save_pretrained(out)
     with disk_errors(out / "run_config.json", RESUME_HINT):
         write_json_atomic(out / "run_config.json", config)
-    write_metrics(out, metrics)
+    write_metrics(out, {**metrics, "finished": False})  # before the weights: until the end, the folder says unfinished
     with disk_errors(out / ADAPTER_WEIGHTS, RESUME_HINT):
         save_adapter(model, out)
+    with disk_errors(out / METRICS_FILE, RESUME_HINT):
+        write_json_atomic(out / METRICS_FILE, {**metrics, "finished": True})  # last: the run is finished
+
+
+def nonfinite_tensors(tensors) -> tuple[int, int]:
+    """(how many of `tensors` hold an inf or nan, how many there are), with one host sync."""
+    import torch
+
+    tensors = list(tensors)
+    if not tensors:
+        return 0, 0
+    ok = torch.stack([torch.isfinite(t.detach()).all() for t in tensors])
+    return int((~ok).sum().item()), len(tensors)
+
+
+def check_finite_weights(model, when: str, last_good=None) -> None:
+    """RunFailure when a trainable (LoRA) tensor of `model` holds an inf or nan: such an adapter is never saved."""
+    bad, n = nonfinite_tensors(p for p in model.parameters() if p.requires_grad)
+    if bad:
+        raise RunFailure(f"{bad} of {n} LoRA weight tensors are non-finite (inf/nan) {when}; nothing saved as the "
+                         f"result. Last good checkpoint: {last_good or 'none'}. The learning rate is likely too high: "
+                         "start over with a lower --lr (--overwrite), or use --bf16 instead of --fp16")
 
 
 def save_adapter(model, out: Path) -> None:
-    """The PEFT adapter into `out`, weights last: adapter_model.safetensors appearing marks a finished run."""
+    """The PEFT adapter into `out`, weights last (save_outputs then writes metrics.json's "finished": true)."""
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -252,6 +297,32 @@ def versions() -> dict:
 
 
 # --------------------------------------------------------------------------- reading (evaluation, inference)
+def run_unfinished(folder) -> str | None:
+    """Why the run folder is not a finished run, or None when it is (the rule in the module docstring)."""
+    folder = Path(folder)
+    if (folder / STAGE_DIR / COMMIT_FILE).exists():
+        return (f"an --overwrite run was being swapped in when it stopped ({folder / STAGE_DIR}), so the run did not "
+                "finish")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        return f"no {ADAPTER_WEIGHTS} here, so the run did not finish"
+    metrics = _load_json(folder / METRICS_FILE)
+    said = metrics.get("finished") if isinstance(metrics, dict) else None
+    if metrics and said is not True:
+        return f'{METRICS_FILE} says "finished": {json.dumps(said)}, so the run did not finish'
+    return None
+
+
+def _unfinished_hint(folder: Path) -> str:
+    """What to do about an unfinished run folder."""
+    if (folder / STAGE_DIR / COMMIT_FILE).exists():
+        return f"rerun the training command on it (train_qlora_hf.py ... --out {folder}) to finish the swap"
+    checkpoints = sorted((p for p in (folder / "checkpoints").glob("step-*") if p.name[5:].isdigit()),
+                         key=lambda p: int(p.name[5:]))
+    resume = f"rerun the training command with --resume to continue from {checkpoints[-1]}, or " if checkpoints else ""
+    return (f"{resume}train again (train_qlora_hf.py ... --out {folder} --overwrite); or pass --adapter with a "
+            "finished run")
+
+
 @dataclass
 class Run:
     """What later stages need from a run folder (models/<run>/) that train_qlora_hf.py wrote."""
@@ -276,6 +347,11 @@ def read_run(adapter, base_model: str | None = None) -> Run:
     if not adapter.is_dir():
         raise InputError(f"{adapter}: adapter folder not found; train one with train_qlora_hf.py "
                          "or pass --adapter models/<run>")
+    ours = any((adapter / name).exists() for name in ("adapter_config.json", "run_config.json", METRICS_FILE,
+                                                       "checkpoints", STAGE_DIR))
+    why = run_unfinished(adapter) if ours else None  # a training run's folder (its adapter files come last)
+    if why:
+        raise InputError(f"{adapter}: {why}; {_unfinished_hint(adapter)}")
     if not (adapter / "adapter_config.json").is_file():
         raise InputError(f"{adapter}: no adapter_config.json here; --adapter must be a run folder "
                          "written by train_qlora_hf.py (PEFT save_pretrained)")

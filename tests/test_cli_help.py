@@ -37,3 +37,17 @@ def test_help_lists_every_flag_in_one_style(script, capsys):
     assert not [f for f in listed if "-" in f[2:] and not f.startswith("--no-")], listed  # underscores only
     assert "issue" not in out.lower() and "tok/s" not in out  # history belongs in bench/README.md
     assert out.count("(default: (default") == 0 and "%(default)" not in out
+
+
+@pytest.mark.parametrize("script,flag", [(eval_compare, "--temperature"), (eval_compare, "--f1_threshold"),
+                                         (quick_infer, "--top_p"), (generate_qa, "--timeout"),
+                                         (generate_qa, "--edge_case_ratio"), (train_qlora_hf, "--lr")],
+                         ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_float_flags_are_refused_at_parse_time(script, flag, value, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be created: the folder must stay empty
+    with pytest.raises(SystemExit) as e:
+        script.main([f"{flag}={value}"])  # (argparse reads a bare -inf as a flag)
+    assert e.value.code == 2
+    assert f"argument {flag}: '{value}' is not a finite number" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -525,3 +525,153 @@ def test_kill_9_at_a_random_point_then_resume_matches_uninterrupted(reference, t
     assert losses(out) == pytest.approx(losses(reference), abs=1e-5)
     assert same_adapter(out, reference)
     assert not lock_path(out).exists() and not (out / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- 10. finished means whole (issue 24)
+def _adapter_save_fails(mp):
+    """The final adapter's weights fail half-written with a full disk; checkpoints save as usual."""
+    from peft import PeftModel
+
+    real_sp = PeftModel.save_pretrained
+
+    def final_fails(self, path, *a, **kw):
+        if Path(path).name == ".adapter.tmp":
+            Path(path).mkdir()
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
+            enospc()
+        return real_sp(self, path, *a, **kw)
+    mp.setattr(PeftModel, "save_pretrained", final_fails)
+
+
+def test_disk_full_saving_the_adapter_leaves_no_folder_that_claims_finished(tiny_model, data, tmp_path, capsys):
+    import eval_compare
+    import quick_infer
+
+    out, flags = tmp_path / "run", [*FLAGS, "--max_steps", 3]
+    with pytest.MonkeyPatch.context() as mp:
+        _adapter_save_fails(mp)
+        assert run(data, tiny_model, out, *flags) == 1
+    capsys.readouterr()
+    assert not (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "metrics.json").read_text())["finished"] is False  # it said true before the weights
+    assert runs.run_unfinished(out)
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"id": "q1", "question": "Why?", "reference": "Because."}])
+    for main, argv in ((eval_compare.main, ["--questions", str(questions), "--out", str(tmp_path / "e.csv")]),
+                       (quick_infer.main, ["--prompt", "Why?"]),
+                       (quick_infer.main, ["--merge_out", str(tmp_path / "merged")])):
+        assert main(["--adapter", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "did not finish" in err and "--resume" in err and "step-2" in err and no_traceback(err), err
+    assert not (tmp_path / "e.csv").exists() and not (tmp_path / "merged").exists()
+    assert run(data, tiny_model, out, *flags) == 2  # a plain rerun is told to --resume, not taken for finished
+    assert "unfinished run" in capsys.readouterr().err
+    assert run(data, tiny_model, out, *flags, "--resume") == 0
+    assert json.loads((out / "metrics.json").read_text())["finished"] is True and runs.run_unfinished(out) is None
+
+
+def test_weights_without_metrics_finished_are_unfinished(tiny_model, data, tmp_path, capsys):
+    """The last write (metrics.json "finished": true, after the weights) failing: weights there, still unfinished;
+    a folder with weights and no metrics.json at all (a hand-saved PEFT adapter) stays readable."""
+    out, flags = tmp_path / "run", [*FLAGS, "--max_steps", 2]
+    real_json = runs.write_json_atomic
+
+    def last_write_fails(path, obj):
+        if Path(path).name == "metrics.json" and obj.get("finished") is True:
+            enospc()
+        return real_json(path, obj)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "write_json_atomic", last_write_fails)
+        assert run(data, tiny_model, out, *flags) == 1
+    assert "metrics.json" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file()
+    with pytest.raises(runs.InputError, match='"finished": false, so the run did not finish.*--resume'):
+        read_run(out)
+    hand = Path(shutil.copytree(out, tmp_path / "hand", ignore=shutil.ignore_patterns("checkpoints")))
+    (hand / "metrics.json").unlink()
+    assert read_run(hand).adapter_sha
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "-inf"), ("--lora_alpha", "inf"),
+                                         ("--max_grad_norm", "nan"), ("--warmup_ratio", "nan"),
+                                         ("--gpu_mem_budget", "inf")])
+def test_non_finite_float_flag_is_exit_2_naming_it(flag, value, tiny_model, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run(data, tiny_model, out, *FLAGS, f"{flag}={value}")  # = : a value starting with "-" too
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and value in err and no_traceback(err), err
+    assert not out.exists() and not lock_path(out).exists()
+
+
+@pytest.mark.parametrize("what", ["weights", "final weights", "gradient"])
+def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(what, tiny_model, data, tmp_path, capsys):
+    """A finite loss can still give inf/nan weights (as --lr inf did: 28 of 28 tensors saved non-finite, exit 0):
+    the run stops with exit 1 before checkpointing or saving them. A non-finite gradient norm stops it too."""
+    out, flags = tmp_path / "run", [*FLAGS, "--max_steps", 3]
+    bad_step = 3 if what == "final weights" else 2
+    real_update, real_reduce, reduced = T.update, T.all_reduce_grads, []
+
+    def update(loop, step, loss, out_dir):
+        lr, norm = real_update(loop, step, loss, out_dir)
+        if what != "gradient" and step + 1 == bad_step:
+            with torch.no_grad():
+                for p in loop.params:
+                    p.fill_(float("inf"))
+        return lr, norm
+
+    def all_reduce_grads(params, d):
+        real_reduce(params, d)
+        reduced.append(1)  # once per step
+        if len(reduced) == bad_step:
+            params[0].grad.fill_(float("nan"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "update", update)
+        if what == "gradient":
+            mp.setattr(T, "all_reduce_grads", all_reduce_grads)
+        assert run(data, tiny_model, out, *flags) == 1
+    err = capsys.readouterr().err
+    said = "gradient norm is nan at step 2" if what == "gradient" else "LoRA weight tensors are non-finite"
+    assert said in err and f"step-{bad_step - 1}" in err and "--lr" in err and no_traceback(err), err
+    assert [p.name for p in list_checkpoints(out)] == [f"step-{k}" for k in range(1, bad_step)]
+    assert not (out / "adapter_model.safetensors").exists() and not list(out.rglob(".adapter.tmp"))
+    assert not json.loads((out / "metrics.json").read_text())["finished"]
+    with pytest.raises(runs.InputError, match=f"did not finish.*--resume to continue from .*step-{bad_step - 1}"):
+        read_run(out)
+    if what == "weights":
+        assert run(data, tiny_model, out, *flags, "--resume") == 0
+        assert all(torch.isfinite(t).all() for t in adapter(out).values())
+
+
+def test_save_outputs_refuses_non_finite_lora_weights(tmp_path):
+    lin = torch.nn.Linear(2, 2)
+    lin.weight.data[0, 0] = float("nan")
+    with pytest.raises(runs.RunFailure, match="1 of 2 LoRA weight tensors are non-finite"):
+        runs.save_outputs(lin, None, tmp_path, {"steps": 1}, {}, tmp_path / "checkpoints" / "step-1")
+    assert not list(tmp_path.iterdir())
+
+
+def _model_without_chat_template(tiny_model: Path, folder: Path) -> Path:
+    shutil.copytree(tiny_model, folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_model_without_chat_template_is_said_once_and_recorded(tiny_model, data, tmp_path, capsys):
+    from paperqa_tune.loading import load_tokenizer
+
+    assert runs.chat_template_source(load_tokenizer(tiny_model, "right")) == "model"
+    model = _model_without_chat_template(tiny_model, tmp_path / "no-template")
+    out = tmp_path / "run"
+    assert run(data, model, out, *FLAGS, "--max_steps", 1) == 0
+    said = capsys.readouterr().out
+    assert said.count("has no chat template") == 1 and "project's default" in said, said
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["chat_template_source"] == "project default" and cfg["chat_template"]
+    assert read_run(out).adapter_sha  # the run's tokenizer carries the template evaluation and inference use
