@@ -67,8 +67,8 @@ from paperqa_tune.packing import IGNORE, collate, collate_packed
 from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
 from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_template_source, check_finite_weights,
                                check_out_dir, commit_staged, discard_failed_stage, disk_errors, finish_commit,
-                               heldout_questions, out_dir_problems, run_metrics, save_outputs, system_prompts,
-                               versions, write_metrics)
+                               heldout_questions, out_dir_problems, run_metrics, same_command_unfinished, save_outputs,
+                               system_prompts, versions, write_metrics)
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.samples import padding_share
 
@@ -619,6 +619,10 @@ def _main(argv) -> int:
             print(f"finished replacing the run in {out} (an --overwrite that a kill cut short)")
         if Dist().from_main(int(swapped and args.resume)):  # every process, after rank 0 has finished the swap
             return 0  # that run was saved: only its swap was left
+        if not (args.resume or args.overwrite) and (last := same_command_unfinished(out, vars(args))):
+            args.resume = True  # the same command after a kill: continue, as the other scripts do
+            log(f"note: {out} holds an unfinished run of this same command; continuing it from {last} (as --resume)",
+                Dist())
         work = check_out_dir(out, args.overwrite, args.resume)  # out, or out/.overwrite for --overwrite
         try:
             return _run(args, out, work)

@@ -113,6 +113,27 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> Path:
     return out
 
 
+def same_command_unfinished(out: Path, args: dict) -> Path | None:
+    """The last checkpoint of an unfinished run in `out` that this very command started (its run_config.json
+    records the same flags, --resume and --overwrite aside), or None. Rerunning the command after a kill then
+    continues it, as generate_qa.py and eval_compare.py do; a run started with other flags still needs the user
+    to choose --resume or --overwrite. Reads only (every process may call it)."""
+    from paperqa_tune.checkpoints import list_checkpoints
+
+    out = Path(out)
+    if not out.is_dir() or (out / STAGE_DIR).exists() or run_unfinished(out) is None:
+        return None
+    checkpoints = list_checkpoints(out)
+    recorded = _load_json(out / "run_config.json")
+    if not checkpoints or not isinstance(recorded, dict) or not isinstance(recorded.get("args"), dict):
+        return None
+
+    def flags(a: dict) -> str:
+        return json.dumps({k: v for k, v in a.items() if k not in ("resume", "overwrite")}, sort_keys=True, default=str)
+
+    return checkpoints[-1] if flags(recorded["args"]) == flags(args) else None
+
+
 def discard_failed_stage(out: Path, work: Path | None) -> None:
     """After a failed --overwrite (or --resume of one) that saved no checkpoint: remove its staging folder, so
     `out` is exactly as before. One with a checkpoint stays for --resume; one being swapped in stays too."""

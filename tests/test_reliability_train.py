@@ -563,9 +563,10 @@ def test_disk_full_saving_the_adapter_leaves_no_folder_that_claims_finished(tiny
         err = capsys.readouterr().err
         assert "did not finish" in err and "--resume" in err and "step-2" in err and no_traceback(err), err
     assert not (tmp_path / "e.csv").exists() and not (tmp_path / "merged").exists()
-    assert run(data, tiny_model, out, *flags) == 2  # a plain rerun is told to --resume, not taken for finished
-    assert "unfinished run" in capsys.readouterr().err
-    assert run(data, tiny_model, out, *flags, "--resume") == 0
+    assert run(data, tiny_model, out, *flags, "--lr", "3e-3") == 2  # another command: told to choose, not resumed
+    assert "unfinished run" in capsys.readouterr().err and runs.run_unfinished(out)
+    assert run(data, tiny_model, out, *flags) == 0  # the same command again: it continues (as --resume)
+    assert "unfinished run of this same command; continuing it from" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["finished"] is True and runs.run_unfinished(out) is None
 
 
