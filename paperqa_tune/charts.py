@@ -13,7 +13,7 @@ BEHAVIOUR_COLORS = {"answered": "#4c9f70", "refused": "#e0a030", "corrected_prem
                     "degenerate": "#c8473d", "empty": "#444444"}
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:  # a bare GPU box: the numbers are in the CSV and summary.json anyway
@@ -24,7 +24,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, plt, path: Path) -> None:
+def save_figure(fig, plt, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
@@ -54,7 +54,7 @@ def _paired_bars(ax, names: list[str], values: dict[str, list], title: str, fmt:
 
 def plot_results(summary: dict, path: Path) -> bool:
     """results_bar.png: key behaviours, correct rate and primary score by type, behaviour mix."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
         return False
@@ -91,13 +91,13 @@ def plot_results(summary: dict, path: Path) -> bool:
                    loc="upper right")
     fig.suptitle("\n".join(textwrap.wrap(summary["verdict_line"], 170)), fontsize=9, fontweight="bold")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
     return True
 
 
 def plot_curve(points: list[dict], series: dict[str, str], path: Path) -> bool:
     """learning_curve.png: each measure in `series` (column -> label) against the training step."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
         return False
@@ -119,13 +119,13 @@ def plot_curve(points: list[dict], series: dict[str, str], path: Path) -> bool:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title("held-out evaluation across checkpoints", fontsize=10)
     fig.tight_layout()
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
     return True
 
 
 def plot_loss(metrics: dict, path: Path) -> bool:
     """Training and validation loss per optimizer step (train_qlora_hf.py's loss.png)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -150,5 +150,5 @@ def plot_loss(metrics: dict, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, plt, Path(path))
+    save_figure(fig, plt, Path(path))
     return True

@@ -176,9 +176,9 @@ class _Step:
         except Exception as e:  # an op that syncs with the host or allocates outside the pool: run eagerly
             self.graph = self.logits = None
             torch.cuda.synchronize()
-            from paperqa_tune.loading import _first_line
+            from paperqa_tune.loading import first_line
 
-            return f"{type(e).__name__}: {_first_line(e)}"
+            return f"{type(e).__name__}: {first_line(e)}"
 
     def __call__(self):
         if self.graph is None:

@@ -527,7 +527,7 @@ class HFBackend(Backend):
 
         from paperqa_tune.generation import Decoding
         from paperqa_tune.distributed import default_device
-        from paperqa_tune.loading import _first_line, load_causal_lm, load_tokenizer
+        from paperqa_tune.loading import first_line, load_causal_lm, load_tokenizer
 
         super().__init__()
         device = default_device()
@@ -554,7 +554,7 @@ class HFBackend(Backend):
                 raise InputError(f"constrained decoding needs xgrammar ({e}): pip install -r requirements.txt, or "
                                  "run with --no-constrained_decoding") from None
             except (RuntimeError, ValueError) as e:  # a tokenizer xgrammar cannot map to bytes
-                raise InputError(f"--model {model}: xgrammar cannot read this tokenizer ({_first_line(e)}); run with "
+                raise InputError(f"--model {model}: xgrammar cannot read this tokenizer ({first_line(e)}); run with "
                                  "--no-constrained_decoding") from None
         self.model, self.batch_size, self.shape, self.max_chars = model, batch_size, shape, max_chars or {}
         self.cache, self.reuse = cache, reuse

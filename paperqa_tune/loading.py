@@ -136,9 +136,9 @@ def model_config(name: str, trust_remote_code: bool = False, what: str = "base m
             return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise InputError(_custom_code_message(name, e) or f"cannot read the config of {what} {name}: "
-                         f"{_first_line(e)}") from None
+                         f"{first_line(e)}") from None
     except OSError as e:
-        raise InputError(f"cannot read the config of {what} {name}: {_first_line(e)}") from None
+        raise InputError(f"cannot read the config of {what} {name}: {first_line(e)}") from None
 
 
 def max_positions(config) -> int | None:
@@ -150,7 +150,7 @@ def max_positions(config) -> int | None:
     return None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -208,7 +208,7 @@ def _bad_safetensors(folder: Path | None, source) -> tuple[Path | str, str]:
 
 
 def _safetensors_reason(e: Exception) -> str:
-    text = _first_line(e).replace("Error while deserializing header: ", "")
+    text = first_line(e).replace("Error while deserializing header: ", "")
     if "not fully covered" in text or "incomplete metadata" in text:
         return f"truncated: the file is shorter than its header says ({text})"
     return f"not a valid safetensors file ({text})"
@@ -224,7 +224,7 @@ def _bad_json(folder: Path | None, names=None) -> tuple[Path, str] | None:
         except FileNotFoundError:
             continue
         except (OSError, ValueError) as e:
-            return f, _first_line(e)
+            return f, first_line(e)
     return None
 
 
@@ -244,30 +244,30 @@ def bad_model_files(source, e: Exception, what: str = "model") -> str | None:
         return f"{f}: {why or _safetensors_reason(e)}; the {kind} weights are corrupt or incomplete; {fix}"
     if isinstance(e, json.JSONDecodeError) or "not a valid JSON file" in text:
         bad = _bad_json(_local_folder(source))
-        where, why = bad if bad else (source, _first_line(e))
+        where, why = bad if bad else (source, first_line(e))
         return f"{where}: not valid JSON ({why}); the {kind} files are corrupt or incomplete; {fix}"
     if "did not match any variant" in text or "untagged enum" in text:  # tokenizers: tokenizer.json of a foreign shape
         folder = _local_folder(source)
         where = folder / "tokenizer.json" if folder is not None else source
-        return f"{where}: not a tokenizer file this version of tokenizers reads ({_first_line(e)}); {fix}"
+        return f"{where}: not a tokenizer file this version of tokenizers reads ({first_line(e)}); {fix}"
     if isinstance(e, ValueError) and ("Unrecognized model" in text or "does not recognize this architecture" in text
                                       or "Unrecognized configuration class" in text):
         folder = _local_folder(source)
         where = folder / "config.json" if folder is not None else source
-        return (f"{where}: transformers cannot build this model ({_first_line(e)}); a config.json of another kind "
+        return (f"{where}: transformers cannot build this model ({first_line(e)}); a config.json of another kind "
                 f"of model, or one for a newer transformers (pip install -U transformers); {fix}")
     if isinstance(e, RuntimeError) and ("size mismatch" in text or "ignore_mismatched_sizes" in text):
         folder = _local_folder(source)
         where = folder / "config.json" if folder is not None else source
         detail = ("the layers marked MISMATCH in the report above" if "ignore_mismatched_sizes" in text
-                  else _first_line(e))
+                  else first_line(e))
         return (f"{source}: its weights do not have the shapes {where} gives (a config.json of another model, or "
                 f"weights converted wrongly): {detail}; {fix}")
     if "PytorchStreamReader" in text or type(e).__name__ == "UnpicklingError":
         folder = _local_folder(source)
         bins = sorted(folder.glob("*.bin")) if folder is not None else []
         where = bins[0] if len(bins) == 1 else source
-        return f"{where}: unreadable PyTorch weights ({_first_line(e)}); the {kind} weights are corrupt; {fix}"
+        return f"{where}: unreadable PyTorch weights ({first_line(e)}); the {kind} weights are corrupt; {fix}"
     return None
 
 
@@ -420,7 +420,7 @@ def attach_adapter(model, adapter: Path):
     except RuntimeError as e:  # what the header check cannot see (e.g. an adapter saved as .bin)
         if "size mismatch" not in str(e):
             raise
-        raise InputError(_mismatch_message(model, adapter, _first_line(e))) from None
+        raise InputError(_mismatch_message(model, adapter, first_line(e))) from None
 
 
 def merged_model(run, model=None, trust_remote_code: bool = False):
@@ -446,7 +446,7 @@ def _write_error_text(e: BaseException) -> str | None:
     if type(e).__name__ == "SafetensorError" and "I/O error" in text:
         m = re.search(r"\(os error (\d+)\)", text)
         code = int(m.group(1)) if m else None
-        return os_error_text(OSError(code, os.strerror(code))) if code else _first_line(e)
+        return os_error_text(OSError(code, os.strerror(code))) if code else first_line(e)
     return None
 
 

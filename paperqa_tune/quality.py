@@ -17,7 +17,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from paperqa_tune.charts import _pyplot, _save
+from paperqa_tune.charts import pyplot, save_figure
 from paperqa_tune.prompts import ANSWERABLE, TYPES
 from paperqa_tune.textsim import content_stems
 
@@ -230,7 +230,7 @@ def plot_quality(items: list[dict], path: Path) -> None:
     """One PNG: question and answer length histograms (words), train and eval overlaid as shares of their split
     (so a small eval split stays visible), with each split's median marked; the tail beyond the 99th percentile
     is folded into the last bin."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
         return
@@ -266,4 +266,4 @@ def plot_quality(items: list[dict], path: Path) -> None:
         ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(f"{len(items):,} kept turns", fontsize=10, fontweight="bold")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    _save(fig, plt, Path(path))
+    save_figure(fig, plt, Path(path))
