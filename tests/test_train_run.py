@@ -201,9 +201,10 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model, qa24, tmp_path, monke
     assert not (b / "adapter_model.safetensors").exists()
     monkeypatch.setattr(T, "train", real_train)
 
-    assert run(qa24, tiny_model, b, *flags) == 2  # unfinished run: needs --resume or --overwrite
+    assert run(qa24, tiny_model, b, *flags, "--logging_steps", 3) == 2  # another command: --resume or --overwrite
     assert "--resume" in capsys.readouterr().err
-    assert run(qa24, tiny_model, b, *flags, "--resume") == 0
+    assert run(qa24, tiny_model, b, *flags) == 0  # the same command again continues the run (as --resume)
+    assert "continuing it from" in capsys.readouterr().out
     m = json.loads((b / "metrics.json").read_text())
     assert m["resumed_from_step"] == 4
     assert losses(b) == pytest.approx(reference, abs=1e-6)
