@@ -195,6 +195,21 @@ def enospc(*a, **kw):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _adapter_save_fails(mp):
+    """The final adapter's weights fail half-written with a full disk; checkpoints save as usual."""
+    from peft import PeftModel
+
+    real_sp = PeftModel.save_pretrained
+
+    def final_fails(self, path, *a, **kw):
+        if Path(path).name == ".adapter.tmp":
+            Path(path).mkdir()
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
+            enospc()
+        return real_sp(self, path, *a, **kw)
+    mp.setattr(PeftModel, "save_pretrained", final_fails)
+
+
 @pytest.mark.parametrize("where", ["checkpoint", "torch.save", "metrics", "adapter"])
 def test_disk_full_is_exit_1_and_resume_completes(where, tiny_model, data, tmp_path, capsys):
     out, flags = tmp_path / "run", [*FLAGS, "--max_steps", 3]
@@ -219,18 +234,8 @@ def test_disk_full_is_exit_1_and_resume_completes(where, tiny_model, data, tmp_p
             mp.setattr(checkpoints.torch, "save", second_checkpoint)
         elif where == "metrics":
             mp.setattr(runs, "write_json_atomic", metrics_on_step_2)
-        else:  # the final adapter's weights fail half-written; checkpoints save as usual
-            from peft import PeftModel
-
-            real_sp = PeftModel.save_pretrained
-
-            def final_fails(self, path, *a, **kw):
-                if Path(path).name == ".adapter.tmp":
-                    Path(path).mkdir()
-                    (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
-                    enospc()
-                return real_sp(self, path, *a, **kw)
-            mp.setattr(PeftModel, "save_pretrained", final_fails)
+        else:
+            _adapter_save_fails(mp)
         assert run(data, tiny_model, out, *flags) == 1
     err = capsys.readouterr().err
     named = {"checkpoint": "checkpoints/step-2", "torch.save": "checkpoints/step-2", "metrics": "metrics.json",
@@ -528,21 +533,6 @@ def test_kill_9_at_a_random_point_then_resume_matches_uninterrupted(reference, t
 
 
 # --------------------------------------------------------------------------- 10. finished means whole (issue 24)
-def _adapter_save_fails(mp):
-    """The final adapter's weights fail half-written with a full disk; checkpoints save as usual."""
-    from peft import PeftModel
-
-    real_sp = PeftModel.save_pretrained
-
-    def final_fails(self, path, *a, **kw):
-        if Path(path).name == ".adapter.tmp":
-            Path(path).mkdir()
-            (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
-            enospc()
-        return real_sp(self, path, *a, **kw)
-    mp.setattr(PeftModel, "save_pretrained", final_fails)
-
-
 def test_disk_full_saving_the_adapter_leaves_no_folder_that_claims_finished(tiny_model, data, tmp_path, capsys):
     import eval_compare
     import quick_infer
