@@ -634,6 +634,36 @@ def test_merge_out_disk_full_leaves_nothing_and_the_rerun_works(ev, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 
+@pytest.mark.timeout(900)
+def test_kill_9_at_every_write_of_merge_out_then_the_same_command_completes(ev, tmp_path, capsys):
+    """quick_infer --merge_out killed (SIGKILL, a real process) before each of its writes in the output's folder:
+    what is left is no merged model or a whole one (weights, config, merge_info), never a folder without weights;
+    the same command then completes it (exit 0), or, finding it whole, asks for --overwrite."""
+    import killpoints
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def argv(out: Path) -> list[str]:
+        return ["--adapter", str(ev["tiny_run"]), "--merge_out", str(out)]
+
+    clean = tmp_path / "clean" / "merged"
+    done, events = killpoints.count(["quick_infer.py", *argv(clean)], cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    points = [k for k, (_, path) in enumerate(events, 1) if path.startswith(str(clean.parent))]
+    assert len(points) >= 3 and events[points[-1] - 1][0] == "replace"  # the final rename among them
+    whole = {"config.json", "model.safetensors", "merge_info.json"}
+    for k in points:
+        out = tmp_path / f"kill{k}" / "merged"
+        proc = killpoints.run(["quick_infer.py", *argv(out)], kill_at=k, cwd=ROOT, env=env, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (k, proc.stderr[-2000:])
+        left = {p.name for p in out.iterdir()} if out.exists() else None
+        assert left is None or whole <= left, (k, left)
+        rc, _, err = run_qi(capsys, argv(out))
+        assert (rc, "--overwrite" in err) == ((2, True) if left else (0, False)), (k, rc, err)
+        assert whole <= {p.name for p in out.iterdir()}
+        assert [p.name for p in out.parent.iterdir()] == ["merged"], k  # no temp folder left beside it
+
+
 @pytest.mark.parametrize("case", ["the_run_folder", "a_folder_of_other_files"])
 def test_merge_out_never_replaces_what_it_did_not_write(case, ev, tmp_path, capsys):
     if case == "the_run_folder":
