@@ -225,7 +225,7 @@ def test_merge_out_on_a_really_full_disk(tiny_run, tmp_path, capsys):
     disk = tmp_path / "disk"
     why = _mount_tiny_tmpfs(disk)
     if why:
-        pytest.skip(why)
+        pytest.skip(reason=why)
     try:
         out = disk / "merged"
         rc, err = _run(qi.main, capsys, ["--adapter", tiny_run, "--merge_out", out])
