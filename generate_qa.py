@@ -714,10 +714,13 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
         f"{sum(quotas.values()) // args.turns} conversations of {args.turns} turns")
     print(f"generate_qa: {len(papers)} papers{sections}, backend={args.backend} model={model}, {shape} per text "
           f"{quotas}, eval papers={args.eval_papers:g}, seed={args.seed}", file=sys.stderr)
-    if args.backend != "offline" or args.judge_model:
-        print(f"requests: max_tokens={args.max_tokens} timeout={args.timeout:g}s concurrency={args.concurrency} "
-              f"response_format={args.response_format} ({'server ' + args.base_url if args.base_url else 'OpenAI'})",
-              file=sys.stderr)
+    if args.backend == "hf":  # the server settings below mean nothing to a local model
+        print(f"local model: max_tokens={args.max_tokens} batch_size={args.batch_size} "
+              f"constrained_decoding={args.constrained_decoding}", file=sys.stderr)
+    if args.backend == "openai" or args.judge_model:
+        print(f"requests{' (judge)' if args.backend != 'openai' else ''}: max_tokens={args.max_tokens} "
+              f"timeout={args.timeout:g}s concurrency={args.concurrency} response_format={args.response_format} "
+              f"({'server ' + args.base_url if args.base_url else 'OpenAI'})", file=sys.stderr)
 
     stats, counts, rejects = Stats(rejects=len(skipped)), Counter(), list(skipped)
     progress = Progress(stats)
