@@ -54,14 +54,14 @@ from pathlib import Path
 
 from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError,
                     eval_questions_path, finite_float, read_jsonl, resolve_path, run_main, sha256_file, sha256_text)
-from paperqa_tune import report
+from paperqa_tune.evaluate import report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter_fits, choose_mode, dequantize_,
                                   load_run_base, max_positions, model_config, require_adapter_weights,
                                   run_tokenizer)
 from paperqa_tune.outputs import OutputSet, run_command
-from paperqa_tune.report import SIDES, open_outputs, output_paths
+from paperqa_tune.evaluate.report import SIDES, open_outputs, output_paths
 from paperqa_tune.runs import Run, read_run
 
 DEFAULT_OUT = "outputs/evaluation.csv"
@@ -328,7 +328,7 @@ def judge_rubric(args) -> list[tuple[str, str]]:
     """The rubric's criteria (name, description), or [] without a judge or with --judge_rubric none."""
     if not args.judge_model or args.judge_rubric.lower() == "none":
         return []
-    from paperqa_tune import judge
+    from paperqa_tune.evaluate import judge
 
     return judge.read_rubric(judge.DEFAULT_RUBRIC if args.judge_rubric == "default" else Path(args.judge_rubric))
 
@@ -338,7 +338,7 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
     pairwise ran, stats). Failed judge calls are recorded as failures on the row, never as scores or ties."""
     if not args.judge_model:
         return [], False, {}
-    from paperqa_tune import judge
+    from paperqa_tune.evaluate import judge
 
     cfg = judge.JudgeConfig(model=args.judge_model, base_url=args.judge_base_url,
                             api_key=os.environ["OPENAI_API_KEY"], workers=args.judge_workers, timeout=120,
@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--judge_base_url", default=None, help="judge endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)")
     a("--judge_rubric", default="default",
       help="rubric file, one 'name: description' line per criterion; the first criterion is correctness; "
-           "'none' for the pairwise judge only (default: the shipped paperqa_tune/rubric_default.txt)")
+           "'none' for the pairwise judge only (default: the shipped paperqa_tune/evaluate/rubric_default.txt)")
     a("--judge_workers", type=int, default=4, help="concurrent judge requests")
     a("--trust_remote_code", action="store_true",
       help="allow a base model that needs its own Python code from its folder or the hub to run it (off: such "

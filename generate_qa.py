@@ -51,21 +51,21 @@ from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, chat_record,
                     eval_questions_path, finite_float, qa_messages, resolve_path, run_main, sha256_file, sha256_text)
-from paperqa_tune.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
-from paperqa_tune.fulltext import PdfRejected, add_full_texts, read_pdf
+from paperqa_tune.qa.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
+from paperqa_tune.qa.fulltext import PdfRejected, add_full_texts, read_pdf
 from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
                               TIMEOUT_RETRIES, TOKENS_PER_ITEM, TOKENS_SLACK, HFBackend, OpenAIBackend, Outcome,
                               Progress, ResponseCache, Stats, resolve_request_defaults, sized_max_tokens)
-from paperqa_tune.offline_qa import OFFLINE_MODEL, offline_conversations
+from paperqa_tune.qa.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, run_command, write_staged
-from paperqa_tune.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA,
+from paperqa_tune.qa.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA,
                                   conversations_per_source, generation_messages, items_asked, judge_messages,
                                   prompts_hash, repair_messages, type_quotas)
-from paperqa_tune.quality import format_quality, plot_quality, quality_report
-from paperqa_tune.replies import judge_scores, parse_reply, reply_problem
+from paperqa_tune.qa.quality import format_quality, plot_quality, quality_report
+from paperqa_tune.qa.replies import judge_scores, parse_reply, reply_problem
 from paperqa_tune.safety import chat_structure, scrub
 from paperqa_tune.scoring import corrects_premise, is_refusal
-from paperqa_tune.textsim import (cross_group_near_duplicates, grounding, normalized, numbers, question_tokens,
+from paperqa_tune.qa.textsim import (cross_group_near_duplicates, grounding, normalized, numbers, question_tokens,
                                   within_paper_duplicate)
 
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "hf": "HuggingFaceH4/zephyr-7b-beta", "offline": OFFLINE_MODEL}
@@ -604,7 +604,7 @@ def to_records(convs: list[dict], units: dict[str, dict], held_out: set[str], ar
 
 
 def quality_items(convs: list[dict], units: dict[str, dict], held_out: set[str], turns: int) -> list[dict]:
-    """Every kept Q&A turn as paperqa_tune.quality reads it: split, type, section, the text it is grounded in."""
+    """Every kept Q&A turn as paperqa_tune.qa.quality reads it: split, type, section, the text it is grounded in."""
     items = []
     for c, cid in zip(convs, conversation_ids(convs, turns)):
         unit = units[c["unit"]]

@@ -54,23 +54,23 @@ import torch
 
 from common import (HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, eval_questions_path, finite_float,
                     run_main, sha256_file, write_json_atomic, write_jsonl_atomic)
-from paperqa_tune.chats import build_samples, load_chats, print_inspect
+from paperqa_tune.train.chats import build_samples, load_chats, print_inspect
 from paperqa_tune.checkpoints import (check_checkpoint, fingerprint, last_checkpoint, load_checkpoint, resume_flags,
                                       save_checkpoint)
 from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, init_distributed, launched_rank,
                                       shutdown_distributed)
-from paperqa_tune.kernels import LIGER_AUTO, parse_liger
+from paperqa_tune.train.kernels import LIGER_AUTO, parse_liger
 from paperqa_tune.loading import load_tokenizer, requested_precision, resolve_precision
-from paperqa_tune.memory import auto_budget_gb, frozen_gc, plan_for_budget
-from paperqa_tune.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
-from paperqa_tune.packing import IGNORE, collate, collate_packed
-from paperqa_tune.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
+from paperqa_tune.train.memory import auto_budget_gb, frozen_gc, plan_for_budget
+from paperqa_tune.train.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
+from paperqa_tune.train.packing import IGNORE, collate, collate_packed
+from paperqa_tune.train.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
 from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_template_source, check_finite_weights,
                                check_out_dir, commit_staged, discard_failed_stage, disk_errors, finish_commit,
                                heldout_questions, out_dir_problems, run_metrics, same_command_unfinished, save_outputs,
                                system_prompts, versions, write_metrics)
 from paperqa_tune.safety import chat_structure
-from paperqa_tune.samples import padding_share
+from paperqa_tune.train.samples import padding_share
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")

@@ -46,8 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from paperqa_tune.offline_qa import offline_pairs, split_sentences  # noqa: E402
-from paperqa_tune.textsim import STOPWORDS, jaccard  # noqa: E402
+from paperqa_tune.qa.offline_qa import offline_pairs, split_sentences  # noqa: E402
+from paperqa_tune.qa.textsim import STOPWORDS, jaccard  # noqa: E402
 
 SAMPLES = ROOT / "data" / "sample_abstracts.jsonl"
 _SYL = ["ka", "lo", "mi", "ren", "tus", "vo", "zel", "dra", "qui", "bar", "nex", "sol", "tri", "ume", "fa", "gor",
@@ -161,7 +161,7 @@ def _maxrss_mb() -> float:
 def child_join(questions: Path, n: int, impl: str, threshold: float) -> dict:
     import tracemalloc
 
-    from paperqa_tune.textsim import cross_group_near_duplicates, question_tokens
+    from paperqa_tune.qa.textsim import cross_group_near_duplicates, question_tokens
 
     join = cross_group_near_duplicates if impl == "new" else single_token_prefix_join
     rows = [json.loads(line) for line in itertools.islice(open(questions, encoding="utf-8"), n)]
@@ -293,7 +293,7 @@ def _run_child(extra: list[str], log: Path, env=None) -> subprocess.CompletedPro
 
 
 def bench_join(tmp: Path, sizes: list[int], before: list[int], threshold: float) -> list[dict]:
-    from paperqa_tune.prompts import type_quotas
+    from paperqa_tune.qa.prompts import type_quotas
 
     quotas = type_quotas(12, 0.2)
     path = tmp / "questions.jsonl"

@@ -142,7 +142,7 @@ def warm_bytecode(log) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     mods = ("eval_compare, torch, transformers, peft, bitsandbytes, accelerate, matplotlib.pyplot, "
             "transformers.models.mistral.modeling_mistral, paperqa_tune.loading, paperqa_tune.scoring, "
-            "paperqa_tune.report, paperqa_tune.engine")
+            "paperqa_tune.evaluate.report, paperqa_tune.engine")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", f"import {mods}"], cwd=ROOT, env=env, capture_output=True, text=True)
     log(f"bytecode warm-up (imports once, .pyc written): {time.perf_counter() - t0:.1f}s, exit {p.returncode}")

@@ -515,7 +515,7 @@ def main(argv=None) -> int:
         decoding, flag = "unconstrained (no --constrained_decoding flag)", []
     gen_argv = generate_qa_argv(a, model_dir, abstracts, workdir / "run", flag)
     run = run_generate_qa(gen_argv, workdir / "run", a.timeout)
-    from paperqa_tune.prompts import PAIRS_SCHEMA
+    from paperqa_tune.qa.prompts import PAIRS_SCHEMA
 
     n_first = a.abstracts  # the cache is appended in request order: the first round's replies come first
     records = run.pop("records")

@@ -25,7 +25,7 @@ words, few digits or symbols), which the vocabulary covers well. Fewer tokens pe
 speed-up (short steps are host-bound), so the measured figure is also the conservative one.
 
 Answers: the offline generator's answers are extractive, one sentence of the abstract (78%) or two (22%), mean 20.3
-words / 134 characters / ~30 tokens. An LLM backend is asked for "1-3 sentences" (paperqa_tune/prompts.py) and
+words / 134 characters / ~30 tokens. An LLM backend is asked for "1-3 sentences" (paperqa_tune/qa/prompts.py) and
 usually writes two full sentences, so its answers are typically 1.5-2.5x longer. --real-answer-scale X multiplies
 each answer's modelled token count by X (default 1.0 = as generated; 2.0 = a typical LLM-written answer); the
 bench's table and JSON name the scale used.

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import ADAPTER_WEIGHTS, InputError, share_like_outputs, write_json_atomic
-from paperqa_tune.optim import repage_optimizer_state
+from paperqa_tune.train.optim import repage_optimizer_state
 
 STATE_FILE = "trainer_state.json"
 TRAINING_FILE = "training_state.pt"

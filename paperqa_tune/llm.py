@@ -545,7 +545,7 @@ class HFBackend(Backend):
                             top_p=0.95, seed=seed)
         self.grammar = None
         if constrained:
-            from paperqa_tune.grammar import JsonGrammar
+            from paperqa_tune.qa.grammar import JsonGrammar
 
             vocab = self.lm.get_output_embeddings().weight.shape[0]  # the logits' width (may exceed the tokenizer)
             try:
@@ -570,7 +570,7 @@ class HFBackend(Backend):
 
     def _generate(self, batch: list[list[dict]], schema: dict) -> list[Outcome]:
         from paperqa_tune.generation import chat_prompt_ids, generate_batch
-        from paperqa_tune.grammar import bounded
+        from paperqa_tune.qa.grammar import bounded
 
         prompts = [chat_prompt_ids(self.tok, m) for m in batch]  # exactly one BOS, decided per prompt
         constraint = None

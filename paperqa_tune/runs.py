@@ -222,7 +222,7 @@ def heldout_questions(val_samples: list[dict]) -> list[dict]:
 
 def run_metrics(state: dict, t_start: float, device, world: int, resumed_from, finished: bool) -> dict:
     """metrics.json of a run from the training loop's state."""
-    from paperqa_tune.memory import peak_memory
+    from paperqa_tune.train.memory import peak_memory
 
     peak, kind = peak_memory(device)
     secs = max(state["train_seconds"], 1e-9)

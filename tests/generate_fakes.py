@@ -14,8 +14,8 @@ import threading
 from collections import Counter
 
 from fake_openai import Reply
-from paperqa_tune.offline_qa import offline_pairs
-from paperqa_tune.prompts import JUDGE_SYSTEM, TYPES
+from paperqa_tune.qa.offline_qa import offline_pairs
+from paperqa_tune.qa.prompts import JUDGE_SYSTEM, TYPES
 
 # the abstract, or one section of the full text (<section name="method">...</section>)
 _PAPER_RE = re.compile(r'^Paper: "(.*)" \(id (.*?)\)\n<(?:abstract|section name="(.*?)")>\n(.*?)\n</(?:abstract|section)>',

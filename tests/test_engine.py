@@ -1,5 +1,5 @@
 """The shared decoding loop (paperqa_tune/engine.py) against transformers' own model.generate, and the
-JSON-schema grammar (paperqa_tune/grammar.py) on the hf backend of generate_qa.py."""
+JSON-schema grammar (paperqa_tune/qa/grammar.py) on the hf backend of generate_qa.py."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import common  # noqa: E402
 import generate_qa  # noqa: E402
 from paperqa_tune import engine  # noqa: E402
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids  # noqa: E402
-from paperqa_tune.prompts import DIALOGUES_SCHEMA, PAIRS_SCHEMA  # noqa: E402
+from paperqa_tune.qa.prompts import DIALOGUES_SCHEMA, PAIRS_SCHEMA  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # our decoding loop against generate: token for token
 
@@ -123,7 +123,7 @@ def test_cuda_graph_replay_writes_what_eager_steps_write(tiny_model):
 
 # --------------------------------------------------------------------------- the grammar
 def test_bounded_schema_writes_the_request_shape():
-    from paperqa_tune.grammar import bounded
+    from paperqa_tune.qa.grammar import bounded
 
     pairs = bounded(PAIRS_SCHEMA, 6, 1, {"question": 50, "answer": 90})
     arr = pairs["properties"]["pairs"]
@@ -157,7 +157,7 @@ def valid(obj, schema) -> bool:
 def test_hf_backend_replies_always_parse_under_the_grammar(tmp_path, tiny_model, one_torch_thread, turns):
     """The tiny random model writes garbage; constrained, every reply is JSON of the bounded schema and ends
     with EOS. Unconstrained (the control), the same model's replies never parse."""
-    from paperqa_tune.grammar import bounded
+    from paperqa_tune.qa.grammar import bounded
 
     abstracts = tmp_path / "abstracts.txt"  # one paragraph per abstract
     abstracts.write_text("We fine-tune a 65B model on one 48GB GPU with 4-bit NF4 weights and low-rank adapters.\n\n"
@@ -221,7 +221,7 @@ def test_hf_backend_resumed_from_a_partial_cache_equals_the_uninterrupted_run(tm
 def test_grammar_bars_special_and_control_tokens(model_and_tok):
     """Tokens the JSON grammar would let into a string but that break the reply: special tokens other than EOS
     (decoding drops them) and control bytes (json.loads refuses them unescaped)."""
-    from paperqa_tune.grammar import JsonGrammar
+    from paperqa_tune.qa.grammar import JsonGrammar
 
     model, tok = model_and_tok
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -240,7 +240,7 @@ def test_grammar_bars_special_and_control_tokens(model_and_tok):
 def test_the_grammar_constrains_generate_the_same_way(model_and_tok):
     """Where our loop does not run (here --cache dynamic), the same grammar goes to model.generate as a logits
     processor: the same constrained tokens, every reply JSON of the schema."""
-    from paperqa_tune.grammar import JsonGrammar, bounded
+    from paperqa_tune.qa.grammar import JsonGrammar, bounded
 
     model, tok = model_and_tok
     grammar = JsonGrammar(tok, model.get_output_embeddings().weight.shape[0])
@@ -257,7 +257,7 @@ def test_the_grammar_constrains_generate_the_same_way(model_and_tok):
                                          (RuntimeError("unsupported vocabulary"), "cannot read this tokenizer")])
 def test_without_a_usable_grammar_the_run_stops_with_what_to_do(tmp_path, tiny_model, monkeypatch, capsys, error,
                                                                said):
-    import paperqa_tune.grammar as grammar
+    import paperqa_tune.qa.grammar as grammar
 
     def broken(*a, **k):
         raise error

@@ -18,7 +18,7 @@ from paperqa_tune.generation import Decoding, generate_batch, left_pad, prompt_i
 from paperqa_tune.loading import attach_adapter, dequantize_, load_run_base, merged_model, run_tokenizer
 from paperqa_tune.runs import read_run
 from common import read_jsonl_tolerant
-from paperqa_tune import report
+from paperqa_tune.evaluate import report
 from numerics import assert_greedy_agrees, four_bit_dtype, logit_tolerance, teacher_forced_logits
 from common import DEFAULT_SYSTEM_PROMPT
 

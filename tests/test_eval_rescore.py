@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import eval_compare as ec
-from paperqa_tune import report, verdict
+from paperqa_tune.evaluate import report, verdict
 
 REFUSE = "The abstract does not state how many GPUs were used."
 INVENT = "They trained on 8 A100 GPUs for three days."

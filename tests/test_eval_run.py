@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import eval_compare as ec
-from paperqa_tune import chats as C
+from paperqa_tune.train import chats as C
 from paperqa_tune.generation import prompt_ids
 from paperqa_tune.loading import run_tokenizer
 from paperqa_tune.runs import read_run

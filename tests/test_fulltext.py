@@ -11,8 +11,8 @@ import pytest
 import generate_qa
 import pdf_maker
 from generate_fakes import ArxivFeedServer, LoopbackServer
-from paperqa_tune import fulltext
-from paperqa_tune.fulltext import PdfRejected, read_pdf, read_pdf_bytes, split_long, split_sections
+from paperqa_tune.qa import fulltext
+from paperqa_tune.qa.fulltext import PdfRejected, read_pdf, read_pdf_bytes, split_long, split_sections
 
 DATA = Path(__file__).parent / "data"
 TITLE = "Sparse Adapters for Fast Domain Transfer"
@@ -276,7 +276,7 @@ def test_full_text_downloads_each_pdf_and_keeps_the_abstract_when_one_fails(tmp_
 
 
 def test_full_text_paper_keeps_the_api_title_and_abstract(tmp_path, monkeypatch):
-    from paperqa_tune.abstracts import fetch_arxiv, http_session
+    from paperqa_tune.qa.abstracts import fetch_arxiv, http_session
 
     with ArxivFeedServer(DATA / "arxiv_feed.xml") as api, PdfServer({"/pdf/2310.06825": paper_pdf()}) as pdfs:
         session = http_session()

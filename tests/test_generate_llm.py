@@ -17,7 +17,7 @@ from fake_openai import FakeOpenAI, Reply
 from generate_fakes import FaultyResponder, good_reply, is_judge, pairs_responder, request_paper, synthetic_abstracts
 from paperqa_tune.generation import chat_prompt_ids
 from paperqa_tune.loading import load_tokenizer
-from paperqa_tune.prompts import TYPES, generation_messages, type_quotas
+from paperqa_tune.qa.prompts import TYPES, generation_messages, type_quotas
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,9 @@ import pytest
 import common
 import generate_qa
 from generate_qa import check_pair
-from paperqa_tune import offline_qa, prompts
+from paperqa_tune.qa import offline_qa, prompts
 from paperqa_tune.scoring import is_refusal
-from paperqa_tune.textsim import cross_group_near_duplicates, jaccard, question_tokens
+from paperqa_tune.qa.textsim import cross_group_near_duplicates, jaccard, question_tokens
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""paperqa_tune.judge against the loopback OpenAI server: rubric scores per answer, the pairwise judge in
+"""paperqa_tune.evaluate.judge against the loopback OpenAI server: rubric scores per answer, the pairwise judge in
 both orders, failures recorded (never a default score or a tie) and never cached, the API key scrubbed."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from common import InputError
 from fake_openai import Reply
-from paperqa_tune import judge as J
+from paperqa_tune.evaluate import judge as J
 
 KEY = "sk-test-secret-4242"
 CRITERIA = [("correctness", "the answer is right"), ("grounding", "nothing invented"),

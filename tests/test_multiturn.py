@@ -12,11 +12,11 @@ import generate_qa
 import train_qlora_hf as T
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import request_paper
-from paperqa_tune import chats as C
-from paperqa_tune import prompts
+from paperqa_tune.train import chats as C
+from paperqa_tune.qa import prompts
 from paperqa_tune.generation import prompt_ids
 from paperqa_tune.loading import load_tokenizer
-from paperqa_tune.offline_qa import offline_conversations
+from paperqa_tune.qa.offline_qa import offline_conversations
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,9 +1,9 @@
-"""paperqa_tune.quality: the data quality report written next to generate_qa.py's manifest."""
+"""paperqa_tune.qa.quality: the data quality report written next to generate_qa.py's manifest."""
 import json
 
 import pytest
 
-from paperqa_tune.quality import format_quality, plot_quality, quality_report
+from paperqa_tune.qa.quality import format_quality, plot_quality, quality_report
 
 
 def item(split, type_, question, answer, source, conversation, turn=1, section="abstract", **extra):

@@ -27,7 +27,7 @@ import quick_infer as qi
 from fake_openai import Reply
 from matplotlib.figure import Figure
 
-from paperqa_tune import report
+from paperqa_tune.evaluate import report
 from test_eval_compare import QUESTIONS, make_run, write_questions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -522,7 +522,7 @@ def judge_args(server_url: str) -> list[str]:
 
 
 def test_huge_context_is_capped_for_the_judge_and_copied_nowhere(ev, tmp_path, capsys, monkeypatch, openai_server):
-    from paperqa_tune import judge
+    from paperqa_tune.evaluate import judge
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     huge = "The abstract goes on. " * 240_000  # 5.3 MB

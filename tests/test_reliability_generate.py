@@ -22,7 +22,7 @@ import generate_qa
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import good_reply, is_judge, pairs_responder, request_paper, synthetic_abstracts
 from paperqa_tune.llm import OpenAIBackend, Outcome, ResponseCache
-from paperqa_tune.prompts import generation_messages, type_quotas
+from paperqa_tune.qa.prompts import generation_messages, type_quotas
 from paperqa_tune.safety import chat_structure
 
 DATA = Path(__file__).parent / "data"

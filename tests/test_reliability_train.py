@@ -23,7 +23,7 @@ import torch
 
 import train_qlora_hf as T
 from common import chat_record, qa_messages
-from paperqa_tune import chats as C
+from paperqa_tune.train import chats as C
 from paperqa_tune import checkpoints, runs
 from paperqa_tune.checkpoints import list_checkpoints
 from paperqa_tune.runs import STAGE_DIR, lock_path, read_run

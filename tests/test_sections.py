@@ -8,7 +8,7 @@ import generate_qa
 import pdf_maker
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import good_reply, request_paper
-from paperqa_tune.fulltext import read_pdf
+from paperqa_tune.qa.fulltext import read_pdf
 
 SECTIONS = ["abstract", "introduction", "method", "results", "conclusion"]
 

@@ -22,7 +22,7 @@ import generate_qa
 from fake_openai import SERVER_ERRORS, FakeOpenAI, Reply, server_error
 from generate_fakes import good_reply, pairs_responder, synthetic_abstracts
 from paperqa_tune import llm
-from paperqa_tune.prompts import PAIRS_SCHEMA, generation_messages, type_quotas
+from paperqa_tune.qa.prompts import PAIRS_SCHEMA, generation_messages, type_quotas
 
 DATA = Path(__file__).parent / "data"
 KEY = "sk-test-SECRET-0123456789abcdef"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import train_qlora_hf as T
-from paperqa_tune import chats as C
-from paperqa_tune.packing import collate
-from paperqa_tune.samples import padding_share
+from paperqa_tune.train import chats as C
+from paperqa_tune.train.packing import collate
+from paperqa_tune.train.samples import padding_share
 from paperqa_tune.loading import ensure_pad, load_tokenizer, resolve_precision
 from common import ZEPHYR_CHAT_TEMPLATE, render_zephyr
 

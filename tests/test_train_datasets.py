@@ -1,4 +1,4 @@
-"""paperqa_tune.chats.build_samples through `datasets` (worker processes + on-disk cache, used from CACHE_MIN_CHATS
+"""paperqa_tune.train.chats.build_samples through `datasets` (worker processes + on-disk cache, used from CACHE_MIN_CHATS
 chats on): the very samples, report and errors of the plain in-process loop, a cache that is reused only for the
 same data, tokenizer and --max_seq_len, and a run that survives an unusable cache folder."""
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 
 import generate_qa
 from common import InputError, chat_text, encode_text
-from paperqa_tune import chats as C
+from paperqa_tune.train import chats as C
 from paperqa_tune.loading import load_tokenizer
-from paperqa_tune import tokenized
-from paperqa_tune.packing import IGNORE
+from paperqa_tune.train import tokenized
+from paperqa_tune.train.packing import IGNORE
 
 ROOT = Path(__file__).resolve().parent.parent
 SYS = "You answer questions about papers."
@@ -184,7 +184,7 @@ def test_script_tokenizes_large_data_in_workers_into_the_datasets_cache(big_run)
 
 
 def test_editing_the_script_keeps_the_tokenized_cache(big_run, tiny_model, monkeypatch):
-    """The cache key hashes the code that tokenizes (paperqa_tune/chats.py), not the script: a copy of
+    """The cache key hashes the code that tokenizes (paperqa_tune/train/chats.py), not the script: a copy of
     train_qlora_hf.py with other help text reads back what the original tokenized (minutes on a real dataset)."""
     tmp, data, first = big_run
     assert first.returncode == 0, first.stderr[-2000:]

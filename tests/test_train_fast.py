@@ -16,11 +16,11 @@ import torch
 
 import train_qlora_hf as T
 from paperqa_tune.loading import load_tokenizer
-from paperqa_tune.lora4bit import FusedLoRA, dequantize
-from paperqa_tune.memory import (activation_bytes_per_token_layer, apply_checkpoint_plan, decoder_layers,
+from paperqa_tune.train.lora4bit import FusedLoRA, dequantize
+from paperqa_tune.train.memory import (activation_bytes_per_token_layer, apply_checkpoint_plan, decoder_layers,
                                  max_micro_tokens, pick_micro_batch, plan_checkpointing)
-from paperqa_tune.optim import FlatParams, make_optimizer, zero_grads
-from paperqa_tune.packing import PACKED_ATTN, collate, collate_packed, uses_packed_attention
+from paperqa_tune.train.optim import FlatParams, make_optimizer, zero_grads
+from paperqa_tune.train.packing import PACKED_ATTN, collate, collate_packed, uses_packed_attention
 
 FP32 = ["--no-bf16", "--lora_dropout", "0"]
 
@@ -490,7 +490,7 @@ def test_fp32_packed_attention_never_takes_the_half_precision_kernel():
     varlen has no kernel at all, the same call shows the guard: it returns the per-sample result."""
     from types import SimpleNamespace
 
-    from paperqa_tune.packing import packed_attention_forward
+    from paperqa_tune.train.packing import packed_attention_forward
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 12, 8, generator=g) for _ in range(3))

@@ -19,7 +19,7 @@ import torch
 import common
 import train_qlora_hf as T
 from paperqa_tune.checkpoints import list_checkpoints
-from paperqa_tune.optim import make_optimizer, repage_optimizer_state
+from paperqa_tune.train.optim import make_optimizer, repage_optimizer_state
 from common import chat_record, chat_text, encode_text, qa_messages, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent

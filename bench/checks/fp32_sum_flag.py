@@ -12,7 +12,7 @@ sys.path.insert(0, ".")
 import train_qlora_hf as T  # noqa: E402
 from peft.tuners.lora.bnb import Linear4bit as L4  # noqa: E402
 
-from paperqa_tune.lora4bit import dequantize  # noqa: E402
+from paperqa_tune.train.lora4bit import dequantize  # noqa: E402
 
 args = T.build_parser().parse_args(["--model", sys.argv[1], "--max_steps", "1"])
 tm = T.load_model(args)

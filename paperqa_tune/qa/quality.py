@@ -18,8 +18,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from paperqa_tune.charts import pyplot, save_figure
-from paperqa_tune.prompts import ANSWERABLE, TYPES
-from paperqa_tune.textsim import content_stems
+from paperqa_tune.qa.prompts import ANSWERABLE, TYPES
+from paperqa_tune.qa.textsim import content_stems
 
 ITEM_KEYS = ("split", "type", "section", "question", "answer", "source", "conversation", "turn")
 START_WORDS = (2, 3)           # question openings measured: the first two and the first three words

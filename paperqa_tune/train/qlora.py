@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from common import InputError
-from paperqa_tune import kernels, packing
+from paperqa_tune.train import kernels, packing
 from paperqa_tune.loading import load_causal_lm
-from paperqa_tune.lora4bit import FusedLoRA
+from paperqa_tune.train.lora4bit import FusedLoRA
 
 
 @dataclass

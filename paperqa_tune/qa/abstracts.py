@@ -1,6 +1,6 @@
 """Reading paper abstracts: JSONL, CSV or blank-line-separated text files, or the arXiv API. Each paper comes
 back as {"id", "title", "abstract", "_where"} (extra fields kept), with chat markers removed from its text
-(listed under "_chat_markers") and file:line in every error. Full-text PDFs: paperqa_tune/fulltext.py."""
+(listed under "_chat_markers") and file:line in every error. Full-text PDFs: paperqa_tune/qa/fulltext.py."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common import InputError, read_jsonl, resolve_path
 from paperqa_tune.safety import chat_structure
-from paperqa_tune.textsim import clean_text
+from paperqa_tune.qa.textsim import clean_text
 
 
 def decode_file(path: Path) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-from paperqa_tune.prompts import ANSWERABLE, TYPES
-from paperqa_tune.textsim import NUMBER_RE, STOPWORDS, clean_text, within_paper_duplicate
+from paperqa_tune.qa.prompts import ANSWERABLE, TYPES
+from paperqa_tune.qa.textsim import NUMBER_RE, STOPWORDS, clean_text, within_paper_duplicate
 
 OFFLINE_MODEL = "offline-rules-v1"  # the "model" name records of this generator carry
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from common import InputError, chat_text, encode_text, os_error_text, read_jsonl, record_messages
-from paperqa_tune.packing import IGNORE
+from paperqa_tune.train.packing import IGNORE
 from paperqa_tune.safety import chat_structure
-from paperqa_tune.samples import histogram_lines, marked_text
-from paperqa_tune.tokenized import CACHE_MIN_CHATS, default_num_proc, tokenize_cached
+from paperqa_tune.train.samples import histogram_lines, marked_text
+from paperqa_tune.train.tokenized import CACHE_MIN_CHATS, default_num_proc, tokenize_cached
 
 
 def load_chats(path, system_prompt: str | None = None) -> list[dict]:

@@ -7,8 +7,8 @@ import json
 import re
 
 from paperqa_tune.llm import Outcome
-from paperqa_tune.prompts import TYPES
-from paperqa_tune.textsim import clean_text
+from paperqa_tune.qa.prompts import TYPES
+from paperqa_tune.qa.textsim import clean_text
 
 
 def _json_object(content: str | None):

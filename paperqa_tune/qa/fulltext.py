@@ -18,8 +18,8 @@ import unicodedata
 from pathlib import Path
 
 from common import InputError
-from paperqa_tune.abstracts import paper_record, strip_chat_markers
-from paperqa_tune.textsim import clean_text
+from paperqa_tune.qa.abstracts import paper_record, strip_chat_markers
+from paperqa_tune.qa.textsim import clean_text
 
 MIN_LETTERS = 200  # fewer letters in the whole text layer than a short abstract has: scanned, or empty
 MAX_PDF_BYTES = 100 * 2**20  # arXiv's own limit is 50 MB; anything larger is not a paper

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from paperqa_tune.packing import IGNORE
+from paperqa_tune.train.packing import IGNORE
 
 
 def marked_text(text: str, ids: list[int], labels: list[int], offsets, bos_id) -> str:

@@ -1,7 +1,7 @@
 """Tokenizing a large training file once: `datasets.map` in worker processes, the result kept in Arrow files named
 by everything it depends on, read back on a rerun or a --resume of the same data.
 
-Used by paperqa_tune.chats.build_samples from CACHE_MIN_CHATS chats on; smaller data is tokenized in the training
+Used by paperqa_tune.train.chats.build_samples from CACHE_MIN_CHATS chats on; smaller data is tokenized in the training
 process, uncached (little to win). Measured on 240,000 chats (20k abstracts' worth, 2 shared cores): 13 minutes in
 one process, 7.7 with 2 workers, 23 s from the cache; peak memory 2.6 GB, 2.9 GB with datasets.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from paperqa_tune.packing import IGNORE
+from paperqa_tune.train.packing import IGNORE
 
 CACHE_MIN_CHATS = 2000
 TOKENIZED_CACHE_DIR = "paperqa_tune_tokenized"  # in datasets' cache folder ($HF_DATASETS_CACHE)
@@ -29,7 +29,7 @@ def cache_key(tokenizer, chats: list[dict], max_seq_len: int, sources: list) -> 
     from datasets.fingerprint import Hasher
 
     import common
-    from paperqa_tune import packing
+    from paperqa_tune.train import packing
 
     common.ensure_chat_template(tokenizer)  # as chat_text does: the key sees the template the chats are rendered with
     h = hashlib.sha256()

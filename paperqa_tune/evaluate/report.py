@@ -2,7 +2,7 @@
 and read/write the spreadsheet (evaluation.csv) that a person checks.
 
 Column names: every per-answer measure appears twice, `base_<m>` and `finetuned_<m>`; `finetuned_vs_base`
-is win / tie / loss of the fine-tuned answer on the primary score (see paperqa_tune.verdict).
+is win / tie / loss of the fine-tuned answer on the primary score (see paperqa_tune.evaluate.verdict).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from common import InputError, RunFailure, atomic_write_text, os_error_text, resolve_path
 from paperqa_tune.outputs import write_staged
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
-from paperqa_tune.verdict import TIE_MARGIN, compare, decide, headline
+from paperqa_tune.evaluate.verdict import TIE_MARGIN, compare, decide, headline
 
 SIDES = ("base", "finetuned")
 TYPES = ("factual", "conceptual", "methodology", "unanswerable", "false_premise")

@@ -1,0 +1,10 @@
+"""Stage 3, eval_compare.py: base vs fine-tuned answers scored, judged and reported.
+
+Public API (imported lazily):
+    report      open_outputs, output_paths, SIDES (evaluation.csv, summary.json, the marking sheet, the chart)
+    verdict     compare, decide, headline, bootstrap_ci, sign_test_p (the paired verdict)
+    judge       rubric_scores, pairwise, read_rubric, rubric_columns, JudgeConfig (the LLM judge)
+"""
+from paperqa_tune._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, __doc__)
