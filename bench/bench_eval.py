@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import DEFAULT_SYSTEM_PROMPT, ZEPHYR_CHAT_TEMPLATE  # noqa: E402
+from paperqa_tune.messages import DEFAULT_SYSTEM_PROMPT, ZEPHYR_CHAT_TEMPLATE  # noqa: E402
 
 TYPES = ["factual", "conceptual", "methodology", "unanswerable", "false_premise"]
 WORDS = ("model method paper results data training quantization adapter rank memory accuracy benchmark task "

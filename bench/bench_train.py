@@ -270,7 +270,7 @@ def build_model(model_dir: Path, device, smoke: bool) -> None:
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                      model_max_length=4096)
     try:
-        from common import ZEPHYR_CHAT_TEMPLATE
+        from paperqa_tune.messages import ZEPHYR_CHAT_TEMPLATE
         hf_tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     except ImportError:
         pass

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import ZEPHYR_CHAT_TEMPLATE  # noqa: E402
+from paperqa_tune.messages import ZEPHYR_CHAT_TEMPLATE  # noqa: E402
 
 SPACE = "\u2581"  # SentencePiece's visible space
 # SentencePiece piece types (sentencepiece_model.proto): NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, BYTE=6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common import append_jsonl, read_jsonl_tolerant
+from paperqa_tune.files import append_jsonl, read_jsonl_tolerant
 
 
 class JsonlCache:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from common import ADAPTER_WEIGHTS, InputError, share_like_outputs, write_json_atomic
+from paperqa_tune.errors import InputError
+
+from paperqa_tune.files import ADAPTER_WEIGHTS, share_like_outputs, write_json_atomic
 from paperqa_tune.train.optim import repage_optimizer_state
 
 STATE_FILE = "trainer_state.json"

@@ -1,5 +1,5 @@
 """Batched generation for every stage that generates: evaluation, terminal inference and generate_qa.py's
-local-model backend. Prompts are rendered exactly as training renders them (common.chat_text + encode_text:
+local-model backend. Prompts are rendered exactly as training renders them (messages.chat_text + encode_text:
 the tokenizer's chat template, exactly one BOS)."""
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from common import InputError, chat_text, encode_text, qa_messages
+from paperqa_tune.errors import InputError
+
+from paperqa_tune.messages import chat_text, encode_text, qa_messages
 from paperqa_tune import engine
 from paperqa_tune.engine import left_pad
 

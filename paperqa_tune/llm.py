@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import InputError, RunFailure, sha256_text
+from paperqa_tune.errors import InputError, RunFailure
+
+from paperqa_tune.files import sha256_text
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.safety import scrub
 

@@ -12,7 +12,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import ADAPTER_WEIGHTS, InputError, RunFailure, ensure_chat_template, os_error_text
+from paperqa_tune.errors import InputError, RunFailure
+
+from paperqa_tune.files import ADAPTER_WEIGHTS, os_error_text
+
+from paperqa_tune.messages import ensure_chat_template
 from paperqa_tune.outputs import pid_alive
 
 

@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from common import InputError, RunFailure
+from paperqa_tune.errors import InputError, RunFailure
 
 EMPTY_GRACE_S = 10  # an empty lock younger than this is a run starting now, not a crash's leftover
 

@@ -34,7 +34,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from common import InputError, check_outputs_free, resolve_path
+from paperqa_tune.errors import InputError
+
+from paperqa_tune.files import check_outputs_free, resolve_path
 from paperqa_tune.locks import LockFile, make_dirs, pid_alive, remove_empty  # noqa: F401 (pid_alive: for loading.py)
 
 PARTIAL = ".partial"

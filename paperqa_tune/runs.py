@@ -25,8 +25,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (ADAPTER_WEIGHTS, DEFAULT_SYSTEM_PROMPT, HELDOUT_QUESTIONS_FILE, InputError, RunFailure,
-                    resolve_path, sha256_file, share_like_outputs, write_json_atomic)
+from paperqa_tune.errors import InputError, RunFailure
+
+from paperqa_tune.files import ADAPTER_WEIGHTS, HELDOUT_QUESTIONS_FILE, resolve_path, sha256_file, share_like_outputs, write_json_atomic
+
+from paperqa_tune.messages import DEFAULT_SYSTEM_PROMPT
 from paperqa_tune.locks import LockFile
 from paperqa_tune.loading import requested_precision
 
@@ -183,9 +186,9 @@ def _remove(p: Path) -> None:
 
 def chat_template_source(tokenizer) -> str:
     """run_config.json's chat_template_source: "model" when the tokenizer came with its own chat template,
-    "project default" when loading.load_tokenizer gave it Zephyr's (common.ensure_chat_template). transformers
+    "project default" when loading.load_tokenizer gave it Zephyr's (messages.ensure_chat_template). transformers
     passes a template it read from the model's files to the tokenizer as init_kwargs["chat_template"]."""
-    from common import ZEPHYR_CHAT_TEMPLATE
+    from paperqa_tune.messages import ZEPHYR_CHAT_TEMPLATE
 
     if (getattr(tokenizer, "init_kwargs", None) or {}).get("chat_template"):
         return "model"

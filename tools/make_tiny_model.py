@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import (ZEPHYR_CHAT_TEMPLATE, render_zephyr, sha256_text, share_like_outputs,  # noqa: E402
-                    write_json_atomic)
+from paperqa_tune.files import sha256_text, share_like_outputs, write_json_atomic
+from paperqa_tune.messages import ZEPHYR_CHAT_TEMPLATE, render_zephyr
 
 ROOT = Path(__file__).resolve().parent.parent
 FALLBACK_TEXT = (

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from common import InputError, sha256_text
+from paperqa_tune.errors import InputError
+
+from paperqa_tune.files import sha256_text
 from paperqa_tune.safety import scrub
 
 DEFAULT_RUBRIC = Path(__file__).with_name("rubric_default.txt")

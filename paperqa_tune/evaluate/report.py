@@ -14,7 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-from common import InputError, RunFailure, atomic_write_text, os_error_text, resolve_path
+from paperqa_tune.errors import InputError, RunFailure
+
+from paperqa_tune.files import atomic_write_text, os_error_text, resolve_path
 from paperqa_tune.outputs import write_staged
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
 from paperqa_tune.evaluate.verdict import TIE_MARGIN, compare, decide, headline

@@ -8,7 +8,9 @@ import io
 import re
 from pathlib import Path
 
-from common import InputError, read_jsonl, resolve_path
+from paperqa_tune.errors import InputError
+
+from paperqa_tune.files import read_jsonl, resolve_path
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.qa.textsim import clean_text
 

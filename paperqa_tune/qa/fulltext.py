@@ -17,7 +17,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from common import InputError
+from paperqa_tune.errors import InputError
 from paperqa_tune.qa.abstracts import paper_record, strip_chat_markers
 from paperqa_tune.qa.textsim import clean_text
 

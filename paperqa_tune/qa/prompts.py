@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from common import sha256_text
+from paperqa_tune.files import sha256_text
 
 ANSWERABLE = ("factual", "conceptual", "methodology")
 EDGE_CASES = ("unanswerable", "false_premise")

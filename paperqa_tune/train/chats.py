@@ -2,7 +2,7 @@
 with exactly one BOS, and labels that train only the assistant answers (each turn's end-of-turn token included);
 and how that looks to a person (--inspect: trained tokens marked).
 
-Everything the tokenized-data cache depends on in code lives here (with common.py's rendering and packing.IGNORE):
+Everything the tokenized-data cache depends on in code lives here (with messages.py's rendering and packing.IGNORE):
 build_samples names this module as the cache key's source, so editing a script (its help text, the loop) keeps
 the cache, and editing how chats are tokenized starts a new one.
 """
@@ -11,7 +11,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common import InputError, chat_text, encode_text, os_error_text, read_jsonl, record_messages
+from paperqa_tune.errors import InputError
+
+from paperqa_tune.files import os_error_text, read_jsonl
+
+from paperqa_tune.messages import chat_text, encode_text, record_messages
 from paperqa_tune.train.packing import IGNORE
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.train.samples import histogram_lines, marked_text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from common import InputError
+from paperqa_tune.errors import InputError
 from paperqa_tune.train import kernels, packing
 from paperqa_tune.loading import load_causal_lm
 from paperqa_tune.train.lora4bit import FusedLoRA

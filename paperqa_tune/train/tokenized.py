@@ -19,7 +19,7 @@ COLUMNS = ("fits", "dropped", "full_len", "error")  # besides input_ids and the 
 
 def cache_key(tokenizer, chats: list[dict], max_seq_len: int, sources: list) -> str:
     """What the tokenized data depends on: the chats, the tokenizer (vocabulary, special tokens, chat template),
-    --max_seq_len, the library versions, and the code that tokenizes (`sources`, plus common.py and packing.py:
+    --max_seq_len, the library versions, and the code that tokenizes (`sources`, plus messages.py and packing.py:
     any edit of them starts a new cache)."""
     import hashlib
     import json
@@ -28,14 +28,14 @@ def cache_key(tokenizer, chats: list[dict], max_seq_len: int, sources: list) -> 
     import transformers
     from datasets.fingerprint import Hasher
 
-    import common
+    from paperqa_tune import messages
     from paperqa_tune.train import packing
 
-    common.ensure_chat_template(tokenizer)  # as chat_text does: the key sees the template the chats are rendered with
+    messages.ensure_chat_template(tokenizer)  # as chat_text does: the key sees the template the chats are rendered with
     h = hashlib.sha256()
     for part in ("v1", str(max_seq_len), Hasher.hash(tokenizer), transformers.__version__, tokenizers.__version__):
         h.update(part.encode() + b"\0")
-    for src in (*sources, common.__file__, packing.__file__):
+    for src in (*sources, messages.__file__, packing.__file__):
         h.update(Path(src).read_bytes())
     for k in range(0, len(chats), 1000):
         h.update(json.dumps([c["messages"] for c in chats[k:k + 1000]]).encode())
