@@ -196,7 +196,6 @@ def convert(gguf_path: Path, dest: Path, dtype: str, log=print) -> None:
 
 
 def provenance(source: dict, info: dict, dtype: str, licence: str | None) -> dict:
-    import gguf  # noqa: F401  (its version is recorded)
     import importlib.metadata as md
 
     quant = info["file_type"] or "/".join(info["tensor_types"])
