@@ -69,8 +69,9 @@ def test_constraints_pin_every_requirement():
 
 
 def imported_modules() -> set[str]:
-    """Top-level modules imported anywhere in the scripts, the package and tools (not the tests)."""
-    files = [*ROOT.glob("*.py"), *(ROOT / "paperqa_tune").glob("*.py"), *(ROOT / "tools").glob("*.py")]
+    """Top-level modules imported anywhere in the scripts, the package (its subpackages too) and tools (not the
+    tests)."""
+    files = [*ROOT.glob("*.py"), *(ROOT / "paperqa_tune").rglob("*.py"), *(ROOT / "tools").glob("*.py")]
     found = set()
     for f in files:
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
