@@ -613,17 +613,22 @@ HALLUCINATION_PENALTY = 0.5  # score of an answer per unsupported specific, down
 
 _CONNECTORS = frozenset("of for and the in on to with via a an".split())  # skipped in initials and word checks
 _NAME_JOINERS = frozenset("of for the de".split())  # "Mixture of Experts"; "BERT and GPT" are two names
-_SENTENCE_OPENERS = _FUNCTION_WORDS | _AUXILIARIES | set("yes no however also both each not there here so "
-                                                         "thus overall first finally".split())
+_SENTENCE_OPENERS = _FUNCTION_WORDS | _AUXILIARIES | set("yes no however also both each not there here so thus "
+                                                         "overall first finally through using via after before "
+                                                         "during because since although while when where how why "
+                                                         "unlike like compared based given according".split())
 _MULTIPLIERS = {"k": 1e3, "thousand": 1e3, "M": 1e6, "million": 1e6, "B": 1e9, "bn": 1e9, "billion": 1e9,
                 "T": 1e12, "trillion": 1e12}
 # Digits not glued to a word ("A100", "GPT-4" are identifiers), with a percent or a multiplier after them
-_NUM_RX = re.compile(r"(?<![A-Za-z_]-)(?<![\w.])(\d+(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+)"
+_NUM_RX = re.compile(r"(?<![A-Za-z_]-)(?<![\w.])((?:\d+(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+)(?:e[-+]?\d+\b)?)"
                      r"(?:\s*(%|percent\b|per\s?cent\b|percentage points?\b)|[\s-]?(thousand|million|billion|"
                      r"trillion)\b|(k|M|B|T|bn)\b)?")
 _LIST_MARKER = re.compile(r"(?m)^\s*\(?\d{1,2}[.)](?=\s)")
-_WORD_NUMBERS = {w: float(v) for w, v in _NUMBER_WORDS.items()}
-_WORD_NUM_RX = re.compile(r"\b(" + "|".join(sorted(_WORD_NUMBERS, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+# Number words with an optional multiplier ("seven-billion"); a multiplier alone ("billions of tokens") is vague
+_WORD_NUMBERS = {w: float(v) for w, v in _NUMBER_WORDS.items()
+                 if w not in ("hundred", "thousand", "million", "billion", "trillion")}
+_WORD_NUM_RX = re.compile(r"\b(" + "|".join(sorted(_WORD_NUMBERS, key=len, reverse=True)) + r")(?:[\s-](hundred|"
+                          r"thousand|million|billion|trillion))?\b", re.IGNORECASE)
 _TOKEN_RX = re.compile(r"(?<![\w./-])[A-Za-z][A-Za-z0-9]*(?:[-_/.][A-Za-z0-9]+)*")
 _NAME_WORD = re.compile(r"[A-Za-z][\w'-]*")
 _SEGMENT_BREAK = re.compile(r"[.!?;:]+(?:\s+|$)|\n+|\s[-*\u2022]\s|[()\"]")
@@ -692,8 +697,9 @@ def _numbers(text: str):
         scale = _MULTIPLIERS.get(m.group(3) or m.group(4) or "", 1.0)
         yield m.group().strip(), value, round(value * scale, 6), bool(m.group(2))
     for m in _WORD_NUM_RX.finditer(text):
-        value = _WORD_NUMBERS[m.group().lower()]
-        yield m.group(), value, value, False
+        value = _WORD_NUMBERS[m.group(1).lower()]
+        scale = {"hundred": 100.0}.get((m.group(2) or "").lower(), _MULTIPLIERS.get((m.group(2) or "").lower(), 1.0))
+        yield m.group(), value, round(value * scale, 6), False
 
 
 def _is_identifier(token: str) -> bool:
@@ -783,8 +789,8 @@ def specifics(text: str) -> list[dict]:
     text = _prepare(text)
     found: list[dict] = []
 
-    def free(span):
-        return not any(f["span"][0] <= span[0] and span[1] <= f["span"][1] for f in found)
+    def free(span):  # not overlapping a specific already found (the longer, earlier kind wins)
+        return not any(f["span"][0] < span[1] and span[0] < f["span"][1] for f in found)
 
     for acr, exp, span in _acronym_expansions(text):
         if not _general(acr):
