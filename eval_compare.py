@@ -13,12 +13,15 @@ training file (data/eval_questions.jsonl); the held-out samples train_qlora_hf.p
 Prompts are built exactly as in training: the run's chat template and the system prompt its data used
 (run_config.json), unless a question row carries its own or --system overrides both.
 
-Each answer gets a behaviour label (answered, refused, corrected_premise, degenerate, empty), a 0/1
-`correct` (the type's expected behaviour: a substantive answer that agrees with the reference for
-answerable types, a refusal that invents nothing for unanswerable ones, an explicit correction for
-false premises) and a primary score in [0, 1]. The verdict compares the two models question by question:
+Each answer gets a behaviour label (answered, refused, corrected_premise, degenerate, empty), the
+specifics it asserts that the source context (and the question) do not support (`*_unsupported`,
+`*_hallucinated`), a 0/1 `correct` (the type's expected behaviour, asserting nothing unsupported: a
+substantive answer that agrees with the reference for answerable types, a refusal for unanswerable ones,
+an explicit correction that does not restate the premise for false premises) and a support-aware score in
+[-1, 1] (below 0 for invented specifics). The verdict compares the two models question by question:
 win/tie/loss, a paired bootstrap interval of the mean difference and a sign test; it says "fine-tuned
-better" or "base better" only when both agree and there are enough questions, else "no clear difference".
+better" or "base better" only when both agree and there are enough questions, else "no clear difference";
+never "fine-tuned better" when the fine-tuned model hallucinates significantly more.
 
 One model load serves both sides. The base is loaded in 4-bit exactly as training loaded it. Then:
   fast path (auto on a CUDA GPU with room for bf16 weights): dequantise the 4-bit weights to bf16 -- the
@@ -367,10 +370,11 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
 
 
 # --------------------------------------------------------------------------- outputs
-CURVE_SERIES = {"mean_score": "mean primary score", "correct_rate": "correct (all)",
+CURVE_SERIES = {"mean_score": "mean support-aware score", "correct_rate": "correct (all)",
                 "refusal_rate_unanswerable": "refuses unanswerable", "correction_rate_false_premise":
                 "corrects false premise", "over_refusal_rate_answerable": "refuses answerable",
-                "degenerate_rate": "degenerate or empty", "token_f1": "token F1"}
+                "degenerate_rate": "degenerate or empty", "hallucination_rate": "hallucinated",
+                "token_f1": "token F1"}
 
 
 def curve_point(step: int, label: str, rows: list[dict], side: str, losses: dict) -> dict:
@@ -511,7 +515,10 @@ def rescore(args) -> int:
         if qfile:  # for the abstracts the judge grounds on
             questions = {q["id"]: q for q in read_questions(Path(qfile))}
             print(f"abstracts for the judge from {qfile}")
-        questions = {r["id"]: {"context": "", **questions.get(r["id"], {}), **r} for r in scored}
+        # the CSV's own context cell (it may have been edited by hand) wins over the questions file's
+        questions = {r["id"]: {**questions.get(r["id"], {}), **r,
+                               "context": r.get("context") or questions.get(r["id"], {}).get("context") or ""}
+                     for r in scored}
         cache = JsonlCache(paths["cache"])
         criteria, pairwise, judge_stats = run_judges(scored, questions, args, cache)
         report.score_rows(scored, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)

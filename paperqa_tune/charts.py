@@ -49,7 +49,10 @@ def _paired_bars(ax, names: list[str], values: dict[str, list], title: str, fmt:
             ax.text(x + off, v + 0.02, fmt.format(v), ha="center", va="bottom", fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.15)
+    low = min([0.0] + [v for side in values.values() for v in side if v is not None])
+    if low < 0:  # support-aware scores go below 0 for invented specifics
+        ax.axhline(0, color="#444444", lw=0.6)
+    ax.set_ylim(low - 0.1 if low < 0 else 0, 1.15)
 
 
 def plot_results(summary: dict, path: Path) -> bool:
@@ -59,19 +62,24 @@ def plot_results(summary: dict, path: Path) -> bool:
         print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
         return False
     rate_names = {"refusal_rate_unanswerable": "refuses\nunanswerable", "correction_rate_false_premise":
-                  "corrects\nfalse premise", "over_refusal_rate_answerable": "refuses\nanswerable",
-                  "degenerate_rate": "degenerate\nor empty"}
+                  "corrects\nfalse premise", "correct_answer_rate_answerable": "correct\nanswers",
+                  "over_refusal_rate_answerable": "refuses\nanswerable", "degenerate_rate": "degenerate\nor empty",
+                  "hallucination_rate": "hallucinated"}
     rates = summary["rates"]
+    hall = rates.get("hallucination_rate") or {}
+    if hall.get("ci95"):  # the paired interval under the bar's name: is the difference real?
+        rate_names["hallucination_rate"] += f"\n(diff {hall['ci95'][0]:+.0%}..{hall['ci95'][1]:+.0%})"
+    rate_names = {k: v for k, v in rate_names.items() if k in rates}
     by_type = summary["by_type"]
     types = list(by_type)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.8))
     _paired_bars(axes[0], list(rate_names.values()),
                  {s: [rates[k][s] if rates[k]["n"] else None for k in rate_names] for s in ("base", "finetuned")},
-                 "behaviour rates (higher is better, except the last two)", "{:.0%}")
+                 "rates (first three: higher is better; last three: lower is better)", "{:.0%}")
     _paired_bars(axes[1], types, {s: [by_type[t][s]["correct_rate"] for t in types] for s in ("base", "finetuned")},
                  "correct (the type's expected behaviour)", "{:.0%}")
     _paired_bars(axes[2], types, {s: [by_type[t][s]["mean_score"] for t in types] for s in ("base", "finetuned")},
-                 "mean primary score", "{:.2f}")
+                 "mean support-aware score (below 0: invented specifics)", "{:.2f}")
     mix = by_type["all"]
     bottom = {"base": 0.0, "finetuned": 0.0}
     for label, color in BEHAVIOUR_COLORS.items():

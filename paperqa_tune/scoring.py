@@ -37,6 +37,21 @@ defers to the main clause after it.
     stated"; it is refused only when more than half of its clauses are refusals.
   - A hedge on the refusal itself ("As far as I can tell, the abstract does not mention it") is a refusal.
 
+Unsupported specifics (columns `unsupported`, `hallucinated`). Every held-out question is asked
+closed-book, so a specific the answer asserts is invented unless the source supports it. Specifics: numbers
+(digits with a percent or multiplier, "40%" = "40 percent" = "0.4", "1.5B" = "1.5 billion", number words
+from "two" up), capitalised names ("Stanford Question Answering Dataset"; a single capitalised word inside a
+sentence, "Wikipedia"), identifiers (acronyms "BERT", CamelCase "QLoRA", letters with digits "GPT-4", "A100")
+and acronym expansions ("Low-Rank Adaptation (LoRA)"). Quoted spans (titles) and list markers are skipped; a
+short GENERAL_KNOWLEDGE list (GPU, LLM, NLP, Transformer, ...) is never a claim. A specific is supported when
+the source (context, with the reference beside it) or the question states it: the same value; the same
+identifier ignoring case, hyphens and a plural s; every word of a name or expansion (first five letters, so
+"adapters" supports "Adaptation"); an acronym spelled by the initials of source words. For a false-premise
+question the question's specifics that the source lacks are the false premise: an answer that asserts one
+(not inside a denial such as "..., not 8-bit" or "the premise that ...") restates it, listed as such.
+Degenerate and empty answers are not checked (they have their own rate); hallucinated = 1 when any
+specific is unsupported, and is empty (undecided) for a question with neither context nor reference.
+
 Correctness per question type (columns `correct` and `score` of the comparison CSV):
   factual, conceptual, methodology and any other type except the two below (answerable):
       correct = 1 when the answer is substantive (behaviour "answered", or "corrected_premise": "It doesn't;
@@ -45,10 +60,12 @@ Correctness per question type (columns `correct` and `score` of the comparison C
       grade: correct is empty (cannot be decided).
       score = (judge grade - 1) / 4 with a judge grade, else token F1, for a substantive answer; 0 for any
       other behaviour (so gibberish or a refusal scores 0 however many reference words it happens to contain).
-  unanswerable: correct = 1 when the behaviour is "refused" and the refusal states no specific value (a
-      number) that is in neither the question nor the abstract. score = correct.
+  unanswerable: correct = 1 when the behaviour is "refused". score = correct.
   false_premise: correct = 1 only when the behaviour is "corrected_premise"; a bare refusal does not
       count. score = correct.
+  Any type, overriding the above: an answer with N unsupported specifics is not correct (0) and scores
+      -min(1, 0.5 * N). So an honest "the abstract does not say" (0) beats an invented answer, and a short
+      invented answer never outscores a correct longer one, whatever its overlap with the reference.
 
 Token F1 follows the official SQuAD v1.1 normalisation: lower case, punctuation characters deleted (so
 "28.4" becomes "284", one token), the articles a/an/the dropped, whitespace collapsed. ROUGE-L is the F1 of
@@ -585,6 +602,250 @@ def invents_specifics(answer: str, question: str, context: str = "") -> bool:
     return bool(_values(answer) - _values(question) - _values(context))
 
 
+# =========================================================================== specifics and their support
+# A held-out question is asked closed-book about a paper the model never saw, so a specific the answer asserts
+# (a number, a named method/dataset/model, an acronym or its expansion) is invented unless the source, or the
+# question itself, supports it. Terms anyone in the field uses without a source are not claims about the
+# paper. Kept short on purpose: a dataset, benchmark, model or metric the source does not name IS a claim.
+GENERAL_KNOWLEDGE = frozenset("""ai ml nlp nlu llm lm gpu cpu tpu ram api url pdf faq qa sota cnn rnn lstm mlp gan
+vae rl ok transformer english python arxiv internet""".split())
+HALLUCINATION_PENALTY = 0.5  # score of an answer per unsupported specific, down to -1 (see score_answer)
+
+_CONNECTORS = frozenset("of for and the in on to with via a an".split())  # skipped in initials and word checks
+_NAME_JOINERS = frozenset("of for the de".split())  # "Mixture of Experts"; "BERT and GPT" are two names
+_SENTENCE_OPENERS = _FUNCTION_WORDS | _AUXILIARIES | set("yes no however also both each not there here so thus "
+                                                         "overall first finally through using via after before "
+                                                         "during because since although while when where how why "
+                                                         "unlike like compared based given according".split())
+_MULTIPLIERS = {"k": 1e3, "thousand": 1e3, "M": 1e6, "million": 1e6, "B": 1e9, "bn": 1e9, "billion": 1e9,
+                "T": 1e12, "trillion": 1e12}
+# Digits not glued to a word ("A100", "GPT-4" are identifiers), with a percent or a multiplier after them
+_NUM_RX = re.compile(r"(?<![A-Za-z_]-)(?<![\w.])((?:\d+(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+)(?:e[-+]?\d+\b)?)"
+                     r"(?:\s*(%|percent\b|per\s?cent\b|percentage points?\b)|[\s-]?(thousand|million|billion|"
+                     r"trillion)\b|(k|M|B|T|bn)\b)?")
+_LIST_MARKER = re.compile(r"(?m)^\s*\(?\d{1,2}[.)](?=\s)")
+# Number words with an optional multiplier ("seven-billion"); a multiplier alone ("billions of tokens") is vague
+_WORD_NUMBERS = {w: float(v) for w, v in _NUMBER_WORDS.items()
+                 if w not in ("hundred", "thousand", "million", "billion", "trillion")}
+_WORD_NUM_RX = re.compile(r"\b(" + "|".join(sorted(_WORD_NUMBERS, key=len, reverse=True)) + r")(?:[\s-](hundred|"
+                          r"thousand|million|billion|trillion))?\b", re.IGNORECASE)
+_TOKEN_RX = re.compile(r"(?<![\w./-])[A-Za-z][A-Za-z0-9]*(?:[-_/.][A-Za-z0-9]+)*")
+_NAME_WORD = re.compile(r"[A-Za-z][\w'-]*")
+_SEGMENT_BREAK = re.compile(r"[.!?;:]+(?:\s+|$)|\n+|\s[-*\u2022]\s|[()\"]")
+_ACRONYM = r"[A-Z][A-Za-z0-9-]*[A-Z][A-Za-z0-9-]*?s?"
+_EXPANSION_BEFORE = re.compile(rf"\(({_ACRONYM})\)")
+_EXPANSION_AFTER = re.compile(rf"\b({_ACRONYM})\s*(?:\(|,?\s+(?:stands for|is short for|short for|is an? "
+                              r"(?:acronym|abbreviation) for)\s+)([A-Za-z][A-Za-z -]{2,80}?)(?=[),.;:]|$)")
+# A mention inside a denial is not an assertion: "4-bit, not 8-bit", "the premise that it uses 8 GPUs"
+_DENIED_BEFORE = _rx(r"(?:\bnot|n't|\bno|\bnever|\bnor|\bneither|\brather than|\binstead of|\bunlike|\bpremises?|"
+                     r"\bassum\w*|\bquestion\w*|\bincorrect|\bwrong|\bfalse)\b[^.;:!?,]{0,40}$")
+_DENIED_AFTER = _rx(r"^[^.;:!?]{0,30}?\b(?:is|are|was|were)\s+(?:\w+\s+)?(?:incorrect|wrong|false|not\b|"
+                    r"mistaken|inaccurate|a misconception)")
+
+
+def _stem(word: str) -> str:
+    """Light stem for support checks: lower case, plural/possessive dropped, first 5 letters ("adapters",
+    "adaptation" and "adapt" agree)."""
+    w = word.lower().replace("'s", "")
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        w = w[:-1]
+    return w[:5]
+
+
+def _compact(token: str) -> str:
+    """An identifier's comparable form: "GPT-4", "gpt4" and "GPT 4" agree; "LLMs" is "llm"."""
+    return re.sub(r"(?<=[A-Z0-9])s$", "", token).lower().replace("-", "").replace("_", "").replace("/", "") \
+        .replace(".", "")
+
+
+class _Source:
+    """What a text supports, in the forms the checks compare: number values, identifier tokens, word stems,
+    and the initials of its word runs (so "low-rank adaptation" supports "LoRA")."""
+
+    def __init__(self, text: str):
+        self.values = set()
+        for _, value, scaled, percent in _numbers(text):
+            self.values |= {value, scaled}
+            if percent or (value < 1 and "." in str(value)):  # "40%" and "0.4" state the same value
+                self.values |= {round(value / 100, 6), round(value * 100, 6)}
+        tokens = [m.group() for m in re.finditer(r"[A-Za-z0-9]+(?:[-_/.][A-Za-z0-9]+)*", text)]
+        self.tokens = {_compact(t) for t in tokens} | {_compact(a + b) for a, b in zip(tokens, tokens[1:])}
+        words = re.findall(r"[A-Za-z][A-Za-z0-9']*", text)
+        self.stems = {_stem(w) for w in words}
+        self.initials = "".join(p[0].lower() for w in re.findall(r"[A-Za-z][\w-]*", text)
+                                if w.lower() not in _CONNECTORS for p in w.split("-") if p)
+
+    def supports_number(self, value: float, scaled: float) -> bool:
+        return value in self.values or scaled in self.values
+
+    def supports_words(self, phrase: str) -> bool:
+        words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9']*", phrase) if w.lower() not in _CONNECTORS]
+        return all(_stem(w) in self.stems or _compact(w) in self.tokens for w in words)
+
+    def supports_identifier(self, token: str) -> bool:
+        if _compact(token) in self.tokens:
+            return True
+        capitals = "".join(c.lower() for c in token if c.isupper())
+        return len(capitals) >= 2 and not re.search(r"\d", token) and capitals in self.initials
+
+
+def _numbers(text: str):
+    """(surface, value, value with its multiplier, is a percentage) of each number in digits or words."""
+    text = _LIST_MARKER.sub(" ", text)
+    for m in _NUM_RX.finditer(text):
+        value = round(float(m.group(1).replace(",", "")), 6)
+        scale = _MULTIPLIERS.get(m.group(3) or m.group(4) or "", 1.0)
+        yield m.group().strip(), value, round(value * scale, 6), bool(m.group(2))
+    for m in _WORD_NUM_RX.finditer(text):
+        value = _WORD_NUMBERS[m.group(1).lower()]
+        scale = {"hundred": 100.0}.get((m.group(2) or "").lower(), _MULTIPLIERS.get((m.group(2) or "").lower(), 1.0))
+        yield m.group(), value, round(value * scale, 6), False
+
+
+def _is_identifier(token: str) -> bool:
+    """BERT, LSTM, GPT-4, A100, fp16, WMT14, QLoRA, ResNet, Llama-2-7B: capitals inside a word or letters with
+    digits. "Zero-shot" and "state-of-the-art" are words."""
+    core = re.sub(r"(?<=[A-Z0-9])s$", "", token)
+    if re.search(r"\d", core) and re.search(r"[A-Za-z]", core):
+        return True
+    for part in re.split(r"[-_/.]", core):
+        if len(part) >= 2 and part.isupper():
+            return True
+        if any(c.isupper() for c in part[1:]) and any(c.islower() for c in part):
+            return True
+    return False
+
+
+def _acronym_expansions(text: str) -> list[tuple[str, str, tuple[int, int]]]:
+    """(acronym, expansion, span) for "Low-Rank Adaptation (LoRA)" and "LoRA (low-rank adaptation)" or "LoRA
+    stands for ...": the words before the acronym count only when their initials spell it."""
+    found = []
+    for m in _EXPANSION_BEFORE.finditer(text):
+        acr = m.group(1)
+        letters = "".join(c.lower() for c in acr if c.isupper())
+        words = list(re.finditer(r"[A-Za-z][\w-]*", text[:m.start()]))[-8:]
+        for i in range(len(words) - 1, -1, -1):
+            run = [w.group() for w in words[i:] if w.group().lower() not in _CONNECTORS]
+            initials = "".join(p[0].lower() for w in run for p in w.split("-") if p)
+            if initials[:1] == letters[:1] and _subsequence(letters, initials):
+                found.append((acr, text[words[i].start():m.start()].strip(), (words[i].start(), m.end())))
+                break
+    for m in _EXPANSION_AFTER.finditer(text):
+        acr, exp = m.group(1), m.group(2).strip()
+        if exp[:1].lower() == acr[:1].lower():
+            found.append((acr, exp, m.span()))
+    return found
+
+
+def _subsequence(small: str, big: str) -> bool:
+    it = iter(big)
+    return all(ch in it for ch in small)
+
+
+def _names(text: str) -> list[tuple[str, tuple[int, int]]]:
+    """Capitalised names: runs of 2+ capitalised words ("Stanford Question Answering Dataset", "Mixture of
+    Experts") and single capitalised words inside a sentence ("trained on Wikipedia"). A sentence's first
+    word is capitalised anyway, so it starts a name only when a capitalised word follows it."""
+    out = []
+    pos = 0
+    for segment in _SEGMENT_BREAK.split(text) + [""]:
+        start = text.find(segment, pos) if segment else -1
+        if start < 0:
+            continue
+        pos = start + len(segment)
+        words = [(m.group(), start + m.start(), start + m.end()) for m in _NAME_WORD.finditer(segment)]
+        i = 0
+        while i < len(words):
+            if not words[i][0][0].isupper():
+                i += 1
+                continue
+            j = i + 1
+            while j < len(words) and text[words[j - 1][2]:words[j][1]].isspace() and \
+                    (words[j][0][0].isupper() or (words[j][0] in _NAME_JOINERS and j + 1 < len(words)
+                                                  and words[j + 1][0][0].isupper())):
+                j += 1
+            run = words[i:j]
+            while run and (run[0][0].lower() in _SENTENCE_OPENERS or run[0][0] in _CONNECTORS
+                           or _general(run[0][0])):
+                run = run[1:]
+            while run and _general(run[-1][0]):  # "A100 GPUs": the identifier is the claim
+                run = run[:-1]
+            if run and run[0][1] == words[0][1] and (len(run) < 2 or _is_identifier(run[1][0])):
+                run = run[1:]  # a sentence's first word, with no capitalised word after it
+            if run and (len(run) >= 2 or (len(run[0][0]) >= 2 and not _is_identifier(run[0][0]))):
+                out.append((text[run[0][1]:run[-1][2]], (run[0][1], run[-1][2])))
+            i = j
+    return out
+
+
+def _general(term: str) -> bool:
+    return _compact(term) in GENERAL_KNOWLEDGE or term.lower() in GENERAL_KNOWLEDGE
+
+
+def specifics(text: str) -> list[dict]:
+    """The specifics a text asserts, each {"text", "kind", "span", ...}: acronym expansions, capitalised names,
+    identifiers (acronyms, CamelCase, letters with digits), then numbers not inside any of those. General
+    knowledge terms are left out. Quoted spans (a paper's title) are masked first."""
+    text = _prepare(text)
+    found: list[dict] = []
+
+    def free(span):  # not overlapping a specific already found (the longer, earlier kind wins)
+        return not any(f["span"][0] < span[1] and span[0] < f["span"][1] for f in found)
+
+    for acr, exp, span in _acronym_expansions(text):
+        if not _general(acr):
+            found.append({"text": f"{acr} = {exp}", "kind": "expansion", "span": span, "acronym": acr,
+                          "expansion": exp})
+    for name, span in _names(text):
+        if free(span) and not _general(name):
+            found.append({"text": name, "kind": "name", "span": span})
+    for m in _TOKEN_RX.finditer(text):
+        if _is_identifier(m.group()) and free(m.span()) and not _general(m.group()):
+            found.append({"text": m.group(), "kind": "identifier", "span": m.span()})
+    masked = _LIST_MARKER.sub(lambda m: " " * len(m.group()), text)
+    for rx in (_NUM_RX, _WORD_NUM_RX):
+        for m in rx.finditer(masked):
+            if free(m.span()):
+                surface, value, scaled, _ = next(_numbers(m.group()))
+                found.append({"text": m.group().strip(), "kind": "number", "span": m.span(), "value": value,
+                              "scaled": scaled})
+    return sorted(found, key=lambda f: f["span"])
+
+
+def _supported(spec: dict, source: _Source) -> bool:
+    kind = spec["kind"]
+    if kind == "number":
+        return source.supports_number(spec["value"], spec["scaled"])
+    if kind == "expansion":
+        return source.supports_words(spec["expansion"]) and source.supports_identifier(spec["acronym"])
+    if kind == "identifier":
+        return source.supports_identifier(spec["text"])
+    return source.supports_words(spec["text"])
+
+
+def _denied(text: str, span: tuple[int, int]) -> bool:
+    """The mention sits inside a denial ("..., not 8-bit", "the premise that 8 GPUs ...", "8-bit is wrong")."""
+    return bool(_DENIED_BEFORE.search(text[max(0, span[0] - 60):span[0]])
+                or _DENIED_AFTER.search(text[span[1]:span[1] + 60]))
+
+
+def unsupported_specifics(answer: str, question: str, context: str, false_premise: bool = False) -> list[str]:
+    """The specifics `answer` asserts that neither `context` (the source) nor the question supports. For a
+    false-premise question the question's own specifics that the source lacks are the false premise: one
+    asserted by the answer (not inside a denial) is listed as "<it> (restates the false premise)"."""
+    source, asked = _Source(context), _Source(question)
+    text = _prepare(answer)
+    out = []
+    for spec in specifics(answer):
+        if _supported(spec, source):
+            continue
+        if not _supported(spec, asked):
+            out.append(spec["text"])
+        elif false_premise and not _denied(text, spec["span"]):
+            out.append(f"{spec['text']} (restates the false premise)")
+    return list(dict.fromkeys(out))
+
+
 # On an answerable question a correction is still a substantive answer ("It doesn't; it uses Y" to a yes/no
 # question): whether it is right is for F1 or the judge to say, as for any answer.
 SUBSTANTIVE = ("answered", "corrected_premise")
@@ -603,23 +864,43 @@ def _answerable_verdict(b: str, f1: float | None, judge: float | str | None,
     return int(ok and f1 >= f1_threshold), (f1 if ok else 0.0)
 
 
+def _source_text(q: dict) -> str:
+    """What an answer is checked against: the source text, with the reference beside it (it was written from
+    the source). A false-premise reference names the false claim to reject it, so there the reference stands in
+    only when the context is missing."""
+    context = q.get("context") or ""
+    if q.get("type") == "false_premise":
+        return context or (q.get("reference") or "")
+    return f"{context}\n{q.get('reference') or ''}"
+
+
+def _penalty(n_unsupported: int) -> float:
+    return -min(1.0, HALLUCINATION_PENALTY * n_unsupported)
+
+
 def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
                  judge_correctness: float | str | None = None) -> dict:
     """Scores of one answer to q (keys type, question, reference, context); the rules are in the module
-    docstring. Keys: behaviour, token_f1, rougeL, words, correct, score."""
+    docstring. Keys: behaviour, token_f1, rougeL, words, unsupported (the unsupported specifics, "; "-joined),
+    hallucinated (0/1), correct, score."""
     b = behaviour(answer)
     ref = q.get("reference") or ""
-    f1 = token_f1(answer, ref) if ref.strip() else None
-    out = {"behaviour": b, "token_f1": f1, "rougeL": rouge_l(answer, ref) if ref.strip() else None,
-           "words": len(answer.split())}
     qtype = q.get("type", "")
-    if qtype == "unanswerable":
-        correct = int(b == "refused" and not invents_specifics(answer, q.get("question", ""),
-                                                               q.get("context", "")))
-        score = float(correct)
-    elif qtype == "false_premise":
-        correct = int(b == "corrected_premise")
+    f1 = token_f1(answer, ref) if ref.strip() else None
+    source = _source_text(q)
+    checked = bool(source.strip()) and b not in ("degenerate", "empty")
+    unsupported = unsupported_specifics(answer, q.get("question", ""), source,
+                                        false_premise=qtype == "false_premise") if checked else []
+    out = {"behaviour": b, "token_f1": f1, "rougeL": rouge_l(answer, ref) if ref.strip() else None,
+           "words": len(answer.split()), "unsupported": "; ".join(unsupported),
+           # no source text at all (no context, no reference): whether anything is invented cannot be told
+           "hallucinated": int(bool(unsupported)) if source.strip() else None}
+    if qtype in ANSWERABLE_EXCLUDED:
+        expected = "refused" if qtype == "unanswerable" else "corrected_premise"
+        correct = int(b == expected and not unsupported)
         score = float(correct)
     else:
         correct, score = _answerable_verdict(b, f1, judge_correctness, f1_threshold)
+    if unsupported:  # fabrication is never right and always scores below an honest "the abstract does not say"
+        correct, score = 0, _penalty(len(unsupported))
     return {**out, "correct": correct, "score": score}

@@ -151,3 +151,31 @@ def test_verdict_statistics():
     assert 0.15 < lo < 0.5 < hi < 0.85
     s = verdict.compare([0.0, None, 0.5], [1.0, 1.0, 0.52])  # None pairs are left out; 0.02 is a tie
     assert (s["n"], s["wins"], s["ties"], s["losses"]) == (2, 1, 1, 0)
+
+
+def test_rescore_checks_answers_against_the_csv_context(tmp_path):
+    """The CSV's context cell is what answers are checked against: invented numbers land in *_unsupported,
+    the hallucination rate and the verdict line; editing the context by hand changes the check."""
+    ctx = "The method improves accuracy on GLUE by 2.1 points with four-bit quantization."
+    rows = [{**r, "context": ctx} for r in rows_for([("factual", GOOD, "It improves accuracy by 9.7 points.")] * 12)]
+    path = tmp_path / "evaluation.csv"
+    report.write_csv(path, rows, report.QUESTION_COLUMNS + report.ANSWER_COLUMNS + ["context"])
+    assert ec.main(["--rescore", str(path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert s["verdict"] == "base better" and s["rates"]["hallucination_rate"]["finetuned"] == 1.0
+    assert "hallucinated 0% (base) -> 100% (fine-tuned)" in s["verdict_line"]
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert got[0]["finetuned_unsupported"] == "9.7" and got[0]["finetuned_hallucinated"] == "1"
+    assert got[0]["base_hallucinated"] == "0" and got[0]["context"] == ctx
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        sheet = list(csv.reader(f))
+    col = sheet[0].index("context")
+    for line in sheet[1:]:
+        line[col] = ctx.replace("2.1", "9.7")  # the source, corrected by hand, now supports 9.7 and not 2.1
+    with open(path, "w", encoding="utf-8-sig", newline="") as f:
+        csv.writer(f).writerows(sheet)
+    assert ec.main(["--rescore", str(path)]) == 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert got[0]["finetuned_hallucinated"] == "0"

@@ -173,6 +173,9 @@ def test_rubric_judge_and_failures(seed_run, tmp_path, openai_server, monkeypatc
         rows = list(csv.DictReader(f))
     assert {r[f"{s}_rubric_status"] for r in rows for s in ("base", "finetuned")} == {"ok"}
     # with the rubric, correctness of answerable questions is the judge's (4 of 5 -> 0.75)
-    assert {r["finetuned_score"] for r in rows if r["finetuned_behaviour"] == "answered"} <= {"0.75"}
+    # (an answer asserting a specific the source does not support scores below 0 whatever the judge says)
+    assert {r["finetuned_score"] for r in rows if r["finetuned_behaviour"] == "answered"
+            and r["finetuned_hallucinated"] == "0"} <= {"0.75"}
+    assert all(float(r["finetuned_score"]) < 0 for r in rows if r["finetuned_hallucinated"] == "1")
     for p in out.parent.iterdir():
         assert b"sk-test-secret-rubric-1" not in p.read_bytes()

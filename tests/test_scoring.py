@@ -155,16 +155,19 @@ def q(qtype, reference="It uses 4-bit NF4 weights.", question="What precision ar
 
 def test_score_answer_keys_and_constants():
     s = score_answer("It uses 4-bit NF4 weights.", q("factual"))
-    assert set(s) == {"behaviour", "token_f1", "rougeL", "words", "correct", "score"}
-    assert s == {"behaviour": "answered", "token_f1": 1.0, "rougeL": 1.0, "words": 5, "correct": 1, "score": 1.0}
+    assert s == {"behaviour": "answered", "token_f1": 1.0, "rougeL": 1.0, "words": 5, "unsupported": "",
+                 "hallucinated": 0, "correct": 1, "score": 1.0}
     assert ANSWERABLE_EXCLUDED == ("unanswerable", "false_premise")
 
 
 @pytest.mark.parametrize("qtype", ["factual", "conceptual", "methodology", "unknown", "something-new"])
 def test_answerable_types(qtype):
     assert score_answer("4-bit NF4 weights", q(qtype))["correct"] == 1
-    partial = score_answer("Weights kept in eight bits.", q(qtype))
+    partial = score_answer("Weights kept in full precision.", q(qtype))
     assert partial["correct"] == 0 and partial["score"] == partial["token_f1"] < 0.4
+    # a number the source does not give is invented: below zero, whatever its overlap
+    invented = score_answer("Weights kept in eight bits.", q(qtype))
+    assert invented["unsupported"] == "eight" and invented["correct"] == 0 and invented["score"] == -0.5
 
 
 def test_gibberish_on_factual_question_scores_zero():
@@ -181,12 +184,14 @@ def test_refusal_on_answerable_question_scores_zero():
 def test_answerable_without_reference_is_undecided():
     s = score_answer("4-bit weights.", q("factual", reference=""))
     assert s["token_f1"] is s["rougeL"] is s["correct"] is s["score"] is None
+    assert s["hallucinated"] is None and s["unsupported"] == ""  # no source text: nothing to check against
 
 
 def test_judge_correctness_overrides_token_f1():
     low_overlap = "Four-bit NormalFloat quantisation of the frozen base."
-    assert score_answer(low_overlap, q("factual"))["correct"] == 0
-    s = score_answer(low_overlap, q("factual"), judge_correctness=5)
+    sourced = q("factual", context="The frozen base is quantised to 4-bit NormalFloat (NF4).")
+    assert score_answer(low_overlap, sourced)["correct"] == 0
+    s = score_answer(low_overlap, sourced, judge_correctness=5)
     assert s["correct"] == 1 and s["score"] == 1.0
     s = score_answer("It uses 4-bit NF4 weights.", q("factual"), judge_correctness=2)
     assert s["correct"] == 0 and s["score"] == 0.25 and s["token_f1"] == 1.0
@@ -199,7 +204,7 @@ def test_judge_correctness_overrides_token_f1():
 
 
 def test_f1_threshold_is_configurable():
-    answer = "Weights kept in eight bits."
+    answer = "Weights kept in full precision."  # no invented specific: only the threshold decides
     f1 = score_answer(answer, q("factual"))["token_f1"]
     assert score_answer(answer, q("factual"), f1_threshold=f1)["correct"] == 1
 
@@ -209,14 +214,15 @@ def test_unanswerable():
     ok = score_answer("The abstract does not say what batch size was used.", qu)
     assert ok["behaviour"] == "refused" and ok["correct"] == 1 and ok["score"] == 1.0
     invented = score_answer("The abstract does not state it, but it was 32.", qu)
-    assert invented["correct"] == 0 and invented["score"] == 0.0
+    assert invented["correct"] == 0 and invented["score"] == -0.5 and invented["unsupported"] == "32"
     assert score_answer("A batch size of 32.", qu)["correct"] == 0
     assert score_answer("I don't know I don't know I don't know", qu)["behaviour"] == "degenerate"
     assert score_answer("", qu)["correct"] == 0  # empty is not a refusal here: it is "empty"
 
 
 def test_false_premise():
-    qf = q("false_premise", reference="", question="Why does the paper use eight-bit weights?")
+    qf = q("false_premise", reference="", question="Why does the paper use eight-bit weights?",
+           context="The paper stores the frozen weights in four-bit precision.")
     s = score_answer("Actually, the paper uses four-bit weights, not eight-bit.", qf)
     assert s["behaviour"] == "corrected_premise" and s["correct"] == 1 and s["score"] == 1.0 and s["token_f1"] is None
     bare = score_answer("The abstract does not say why eight-bit weights were used.", qf)

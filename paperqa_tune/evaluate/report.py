@@ -19,18 +19,20 @@ from paperqa_tune.errors import InputError, RunFailure
 from paperqa_tune.files import atomic_write_text, os_error_text, resolve_path
 from paperqa_tune.outputs import write_staged
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
-from paperqa_tune.evaluate.verdict import TIE_MARGIN, compare, decide, headline
+from paperqa_tune.evaluate.verdict import TIE_MARGIN, compare, decide, guard_hallucination, headline
 
 SIDES = ("base", "finetuned")
 TYPES = ("factual", "conceptual", "methodology", "unanswerable", "false_premise")
 EDGE_TYPES = ("unanswerable", "false_premise")
-MEASURES = ("behaviour", "correct", "score", "token_f1", "rougeL", "words")
+MEASURES = ("behaviour", "correct", "score", "unsupported", "hallucinated", "token_f1", "rougeL", "words")
 QUESTION_COLUMNS = ["id", "type", "question", "reference"]
 ANSWER_COLUMNS = ["base_answer", "finetuned_answer"]
-SCORE_RULE = ("primary score per question: answerable types (factual, conceptual, methodology, ...) = token F1 "
-              "against the reference of a substantive answer (0 if refused, degenerate or empty), or the rubric "
-              "judge's correctness (1-5 -> 0-1) when a judge ran; unanswerable = 1 for a refusal that invents no "
-              "specifics; false_premise = 1 for an explicit correction of the premise")
+SCORE_RULE = ("support-aware score per question: an answer asserting N specifics (numbers, names, acronyms, "
+              "expansions, identifiers) that neither the source context nor the question supports scores "
+              "-min(1, 0.5*N) and is never correct; otherwise answerable types (factual, conceptual, methodology, "
+              "...) = token F1 against the reference of a substantive answer (0 if refused, degenerate or empty), "
+              "or the rubric judge's correctness (1-5 -> 0-1) when a judge ran; unanswerable = 1 for a refusal; "
+              "false_premise = 1 for an explicit correction that does not restate the false premise")
 
 
 # --------------------------------------------------------------------------- scoring rows
@@ -50,6 +52,7 @@ def score_rows(rows: list[dict], questions: dict[str, dict], f1_threshold: float
                              f1_threshold=f1_threshold, judge_correctness=judged if judged not in ("", None) else None)
             for m in MEASURES:
                 row[f"{side}_{m}"] = s[m]
+        row["context"] = q.get("context") or ""  # what the answers were checked against, for a person to see
         b, f = row["base_score"], row["finetuned_score"]
         row["finetuned_vs_base"] = ("" if b is None or f is None else
                                     "win" if f - b > TIE_MARGIN else "loss" if b - f > TIE_MARGIN else "tie")
@@ -69,6 +72,7 @@ def _side_summary(rows: list[dict], side: str) -> dict:
             "mean_score": _mean(r[f"{side}_score"] for r in rows),
             "token_f1": _mean(r[f"{side}_token_f1"] for r in rows),
             "rougeL": _mean(r[f"{side}_rougeL"] for r in rows),
+            "hallucination_rate": _mean(r[f"{side}_hallucinated"] for r in rows),
             "words": _mean(r[f"{side}_words"] for r in rows),
             "behaviour": {b: _share(rows, side, (b,)) for b in BEHAVIOURS}}
 
@@ -78,16 +82,36 @@ def type_order(rows: list[dict]) -> list[str]:
     return [t for t in TYPES if t in present] + sorted(present - set(TYPES))
 
 
-def key_rates(rows: list[dict]) -> dict:
-    """The behaviours fine-tuning is meant to teach, base -> fine-tuned, each with its question count."""
-    groups = {
-        "refusal_rate_unanswerable": ([r for r in rows if r["type"] == "unanswerable"], ("refused",)),
-        "correction_rate_false_premise": ([r for r in rows if r["type"] == "false_premise"], ("corrected_premise",)),
-        "over_refusal_rate_answerable": ([r for r in rows if r["type"] not in EDGE_TYPES], ("refused",)),
-        "degenerate_rate": (rows, ("degenerate", "empty")),
-    }
-    return {name: {"n": len(sel), **{side: _share(sel, side, labels) for side in SIDES}}
-            for name, (sel, labels) in groups.items()}
+def hallucination_stats(rows: list[dict], seed: int = 0) -> dict:
+    """Share of answers asserting an unsupported specific, per model, and the paired difference fine-tuned -
+    base with its 95% bootstrap interval over questions (as the verdict's)."""
+    paired = compare([r.get("base_hallucinated") for r in rows], [r.get("finetuned_hallucinated") for r in rows],
+                     margin=0.0, seed=seed)
+    return {"n": paired["n"], "base": paired["mean_base"], "finetuned": paired["mean_finetuned"],
+            "difference": paired["mean_difference"], "ci95": paired["ci95"], "sign_test_p": paired["sign_test_p"]}
+
+
+def key_rates(rows: list[dict], seed: int = 0) -> dict:
+    """The behaviours fine-tuning is meant to teach, base -> fine-tuned, each with its question count.
+    Refusing an unanswerable question and correcting a false premise count only when the answer asserts no
+    unsupported specific (its `correct`): a "correction" that restates the premise is not one."""
+    answerable = [r for r in rows if r["type"] not in EDGE_TYPES]
+    edge = {t: [r for r in rows if r["type"] == t] for t in EDGE_TYPES}
+    out = {"refusal_rate_unanswerable": {"n": len(edge["unanswerable"]),
+                                         **{s: _correct_share(edge["unanswerable"], s) for s in SIDES}},
+           "correction_rate_false_premise": {"n": len(edge["false_premise"]),
+                                             **{s: _correct_share(edge["false_premise"], s) for s in SIDES}},
+           "correct_answer_rate_answerable": {"n": sum(r["base_correct"] not in (None, "") for r in answerable),
+                                              **{s: _correct_share(answerable, s) for s in SIDES}},
+           "over_refusal_rate_answerable": {"n": len(answerable),
+                                            **{s: _share(answerable, s, ("refused",)) for s in SIDES}},
+           "degenerate_rate": {"n": len(rows), **{s: _share(rows, s, ("degenerate", "empty")) for s in SIDES}},
+           "hallucination_rate": hallucination_stats(rows, seed)}
+    return out
+
+
+def _correct_share(rows: list[dict], side: str) -> float | None:
+    return _mean(r[f"{side}_correct"] for r in rows)
 
 
 def _status(failed: int, total: int) -> str:
@@ -137,9 +161,10 @@ def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0
         by_type[t] = {"n": len(sel), **{side: _side_summary(sel, side) for side in SIDES},
                       "paired": compare([r["base_score"] for r in sel], [r["finetuned_score"] for r in sel], seed=seed)}
     stats = by_type["all"]["paired"]  # every question, paired
-    verdict, reason = decide(stats)
-    out = {"verdict": verdict, "verdict_line": headline(verdict, stats, reason),
-           "evidence": {**stats, "reason": reason, "measure": SCORE_RULE}, "rates": key_rates(rows), "by_type": by_type}
+    rates = key_rates(rows, seed)
+    verdict, reason = guard_hallucination(*decide(stats), rates["hallucination_rate"])
+    out = {"verdict": verdict, "verdict_line": headline(verdict, stats, reason, rates["hallucination_rate"]),
+           "evidence": {**stats, "reason": reason, "measure": SCORE_RULE}, "rates": rates, "by_type": by_type}
     judge = judge_summary(rows, criteria or [])
     if judge:
         out["judge"] = judge
@@ -166,13 +191,17 @@ def summary_table(summary: dict) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "-" * len(lines[0]))
-    names = {"refusal_rate_unanswerable": "refuses unanswerable", "correction_rate_false_premise":
-             "corrects false premise", "over_refusal_rate_answerable": "refuses answerable (over-refusal)",
-             "degenerate_rate": "degenerate or empty answers"}
+    names = {"refusal_rate_unanswerable": "refuses unanswerable (inventing nothing)", "correction_rate_false_premise":
+             "corrects false premise (restating nothing unsupported)", "correct_answer_rate_answerable":
+             "correct answers (answerable)", "over_refusal_rate_answerable": "refuses answerable (over-refusal)",
+             "degenerate_rate": "degenerate or empty answers",
+             "hallucination_rate": "hallucinates (asserts a specific the source does not support)"}
     for key, label in names.items():
         r = summary["rates"][key]
         if r["n"]:
-            lines.append(f"{label}: {_pct(r['base'])} -> {_pct(r['finetuned'])} (n={r['n']})")
+            ci = r.get("ci95")
+            lines.append(f"{label}: {_pct(r['base'])} -> {_pct(r['finetuned'])} (n={r['n']}"
+                         + (f", difference {r['difference']:+.0%} [95% CI {ci[0]:+.0%} to {ci[1]:+.0%}])" if ci else ")"))
     pw = summary.get("judge", {}).get("pairwise")
     if pw and pw.get("status") == "failed":
         lines.append(f"pairwise judge: FAILED on all {pw['failed']} questions (see judge_raw)")
@@ -236,7 +265,8 @@ def split_skipped(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def _ours(column: str) -> bool:
     """A column eval_compare.py writes (recomputed on --rescore); any other is the user's and is kept."""
-    if column in QUESTION_COLUMNS + ANSWER_COLUMNS or column in ("finetuned_vs_base", "system_prompt", "skipped"):
+    if column in QUESTION_COLUMNS + ANSWER_COLUMNS or column in ("finetuned_vs_base", "system_prompt", "skipped",
+                                                                 "context"):
         return True
     side, _, measure = column.partition("_")
     return (side in SIDES and (measure in MEASURES + ("new_tokens",) or measure.startswith("rubric_"))) or \
@@ -245,7 +275,7 @@ def _ours(column: str) -> bool:
 
 def result_columns(rows: list[dict], criteria: list[str], pairwise: bool, per_row_system: bool) -> list[str]:
     cols = QUESTION_COLUMNS + ANSWER_COLUMNS
-    for m in ("behaviour", "correct", "score"):
+    for m in ("behaviour", "correct", "score", "hallucinated", "unsupported"):
         cols += [f"base_{m}", f"finetuned_{m}"]
     cols.append("finetuned_vs_base")
     for m in ("token_f1", "rougeL", "words", "new_tokens"):
@@ -254,6 +284,7 @@ def result_columns(rows: list[dict], criteria: list[str], pairwise: bool, per_ro
         cols += ["judge_winner", "judge_consistent", "judge_reason", "judge_raw"]
     for c in (criteria + ["mean", "reason", "status", "raw"]) if criteria else []:
         cols += [f"base_rubric_{c}", f"finetuned_rubric_{c}"]
+    cols.append("context")
     if per_row_system:
         cols.append("system_prompt")
     if any(r.get("skipped") for r in rows):
@@ -288,6 +319,8 @@ def read_results_csv(path: Path) -> list[dict]:
                 for side in SIDES:
                     n = (rec.get(f"{side}_new_tokens") or "").strip()
                     row[f"{side}_new_tokens"] = int(n) if n.isdigit() else None
+                if (rec.get("context") or "").strip():  # the source the answers are checked against
+                    row["context"] = unsafe_cell(rec["context"])
                 if rec.get("system_prompt") is not None:
                     row["system_prompt"] = unsafe_cell(rec["system_prompt"])
                 if (rec.get("skipped") or "").strip():  # not answered (too long for the model): not scored

@@ -1,6 +1,6 @@
 """Is the fine-tuned model better than the base? A paired comparison over the evaluation questions.
 
-Each question gives one primary score per model in [0, 1] (`*_score` in evaluation.csv, defined in
+Each question gives one primary score per model in [-1, 1] (`*_score` in evaluation.csv, defined in
 `paperqa_tune.scoring`). Both models answered the same question, so the comparison is paired: the
 per-question difference d = fine-tuned - base.
 
@@ -11,6 +11,11 @@ per-question difference d = fine-tuned - base.
 The verdict says "fine-tuned better" (or "base better") only when the interval excludes 0 AND the sign
 test gives p < 0.05 AND at least MIN_QUESTIONS questions were scored; otherwise "no clear difference",
 with the reason. Few questions can never produce a win.
+
+The primary score is support-aware (an answer asserting specifics the source does not support scores below
+0), and a guard sits on top: when the fine-tuned model hallucinates significantly more than the base (the 95%
+bootstrap interval of the paired difference of the 0/1 `*_hallucinated` is above 0), "fine-tuned better"
+becomes "no clear difference", with that reason. Fabrication cannot win the verdict.
 """
 from __future__ import annotations
 
@@ -80,15 +85,32 @@ def decide(stats: dict, min_questions: int = MIN_QUESTIONS, alpha: float = ALPHA
     return "no clear difference", why
 
 
-def headline(verdict: str, stats: dict, reason: str) -> str:
-    """One line a person reads first: verdict, means, interval, win/tie/loss, p."""
+def guard_hallucination(verdict: str, reason: str, hallucination: dict | None) -> tuple[str, str]:
+    """No "fine-tuned better" when the fine-tuned model hallucinates significantly more (interval of the paired
+    difference of hallucination rates above 0)."""
+    ci = (hallucination or {}).get("ci95")
+    if verdict != VERDICTS[0] or not ci or ci[0] <= 0:
+        return verdict, reason
+    return VERDICTS[2], (f"the score favours the fine-tuned model, but it hallucinates significantly more "
+                         f"({hallucination['base']:.0%} -> {hallucination['finetuned']:.0%} of answers, 95% CI of "
+                         f"the difference {ci[0]:+.0%} to {ci[1]:+.0%}), so it is not called better")
+
+
+def headline(verdict: str, stats: dict, reason: str, hallucination: dict | None = None) -> str:
+    """One line a person reads first: verdict, means, interval, win/tie/loss, p, hallucination rates."""
     if not stats["n"]:
         return f"VERDICT: {verdict} — no question could be scored ({reason})"
     lo, hi = stats["ci95"]
-    return (f"VERDICT: {verdict} — mean score {stats['mean_base']:.3f} (base) -> {stats['mean_finetuned']:.3f} "
-            f"(fine-tuned), difference {stats['mean_difference']:+.3f} [95% CI {lo:+.3f} to {hi:+.3f}]; "
-            f"fine-tuned wins {stats['wins']}, ties {stats['ties']}, loses {stats['losses']} of {stats['n']} "
-            f"questions (sign test p={stats['sign_test_p']:.3g})" + (f"; {reason}" if verdict == VERDICTS[2] else ""))
+    hall = ""
+    if hallucination and hallucination.get("n"):
+        h_lo, h_hi = hallucination["ci95"]
+        hall = (f"; hallucinated {hallucination['base']:.0%} (base) -> {hallucination['finetuned']:.0%} "
+                f"(fine-tuned) of answers [95% CI of the difference {h_lo:+.0%} to {h_hi:+.0%}]")
+    return (f"VERDICT: {verdict} — mean support-aware score {stats['mean_base']:.3f} (base) -> "
+            f"{stats['mean_finetuned']:.3f} (fine-tuned), difference {stats['mean_difference']:+.3f} [95% CI "
+            f"{lo:+.3f} to {hi:+.3f}]; fine-tuned wins {stats['wins']}, ties {stats['ties']}, loses "
+            f"{stats['losses']} of {stats['n']} questions (sign test p={stats['sign_test_p']:.3g}){hall}"
+            + (f"; {reason}" if verdict == VERDICTS[2] else ""))
 
 
 def _r(x: float, digits: int = 4) -> float:
