@@ -126,9 +126,12 @@ def test_false_premise_correction_is_judged_by_content():
     assert new_number["correct"] == 0 and new_number["unsupported"] == "48"
 
 
-def test_degenerate_answers_are_not_checked():
+def test_junk_is_not_a_claim_but_a_loop_is_checked():
     s = score_answer("TheBBBBBBBBBBBBBBBBBBBBBBB", q())
     assert s["behaviour"] == "degenerate" and s["hallucinated"] == 0 and s["unsupported"] == ""
+    # a loop still asserts what its words say (real base models loop on invented names)
+    loop = score_answer("It was trained on the Foobar corpus. " * 4, q())
+    assert loop["behaviour"] == "degenerate" and loop["hallucinated"] == 1 and "Foobar" in loop["unsupported"]
 
 
 # --------------------------------------------------------------------------- the verdict
