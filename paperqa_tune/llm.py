@@ -1,6 +1,9 @@
-"""Talking to the LLM that writes the Q&A: any OpenAI-compatible server (async, with whole-reply deadlines and
-our own retries) or a local transformers model (batched, through paperqa_tune.generation), one reply cache for
-both, and the run's request statistics."""
+"""Talking to the LLM that writes the Q&A: any OpenAI-compatible server (through paperqa_tune.client, the one
+client every LLM call shares) or a local transformers model (batched, through paperqa_tune.generation), one reply
+cache for both, the run's request statistics and its cost estimate. Each backend takes a frozen settings object:
+
+    OpenAIBackend(ClientSettings(model, api_key, base_url, timeout=600), Sampling(0.7, 2056, 0), cache)
+    HFBackend(HFSettings(model, Sampling(0.7, 2056, 0), batch_size=16), cache)"""
 from __future__ import annotations
 
 import asyncio
