@@ -59,6 +59,7 @@ from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, He
                     eval_questions_path, finite_float, read_jsonl, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune.evaluate import report
 from paperqa_tune.cache import JsonlCache
+from paperqa_tune.client import FORMAT_STEPS
 from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
 from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter_fits, choose_mode, dequantize_,
                                   load_run_base, max_positions, model_config, require_adapter_weights,
@@ -344,8 +345,9 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
     from paperqa_tune.evaluate import judge
 
     cfg = judge.JudgeConfig(model=args.judge_model, base_url=args.judge_base_url,
-                            api_key=os.environ["OPENAI_API_KEY"], workers=args.judge_workers, timeout=120,
-                            max_retries=4)
+                            api_key=os.environ["OPENAI_API_KEY"], workers=args.judge_workers,
+                            timeout=args.judge_timeout, max_retries=args.judge_retries,
+                            response_format=args.judge_response_format)
     client = judge.make_client(cfg)
     stats = {}
     criteria: list[str] = []
@@ -354,7 +356,8 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
         criteria = [name for name, _ in rubric]
         stats["rubric"] = judge.rubric_scores(rows, questions, rubric, cfg, cache, client=client)
     stats["pairwise"] = judge.pairwise(rows, questions, cfg, cache, client=client)
-    stats["config"] = cfg.describe()
+    stats["config"] = {**cfg.describe(), "response_format_used": client.format_used,
+                       "response_format_note": client.format_note}
     failed = sum(s.get("failed", 0) for k, s in stats.items() if k != "config")
     big = judge.oversized({r["id"]: questions.get(r["id"], {}) for r in rows})
     for name, ids in big.items():
@@ -457,6 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
       help="rubric file, one 'name: description' line per criterion; the first criterion is correctness; "
            "'none' for the pairwise judge only (default: the shipped paperqa_tune/evaluate/rubric_default.txt)")
     a("--judge_workers", type=int, default=4, help="concurrent judge requests")
+    a("--judge_timeout", type=finite_float, default=120.0,
+      help="seconds one judge call may take in all, from sending it to the reply's last byte; a call is tried at "
+           "most twice on timeouts")
+    a("--judge_retries", type=int, default=4,
+      help="retries of a judge call on rate limits (429), server errors (5xx) and lost connections, with backoff "
+           "and the server's Retry-After")
+    a("--judge_response_format", choices=FORMAT_STEPS, default="json_schema",
+      help="structured output to ask the judge's server for; when its error says it refuses it, the next of "
+           f"{', '.join(FORMAT_STEPS)} is used (decided once, by the first call)")
     a("--trust_remote_code", action="store_true",
       help="allow a base model that needs its own Python code from its folder or the hub to run it (off: such "
            "a model is refused; read its code first)")
@@ -480,6 +492,8 @@ def validate(args) -> None:
         problems.append("--temperature must be > 0 and --top_p in (0, 1] when sampling")
     if args.system and undecodable(args.system):
         problems.append(f"--system holds bytes that are not UTF-8 ({undecodable(args.system)})")
+    if not (args.judge_timeout > 0 and args.judge_retries >= 0 and args.judge_workers >= 1):
+        problems.append("--judge_timeout must be > 0, --judge_retries >= 0 and --judge_workers >= 1")
     if args.judge_model and not os.environ.get("OPENAI_API_KEY"):
         problems.append("--judge_model needs the OPENAI_API_KEY environment variable (any value for a local server)")
     if not problems:

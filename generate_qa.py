@@ -41,40 +41,37 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, chat_record,
-                    eval_questions_path, finite_float, qa_messages, resolve_path, run_main, sha256_file, sha256_text)
+from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, eval_questions_path,
+                    finite_float, resolve_path, run_main, sha256_file, sha256_text)
+from paperqa_tune.client import FORMAT_STEPS, GIVE_UP_AFTER_TIMEOUTS, TIMEOUT_RETRIES, ClientSettings, Flags
 from paperqa_tune.qa.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
+from paperqa_tune.qa.curation import (CurationRules, curate, judge, quality_items, skip_too_long, source_units,
+                                      split_papers, to_records)
 from paperqa_tune.qa.fulltext import PdfRejected, add_full_texts, read_pdf
-from paperqa_tune.llm import (GIVE_UP_AFTER_TIMEOUTS, HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
-                              TIMEOUT_RETRIES, TOKENS_PER_ITEM, TOKENS_SLACK, HFBackend, OpenAIBackend, Outcome,
-                              Progress, ResponseCache, Stats, resolve_request_defaults, sized_max_tokens)
+from paperqa_tune.llm import (HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT, TOKENS_PER_ITEM, TOKENS_SLACK,
+                              HFBackend, HFSettings, OpenAIBackend, Outcome, Progress, ResponseCache, Sampling, Stats,
+                              cost_estimate, price_per_mtok, resolve_request_defaults, sized_max_tokens)
 from paperqa_tune.qa.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, run_command, write_staged
-from paperqa_tune.qa.prompts import (ANSWERABLE, DIALOGUES_SCHEMA, PAIRS_SCHEMA, SCORES_SCHEMA,
-                                  conversations_per_source, generation_messages, items_asked, judge_messages,
-                                  prompts_hash, repair_messages, type_quotas)
+from paperqa_tune.qa.prompts import (DIALOGUES_SCHEMA, PAIRS_SCHEMA, conversations_per_source, generation_messages,
+                                     items_asked, prompts_hash, repair_messages, type_quotas)
 from paperqa_tune.qa.quality import format_quality, plot_quality, quality_report
-from paperqa_tune.qa.replies import judge_scores, parse_reply, reply_problem
+from paperqa_tune.qa.replies import parse_reply, reply_problem
 from paperqa_tune.safety import chat_structure, scrub
-from paperqa_tune.scoring import corrects_premise, is_refusal
-from paperqa_tune.qa.textsim import (cross_group_near_duplicates, grounding, normalized, numbers, question_tokens,
-                                  within_paper_duplicate)
 
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "hf": "HuggingFaceH4/zephyr-7b-beta", "offline": OFFLINE_MODEL}
 ARXIV_API_URL = "https://export.arxiv.org/api/query"
 ARXIV_PDF_URL = "https://arxiv.org/pdf/{id}"
 ARXIV_ID_RE = re.compile(r"^(\d{4}\.\d{4,5}|[a-z][a-z\-]*(\.[A-Z]{2})?/\d{7})(v\d+)?$")
-# USD per 1M (input, output) tokens, for the manifest's cost estimate only; --price_per_mtok overrides.
-PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00), "gpt-4.1-mini": (0.40, 1.60),
-                   "gpt-4.1-nano": (0.10, 0.40), "gpt-4.1": (2.00, 8.00)}
+RULES = CurationRules()  # the curation flags' defaults
 
 
 # =========================================================================== flags
@@ -129,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                   f"{HOSTED_DEFAULTS['max_tokens']} for OpenAI; for a --base_url server or --backend hf "
                   f"{TOKENS_PER_ITEM} per pair asked + {TOKENS_SLACK}, e.g. {sized_max_tokens(12)} for 12 pairs, so a "
                   "reply that never ends stops near the size of what was asked)")
-    add_flag(g, "--response_format", choices=("json_schema", "json_object", "none"), default="json_schema",
+    add_flag(g, "--response_format", choices=FORMAT_STEPS, default="json_schema",
              help="structured output to ask the server for; when the server's error says it refuses it, the next "
-                  "of json_schema, json_object, none is used (decided once, by the run's first request)")
+                  f"of {', '.join(FORMAT_STEPS)} is used (decided once, by the run's first request; "
+                  "json_object+schema: the schema inside json_object, as llama-cpp-python's server takes it)")
     g.add_argument("--concurrency", type=int, default=None,
                    help="requests in flight at once (openai backend); also the most a kill can make you pay twice "
                         f"(their replies never reach the cache) (default: {HOSTED_DEFAULTS['concurrency']} for OpenAI, "
@@ -161,21 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
              help="USD per 1M input,output tokens for the manifest's cost estimate (default: the price of "
                   "known OpenAI models, else 0)")
     g = p.add_argument_group("curation and split")
-    add_flag(g, "--min_grounding", type=finite_float, default=0.5,
+    add_flag(g, "--min_grounding", type=finite_float, default=RULES.min_grounding,
              help="drop an answerable pair unless this share of its answer's content words occurs in the abstract")
-    add_flag(g, "--dedup_threshold", type=finite_float, default=0.8,
+    add_flag(g, "--dedup_threshold", type=finite_float, default=RULES.dedup_threshold,
              help="drop a question whose word overlap (Jaccard) with a kept question is at least this")
-    add_flag(g, "--min_question_chars", type=int, default=10, help="drop pairs whose question is shorter")
-    add_flag(g, "--max_question_chars", type=int, default=400, help="drop pairs whose question is longer")
-    add_flag(g, "--min_answer_chars", type=int, default=15, help="drop pairs whose answer is shorter")
-    add_flag(g, "--max_answer_chars", type=int, default=1500, help="drop pairs whose answer is longer")
+    add_flag(g, "--min_question_chars", type=int, default=RULES.min_question_chars,
+             help="drop pairs whose question is shorter")
+    add_flag(g, "--max_question_chars", type=int, default=RULES.max_question_chars,
+             help="drop pairs whose question is longer")
+    add_flag(g, "--min_answer_chars", type=int, default=RULES.min_answer_chars,
+             help="drop pairs whose answer is shorter")
+    add_flag(g, "--max_answer_chars", type=int, default=RULES.max_answer_chars,
+             help="drop pairs whose answer is longer")
     add_flag(g, "--judge_model", default=None,
              help="also have this model (same server and key) score every pair 1-5, and drop low scores")
     add_flag(g, "--min_score", type=finite_float, default=3.0, help="with --judge_model: drop pairs scored below this")
     add_flag(g, "--eval_papers", type=finite_float, default=3,
              help="papers held out whole as evaluation questions: a count, or a fraction of them if below 1")
     g = p.add_argument_group("conversations")
-    add_flag(g, "--turns", type=int, default=1,
+    add_flag(g, "--turns", type=int, default=RULES.turns,
              help="Q&A turns per conversation: above 1, each record is a conversation whose follow-up questions build "
                   "on the earlier answers (about --pairs_per_abstract turns per text, in conversations of this many; "
                   "edge cases can come at any turn)")
@@ -336,26 +338,6 @@ def load_papers(args) -> tuple[list[dict], list[dict], list[dict]]:
     return unique, inputs, rejects
 
 
-def skip_too_long(papers: list[dict], limit: int) -> tuple[list[dict], list[dict]]:
-    """(papers to work on, rejects of those whose title + abstract exceed --max_abstract_chars). Such a paper would
-    be sent whole in its request and again in a repair, and copied into every eval question's context."""
-    kept, rejects = [], []
-    for p in papers:
-        n = len(p["title"]) + len(p["abstract"])
-        if n <= limit:
-            kept.append(p)
-        else:
-            rejects.append({"paper_id": p["id"], "stage": "input", "where": p["_where"],
-                            "reason": f"too_long: title and abstract have {n:,} chars, more than --max_abstract_chars "
-                                      f"{limit:,}; raise --max_abstract_chars to keep this paper"})
-    if not kept:
-        longest = max(papers, key=lambda p: len(p["title"]) + len(p["abstract"]))
-        raise InputError(f"every paper is longer than --max_abstract_chars {limit:,} (the longest has "
-                         f"{len(longest['title']) + len(longest['abstract']):,} chars, at {longest['_where']}); raise "
-                         "--max_abstract_chars if these really are abstracts")
-    return kept, rejects
-
-
 # =========================================================================== generation: requests
 async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: Stats, progress: Progress,
                        counts: Counter, rejects: list[dict]) -> list[dict]:
@@ -420,227 +402,6 @@ async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: St
             for i in sorted(parsed) for conv in parsed[i]]
 
 
-# =========================================================================== curation
-# Error messages and refusals that a careless pipeline would keep as answers
-_ERROR_TEXT_RE = re.compile(r"^\s*(error|exception|traceback|i'm sorry|sorry, |i cannot|i can't)\b|"
-                            r"internal server error|rate limit (exceeded|reached)|as an ai (language )?model", re.I)
-
-
-def check_pair(p: dict, abstract: str, args) -> str | None:
-    """The reason this pair is dropped, or None (chat markers, length, error text, grounding, edge-case behaviour).
-    A pair holding a chat role marker or special token is rejected, not cleaned: rendered into training text the
-    marker would end the turn or open a fake one, and a pair that needed one is not worth repairing."""
-    q, a = p["question"], p["answer"]
-    for part, text in (("question", q), ("answer", a)):
-        marker = chat_structure(text)
-        if marker:
-            return f"chat_markers: the {part} holds the chat marker {marker!r}"
-    if not args.min_question_chars <= len(q) <= args.max_question_chars:
-        return f"length: question has {len(q)} chars (allowed {args.min_question_chars}-{args.max_question_chars})"
-    if not args.min_answer_chars <= len(a) <= args.max_answer_chars:
-        return f"length: answer has {len(a)} chars (allowed {args.min_answer_chars}-{args.max_answer_chars})"
-    if _ERROR_TEXT_RE.search(q) or _ERROR_TEXT_RE.search(a):
-        return "error_text: looks like an error message, not a Q&A pair"
-    invented = numbers(a) - numbers(abstract) - numbers(q)
-    if invented:
-        return f"ungrounded_number: answer has {', '.join(sorted(invented))} which the abstract does not"
-    if p["type"] in ANSWERABLE:
-        g = grounding(a, abstract)
-        if g < args.min_grounding:
-            return (f"ungrounded: only {g:.0%} of the answer's content words are in the abstract "
-                    f"(< {args.min_grounding:.0%})")
-    elif p["type"] == "unanswerable" and not is_refusal(a):
-        return "no_refusal: an unanswerable question's answer must say the abstract does not give it"
-    elif p["type"] == "false_premise" and not corrects_premise(a):
-        return "no_correction: a false-premise question's answer must correct the premise"
-    return None
-
-
-def curate(convs: list[dict], units: dict[str, dict], args, counts: Counter, rejects: list[dict]) -> list[dict]:
-    """Per-turn checks, then exact and near-duplicate removal of opening questions (within a paper, then across
-    papers). A conversation is cut before its first failing turn (the later turns build on it); one whose first
-    turn fails is dropped."""
-    def drop(c, k, reason, dropped_after=0):
-        counts[reason.split(":")[0]] += 1
-        t, section = c["turns"][k], units[c["unit"]]["section"]
-        extra = {"turn": k + 1, "later_turns_dropped": dropped_after} if args.turns > 1 else {}
-        if section != "abstract":
-            extra["section"] = section
-        rejects.append({"paper_id": c["paper_id"], "stage": "curate", "reason": reason, "type": t["type"],
-                        "question": t["question"], "answer": t["answer"], **extra})
-
-    kept, seen = [], {}
-    by_paper: dict[str, list[str]] = defaultdict(list)
-    for c in convs:
-        unit = units[c["unit"]]
-        for k, turn in enumerate(c["turns"]):
-            reason = check_pair(turn, unit["abstract"], args)
-            if reason:
-                drop(c, k, reason, len(c["turns"]) - k - 1)
-                c = {**c, "turns": c["turns"][:k]}
-                break
-        if not c["turns"]:
-            continue
-        first = c["turns"][0]["question"]
-        norm, reason = normalized(first), None
-        if norm in seen:
-            reason = f"duplicate: same question as one of paper {seen[norm]}"
-        else:
-            other = within_paper_duplicate(first, by_paper[c["paper_id"]], unit["title"], args.dedup_threshold)
-            if other is not None:
-                reason = f"near_duplicate: close to {other!r}"
-        if reason:
-            drop(c, 0, reason, len(c["turns"]) - 1)
-            continue
-        seen[norm] = c["paper_id"]
-        by_paper[c["paper_id"]].append(first)
-        kept.append(c)
-    dups = cross_group_near_duplicates([question_tokens(c["turns"][0]["question"]) for c in kept],
-                                       [c["paper_id"] for c in kept], args.dedup_threshold)
-    for i, j in dups.items():
-        drop(kept[i], 0, f"near_duplicate: close to {kept[j]['turns'][0]['question']!r} of paper "
-                         f"{kept[j]['paper_id']}", len(kept[i]["turns"]) - 1)
-    return [c for i, c in enumerate(kept) if i not in dups]
-
-
-async def judge(judge_backend, convs: list[dict], units: dict[str, dict], min_score: float, stats: Stats,
-                progress: Progress, counts: Counter, rejects: list[dict]) -> list[dict]:
-    """Score each source text's surviving turns in one request; a conversation keeps its turns up to the first
-    one scored below --min_score (or not scored)."""
-    groups: dict[str, list[tuple[int, int]]] = defaultdict(list)  # unit -> (conversation, turn) in listing order
-    for ci, c in enumerate(convs):
-        groups[c["unit"]] += [(ci, k) for k in range(len(c["turns"]))]
-    ids = list(groups)
-    progress.start(len(ids), "judge")
-
-    def on_done(k: int, out: Outcome) -> None:
-        stats.add(out)
-        progress.step()
-
-    def usable(k: int, cached: Outcome) -> bool:  # a cached verdict missing a pair's score is asked again
-        return set(judge_scores(cached)) >= set(range(1, len(groups[ids[k]]) + 1))
-
-    msgs = [judge_messages(units[u], [convs[ci]["turns"][k] for ci, k in groups[u]]) for u in ids]
-    outs = await judge_backend.complete(msgs, "scores", SCORES_SCHEMA, on_done, usable)
-    progress.close()
-    score_of: dict[tuple[int, int], tuple[float, str] | str] = {}
-    for u, out in zip(ids, outs):
-        scores = judge_scores(out)
-        for n, pos in enumerate(groups[u], 1):
-            score_of[pos] = scores.get(n, out.error or "missing in the reply")
-    kept = []
-    for ci, c in enumerate(convs):
-        turns = []
-        for k, t in enumerate(c["turns"]):
-            got = score_of[(ci, k)]
-            if isinstance(got, tuple) and got[0] >= min_score:
-                turns.append({**t, "judge_score": got[0]})
-                continue
-            if isinstance(got, tuple):
-                reason, key = f"judge_low_score: {got[0]:g} < {min_score:g} ({got[1]})", "judge_low_score"
-            else:
-                reason, key = f"judge_failed: no score ({got})", "judge_failed"
-            counts[key] += 1
-            stats.rejects += 1
-            later = {"turn": k + 1, "later_turns_dropped": len(c["turns"]) - k - 1} if len(c["turns"]) > 1 else {}
-            rejects.append({"paper_id": c["paper_id"], "stage": "judge", "reason": reason, "type": t["type"],
-                            "question": t["question"], "answer": t["answer"], **later})
-            break
-        if turns:
-            kept.append({**c, "turns": turns})
-    return kept
-
-
-def split_papers(paper_ids: list[str], spec: float, seed: int) -> set[str]:
-    """Whole papers held out for evaluation: K papers, or a fraction when 0 < spec < 1."""
-    n = len(paper_ids)
-    k = round(spec * n) if 0 < spec < 1 else int(spec)
-    k = max(1, k) if spec > 0 else 0
-    k = min(k, n - 1) if n > 1 else 0
-    return set(random.Random(seed).sample(paper_ids, k))
-
-
-# =========================================================================== outputs
-def exchanges(turns: list[dict]) -> list[dict]:
-    """Q&A turns as the user/assistant messages of a chat."""
-    return [{"role": r, "content": t[k]} for t in turns for r, k in (("user", "question"), ("assistant", "answer"))]
-
-
-def conversation_ids(convs: list[dict], turns: int) -> list[str]:
-    """Each kept conversation's id, numbered within its paper: <paper>-q<n> for single pairs, <paper>-c<n> for
-    conversations (their evaluation questions add -t<turn>)."""
-    n_by_paper, ids = Counter(), []
-    for c in convs:
-        n_by_paper[c["paper_id"]] += 1
-        ids.append(f"{c['paper_id']}-{'q' if turns == 1 else 'c'}{n_by_paper[c['paper_id']]}")
-    return ids
-
-
-def to_records(convs: list[dict], units: dict[str, dict], held_out: set[str], args, model: str
-               ) -> tuple[list[dict], list[dict]]:
-    """(training chat records, evaluation questions): every turn of a held-out paper's conversations becomes a
-    question, a follow-up with the turns before it as its "history"; the text it is grounded in is its context."""
-    train, evals = [], []
-    for c, cid in zip(convs, conversation_ids(convs, args.turns)):
-        pid, unit, turns = c["paper_id"], units[c["unit"]], c["turns"]
-        section = {"section": unit["section"]} if unit.get("full_text") else {}
-        if pid in held_out:
-            for k, t in enumerate(turns):
-                evals.append({"id": cid if args.turns == 1 else f"{cid}-t{k + 1}", "question": t["question"],
-                              "reference": t["answer"], "type": t["type"], "paper_id": pid,
-                              "context": unit["abstract"], "system": args.system_prompt, **section,
-                              **({"history": exchanges(turns[:k])} if k else {})})
-            continue
-        meta = {"paper_id": pid, "type": turns[0]["type"], "backend": args.backend, "model": model, "id": cid,
-                "title": unit["title"], "generator": "generate_qa.py", **section}
-        if args.turns > 1:
-            meta["turn_types"] = [t["type"] for t in turns]
-        scores = [t["judge_score"] for t in turns if "judge_score" in t]
-        if scores:
-            meta["judge_score"] = min(scores)
-        messages = qa_messages(turns[-1]["question"], turns[-1]["answer"], args.system_prompt, exchanges(turns[:-1]))
-        train.append(chat_record(messages, meta))
-    return train, evals
-
-
-def quality_items(convs: list[dict], units: dict[str, dict], held_out: set[str], turns: int) -> list[dict]:
-    """Every kept Q&A turn as paperqa_tune.qa.quality reads it: split, type, section, the text it is grounded in."""
-    items = []
-    for c, cid in zip(convs, conversation_ids(convs, turns)):
-        unit = units[c["unit"]]
-        for k, t in enumerate(c["turns"], 1):
-            items.append({"split": "eval" if c["paper_id"] in held_out else "train", "type": t["type"],
-                          "section": unit["section"], "question": t["question"], "answer": t["answer"],
-                          "source": unit["abstract"], "conversation": cid, "turn": k, "paper_id": c["paper_id"]})
-    return items
-
-
-def source_units(papers: list[dict]) -> list[dict]:
-    """The texts requests are grounded in: a paper's abstract, or each section (part) of its full text. A unit is
-    the paper dict the prompts read ("id" stays the paper's, "abstract" is the unit's text) with its own "unit"
-    id and "section" name."""
-    units = []
-    for p in papers:
-        if not p.get("sections"):
-            units.append({**p, "unit": p["id"], "section": "abstract"})
-            continue
-        for k, s in enumerate(p["sections"], 1):  # numbered: two sections can share a name (e.g. "body")
-            units.append({"id": p["id"], "title": p["title"], "abstract": s["text"], "_where": p["_where"],
-                          "unit": f"{p['id']}#{k}:{s['name']}", "section": s["name"], "full_text": True})
-    return units
-
-
-def cost_estimate(args, model: str, stats: Stats) -> dict:
-    price = getattr(args, "price", None) or PRICES_PER_MTOK.get(model if args.backend == "openai" else "", (0.0, 0.0))
-
-    def cost(prompt_tokens: int, completion_tokens: int) -> float:
-        return round((prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6, 6)
-
-    return {"price_per_mtok_in_out": list(price),
-            "this_run": cost(stats.new_prompt_tokens, stats.new_completion_tokens),
-            "all_replies_used": cost(stats.prompt_tokens, stats.completion_tokens)}
-
-
 # =========================================================================== the run
 def _scrubbed(obj, secret: str | None):
     """obj with the API key removed from every string in it (what we write must never carry it)."""
@@ -701,14 +462,34 @@ def failed_run_rejects(paths: dict[str, Path]) -> Path:
     return paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")
 
 
-def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: tuple) -> int:
-    model = args.model or DEFAULT_MODELS[args.backend]
-    papers, inputs, skipped, order = read
-    units = source_units(papers)
-    by_unit = {u["unit"]: u for u in units}
-    # --turns N: about --pairs_per_abstract Q&A turns per source text, dealt into conversations of N turns
-    quotas = type_quotas(conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns,
-                         args.edge_case_ratio)
+@dataclass
+class Tally:
+    """What the stages count and drop: the manifest's statistics, the filters' counts and the rejects."""
+    stats: Stats
+    counts: Counter = field(default_factory=Counter)
+    rejects: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.progress = Progress(self.stats)
+
+
+@dataclass
+class Kept:
+    """What survived, split by paper: conversations kept, papers held out for evaluation, and the records."""
+    generated: int           # Q&A turns the generator wrote
+    convs: list[dict]
+    with_pairs: list[str]    # papers that kept a pair, in input order
+    held_out: set[str]
+    train: list[dict]
+    evals: list[dict]
+
+    @property
+    def turns(self) -> int:
+        return sum(len(c["turns"]) for c in self.convs)
+
+
+def announce(args, model: str, papers: list[dict], units: list[dict], quotas: dict) -> None:
+    """The run's settings, once, before anything is asked."""
     sections = f" ({len(units)} texts: abstracts and full-text sections)" if len(units) > len(papers) else ""
     shape = f"{args.pairs_per_abstract} pairs" if args.turns == 1 else (
         f"{sum(quotas.values()) // args.turns} conversations of {args.turns} turns")
@@ -722,53 +503,77 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
               f"timeout={args.timeout:g}s concurrency={args.concurrency} response_format={args.response_format} "
               f"({'server ' + args.base_url if args.base_url else 'OpenAI'})", file=sys.stderr)
 
-    stats, counts, rejects = Stats(rejects=len(skipped)), Counter(), list(skipped)
-    progress = Progress(stats)
-    cache = ResponseCache(paths["cache"])
-    if cache.loaded and args.backend != "offline":
-        print(f"cache: {cache.loaded} earlier replies in {paths['cache']} (used unless --reuse_cache says otherwise)",
-              file=sys.stderr)
 
-    def openai_backend(m):
-        return OpenAIBackend(m, args.api_key, args.base_url, args.timeout, args.max_retries, args.concurrency,
-                             args.temperature, args.max_tokens, args.seed, args.response_format, cache,
-                             args.reuse_cache, model_flag="--model" if m == model else "--judge_model")
+def make_backend(args, model: str, cache: ResponseCache, quotas: dict, judge_model: str | None = None):
+    """The backend that writes the pairs, or with judge_model the one that scores them (an OpenAI-compatible
+    server, the generator's --base_url and key)."""
+    sampling = Sampling(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    if args.backend == "hf" and judge_model is None:
+        return HFBackend(HFSettings(model, sampling, batch_size=args.batch_size,
+                                    trust_remote_code=args.trust_remote_code, constrained=args.constrained_decoding,
+                                    shape=(items_asked(quotas, args.turns), args.turns),
+                                    max_chars={"question": args.max_question_chars, "answer": args.max_answer_chars}),
+                         cache, args.reuse_cache)
+    settings = ClientSettings(model=judge_model or model, api_key=args.api_key, base_url=args.base_url,
+                              timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency,
+                              response_format=args.response_format,
+                              flags=Flags(model="--judge_model" if judge_model else "--model"))
+    return OpenAIBackend(settings, sampling, cache, args.reuse_cache)
 
+
+def generate_and_curate(args, model: str, units: list[dict], quotas: dict, cache: ResponseCache, tally: Tally
+                        ) -> tuple[int, list[dict], dict]:
+    """(Q&A turns generated, conversations that passed curation and the judge, the response formats used)."""
+    by_unit = {u["unit"]: u for u in units}
     formats = {"asked": args.response_format if args.backend == "openai" else None}  # what the server accepted
+    s = tally
+
     async def pipeline():
         if args.backend == "offline":
             convs = [{"paper_id": u["id"], "unit": u["unit"], "turns": turns} for u in units
                      for turns in offline_conversations(u, quotas, args.turns, args.dedup_threshold)]
-            stats.pairs = sum(len(c["turns"]) for c in convs)
+            s.stats.pairs = sum(len(c["turns"]) for c in convs)
         else:
-            backend = openai_backend(model) if args.backend == "openai" else HFBackend(
-                model, args.batch_size, args.temperature, args.max_tokens, args.seed, args.trust_remote_code, cache,
-                args.reuse_cache, args.constrained_decoding, (items_asked(quotas, args.turns), args.turns),
-                {"question": args.max_question_chars, "answer": args.max_answer_chars})
-            convs = await generate_llm(backend, units, quotas, args.turns, stats, progress, counts, rejects)
+            backend = make_backend(args, model, cache, quotas)
+            convs = await generate_llm(backend, units, quotas, args.turns, s.stats, s.progress, s.counts, s.rejects)
             formats.update(used=getattr(backend, "format_used", None), note=getattr(backend, "format_note", None))
         generated = sum(len(c["turns"]) for c in convs)
-        convs = curate(convs, by_unit, args, counts, rejects)
+        convs = curate(convs, by_unit, curation_rules(args), s.counts, s.rejects)
         if args.judge_model and convs:
-            convs = await judge(openai_backend(args.judge_model), convs, by_unit, args.min_score, stats, progress,
-                                counts, rejects)
+            convs = await judge(make_backend(args, model, cache, quotas, args.judge_model), convs, by_unit,
+                                args.min_score, s.stats, s.progress, s.counts, s.rejects)
         return generated, convs
 
     try:
         generated, convs = asyncio.run(pipeline())
     finally:
-        progress.close()
+        s.progress.close()
+    return generated, convs, formats
 
-    # whole papers are held out, so no evaluation question shares its abstract with training
+
+def curation_rules(args) -> CurationRules:
+    return CurationRules(**{f.name: getattr(args, f.name) for f in fields(CurationRules)})
+
+
+def split_and_record(args, model: str, papers: list[dict], units: list[dict], generated: int, convs: list[dict]
+                     ) -> Kept:
+    """Whole papers held out, so no evaluation question shares its abstract with training; then the records."""
     have = {c["paper_id"] for c in convs}
     with_pairs = [p["id"] for p in papers if p["id"] in have]
     held_out = split_papers(with_pairs, args.eval_papers, args.seed)
     if args.eval_papers and not held_out and convs:
         print("warning: fewer than 2 papers have pairs, so none is held out for evaluation", file=sys.stderr)
-    train, evals = to_records(convs, by_unit, held_out, args, model)
-    kept = sum(len(c["turns"]) for c in convs)
+    train, evals = to_records(convs, {u["unit"]: u for u in units}, held_out, turns=args.turns,
+                              system_prompt=args.system_prompt, backend=args.backend, model=model)
+    return Kept(generated, convs, with_pairs, held_out, train, evals)
 
-    manifest = {
+
+def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, read: tuple, units: list[dict],
+                   quotas: dict, formats: dict, kept: Kept, tally: Tally) -> dict:
+    papers, inputs, skipped, order = read
+    by_unit = {u["unit"]: u for u in units}
+    stats, train, evals, held_out, with_pairs = tally.stats, kept.train, kept.evals, kept.held_out, kept.with_pairs
+    return {
         "script": "generate_qa.py", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "args": {k: v for k, v in vars(args).items() if k not in ("api_key", "price")},
@@ -782,25 +587,65 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
                    "chat_markers_removed": {p["id"]: p["_chat_markers"] for p in papers if "_chat_markers" in p},
                    "with_pairs": len(with_pairs), "eval": sorted(held_out), "train": len(with_pairs) - len(held_out)},
         # generated / kept count Q&A turns; train counts records (conversations), eval counts questions (turns)
-        "counts": {"generated": generated, "kept": kept, "conversations": len(convs), "train": len(train),
-                   "eval": len(evals), "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
+        "counts": {"generated": kept.generated, "kept": kept.turns, "conversations": len(kept.convs),
+                   "train": len(train), "eval": len(evals),
+                   "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
                    "eval_by_type": dict(Counter(e["type"] for e in evals)),
-                   "by_section": dict(Counter(by_unit[c["unit"]]["section"] for c in convs for _ in c["turns"])),
-                   "filters": dict(counts), "rejects": len(rejects)},
+                   "by_section": dict(Counter(by_unit[c["unit"]]["section"] for c in kept.convs for _ in c["turns"])),
+                   "filters": dict(tally.counts), "rejects": len(tally.rejects)},
         # asked_again: cached replies sent again because they failed validation (or --reuse_cache none)
         "requests": {"answered_this_run": stats.requests_sent, "from_cache": stats.cache_hits,
                      "asked_again": stats.asked_again, "failed": stats.failed},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens,
                    "this_run_prompt": stats.new_prompt_tokens, "this_run_completion": stats.new_completion_tokens},
-        "estimated_cost_usd": cost_estimate(args, model, stats),
+        "estimated_cost_usd": cost_estimate(stats, getattr(args, "price", None) or price_per_mtok(model, args.backend)),
         "outputs": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.time() - t0, 2),
     }
-    rejects.sort(key=lambda r: order[r["paper_id"]])  # replies arrive in any order; the file should not
-    rejects, manifest = _scrubbed(rejects, args.api_key), _scrubbed(manifest, args.api_key)
-    items = quality_items(convs, by_unit, held_out, args.turns)
+
+
+def write_outputs(outs: OutputSet, paths: dict[str, Path], kept: Kept, rejects: list[dict], manifest: dict,
+                  items: list[dict], quality: dict) -> None:
+    """Stage every output, then replace the old ones together (the manifest last: it marks a finished run)."""
+    try:
+        for name, text in (("--out", _jsonl(kept.train)), ("--eval_out", _jsonl(kept.evals)),
+                           ("--rejects", _jsonl(rejects)),
+                           ("quality report", json.dumps(quality, ensure_ascii=False, indent=2) + "\n"),
+                           ("--manifest", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")):
+            write_staged(outs.stage(name), text)
+        name = "quality chart"
+        plot_quality(items, outs.stage(name))
+    except OSError as e:  # a full disk, a read-only folder: what was staged is removed, nothing replaced
+        raise RunFailure(f"cannot write {name} {outs.paths[name]} ({e.strerror or e}); no output was replaced, and "
+                         "the cache keeps every reply: free space or fix the folder, then rerun the same command"
+                         ) from None
+    outs.commit(["--out", "--eval_out", "--rejects", "quality report", "quality chart", "--manifest"])
+    print(format_quality(quality), file=sys.stderr)
+    print(f"quality report: {paths['quality']} and {paths['quality_png']}: check it before training", file=sys.stderr)
+
+
+def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: tuple) -> int:
+    model = args.model or DEFAULT_MODELS[args.backend]
+    papers, _, skipped, order = read
+    units = source_units(papers)
+    # --turns N: about --pairs_per_abstract Q&A turns per source text, dealt into conversations of N turns
+    quotas = type_quotas(conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns,
+                         args.edge_case_ratio)
+    announce(args, model, papers, units, quotas)
+    tally = Tally(Stats(rejects=len(skipped)), rejects=list(skipped))
+    cache = ResponseCache(paths["cache"])
+    if cache.loaded and args.backend != "offline":
+        print(f"cache: {cache.loaded} earlier replies in {paths['cache']} (used unless --reuse_cache says otherwise)",
+              file=sys.stderr)
+    generated, convs, formats = generate_and_curate(args, model, units, quotas, cache, tally)
+    kept = split_and_record(args, model, papers, units, generated, convs)
+    manifest = build_manifest(args, argv, t0, paths, model, read, units, quotas, formats, kept, tally)
+    tally.rejects.sort(key=lambda r: order[r["paper_id"]])  # replies arrive in any order; the file should not
+    rejects, manifest = _scrubbed(tally.rejects, args.api_key), _scrubbed(manifest, args.api_key)
+    items = quality_items(convs, {u["unit"]: u for u in units}, kept.held_out, args.turns)
     quality = quality_report(items, rejects)
-    report_run(args, paths, stats, counts, manifest, generated, kept, train, evals, held_out)
+    report_run(args, paths, tally.stats, tally.counts, manifest, generated, kept.turns, kept.train, kept.evals,
+               kept.held_out)
     why = failed_run_rejects(paths)
     if not convs:
         # A failed run replaces nothing: the reasons go beside the cache, the outputs stay as they were.
@@ -811,21 +656,7 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
         print(f"error: no pair survived, so no output was written (earlier ones are unchanged); why each pair or "
               f"request was dropped: {why}", file=sys.stderr)
         return 1
-    try:
-        for name, text in (("--out", _jsonl(train)), ("--eval_out", _jsonl(evals)), ("--rejects", _jsonl(rejects)),
-                           ("quality report", json.dumps(quality, ensure_ascii=False, indent=2) + "\n"),
-                           ("--manifest", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")):
-            write_staged(outs.stage(name), text)
-        name = "quality chart"
-        plot_quality(items, outs.stage(name))
-    except OSError as e:  # a full disk, a read-only folder: what was staged is removed, nothing replaced
-        raise RunFailure(f"cannot write {name} {outs.paths[name]} ({e.strerror or e}); no output was replaced, and "
-                         "the cache keeps every reply: free space or fix the folder, then rerun the same command"
-                         ) from None
-    # the manifest last: it marks a finished run
-    outs.commit(["--out", "--eval_out", "--rejects", "quality report", "quality chart", "--manifest"])
-    print(format_quality(quality), file=sys.stderr)
-    print(f"quality report: {paths['quality']} and {paths['quality_png']}: check it before training", file=sys.stderr)
+    write_outputs(outs, paths, kept, rejects, manifest, items, quality)
     why.unlink(missing_ok=True)  # an earlier failure's report no longer applies
     return 0
 

@@ -100,6 +100,22 @@ def default_responder(req: dict, n: int) -> Reply:
     return Reply(content="ok")
 
 
+def json_object_only(responder: Callable[[dict, int], Reply],
+                     free_text: Callable[[dict, int], Reply] | None = None) -> Callable[[dict, int], Reply]:
+    """llama-cpp-python's server as a responder: response_format json_schema is refused as that server refuses it
+    (SERVER_ERRORS["llama_cpp_python_json_schema"]: HTTP 500, "Input should be 'text' or 'json_object'"); json_object
+    and no response_format are answered. The server constrains the reply only to a schema that rides inside
+    json_object ({"type": "json_object", "schema": {...}}): such a request gets `responder`'s reply, any other one
+    `free_text`'s (what the model writes unconstrained, e.g. a small model's prose; default: the responder's)."""
+    def answer(req: dict, n: int) -> Reply:
+        rf = req.get("response_format") or {}
+        if rf.get("type") not in (None, "text", "json_object"):
+            return server_error("llama_cpp_python_json_schema", req.get("model", "fake-model"))
+        constrained = rf.get("type") == "json_object" and isinstance(rf.get("schema"), dict)
+        return responder(req, n) if constrained or free_text is None else free_text(req, n)
+    return answer
+
+
 class FakeOpenAI:
     def __init__(self, responder: Callable[[dict, int], Reply] = default_responder, models=("fake-model",)):
         self.responder = responder

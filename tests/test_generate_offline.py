@@ -8,7 +8,7 @@ import pytest
 
 import common
 import generate_qa
-from generate_qa import check_pair
+from paperqa_tune.qa.curation import CurationRules, check_pair, curate, split_papers
 from paperqa_tune.qa import offline_qa, prompts
 from paperqa_tune.scoring import is_refusal
 from paperqa_tune.qa.textsim import cross_group_near_duplicates, jaccard, question_tokens
@@ -80,7 +80,7 @@ def test_offline_is_deterministic_and_system_prompt_configurable(tmp_path):
 def test_offline_pairs_are_grounded_and_edge_cases_behave():
     papers = generate_qa.read_abstract_file(DATA / "abstracts.jsonl")
     quotas = prompts.type_quotas(12, 0.2)
-    args = generate_qa.build_parser().parse_args([])
+    rules = CurationRules()  # generate_qa.py's flag defaults
     for paper in papers:
         pairs = offline_qa.offline_pairs(paper, quotas)
         assert len(pairs) == 12, paper["id"]
@@ -88,7 +88,7 @@ def test_offline_pairs_are_grounded_and_edge_cases_behave():
         assert all(got[t] == quotas[t] for t in prompts.EDGE_CASES)
         assert all(got[t] >= 1 for t in prompts.ANSWERABLE)  # a short type lends its quota to the others
         for p in pairs:
-            assert check_pair(p, paper["abstract"], args) is None, p
+            assert check_pair(p, paper["abstract"], rules) is None, p
             assert paper["title"] in p["question"]
         assert max(Counter(p["answer"] for p in pairs).values()) <= 2  # a sentence answers at most two questions
 
@@ -125,8 +125,8 @@ ABSTRACT = ("QLoRA finetunes a 65B parameter model on a single 48GB GPU. It back
       "answer": "Error: rate limit reached for requests."}, "error_text"),
 ])
 def test_check_pair_filters(pair, reason):
-    args = generate_qa.build_parser().parse_args([])
-    got = check_pair(pair, ABSTRACT, args)
+    rules = CurationRules()  # generate_qa.py's flag defaults
+    got = check_pair(pair, ABSTRACT, rules)
     assert (got.split(":")[0] if got else None) == reason, got
 
 
@@ -162,7 +162,7 @@ def test_duplicates_removed_within_and_across_papers():
     counts, rejects = Counter(), []
     units = {pid: {**p, "id": pid, "unit": pid, "section": "abstract"} for pid, p in papers.items()}
     convs = [{"paper_id": p["paper_id"], "unit": p["paper_id"], "turns": [p]} for p in pairs]
-    kept = generate_qa.curate(convs, units, generate_qa.build_parser().parse_args([]), counts, rejects)
+    kept = curate(convs, units, CurationRules(), counts, rejects)
     assert [c["turns"][0]["question"] for c in kept] == [pairs[0]["question"], pairs[5]["question"]]
     assert counts == {"duplicate": 2, "near_duplicate": 2}
     assert all(r["stage"] == "curate" for r in rejects)
@@ -170,12 +170,12 @@ def test_duplicates_removed_within_and_across_papers():
 
 def test_split_holds_out_whole_papers():
     ids = [f"p{i}" for i in range(10)]
-    assert len(generate_qa.split_papers(ids, 3, 0)) == 3
-    assert len(generate_qa.split_papers(ids, 0.2, 0)) == 2
-    assert generate_qa.split_papers(ids, 3, 1) == generate_qa.split_papers(ids, 3, 1)
-    assert generate_qa.split_papers(["only"], 3, 0) == set()
-    assert len(generate_qa.split_papers(ids[:2], 3, 0)) == 1
-    assert generate_qa.split_papers(ids, 0, 0) == set()
+    assert len(split_papers(ids, 3, 0)) == 3
+    assert len(split_papers(ids, 0.2, 0)) == 2
+    assert split_papers(ids, 3, 1) == split_papers(ids, 3, 1)
+    assert split_papers(["only"], 3, 0) == set()
+    assert len(split_papers(ids[:2], 3, 0)) == 1
+    assert split_papers(ids, 0, 0) == set()
 
 
 SAMPLE = ROOT / "data" / "sample_abstracts.jsonl"
@@ -205,13 +205,13 @@ def test_refusal_detection(answer, refuses):
 
 
 def test_error_text_filter_spares_papers_about_rate_limits():
-    args = generate_qa.build_parser().parse_args([])
+    rules = CurationRules()  # generate_qa.py's flag defaults
     abstract = "We study API rate limiting and key rotation for web services under heavy load."
     ok = {"type": "factual", "question": "What does the paper study about web services?",
           "answer": "API rate limiting and key rotation for web services under heavy load."}
-    assert check_pair(ok, abstract, args) is None
+    assert check_pair(ok, abstract, rules) is None
     bad = dict(ok, answer="I'm sorry, I cannot help with API rate limiting for web services.")
-    assert check_pair(bad, abstract, args).startswith("error_text")
+    assert check_pair(bad, abstract, rules).startswith("error_text")
 
 
 def test_eval_questions_go_beside_out_by_default(tmp_path, monkeypatch):

@@ -224,7 +224,7 @@ def test_timeout_is_failed(openai_server):
     rows = make_rows()[:1]
     stats = J.rubric_scores(rows, QUESTIONS, CRITERIA, make_cfg(openai_server, timeout=0.2), DictCache())
     assert stats["failed"] == 2
-    assert "Timeout" in rows[0]["base_rubric_status"]
+    assert "no complete reply within --judge_timeout 0.2 s" in rows[0]["base_rubric_status"]
 
 
 def test_api_key_is_scrubbed_everywhere(openai_server):

@@ -21,7 +21,8 @@ import common
 import generate_qa
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import good_reply, is_judge, pairs_responder, request_paper, synthetic_abstracts
-from paperqa_tune.llm import OpenAIBackend, Outcome, ResponseCache
+from paperqa_tune.client import ClientSettings
+from paperqa_tune.llm import OpenAIBackend, Outcome, ResponseCache, Sampling
 from paperqa_tune.qa.prompts import generation_messages, type_quotas
 from paperqa_tune.safety import chat_structure
 
@@ -384,8 +385,9 @@ def test_reply_cached_before_a_kill_goes_on_to_its_repair(tmp_path):
     papers = generate_qa.read_abstract_file(DATA / "abstracts.csv")
     msgs = generation_messages(papers[0], type_quotas(12, 0.2))
     with FakeOpenAI(pairs_responder()) as srv:
-        backend = OpenAIBackend("fake-model", KEY, srv.base_url, 5, 0, 1, 0.7, 3000, 0, "json_schema",
-                                            ResponseCache(out / ".cache" / "train.jsonl"))
+        settings = ClientSettings("fake-model", KEY, srv.base_url, timeout=5, max_retries=0, concurrency=1)
+        backend = OpenAIBackend(settings, Sampling(temperature=0.7, max_tokens=3000, seed=0),
+                                ResponseCache(out / ".cache" / "train.jsonl"))
         key = backend._lookup(msgs, backend._params("qa_pairs", generate_qa.PAIRS_SCHEMA))[0]
         backend.cache.put(key, "fake-model", Outcome(content="Sorry, no.", usage={"prompt_tokens": 1}))
         assert generate_qa.main(llm(out, srv, "--eval_papers", "0", inputs=(DATA / "abstracts.csv",))) == 0

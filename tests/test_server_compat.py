@@ -21,7 +21,7 @@ import common
 import generate_qa
 from fake_openai import SERVER_ERRORS, FakeOpenAI, Reply, server_error
 from generate_fakes import good_reply, pairs_responder, synthetic_abstracts
-from paperqa_tune import llm
+from paperqa_tune import client, llm
 from paperqa_tune.qa.prompts import PAIRS_SCHEMA, generation_messages, type_quotas
 
 DATA = Path(__file__).parent / "data"
@@ -65,8 +65,7 @@ def _said(name: str, model: str = "m") -> str:
     body = json.loads(server_error(name, model).raw_body or b"null") if not isinstance(
         SERVER_ERRORS[name][1], str) else SERVER_ERRORS[name][1]
     body = body.get("error", body) if isinstance(body, dict) else body
-    backend = types.SimpleNamespace(api_key=KEY, _clean=lambda t: t)
-    return llm.OpenAIBackend._said(backend, types.SimpleNamespace(body=body))
+    return client.server_said(types.SimpleNamespace(body=body), KEY)
 
 
 KINDS = {"vllm_schema_unsupported": "format", "vllm_model_not_found": "model", "vllm_context_length": "other",
@@ -81,16 +80,16 @@ KINDS = {"vllm_schema_unsupported": "format", "vllm_model_not_found": "model", "
 @pytest.mark.parametrize("name", sorted(SERVER_ERRORS))
 def test_each_real_error_body_is_classified(name):
     status = SERVER_ERRORS[name][0]
-    assert llm.classify_error(status, _said(name), asked_format=True) == KINDS[name]
+    assert client.classify_error(status, _said(name), asked_format=True) == KINDS[name]
     if KINDS[name] == "format":  # a request without response_format cannot have been refused for it
-        assert llm.classify_error(status, _said(name), asked_format=False) == "other"
+        assert client.classify_error(status, _said(name), asked_format=False) == "other"
 
 
 def test_a_500_needs_more_than_the_word_format():
     said = "Traceback ...: ValueError: unknown chat template format"
-    assert llm.classify_error(500, said, True) == "other"  # retried as any 500
-    assert llm.classify_error(400, said, True) == "format"
-    assert llm.classify_error(404, "Invalid URL (POST /v1/chat/completions)", True) == "url"
+    assert client.classify_error(500, said, True) == "other"  # retried as any 500
+    assert client.classify_error(400, said, True) == "format"
+    assert client.classify_error(404, "Invalid URL (POST /v1/chat/completions)", True) == "url"
 
 
 # =========================================================================== the fallback matrix
@@ -203,9 +202,14 @@ def test_json_object_refused_too_ends_at_none(tmp_path, capsys):
     with FakeOpenAI(refusing({"json_schema": "llama_cpp_python_json_schema",
                               "json_object": "lmstudio_json_object"})) as srv:
         assert run(out, srv) == 0
-        assert formats(srv) == {"json_schema": 1, "json_object": 1, "none": 3}
+        # json_object with the schema inside, then without it: both refused, once each
+        assert formats(srv) == {"json_schema": 1, "json_object": 2, "none": 3}
+        assert [req["response_format"] for req in srv.requests[1:3]] == [
+            {"type": "json_object", "schema": PAIRS_SCHEMA}, {"type": "json_object"}]
         err = capsys.readouterr().err
-        assert "refused response_format=json_schema (HTTP 500: " in err
+        assert "refused response_format=json_schema (HTTP 500: " in err and "; using json_object+schema" in err
+        assert ("refused response_format=json_object+schema (HTTP 400: 'response_format.type' must be "
+                "'json_schema'); using json_object") in err
         assert ("refused response_format=json_object (HTTP 400: 'response_format.type' must be 'json_schema'); "
                 "using no response_format") in err
         n = srv.count
@@ -229,12 +233,13 @@ def test_format_is_probed_once_with_concurrency_8(tmp_path, capsys):
 def test_format_used_and_note_for_the_manifest(tmp_path):
     cache = llm.ResponseCache(tmp_path / "c.jsonl")
     with FakeOpenAI(refusing({"json_schema": "vllm_schema_unsupported"})) as srv:
-        backend = llm.OpenAIBackend("fake-model", KEY, srv.base_url, 5, 0, 2, 0.7, 500, 0, "json_schema", cache)
+        backend = llm.OpenAIBackend(client.ClientSettings("fake-model", KEY, srv.base_url, timeout=5, max_retries=0,
+                                                          concurrency=2), llm.Sampling(0.7, 500, 0), cache)
         papers = generate_qa.read_abstract_file(DATA / "abstracts.csv")
         msgs = [generation_messages(p, type_quotas(12, 0.2)) for p in papers]
         outs = asyncio.run(backend.complete(msgs, "qa_pairs", PAIRS_SCHEMA, lambda k, o: None))
     assert all(o.error is None for o in outs)
-    assert backend.format_used == "json_object"
+    assert backend.format_used == "json_object+schema"
     assert backend.format_note.startswith(f"the server at {srv.base_url}/ refused response_format=json_schema (HTTP "
                                           "400: The provided JSON schema contains features not supported by xgrammar")
 
@@ -295,7 +300,7 @@ def test_progress_shows_tokens_per_second_of_this_rounds_fresh_replies():
 
 
 def test_slow_first_answer_is_reported_once(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(llm, "SLOW_FIRST_ANSWER_S", 0.3)
+    monkeypatch.setattr(client, "SLOW_FIRST_ANSWER_S", 0.3)
     with FakeOpenAI(pairs_responder(delay=0.8)) as srv:
         assert run(tmp_path / "out", srv) == 0
     err = capsys.readouterr().err

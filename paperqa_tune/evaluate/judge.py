@@ -2,8 +2,9 @@
 
     criteria = read_rubric(DEFAULT_RUBRIC)            # [(name, description), ...]; the first is "correctness"
     cfg = JudgeConfig(model="gpt-4o-mini", base_url=None, api_key=os.environ["OPENAI_API_KEY"])
-    stats = rubric_scores(rows, questions, criteria, cfg, cache)   # fills {base,finetuned}_rubric_* columns
-    stats = pairwise(rows, questions, cfg, cache)                  # fills judge_* columns
+    client = make_client(cfg)                                      # paperqa_tune.client, as the generator's
+    stats = rubric_scores(rows, questions, criteria, cfg, cache, client)  # fills {base,finetuned}_rubric_* columns
+    stats = pairwise(rows, questions, cfg, cache, client)                 # fills judge_* columns
 
 Rows are eval_compare's result rows ({"id", "base_answer", "finetuned_answer", ...}); `questions` maps
 id -> {"question", "reference", "type", "context"}. `cache` is any object with get(key) -> dict | None and
@@ -12,6 +13,10 @@ put(record) (record["key"] is the key).
 Both judges are blind: the prompt never says which model wrote an answer. The pairwise judge sees each
 pair twice with the answers swapped, so a judge that prefers whatever comes first cancels to a tie.
 
+Requests go through the shared client (paperqa_tune.client): one deadline per attempt for the whole reply,
+retries honouring Retry-After, and the reply's JSON shape asked for with the response format the server
+accepts (json_schema -> json_object+schema -> json_object -> none, settled by the first call).
+
 Failure is recorded, never guessed: a reply that does not parse, or an API error the client's retries did
 not cure, leaves the scores empty (None) with status "failed: <why>" and the raw reply, and the evaluation
 goes on. Only parsed results are cached, so rerunning the same command asks again for the failed ones.
@@ -19,17 +24,16 @@ The API key is scrubbed from everything stored (a server's error body may echo t
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from paperqa_tune.client import ChatClient, ClientSettings, Flags
 from paperqa_tune.errors import InputError
-
 from paperqa_tune.files import sha256_text
-from paperqa_tune.safety import scrub
 
 DEFAULT_RUBRIC = Path(__file__).with_name("rubric_default.txt")
 SIDES = (("base", "base_answer", "base"), ("finetuned", "finetuned_answer", "finetuned"))  # (side, row field, prefix)
@@ -104,6 +108,11 @@ def rubric_columns(criteria: list[tuple[str, str]]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- config
+# The flags eval_compare.py takes the judge's settings from, named in what a failed call tells the user.
+JUDGE_FLAGS = Flags(model="--judge_model", base_url="--judge_base_url", timeout="--judge_timeout",
+                    retries="--judge_retries", concurrency="--judge_workers")
+
+
 @dataclass
 class JudgeConfig:
     model: str
@@ -112,18 +121,21 @@ class JudgeConfig:
     timeout: float = 60
     max_retries: int = 3
     workers: int = 4
+    response_format: str = "json_schema"   # the first rung tried (paperqa_tune.client.FORMAT_STEPS)
 
     def describe(self) -> dict:
         """Everything but the key, e.g. for summary.json."""
         return {"model": self.model, "base_url": self.base_url, "timeout": self.timeout,
-                "max_retries": self.max_retries, "workers": self.workers}
+                "max_retries": self.max_retries, "workers": self.workers, "response_format": self.response_format}
 
 
-def make_client(cfg: JudgeConfig):
-    import openai
-
-    return openai.OpenAI(base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout,
-                         max_retries=cfg.max_retries)
+def make_client(cfg: JudgeConfig) -> ChatClient:
+    """The judge's client: the same deadline, retries, error handling and response-format negotiation as the
+    generator's (paperqa_tune.client). Pass one to rubric_scores and pairwise so the format is settled once."""
+    return ChatClient(ClientSettings(model=cfg.model, api_key=cfg.api_key, base_url=cfg.base_url,
+                                     timeout=cfg.timeout, max_retries=cfg.max_retries,
+                                     concurrency=max(1, cfg.workers), response_format=cfg.response_format,
+                                     flags=JUDGE_FLAGS))
 
 
 # --------------------------------------------------------------------------- prompts
@@ -279,6 +291,20 @@ def combine_verdicts(base_first: str | None, ft_first: str | None) -> tuple[str,
 
 
 # --------------------------------------------------------------------------- asking
+def rubric_schema(names: list[str]) -> dict:
+    """The JSON a rubric reply must be, for servers that constrain replies: a whole score 1-5 per criterion."""
+    score = {"type": "integer", "enum": [1, 2, 3, 4, 5]}
+    return {"type": "object", "additionalProperties": False, "required": ["scores", "reason"],
+            "properties": {"scores": {"type": "object", "additionalProperties": False, "required": list(names),
+                                      "properties": {n: score for n in names}},
+                           "reason": {"type": "string"}}}
+
+
+VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["winner", "reason"],
+                  "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]},
+                                 "reason": {"type": "string"}}}
+
+
 @dataclass
 class _Job:
     key: str
@@ -286,6 +312,8 @@ class _Job:
     max_tokens: int
     parse: Callable[[str], tuple[dict | None, str]]
     meta: dict          # stored with the cached record so a person can tell what it was
+    schema_name: str = "judgement"
+    schema: dict = field(default_factory=dict)
 
 
 def _cache_key(cfg: JudgeConfig, kind: str, rubric: list[tuple[str, str]] | None, order: str,
@@ -297,40 +325,20 @@ def _cache_key(cfg: JudgeConfig, kind: str, rubric: list[tuple[str, str]] | None
                                   sort_keys=True))[:32]
 
 
-def _ask(client, cfg: JudgeConfig, job: _Job) -> dict:
-    """One judge call -> {"ok": True, "reply", **parsed} or {"ok": False, "why", "raw"}. An API error the
-    client's own retries did not cure is a failure, not an exception: the evaluation goes on."""
-    import openai
-
-    try:
-        resp = client.chat.completions.create(model=cfg.model, temperature=0, max_tokens=job.max_tokens,
-                                              messages=job.messages)
-    except Exception as e:  # noqa: BLE001 -- whatever the server or the wire does, the row records it
-        # APIError covers status errors, connection errors and timeouts; a JSONDecodeError is a
-        # (proxy's) 200 response whose body is not JSON, e.g. cut off; anything else (a body the client
-        # cannot decode) is a failed call too, never a traceback that loses the whole evaluation.
-        kind = "API error" if isinstance(e, (openai.APIError, json.JSONDecodeError)) else "unexpected error"
-        msg = scrub(f"{type(e).__name__}: {e}", cfg.api_key)
-        # (the client has already retried what is worth retrying: 429, 5xx, timeouts, up to max_retries)
-        return {"ok": False, "why": f"{kind}: {_one_line(msg)[:200]}",
-                "raw": msg[:RAW_LIMIT]}
-    content, finish = _reply_text(resp)
-    content = scrub(content, cfg.api_key)
+async def _ask(client: ChatClient, job: _Job) -> dict:
+    """One judge call -> {"ok": True, "reply", **parsed} or {"ok": False, "why", "raw"}. A call the shared
+    client's retries did not cure is a failure, not an exception: the evaluation goes on."""
+    _, out = await client.request(job.messages, {"temperature": 0, "max_tokens": job.max_tokens}, job.schema_name,
+                                  job.schema)
+    if out.error is not None:  # scrubbed by the client, like every reply
+        return {"ok": False, "why": f"API error: {_one_line(out.error)[:200]}", "raw": out.error[:RAW_LIMIT]}
+    content = out.content if isinstance(out.content, str) else ""
     parsed, why = job.parse(content)
     if parsed is None:
-        if finish == "length":
+        if out.finish_reason == "length":
             why += " (the reply was cut off at max_tokens)"
         return {"ok": False, "why": why, "raw": content[:RAW_LIMIT]}
     return {"ok": True, "reply": content, **parsed}
-
-
-def _reply_text(resp) -> tuple[str, str | None]:
-    """(content, finish_reason) of the first choice; ("", None) for a response without one -- some
-    OpenAI-compatible servers send odd shapes, and an odd shape is a failed reply, not a crash."""
-    choice = (getattr(resp, "choices", None) or [None])[0]
-    message = getattr(choice, "message", None)
-    content = getattr(message, "content", None)
-    return (content if isinstance(content, str) else ""), getattr(choice, "finish_reason", None)
 
 
 def _from_cache(cache, job: _Job) -> dict | None:
@@ -342,8 +350,26 @@ def _from_cache(cache, job: _Job) -> dict | None:
     return {"ok": True, "reply": hit["reply"], **parsed} if parsed else None
 
 
+async def _ask_all(client: ChatClient, jobs: list[_Job], todo: list[int], on_done) -> None:
+    """Ask every job in `todo` (at most the client's concurrency in flight); on_done(i, result) as each arrives.
+    A server that cannot be reached, or refuses the key, fails every call with its one reason."""
+    async def one(i: int) -> None:
+        on_done(i, await _ask(client, jobs[i]))
+
+    watch = asyncio.create_task(client.tell_if_silent())
+    try:
+        await client.preflight()
+        await asyncio.gather(*(one(i) for i in todo))
+    except InputError as e:
+        for i in todo:
+            on_done(i, {"ok": False, "why": f"API error: {_one_line(e)[:200]}", "raw": str(e)[:RAW_LIMIT]})
+    finally:
+        watch.cancel()
+        await client.aclose()
+
+
 def _run_jobs(jobs: list[_Job], cfg: JudgeConfig, cache, client, desc: str) -> tuple[list[dict], dict]:
-    """Results in job order, and stats. Cache reads and writes stay on this thread, so the cache need not
+    """Results in job order, and stats. Everything runs on this thread (one event loop), so the cache need not
     be thread-safe; each success is written as it arrives, so an interrupted run keeps what it paid for."""
     from tqdm import tqdm
 
@@ -353,19 +379,21 @@ def _run_jobs(jobs: list[_Job], cfg: JudgeConfig, cache, client, desc: str) -> t
     if not todo:
         return results, stats
     client = client or make_client(cfg)
-    pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers))
+    bar = tqdm(total=len(todo), desc=desc, unit="call")
+
+    def on_done(i: int, out: dict) -> None:
+        results[i] = out
+        stats["calls"] += 1
+        if out["ok"]:
+            cache.put({"key": jobs[i].key, "model": "judge", **jobs[i].meta, "reply": out["reply"]})
+        else:
+            stats["failed"] += 1
+        bar.update(1)
+
     try:
-        futures = {pool.submit(_ask, client, cfg, jobs[i]): i for i in todo}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="call"):
-            i = futures[fut]
-            results[i] = out = fut.result()
-            stats["calls"] += 1
-            if out["ok"]:
-                cache.put({"key": jobs[i].key, "model": "judge", **jobs[i].meta, "reply": out["reply"]})
-            else:
-                stats["failed"] += 1
+        asyncio.run(_ask_all(client, jobs, todo, on_done))
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: do not send the queued requests
+        bar.close()
     return results, stats
 
 
@@ -377,6 +405,7 @@ def rubric_scores(rows: list[dict], questions: dict, criteria: list[tuple[str, s
     p_rubric_status ("ok" / "failed: <why>"), p_rubric_raw (failed reply, else ""). Scores are None
     when failed. Returns {"calls", "cached", "failed"} counted in judge requests."""
     names = [n for n, _ in criteria]
+    schema = rubric_schema(names)
     jobs, targets = [], []
     for row in rows:
         q = questions.get(row["id"], {})
@@ -384,7 +413,8 @@ def rubric_scores(rows: list[dict], questions: dict, criteria: list[tuple[str, s
             msgs = rubric_messages(q, row.get(field_) or "", criteria)
             jobs.append(_Job(key=_cache_key(cfg, "rubric", criteria, "", msgs), messages=msgs,
                              max_tokens=MAX_TOKENS["rubric"], parse=lambda t: parse_rubric(t, names),
-                             meta={"kind": "judge_rubric", "id": row["id"], "side": side}))
+                             meta={"kind": "judge_rubric", "id": row["id"], "side": side},
+                             schema_name="rubric_scores", schema=schema))
             targets.append((row, prefix))
     results, stats = _run_jobs(jobs, cfg, cache, client, "judge rubric")
     for (row, prefix), out in zip(targets, results):
@@ -418,7 +448,8 @@ def pairwise(rows: list[dict], questions: dict, cfg: JudgeConfig, cache, client=
             msgs = pairwise_messages(q, *((base, ft) if order == "base_first" else (ft, base)))
             jobs.append(_Job(key=_cache_key(cfg, "pairwise", None, order, msgs), messages=msgs,
                              max_tokens=MAX_TOKENS["pairwise"], parse=parse_verdict,
-                             meta={"kind": "judge_pairwise", "id": row["id"], "order": order}))
+                             meta={"kind": "judge_pairwise", "id": row["id"], "order": order},
+                             schema_name="verdict", schema=VERDICT_SCHEMA))
     results, stats = _run_jobs(jobs, cfg, cache, client, "judge pairwise")
     for i, row in enumerate(rows):
         _fill_pairwise(row, results[2 * i], results[2 * i + 1])

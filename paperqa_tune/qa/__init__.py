@@ -5,6 +5,8 @@ Public API (imported lazily, so reading abstracts never pulls in torch):
     fulltext    read_pdf, read_pdf_bytes, add_full_texts, split_sections, split_long, PdfRejected
     prompts     generation_messages, type_quotas, TYPES, ANSWERABLE, PAIRS_SCHEMA, DIALOGUES_SCHEMA, SCORES_SCHEMA
     replies     parse_reply, reply_problem, judge_scores
+    curation    CurationRules, check_pair, curate, judge, skip_too_long, split_papers, to_records, quality_items,
+                source_units
     offline_qa  offline_pairs, offline_conversations, split_sentences, OFFLINE_MODEL
     quality     quality_report, format_quality, plot_quality
     grammar     JsonGrammar, bounded (JSON-schema-constrained decoding for the local backend)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from paperqa_tune.llm import Outcome
+from paperqa_tune.client import Outcome
 from paperqa_tune.qa.prompts import TYPES
 from paperqa_tune.qa.textsim import clean_text
 
