@@ -31,12 +31,15 @@ def types_of(content: str, turns: int) -> list[str]:
     return [t["type"] for c in obj["conversations"] for t in c["turns"]]
 
 
-@pytest.mark.parametrize("quotas", [type_quotas(5, 0.4), type_quotas(7, 0.0), type_quotas(3, 1.0)],
-                         ids=["mixed", "no_edge_cases", "edge_only"])
-def test_type_order_deals_the_quota_round_robin(quotas):
-    order = type_order(quotas)
-    assert Counter(order) == Counter({t: k for t, k in quotas.items() if k})
-    assert all(a != b for a, b in zip(order, order[1:]) if Counter(order)[a] < len(order) / 2 + 1)
+def test_type_order_deals_the_quota_round_robin():
+    assert type_order(type_quotas(12, 0.2)) == ["factual", "conceptual", "methodology", "unanswerable",
+                                                "false_premise", "factual", "conceptual", "methodology",
+                                                "factual", "conceptual", "methodology", "factual"]
+    assert type_order({"factual": 1, "unanswerable": 3}) == ["factual", "unanswerable", "unanswerable",
+                                                             "unanswerable"]
+    for n, ratio in ((5, 0.4), (7, 0.0), (3, 1.0), (1, 0.2)):
+        quotas = type_quotas(n, ratio)
+        assert Counter(type_order(quotas)) == Counter({t: k for t, k in quotas.items() if k})
 
 
 def test_request_schema_fixes_the_count_and_each_type():
