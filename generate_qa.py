@@ -62,7 +62,7 @@ from paperqa_tune.llm import (HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
 from paperqa_tune.qa.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, run_command, write_staged
 from paperqa_tune.qa.prompts import (DIALOGUES_SCHEMA, PAIRS_SCHEMA, conversations_per_source, generation_messages,
-                                     items_asked, prompts_hash, repair_messages, type_quotas)
+                                     items_asked, prompts_hash, repair_messages, request_schema, type_quotas)
 from paperqa_tune.qa.quality import format_quality, plot_quality, quality_report
 from paperqa_tune.qa.replies import parse_reply, reply_problem
 from paperqa_tune.safety import chat_structure, scrub
@@ -349,6 +349,8 @@ async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: St
         rejects.append({"paper_id": pid, "stage": stage, "reason": reason, **extra})
 
     schema_name, schema = ("qa_pairs", PAIRS_SCHEMA) if turns == 1 else ("qa_conversations", DIALOGUES_SCHEMA)
+    if backend.name == "hf":  # its grammar fixes each request's count and types; its bar moves token by token
+        schema, backend.progress = request_schema(quotas, turns), progress
     base = [generation_messages(u, quotas, turns) for u in units]
 
     def generate_usable(k: int, cached: Outcome) -> bool:
@@ -592,7 +594,10 @@ def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, re
                    "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
                    "eval_by_type": dict(Counter(e["type"] for e in evals)),
                    "by_section": dict(Counter(by_unit[c["unit"]]["section"] for c in kept.convs for _ in c["turns"])),
-                   "filters": dict(tally.counts), "rejects": len(tally.rejects)},
+                   "filters": dict(tally.counts), "rejects": len(tally.rejects),
+                   "kept_rate": round(kept.turns / max(kept.generated, 1), 4),
+                   "dropped_by_type": dict(Counter(f"{r['type']}: {r['reason'].split(':')[0]}" for r in tally.rejects
+                                                   if "type" in r))},
         # asked_again: cached replies sent again because they failed validation (or --reuse_cache none)
         "requests": {"answered_this_run": stats.requests_sent, "from_cache": stats.cache_hits,
                      "asked_again": stats.asked_again, "failed": stats.failed},

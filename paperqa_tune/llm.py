@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -296,6 +297,8 @@ class HFBackend(Backend):
     cache."""
 
     name = "hf"
+    progress: Progress | None = None  # the caller's bar for the round of requests: moved token by token
+    quiet_every_s = 30.0  # without a live bar: a progress line on stderr this often while a batch decodes
 
     def __init__(self, settings: HFSettings, cache: ResponseCache, reuse: str = "valid"):
         import torch
@@ -338,16 +341,17 @@ class HFBackend(Backend):
         self.model, self.batch_size, self.shape, self.max_chars = model, batch_size, shape, max_chars or {}
         self.cache, self.reuse = cache, reuse
 
-    def _params(self) -> dict:  # the cache key's params, as replies were cached before (+ the grammar when used)
+    def _params(self, schema: dict | None = None) -> dict:
+        """The cache key's params, as replies were cached before (+ the grammar when used: which schema)."""
         params = {"temperature": self.dec.temperature, "max_new_tokens": self.dec.max_new_tokens, "seed": self.dec.seed}
         if self.grammar is not None:
-            params["grammar"] = {"json_schema": "bounded", "max_chars": self.max_chars}
+            params["grammar"] = {"json_schema": _schema_id(schema), "max_chars": self.max_chars}
         return params
 
     def lookup(self, messages: list[dict], schema_name: str, schema: dict) -> Outcome | None:
-        return self.cache.get(cache_key(self.model, messages, self._params()))
+        return self.cache.get(cache_key(self.model, messages, self._params(schema)))
 
-    def _generate(self, batch: list[list[dict]], schema: dict) -> list[Outcome]:
+    def _generate(self, batch: list[list[dict]], schemas: list[dict], meter: "_DecodeMeter") -> list[Outcome]:
         from paperqa_tune.generation import chat_prompt_ids, generate_batch
         from paperqa_tune.qa.grammar import bounded
 
@@ -355,18 +359,25 @@ class HFBackend(Backend):
         constraint = None
         if self.grammar is not None:
             device = self.lm.get_output_embeddings().weight.device  # where the logits are
-            constraint = self.grammar.batch(bounded(schema, *self.shape, self.max_chars), len(prompts), device)
+            constraint = self.grammar.batch([bounded(s, *self.shape, self.max_chars) for s in schemas],
+                                            len(prompts), device)
+        meter.start(prompts, self.dec.max_new_tokens)
         # seed: each batch samples the same way on a rerun, whatever came before it
-        replies = generate_batch(self.lm, self.tok, prompts, self.dec, seed=self.dec.seed, constraint=constraint)
+        replies = generate_batch(self.lm, self.tok, prompts, self.dec, seed=self.dec.seed, constraint=constraint,
+                                 streamer=meter)
         eos = self.tok.eos_token_id
         return [Outcome(content=text, finish_reason="stop" if eos in ids else "length",
                         usage={"prompt_tokens": len(prompt), "completion_tokens": n})
                 for prompt, (text, n, ids) in zip(prompts, replies)]
 
-    async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict, on_done,
+    async def complete(self, batch: list[list[dict]], schema_name: str, schema: dict | list[dict], on_done,
                        usable=None) -> list[Outcome]:
-        params = self._params()
-        keys = [cache_key(self.model, m, params) for m in batch]
+        """Replies for every message list, in order, as OpenAIBackend.complete; `schema` is one for all requests or
+        a list with one per request (prompts.request_schema: each request's own quota). While a batch decodes,
+        `progress` (the caller's bar, when set) shows its tokens and tokens/s; without a live bar (stderr not a
+        terminal) plain lines on stderr do."""
+        schemas = schema if isinstance(schema, list) else [schema] * len(batch)
+        keys = [cache_key(self.model, m, self._params(sc)) for m, sc in zip(batch, schemas)]
         results: list[Outcome | None] = [self.cache.get(k) for k in keys]
         retried = set()
         for i, r in enumerate(results):
@@ -377,11 +388,12 @@ class HFBackend(Backend):
                 on_done(i, r)
         # Batches are fixed by the requests' order, not by what is cached: a rerun after a kill generates each
         # missing reply in the same batch (same shapes and padding, so the same numerics) as an uninterrupted run.
-        for s in range(0, len(batch), self.batch_size):
+        starts = [s for s in range(0, len(batch), self.batch_size)
+                  if any(results[i] is None for i in range(s, min(s + self.batch_size, len(batch))))]
+        meter = _DecodeMeter(self.progress, self.tok.eos_token_id, len(starts), len(batch), self.quiet_every_s)
+        for s in starts:
             idx = range(s, min(s + self.batch_size, len(batch)))
-            if all(results[i] is not None for i in idx):
-                continue
-            for i, out in zip(idx, self._generate([batch[i] for i in idx], schema)):
+            for i, out in zip(idx, self._generate([batch[i] for i in idx], [schemas[i] for i in idx], meter)):
                 if results[i] is not None:
                     continue  # cached and usable: kept as it was
                 out.retried = i in retried
@@ -389,4 +401,78 @@ class HFBackend(Backend):
                 self.fresh.add(keys[i])
                 results[i] = out
                 on_done(i, out)
+            meter.batch_done(sum(r is not None for r in results))
         return results  # type: ignore[return-value]
+
+
+def _schema_id(schema: dict | None) -> str:
+    """How an hf cache key names the grammar's schema: "bounded" for the general pairs / conversations schemas
+    (as replies were cached before per-request schemas), else a hash of the schema (prompts.request_schema)."""
+    from paperqa_tune.qa.prompts import DIALOGUES_SCHEMA, PAIRS_SCHEMA
+
+    if schema is None or schema in (PAIRS_SCHEMA, DIALOGUES_SCHEMA):
+        return "bounded"
+    return "sha256:" + sha256_text(json.dumps(schema, sort_keys=True))
+
+
+class _DecodeMeter:
+    """transformers' streamer protocol (put the prompt ids, then each step's tokens; end) for HFBackend's batches:
+    counts the tokens of the rows still writing and shows them as they come, so a slow model (a CPU) is seen to
+    move from the first batch on. With a live tqdm bar (Progress, stderr a terminal) it refreshes the bar's
+    postfix at the first token and then every BAR_EVERY_S; otherwise it prints a line when a batch starts, every
+    `every_s` while it decodes, and when it ends."""
+
+    BAR_EVERY_S = 0.5
+
+    def __init__(self, progress: Progress | None, eos: int, batches: int, total: int, every_s: float,
+                 clock=time.monotonic, file=None):
+        bar = progress.bar if progress is not None else None
+        self.progress, self.live = progress, bar is not None and not getattr(bar, "disable", False)
+        self.eos, self.batches, self.total, self.every_s, self.clock = eos, batches, total, every_s, clock
+        self.file = file or sys.stderr
+        self.n = self.rows = self.tokens = self.shown_at = 0
+        self.t0 = 0.0
+        self.writing: list[bool] = []
+
+    def start(self, prompts: list[list[int]], max_new: int) -> None:
+        self.n += 1
+        self.rows, self.tokens, self.writing = len(prompts), 0, []
+        self.t0 = self.shown_at = self.clock()
+        if not self.live:
+            widths = sorted(map(len, prompts))
+            self._line(f"decoding {len(prompts)} request(s) (prompts of {widths[0]}-{widths[-1]} tokens, up to "
+                       f"{max_new} new tokens each)")
+
+    def put(self, value) -> None:
+        if value.dim() == 2:  # the prompt ids: the batch starts
+            self.writing = [True] * value.shape[0]
+            return
+        for row, token in enumerate(value.tolist()):
+            if self.writing[row]:
+                self.tokens += 1  # EOS counts, as in the reply's usage
+                self.writing[row] = token != self.eos
+        now = self.clock()
+        if self.live and (self.tokens <= self.rows or now - self.shown_at >= self.BAR_EVERY_S):
+            self.shown_at = now
+            self.progress.bar.set_postfix(ordered_dict={**self.progress.postfix(), **self._figures(now)}, refresh=True)
+        elif not self.live and now - self.shown_at >= self.every_s:
+            self.shown_at = now
+            f = self._figures(now)
+            self._line(f"{f['batch_tokens']} tokens so far, {f['replies']} replies complete, {f['tok/s']} tok/s")
+
+    def end(self) -> None:
+        pass
+
+    def batch_done(self, done: int) -> None:
+        if not self.live:
+            f = self._figures(self.clock())
+            self._line(f"{f['batch_tokens']} tokens in {self.clock() - self.t0:.1f} s ({f['tok/s']} tok/s); "
+                       f"{done}/{self.total} requests done")
+
+    def _figures(self, now: float) -> dict:
+        complete = sum(not w for w in self.writing)
+        return {"batch": f"{self.n}/{self.batches}", "batch_tokens": self.tokens,
+                "replies": f"{complete}/{self.rows}", "tok/s": f"{self.tokens / max(now - self.t0, 1e-6):.1f}"}
+
+    def _line(self, text: str) -> None:
+        print(f"hf batch {self.n}/{self.batches}: {text}", file=self.file, flush=True)

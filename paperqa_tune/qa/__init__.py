@@ -3,7 +3,8 @@
 Public API (imported lazily, so reading abstracts never pulls in torch):
     abstracts   read_abstract_file, input_files, fetch_arxiv, http_session
     fulltext    read_pdf, read_pdf_bytes, add_full_texts, split_sections, split_long, PdfRejected
-    prompts     generation_messages, type_quotas, TYPES, ANSWERABLE, PAIRS_SCHEMA, DIALOGUES_SCHEMA, SCORES_SCHEMA
+    prompts     generation_messages, type_quotas, request_schema, type_order, TYPES, ANSWERABLE, PAIRS_SCHEMA,
+                DIALOGUES_SCHEMA, SCORES_SCHEMA
     replies     parse_reply, reply_problem, judge_scores
     curation    CurationRules, check_pair, curate, judge, skip_too_long, split_papers, to_records, quality_items,
                 source_units

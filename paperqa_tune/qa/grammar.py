@@ -9,6 +9,8 @@ outlines brings a larger stack for the same job.
 A grammar makes every reply a valid prefix of the schema; a reply also has to END within --max_tokens to
 parse, so the hf backend bounds the schema (`bounded`): how many items, how long a question or an answer
 (the curation limits --max_question_chars / --max_answer_chars: a longer one would be dropped anyway).
+generate_qa gives the hf backend prompts.request_schema, which also fixes each item's type (the quota asked for),
+so a small model cannot put every pair under the one type it likes; each row of a batch may have its own schema.
 """
 from __future__ import annotations
 
@@ -19,12 +21,16 @@ import json
 def bounded(schema: dict, items: int, turns: int = 1, max_chars: dict[str, int] | None = None) -> dict:
     """`schema` (prompts.PAIRS_SCHEMA or DIALOGUES_SCHEMA) with the request's shape written in: 1..items pairs
     or conversations, exactly `turns` turns per conversation, and max_chars ({"question": n, "answer": n}) on
-    those strings."""
+    those strings. An array whose items are already fixed one by one (prefixItems: prompts.request_schema) keeps
+    its length; only its items' strings are bounded."""
     max_chars = max_chars or {}
     out = copy.deepcopy(schema)
 
     def walk(node: dict, name: str | None) -> None:
-        if node.get("type") == "array":
+        if node.get("type") == "array" and "prefixItems" in node:
+            for child in node["prefixItems"]:
+                walk(child, None)
+        elif node.get("type") == "array":
             if name == "turns":
                 node.update(minItems=turns, maxItems=turns)
             else:
@@ -80,21 +86,25 @@ class JsonGrammar:
             self._compiled[key] = self.compiler.compile_json_schema(key, any_whitespace=False)
         return self._compiled[key]
 
-    def batch(self, schema: dict, n: int, device) -> "BatchGrammar":
-        return BatchGrammar(self, self.compiled(schema), n, device)
+    def batch(self, schema: dict | list[dict], n: int, device) -> "BatchGrammar":
+        """The constraint for a batch of n rows: one schema for all, or one per row."""
+        schemas = schema if isinstance(schema, list) else [schema] * n
+        if len(schemas) != n:
+            raise ValueError(f"{len(schemas)} schemas for a batch of {n} rows")
+        return BatchGrammar(self, [self.compiled(s) for s in schemas], n, device)
 
 
 class BatchGrammar:
-    """One matcher per row of a batch, the decoding loop's `constraint`: fill() computes the next allowed-token
+    """One matcher per row of a batch (each with its row's compiled schema), the decoding loop's `constraint`: fill() computes the next allowed-token
     masks on the host, apply_(logits) bars the rest, accept(tokens) advances the matchers and names the rows
     that are complete (the grammar accepted EOS) or cannot go on."""
 
-    def __init__(self, grammar: JsonGrammar, compiled, n: int, device):
+    def __init__(self, grammar: JsonGrammar, compiled: list, n: int, device):
         import torch
 
         xgr = grammar.xgr
-        self.xgr, self.compiled_grammar, self.vocab_size, self.keep = xgr, compiled, grammar.vocab_size, grammar.keep
-        self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(n)]
+        self.xgr, self.vocab_size, self.keep = xgr, grammar.vocab_size, grammar.keep
+        self.matchers = [xgr.GrammarMatcher(c) for c in compiled]  # a row's own schema (compiled once each)
         self.active = list(range(n))
         self.host = xgr.allocate_token_bitmask(n, grammar.vocab_size)
         if torch.device(device).type == "cuda":

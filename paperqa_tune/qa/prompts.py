@@ -146,6 +146,44 @@ def type_quotas(n: int, edge_ratio: float) -> dict[str, int]:
     return {t: q[t] for t in TYPES}
 
 
+def type_order(quotas: dict[str, int]) -> list[str]:
+    """The quota as one type per item, dealt round-robin in TYPES order (factual, conceptual, methodology,
+    unanswerable, false_premise, factual, ...): neighbouring items differ, so a model does not drift into
+    writing the same kind of question over and over."""
+    left, out = dict(quotas), []
+    while any(left.values()):
+        for t in TYPES:
+            if left.get(t, 0) > 0:
+                out.append(t)
+                left[t] -= 1
+    return out
+
+
+def request_schema(quotas: dict[str, int], turns: int = 1) -> dict:
+    """PAIRS_SCHEMA (turns 1) or DIALOGUES_SCHEMA with the request's quota written in: exactly the number of pairs
+    (or conversations of `turns` turns) asked, each item's "type" fixed to the one its position was dealt
+    (type_order; conversations take their turns' types in order). A constrained decoder (the hf backend's
+    grammar) then cannot write a mix other than the one asked for, whatever the model prefers."""
+    order = type_order(quotas)
+
+    def turn(t: str) -> dict:
+        return {**_TURN, "properties": {**_TURN["properties"], "type": {"type": "string", "enum": [t]}}}
+
+    def fixed(items: list[dict]) -> dict:
+        return {"type": "array", "prefixItems": items, "items": False, "minItems": len(items),
+                "maxItems": len(items)}
+
+    if turns == 1:
+        key, items = "pairs", [turn(t) for t in order]
+    else:
+        conv = DIALOGUES_SCHEMA["properties"]["conversations"]["items"]
+        key, items = "conversations", [
+            {**conv, "properties": {"turns": fixed([turn(t) for t in order[c:c + turns]])}}
+            for c in range(0, len(order) - len(order) % turns, turns)]
+    base = PAIRS_SCHEMA if turns == 1 else DIALOGUES_SCHEMA
+    return {**base, "properties": {key: fixed(items)}}
+
+
 def short_name(title: str, paper_id: str) -> str:
     """How questions name the paper: the part before a colon when that is a short name ("QLoRA: ...")."""
     if not title:
