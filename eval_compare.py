@@ -60,7 +60,8 @@ from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, He
 from paperqa_tune.evaluate import report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.client import FORMAT_STEPS
-from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, skip_too_long, undecodable
+from paperqa_tune.generation import (Decoding, add_repetition_penalty_flag, generate_batch, prompt_ids,
+                                     repetition_penalty_problem, run_decoding, skip_too_long, undecodable)
 from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter_fits, choose_mode, dequantize_,
                                   load_run_base, max_positions, model_config, require_adapter_weights,
                                   run_tokenizer)
@@ -441,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--do_sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
     a("--temperature", type=finite_float, default=0.7, help="sampling temperature with --do_sample")
     a("--top_p", type=finite_float, default=0.9, help="nucleus sampling with --do_sample")
+    add_repetition_penalty_flag(a)
     a("--mode", choices=("auto", "fast", "reference"), default="auto",
       help="fast: dequantised bf16 + merged LoRA; reference: 4-bit + adapter; auto: fast when a CUDA GPU "
            "has room")
@@ -490,6 +492,8 @@ def validate(args) -> None:
         problems.append("--f1_threshold must be in (0, 1]")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         problems.append("--temperature must be > 0 and --top_p in (0, 1] when sampling")
+    if repetition_penalty_problem(args.repetition_penalty):
+        problems.append(repetition_penalty_problem(args.repetition_penalty))
     if args.system and undecodable(args.system):
         problems.append(f"--system holds bytes that are not UTF-8 ({undecodable(args.system)})")
     if not (args.judge_timeout > 0 and args.judge_retries >= 0 and args.judge_workers >= 1):
@@ -583,8 +587,10 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
 
     set_seed(args.seed)
     tokenizer = run_tokenizer(run, args.trust_remote_code)
-    dec = Decoding(args.max_new_tokens, args.min_new_tokens, args.do_sample, args.temperature, args.top_p,
-                   args.seed, args.cache, args.compile, args.cuda_graphs)
+    dec = run_decoding(run, tokenizer, args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                       min_new_tokens=args.min_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, cache=args.cache, compile=args.compile,
+                       cuda_graphs=args.cuda_graphs)
     systems = {q["id"]: system_for(q, run, args.system) for q in questions}
     prompts = {q["id"]: prompt_ids(tokenizer, q["question"], systems[q["id"]], q.get("history", ()))
                for q in questions}
@@ -631,7 +637,7 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
         "system_prompt": run.system_prompt if args.system is None else (args.system or None),
         "system_prompts_used": [{"prompt": p, "questions": n}
                                 for p, n in Counter(systems[q["id"]] for q in asked).items()],
-        "decoding": dec.key(), "f1_threshold": args.f1_threshold, "judge_model": args.judge_model,
+        "decoding": dec.record(), "f1_threshold": args.f1_threshold, "judge_model": args.judge_model,
         "judge_rubric": args.judge_rubric if args.judge_model else None, "judge_stats": judge_stats})
     curve = None
     if checkpoints:

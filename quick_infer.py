@@ -25,7 +25,8 @@ from pathlib import Path
 
 from common import (DEFAULT_RUN_DIR, HelpFormatter, InputError, ensure_chat_template, finite_float, resolve_path,
                     run_main, share_like_outputs)
-from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, too_long, undecodable
+from paperqa_tune.generation import (Decoding, add_repetition_penalty_flag, generate_batch, prompt_ids,
+                                     repetition_penalty_problem, run_decoding, too_long, undecodable)
 from paperqa_tune.loading import (attach_adapter, choose_mode, dequantize_, load_run_base, max_positions, merged_model,
                                   model_config, require_adapter_weights, run_tokenizer,
                                   write_folder)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=finite_float, default=0.0, help="0 = greedy; > 0 samples")
     a("--top_p", type=finite_float, default=0.9, help="nucleus sampling when --temperature > 0")
     a("--seed", type=int, default=0, help="random seed")
+    add_repetition_penalty_flag(a)
     a("--mode", choices=("auto", "fast", "reference"), default="auto",
       help="fast: dequantised bf16 base; reference: 4-bit; auto: fast when a CUDA GPU has room")
     a("--merge_out", default=None, help="write the merged bf16 model here and exit (default: off)")
@@ -185,6 +187,8 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise InputError("--max_new_tokens must be >= 1, --temperature >= 0, --top_p in (0, 1]")
+    if repetition_penalty_problem(args.repetition_penalty):
+        raise InputError(repetition_penalty_problem(args.repetition_penalty))
     if args.prompt is not None and not args.prompt.strip():
         raise InputError("--prompt is empty")
     for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
@@ -206,8 +210,11 @@ def _main(argv=None) -> int:
     system = (args.system or None) if args.system is not None else run.system_prompt
     print(f"system prompt: {system if system is not None else '(none: the training data had no system turn)'}",
           file=sys.stderr, flush=True)
-    dec = Decoding(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    dec = run_decoding(run, tokenizer, args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                       do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(f"decoding: repetition penalty {dec.repetition_penalty:g} ({dec.penalty_from}); stops at "
+          + (", ".join(dec.stop_strings) + " or " if dec.stop_strings else "") + "the end-of-turn token",
+          file=sys.stderr, flush=True)
     if args.prompt is not None:  # a prompt that does not fit fails before the model loads
         why = too_long(len(prompt_ids(tokenizer, args.prompt.strip(), system)), args.max_new_tokens, limit)
         if why:

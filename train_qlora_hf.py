@@ -65,10 +65,10 @@ from paperqa_tune.train.memory import auto_budget_gb, frozen_gc, plan_for_budget
 from paperqa_tune.train.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
 from paperqa_tune.train.packing import IGNORE, collate, collate_packed
 from paperqa_tune.train.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
-from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_template_source, check_finite_weights,
-                               check_out_dir, commit_staged, discard_failed_stage, disk_errors, finish_commit,
-                               heldout_questions, out_dir_problems, run_metrics, same_command_unfinished, save_outputs,
-                               system_prompts, versions, write_metrics)
+from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_format_record, chat_template_source,
+                               check_finite_weights, check_out_dir, commit_staged, discard_failed_stage, disk_errors,
+                               finish_commit, heldout_questions, out_dir_problems, run_metrics,
+                               same_command_unfinished, save_outputs, system_prompts, versions, write_metrics)
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.train.samples import padding_share
 
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--val_fraction", type=finite_float, default=0.05,
                     help="share of samples held out for validation loss, split by paper when meta.paper_id exists")
     io.add_argument("--system_prompt", default=None,
-                    help="system prompt to add to records that have none (default: leave them as they are)")
+                    help="system prompt to add to records that have none (default: the project's own research-"
+                         "assistant prompt, so no template's built-in default stands in; run_config.json records it)")
     io.add_argument("--inspect", type=int, nargs="?", const=3, default=0, metavar="N",
                     help="print N rendered samples (3 if N is omitted) with trained tokens marked, token counts "
                          "and a length histogram, then exit without loading weights")
@@ -601,7 +602,7 @@ def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, p
             "args": vars(args), "versions": versions(),
             "data_sha256": sha256_file(args.jsonl), "n_train": n_train, "n_val": n_val,
             "dropped_too_long": report["dropped_too_long"], "trimmed_earlier_turns": report["trimmed_earlier_turns"],
-            "chat_template": tokenizer.chat_template, "chat_template_source": template_source,
+            **chat_format_record(tokenizer), "chat_template_source": template_source,
             "precision": precision_note, "world_size": world}
 
 

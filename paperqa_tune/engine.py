@@ -125,9 +125,19 @@ def attention_mask(allowed, model):
                                                                                        torch.finfo(dtype).min)
 
 
-def choose(logits, dec, step: int, eos_id: int):
-    """Next tokens from float logits (batch, vocab), in place: EOS barred before min_new_tokens, then greedy or
-    sampled (temperature, then top-p over the sorted probabilities, as transformers' warpers do)."""
+def penalise_(logits, seen, penalty: float):
+    """Repetition penalty as transformers' RepetitionPenaltyLogitsProcessor computes it: the logit of every token
+    already seen (`seen`: a boolean (batch, vocab) mask) divided by `penalty` when positive, multiplied when
+    negative. The same element-wise ops on the same values, so the same bits; written into `logits`."""
+    import torch
+
+    return logits.copy_(torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits))
+
+
+def choose(logits, dec, step: int, eos_id):
+    """Next tokens from float logits (batch, vocab), in place: EOS (an id or a list of ids) barred before
+    min_new_tokens, then greedy or sampled (temperature, then top-p over the sorted probabilities, as
+    transformers' warpers do)."""
     import torch
 
     if step < dec.min_new_tokens:
@@ -142,6 +152,15 @@ def choose(logits, dec, step: int, eos_id: int):
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+def seen_tokens(prompt, real, vocab: int):
+    """A (batch, vocab + 1) boolean buffer: True where a row's real prompt tokens are (left padding is no
+    token of the row's). The extra last column takes the padding's writes; the penalty reads [:, :vocab]."""
+    import torch
+
+    seen = torch.zeros((prompt.shape[0], vocab + 1), dtype=torch.bool, device=prompt.device)
+    return seen.scatter_(1, prompt.masked_fill(~real, vocab), True)
 
 
 class _Step:
@@ -187,24 +206,27 @@ class _Step:
         return self.logits
 
 
-def decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, streamer=None, constraint=None,
-           cuda_graphs: bool = True) -> list[list[int]]:
+def decode(model, batch: list[list[int]], dec, pad_id: int, eos_id, streamer=None, constraint=None,
+           cuda_graphs: bool = True, stop=None) -> list[list[int]]:
     """Generated token ids for each prompt (see _decode; generation.generate_batch cuts each at its EOS), with our
     decode attention while it runs."""
     restore = _use_decode_attention(model)
     try:
-        return _decode(model, batch, dec, pad_id, eos_id, streamer, constraint, cuda_graphs)
+        return _decode(model, batch, dec, pad_id, eos_id, streamer, constraint, cuda_graphs, stop)
     finally:
         if restore:
             model.config._attn_implementation = restore
 
 
-def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, streamer=None, constraint=None,
-            cuda_graphs: bool = True) -> list[list[int]]:
+def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id, streamer=None, constraint=None,
+            cuda_graphs: bool = True, stop=None) -> list[list[int]]:
     """Generated token ids for each prompt, as many as the longest reply took (after a row's EOS: padding).
-    constraint: an object with fill() (host work for the next mask), apply_(logits) and accept(tokens) -> rows
-    that must stop (e.g. grammar.BatchGrammar); streamer: transformers' streamer protocol (put the prompt, then
-    each token; end)."""
+    eos_id: an id or a list of ids that end a row. constraint: an object with fill() (host work for the next
+    mask), apply_(logits) and accept(tokens) -> rows that must stop (e.g. grammar.BatchGrammar); stop: one with
+    accept(tokens) -> rows that must stop (generation.StopText: a stop string written); streamer: transformers'
+    streamer protocol (put the prompt, then each token; end). dec.repetition_penalty (when not 1) is applied to
+    the float logits outside the one-token step (and its CUDA graph), from a persistent mask of the tokens each
+    row has seen, prompt and output."""
     import torch
 
     device = next(model.parameters()).device
@@ -239,6 +261,10 @@ def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, stream
 
     out = torch.full((n, dec.max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    eos_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    penalty = getattr(dec, "repetition_penalty", 1.0)
+    seen = seen_tokens(prompt, real, logits.shape[-1]) if penalty != 1.0 else None
+    watchers = [w for w in (constraint, stop) if w is not None]
     if constraint is not None:
         constraint.fill()
     used = 0
@@ -246,16 +272,21 @@ def _decode(model, batch: list[list[int]], dec, pad_id: int, eos_id: int, stream
         logits = logits.float()
         if constraint is not None:
             constraint.apply_(logits)
-        nxt = choose(logits, dec, t, eos_id).masked_fill_(done, pad_id)
+        if seen is not None:
+            penalise_(logits, seen[:, :-1], penalty)
+        nxt = choose(logits, dec, t, eos_ids).masked_fill_(done, pad_id)
         out[:, t] = nxt
         used = t + 1
-        done |= nxt == eos_id
+        done |= torch.isin(nxt, eos_ids)
+        if seen is not None:
+            seen.scatter_(1, nxt.masked_fill(done, seen.shape[1] - 1)[:, None], True)
         if streamer is not None:
             streamer.put(nxt.cpu())
-        if constraint is not None:
-            stop = constraint.accept(nxt.tolist())
-            if stop:
-                done[torch.tensor(stop, device=device)] = True
+        if watchers:
+            host = nxt.tolist()
+            ended = sorted({i for w in watchers for i in w.accept(host)})
+            if ended:
+                done[torch.tensor(ended, device=device)] = True
         if t == dec.max_new_tokens - 1 or bool(done.all()):
             break
         tokens.copy_(nxt[:, None])

@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 
 from paperqa_tune.errors import InputError
 
-from paperqa_tune.messages import chat_text, encode_text, qa_messages
+from paperqa_tune.messages import chat_stops, chat_text, encode_text, qa_messages
 from paperqa_tune import engine
 from paperqa_tune.engine import left_pad
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Against loops: what a small model decoding greedily needs when its generation_config.json sets no penalty of
+# its own (SmolLM2-135M-Instruct looped on about a third of the questions without; see resolve_repetition_penalty).
+DEFAULT_REPETITION_PENALTY = 1.1
 
 
 @dataclass
@@ -27,6 +30,9 @@ class Decoding:
     cache: str = "static"           # KV cache allocated once per batch (our loop, engine.py); "dynamic": generate's
     compile: bool = False           # torch.compile the decoding step through model.generate (static cache)
     cuda_graphs: bool = True        # static cache on a GPU: replay the one-token step as a CUDA graph
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or answer (transformers' rule)
+    stop_strings: tuple = ()        # an answer ends before the first of these it writes (chat_stops)
+    penalty_from: str = field(default="", compare=False)  # where repetition_penalty came from (for the record)
     said: set = field(default_factory=set, compare=False, repr=False)  # notes already on stderr in this run
 
     def note_once(self, text: str) -> None:
@@ -37,15 +43,27 @@ class Decoding:
     def key(self) -> dict:
         """What changes the answers (for cache keys): the sampling settings only when sampling."""
         k = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens, "do_sample": self.do_sample}
+        if self.repetition_penalty != 1.0:  # absent when off: the keys of answers cached before it stay valid
+            k["repetition_penalty"] = self.repetition_penalty
+        if self.stop_strings:
+            k["stop_strings"] = list(self.stop_strings)
         if self.do_sample:
             k.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         return k
 
+    def record(self) -> dict:
+        """What summary.json and quick_infer say about the decoding: key() with the penalty always named."""
+        return {**self.key(), "repetition_penalty": self.repetition_penalty,
+                "repetition_penalty_from": self.penalty_from, "stop_strings": list(self.stop_strings)}
+
     def kwargs(self, tokenizer) -> dict:
+        """model.generate's arguments (stop strings aside: they need the tokenizer, _generate)."""
+        eos = chat_stops(tokenizer)["eos_token_ids"]
         kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0]}
         if self.min_new_tokens:
             kw["min_new_tokens"] = self.min_new_tokens
+        kw["repetition_penalty"] = self.repetition_penalty
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
         else:  # silence the model's own sampling defaults, which greedy decoding ignores
@@ -55,6 +73,86 @@ class Decoding:
             # transformers compiles the decoding step whenever the cache is static on a GPU, unless told not to
             kw["disable_compile"] = not self.compile
         return kw
+
+
+def resolve_repetition_penalty(flag: float | None, model_generation: dict) -> tuple[float, str]:
+    """The repetition penalty to decode with and where it came from: the flag when given, else the base model's
+    generation_config.json (`model_generation`, loading.generation_defaults) when it sets one, else
+    DEFAULT_REPETITION_PENALTY."""
+    if flag is not None:
+        return flag, "--repetition_penalty"
+    if isinstance(model_generation.get("repetition_penalty"), (int, float)):
+        return float(model_generation["repetition_penalty"]), "the model's generation_config.json"
+    return DEFAULT_REPETITION_PENALTY, "the project default"
+
+
+def add_repetition_penalty_flag(add) -> None:
+    """--repetition_penalty, the same in eval_compare.py and quick_infer.py (`add`: a parser's add_argument)."""
+    from paperqa_tune.cli import finite_float
+
+    add("--repetition_penalty", type=finite_float, default=None,
+        help="divide the scores of tokens already in the prompt or answer by this (transformers' rule) against "
+             "answers that loop; 1 = off (default: the base model's generation_config.json value, else "
+             f"{DEFAULT_REPETITION_PENALTY})")
+
+
+def repetition_penalty_problem(value: float | None) -> str | None:
+    return None if value is None or value > 0 else "--repetition_penalty must be > 0 (1 = off)"
+
+
+def run_decoding(run, tokenizer, penalty_flag: float | None, **settings) -> Decoding:
+    """The Decoding of a run's answers (evaluation, inference): `settings` as given, the repetition penalty
+    resolved (flag, the base model's generation_config.json, the project default) and the run's stop strings."""
+    from paperqa_tune.loading import generation_defaults
+    from paperqa_tune.runs import decoding_stop_strings
+
+    penalty, source = resolve_repetition_penalty(penalty_flag, generation_defaults(run.base_model))
+    return Decoding(**settings, repetition_penalty=penalty, penalty_from=source,
+                    stop_strings=decoding_stop_strings(run, tokenizer))
+
+
+class StopText:
+    """Which rows of a batch have written a stop string, token by token (engine.decode's `stop` protocol:
+    accept(tokens) -> rows that must stop). Each row's newest tokens are decoded (special tokens kept) over a
+    window long enough for the longest stop string; a row that wrote an EOS is left alone."""
+
+    def __init__(self, tokenizer, stops, rows: int, eos_ids=()):
+        self.tok, self.stops, self.eos = tokenizer, tuple(stops), set(eos_ids)
+        self.rows = [[] for _ in range(rows)]
+        self.ended: set[int] = set()
+        self.window = max(map(len, self.stops)) + 8  # tokens: each decodes to at least one byte
+
+    def accept(self, tokens: list[int]) -> list[int]:
+        hit = []
+        for i, t in enumerate(tokens):
+            if i in self.ended:
+                continue
+            if t in self.eos:
+                self.ended.add(i)
+                continue
+            self.rows[i].append(t)
+            tail = self.tok.decode(self.rows[i][-self.window:], skip_special_tokens=False)
+            if any(s in tail for s in self.stops):
+                self.ended.add(i)
+                hit.append(i)
+        return hit
+
+
+def cut_at_stop(tokenizer, row: list[int], stops) -> tuple[str, list[int]]:
+    """An answer's text and token ids, cut where it first writes a stop string: the text before it, the tokens
+    up to the one that completed it."""
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    if not stops or not any(s in tokenizer.decode(row, skip_special_tokens=False) for s in stops):
+        return text.strip(), row
+    watch = StopText(tokenizer, stops, 1)
+    row = row[:next((k + 1 for k, t in enumerate(row) if watch.accept([t])), len(row))]
+    text = tokenizer.decode(row, skip_special_tokens=False)
+    text = text[:min(text.find(s) for s in stops if s in text)]
+    # the special tokens before the stop go as decode(skip_special_tokens=True) drops them
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    for t in specials:
+        text = text.replace(t, "")
+    return text.strip(), row
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -121,7 +219,8 @@ def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, stre
     import torch
 
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
+    eos = chat_stops(tokenizer)["eos_token_ids"]
+    stop = StopText(tokenizer, dec.stop_strings, len(batch), eos) if dec.stop_strings else None
     local_rng = seed is not None and dec.do_sample
     unfit = "--cache dynamic" if dec.cache != "static" else "--compile" if dec.compile else \
         engine.supports(model, max(map(len, batch)) + dec.max_new_tokens)
@@ -131,14 +230,26 @@ def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, stre
             torch.manual_seed(seed)
         if unfit is None:
             rows = engine.decode(model, batch, dec, tokenizer.pad_token_id, eos, streamer, constraint,
-                                 dec.cuda_graphs)
+                                 dec.cuda_graphs, stop)
         else:
             if dec.cache == "static" and not dec.compile:
                 dec.note_once(f"decoding through model.generate: {unfit}")
-            ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
-            extra = {"logits_processor": [constraint.hf_processor()]} if constraint is not None else {}
-            out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer),
-                                 **extra)
-            rows = out[:, ids.shape[1]:].tolist()
-    rows = [row[:row.index(eos) + 1] if eos in row else row for row in rows]  # what follows EOS is padding
-    return [(tokenizer.decode(row, skip_special_tokens=True).strip(), len(row), row) for row in rows]
+            rows = _generate(model, tokenizer, batch, dec, streamer, constraint)
+    out = []
+    for row in rows:
+        end = next((k for k, t in enumerate(row) if t in eos), None)
+        row = row[:end + 1] if end is not None else row  # what follows EOS is padding
+        text, row = cut_at_stop(tokenizer, row, dec.stop_strings)
+        out.append((text, len(row), row))
+    return out
+
+
+def _generate(model, tokenizer, batch: list[list[int]], dec: Decoding, streamer, constraint) -> list[list[int]]:
+    """The generated ids of model.generate for left-padded prompts (its repetition penalty, like ours, skips the
+    padding), stopping at dec.stop_strings too."""
+    ids, mask = left_pad(batch, tokenizer.pad_token_id, next(model.parameters()).device)
+    extra = {"logits_processor": [constraint.hf_processor()]} if constraint is not None else {}
+    if dec.stop_strings:
+        extra.update(stop_strings=list(dec.stop_strings), tokenizer=tokenizer)
+    out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer), **extra)
+    return out[:, ids.shape[1]:].tolist()

@@ -364,6 +364,18 @@ def _mismatch_message(model, adapter: Path, why: str) -> str:
             + "; pass --base_model with the model the run was trained on")
 
 
+def generation_defaults(source) -> dict:
+    """The model's own generation_config.json (a local folder's, or the hub cache's: never a download), {} when
+    it has none or it cannot be read: decoding takes the settings it names (generation.resolve_repetition_penalty)."""
+    folder = _local_folder(source)
+    path = folder / "generation_config.json" if folder is not None else None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 # --------------------------------------------------------------------------- a run's models
 def run_tokenizer(run, trust_remote_code: bool = False):
     """The run's saved tokenizer (the base model's if the run has none), left-padded for generation."""

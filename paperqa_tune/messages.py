@@ -31,7 +31,20 @@ DEFAULT_SYSTEM_PROMPT = (
     "does not; if a question rests on a false premise, correct it."
 )
 
+# What the project does about system prompts (every stage, through qa_messages and train/chats.load_chats):
+# a chat is always rendered with an explicit system turn -- the data's own, else --system_prompt, else
+# DEFAULT_SYSTEM_PROMPT -- and run_config.json records it, so evaluation and inference send the very prompt
+# training saw. Templates such as SmolLM2's write a default of their own ("You are a helpful AI assistant named
+# SmolLM...") when a chat has none; passing one explicitly means that default never silently stands in for ours
+# at one stage and not another. Only an explicit choice goes without: --system '' at evaluation or inference,
+# a question row with "system": null, or a run from before this rule whose data had none (run_config.json
+# system_prompt null) -- each then renders exactly what the template does for a chat without one.
+
 ROLES = ("system", "user", "assistant")
+# The default template's turn markers: plain text to a base model, which may write them to start the next
+# turn itself; decoding stops at them (chat_stops).
+ZEPHYR_MARKERS = ("<|user|>", "<|system|>", "<|assistant|>")
+_PROBE = "PAPERQA-END-OF-TURN-PROBE"
 EOS = "</s>"
 _MARKER_RE = re.compile(r"<\|(system|user|assistant)\|>")
 
@@ -108,7 +121,7 @@ def chat_record(messages: list[dict], meta: dict | None = None) -> dict:
 def qa_messages(question: str, answer: str | None = None, system: str | None = DEFAULT_SYSTEM_PROMPT,
                 history: list[dict] = ()) -> list[dict]:
     """One exchange, after the earlier user/assistant turns of its conversation (`history`); `system` None or
-    empty means no system turn (data that had none is evaluated without)."""
+    empty means no system turn: only on an explicit choice (the system-prompt rule above ROLES)."""
     msgs = ([{"role": "system", "content": system}] if system else []) + list(history)
     msgs.append({"role": "user", "content": question})
     if answer is not None:
@@ -144,3 +157,32 @@ def encode_text(tokenizer, text: str) -> list[int]:
     if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def end_of_turn(tokenizer) -> str:
+    """What the tokenizer's chat template writes after an assistant answer, whitespace stripped: "</s>" for
+    Zephyr's, "<|im_end|>" for ChatML, "<|eot_id|>" for Llama 3; "" when it writes nothing (or will not render
+    a probe chat)."""
+    try:
+        text = chat_text(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}])
+    except Exception:  # a template with its own rules (raise_exception) about the probe: no marker known
+        return ""
+    return text[text.rfind(_PROBE) + len(_PROBE):].strip() if _PROBE in text else ""
+
+
+def chat_stops(tokenizer) -> dict:
+    """Where an answer ends under the tokenizer's chat template, for decoding (and run_config.json):
+    eos_token_ids: the tokenizer's EOS plus the template's end-of-turn token when that is one other token
+    (a model's own template: the model learned to end its turn with it); stop_strings: text that ends an
+    answer though no single token does -- the default template's turn markers (plain text to a base model,
+    which may go on to write the next turn itself) and an end-of-turn marker that is several tokens."""
+    marker = end_of_turn(tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stops = list(ZEPHYR_MARKERS) if tokenizer.chat_template == ZEPHYR_CHAT_TEMPLATE else []
+    if marker:
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            eos += [] if ids[0] in eos else ids
+        elif marker not in stops:
+            stops.append(marker)
+    return {"end_of_turn": marker, "eos_token_ids": eos, "stop_strings": stops}

@@ -195,6 +195,25 @@ def chat_template_source(tokenizer) -> str:
     return "project default" if tokenizer.chat_template == ZEPHYR_CHAT_TEMPLATE else "model"
 
 
+def chat_format_record(tokenizer) -> dict:
+    """run_config.json's record of the chat format every stage renders and decodes with: the template, where it
+    came from, and where an answer ends (messages.chat_stops: end_of_turn, eos_token_ids, stop_strings).
+    Evaluation and inference render with the run's saved tokenizer (the same template) and stop at
+    stop_strings as recorded here."""
+    from paperqa_tune.messages import chat_stops
+
+    return {"chat_template": tokenizer.chat_template, "chat_template_source": chat_template_source(tokenizer),
+            **chat_stops(tokenizer)}
+
+
+def decoding_stop_strings(run, tokenizer) -> tuple:
+    """The stop strings a run's answers are decoded with: as run_config.json recorded them, or (a run from
+    before they were recorded) worked out from its saved tokenizer's template the same way."""
+    from paperqa_tune.messages import chat_stops
+
+    return tuple(run.stop_strings if run.stop_strings is not None else chat_stops(tokenizer)["stop_strings"])
+
+
 def system_prompts(samples: list[dict]) -> list[dict]:
     """The system prompts the training data used, most frequent first ({"prompt": None} = no system turn).
     Evaluation and inference read this from run_config.json so they prompt the way training did."""
@@ -356,6 +375,7 @@ class Run:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: the training data had no system turn
     dtype: str = "bfloat16"         # compute dtype training asked for (requested_precision)
     adapter_sha: str = ""
+    stop_strings: list | None = None  # run_config.json's (chat_format_record); None: not recorded
 
 
 def _load_json(p: Path) -> dict:
@@ -389,8 +409,10 @@ def read_run(adapter, base_model: str | None = None) -> Run:
     # run_config.json records the prompt the data used (None = no system turn); runs from before it did
     # only know --system_prompt
     system = cfg["system_prompt"] if "system_prompt" in cfg else args.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+    stops = cfg.get("stop_strings")
     return Run(adapter=adapter, base_model=str(base), args=args, system_prompt=system,
                dtype=requested_precision(args.get("bf16"), bool(args.get("fp16"))),
-               adapter_sha=sha256_file(weights) if weights.is_file() else "")
+               adapter_sha=sha256_file(weights) if weights.is_file() else "",
+               stop_strings=[x for x in stops if isinstance(x, str) and x] if isinstance(stops, list) else None)
 
 

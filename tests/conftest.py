@@ -28,6 +28,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("tiny") / "tiny-zephyr")
 
 
+@pytest.fixture(scope="session")
+def tiny_chatml_model(tmp_path_factory) -> Path:
+    """Path to a tiny random-init Llama whose tokenizer carries a ChatML template that writes a default system
+    prompt of its own when a chat has none (like SmolLM2-Instruct's); EOS <|im_end|> (built once)."""
+    from tools.make_tiny_model import build_chatml
+
+    return build_chatml(tmp_path_factory.mktemp("tiny") / "tiny-chatml")
+
+
 @pytest.fixture
 def openai_server():
     """A fresh loopback OpenAI-compatible server; set `.responder` in the test."""

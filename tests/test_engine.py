@@ -70,6 +70,41 @@ def test_rows_stop_at_eos_and_the_rest_go_on(model_and_tok):
     assert lengths[0] == 5 and ours[0][2][-1] == tok.eos_token_id and max(lengths) > 5
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_penalty_is_transformers_repetition_penalty(padded):
+    """The same logits through transformers' RepetitionPenaltyLogitsProcessor and ours: the same bits (the same
+    element-wise ops in the same dtype), left padding skipped as generate skips it."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (4, 9), generator=g)
+    pads = torch.tensor([0, 3, 0, 8]) if padded else torch.zeros(4, dtype=torch.long)
+    real = torch.arange(9)[None, :] >= pads[:, None]
+    theirs = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=pads if padded else None)(ids, logits.clone())
+    ours = engine.penalise_(logits.clone(), engine.seen_tokens(ids, real, 50)[:, :-1], 1.3)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, logits)
+
+
+@pytest.mark.parametrize("dec", [Decoding(max_new_tokens=24, repetition_penalty=1.8),
+                                 Decoding(max_new_tokens=24, repetition_penalty=0.7, min_new_tokens=24),
+                                 Decoding(max_new_tokens=24, repetition_penalty=1.3, do_sample=True, temperature=0.9,
+                                          top_p=0.8)], ids=["greedy", "favoured", "sampled"])
+def test_penalised_loop_writes_what_generate_writes(model_and_tok, dec):
+    """Our loop with a repetition penalty against model.generate(repetition_penalty=...) on left-padded prompts,
+    token for token; and greedily the penalty changes the answers (it is applied at all; a sampled draw from the
+    random model's near-flat distribution may not move)."""
+    model, tok = model_and_tok
+    ours = generate_batch(model, tok, prompts(tok), dec, seed=7)
+    assert ours == generate_batch(model, tok, prompts(tok), hf(dec), seed=7)
+    if dec.do_sample:
+        return
+    plain = generate_batch(model, tok, prompts(tok), Decoding(**{**dec.__dict__, "repetition_penalty": 1.0}), seed=7)
+    assert [ids for *_, ids in ours] != [ids for *_, ids in plain]
+    if dec.repetition_penalty > 1:  # fewer repeated tokens in each answer
+        assert sum(len(ids) - len(set(ids)) for *_, ids in ours) < sum(len(ids) - len(set(ids)) for *_, ids in plain)
+
+
 def test_eager_attention_gets_an_additive_mask(model_and_tok):
     model, tok = model_and_tok
     dec = Decoding(max_new_tokens=12)
@@ -115,10 +150,11 @@ def test_cuda_graph_replay_writes_what_eager_steps_write(tiny_model):
 
     tok = load_tokenizer(tiny_model, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
-    dec = Decoding(max_new_tokens=32)
-    graphed = generate_batch(model, tok, prompts(tok), dec)
-    eager = generate_batch(model, tok, prompts(tok), Decoding(max_new_tokens=32, cuda_graphs=False))
-    assert graphed == eager == generate_batch(model, tok, prompts(tok), hf(dec))
+    for penalty in (1.0, 1.5):  # the penalty is applied to the graph's output logits, outside the captured step
+        dec = Decoding(max_new_tokens=32, repetition_penalty=penalty)
+        graphed = generate_batch(model, tok, prompts(tok), dec)
+        eager = generate_batch(model, tok, prompts(tok), Decoding(**{**dec.__dict__, "cuda_graphs": False}))
+        assert graphed == eager == generate_batch(model, tok, prompts(tok), hf(dec))
 
 
 # --------------------------------------------------------------------------- the grammar

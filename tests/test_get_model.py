@@ -124,7 +124,7 @@ def test_the_folder_computes_what_the_gguf_file_computes(tiny_gguf, tmp_path, on
     """float32: the dequantised weights exactly, so the same kernels give bit-equal logits. bfloat16 (the
     default): each weight rounded once to bf16 (relative error <= 2^-9), which moves each layer's output by at
     most that much relative; numerics.logit_tolerance bounds the same per-layer rounding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     tok, ref = direct(tiny_gguf)
     ids = tok.apply_chat_template([{"role": "user", "content": TEXT}], add_generation_prompt=True)["input_ids"]

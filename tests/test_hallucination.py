@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from paperqa_tune.evaluate import report, verdict
-from paperqa_tune.scoring import score_answer, specifics, unsupported_specifics
+from paperqa_tune.scoring import score_answer, unsupported_specifics
 
 LABELS = [json.loads(line) for line in
           (Path(__file__).parent / "data" / "hallucination_labels.jsonl").read_text(encoding="utf-8").splitlines()

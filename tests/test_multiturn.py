@@ -9,7 +9,6 @@ import pytest
 import common
 import eval_compare
 import generate_qa
-import train_qlora_hf as T
 from fake_openai import FakeOpenAI, Reply
 from generate_fakes import request_paper
 from paperqa_tune.train import chats as C

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from paperqa_tune.generation import Decoding, generate_batch, prompt_ids
+from paperqa_tune.generation import Decoding, generate_batch, prompt_ids, run_decoding
 from paperqa_tune.loading import attach_adapter, load_run_base, merged_model, run_tokenizer
 from paperqa_tune.runs import read_run
 import quick_infer as qi
@@ -36,10 +36,11 @@ def reference(tiny_run):
 
     def answer(question: str, side: str = "ft", system: str = run.system_prompt, n: int = N):
         ids = prompt_ids(tok, question, system)
+        dec = run_decoding(run, tok, None, max_new_tokens=n)  # quick_infer's defaults: the penalty, the stops
         if side == "base":
             with model.disable_adapter():
-                return generate_batch(model, tok, [ids], Decoding(max_new_tokens=n))[0]
-        return generate_batch(model, tok, [ids], Decoding(max_new_tokens=n))[0]
+                return generate_batch(model, tok, [ids], dec)[0]
+        return generate_batch(model, tok, [ids], dec)[0]
 
     return {"run": run, "tok": tok, "model": model, "answer": answer}
 

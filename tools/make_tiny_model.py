@@ -211,6 +211,49 @@ def build(out: Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, 
     return out
 
 
+# A ChatML template with a default system prompt of its own when a chat has none, as SmolLM2-Instruct's has
+# (written here for the tests; its wording is ours).
+CHATML_DEFAULT_SYSTEM = "You are a tiny test model with a default system prompt of its own."
+CHATML_CHAT_TEMPLATE = (
+    "{% if messages and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n' + '" + CHATML_DEFAULT_SYSTEM + "' + '<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_chatml(out: Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Llama whose tokenizer carries CHATML_CHAT_TEMPLATE, laid out like SmolLM2-135M-Instruct's:
+    special tokens <|endoftext|> (unk), <|im_start|> (BOS, which the template writes; the tokenizer adds none)
+    and <|im_end|> (EOS and pad). For tests of a model with a chat template of its own."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out)
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(training_corpus(None), trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                     pad_token="<|im_end|>", unk_token="<|endoftext|>", model_max_length=4096)
+    hf_tok.chat_template = CHATML_CHAT_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=4096, bos_token_id=hf_tok.bos_token_id,
+                      eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    share_like_outputs(out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="models/tiny-zephyr", help="output folder (default: %(default)s)")

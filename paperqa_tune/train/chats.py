@@ -15,7 +15,7 @@ from paperqa_tune.errors import InputError
 
 from paperqa_tune.files import os_error_text, read_jsonl
 
-from paperqa_tune.messages import chat_text, encode_text, record_messages
+from paperqa_tune.messages import DEFAULT_SYSTEM_PROMPT, chat_text, encode_text, record_messages
 from paperqa_tune.train.packing import IGNORE
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.train.samples import histogram_lines, marked_text
@@ -23,7 +23,12 @@ from paperqa_tune.train.tokenized import CACHE_MIN_CHATS, default_num_proc, toke
 
 
 def load_chats(path, system_prompt: str | None = None) -> list[dict]:
-    """Read the training file into [{"line", "messages", "group"}]; bad records raise InputError with file:line."""
+    """Read the training file into [{"line", "messages", "group"}]; bad records raise InputError with file:line.
+
+    A record without a system turn gets one: `system_prompt` (--system_prompt), else DEFAULT_SYSTEM_PROMPT. So
+    every chat is trained with an explicit system prompt that run_config.json records and evaluation and
+    inference send too; a template that writes its own default when a chat has none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM...") never supplies one at one stage and not at another."""
     chats = []
     for lineno, rec in read_jsonl(path):
         try:
@@ -32,8 +37,8 @@ def load_chats(path, system_prompt: str | None = None) -> list[dict]:
         except ValueError as e:
             raise InputError(f"{path}:{lineno}: {e}; each record needs 'messages' or a 'text' with "
                              "<|system|>/<|user|>/<|assistant|> markers and at least one assistant answer") from None
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT}] + messages
         meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
         chats.append({"line": lineno, "messages": messages, "group": str(meta.get("paper_id", f"line{lineno}")),
                       "type": str(meta.get("type") or "unknown"),
