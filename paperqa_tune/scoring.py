@@ -266,6 +266,18 @@ def _function_words_only(lower: str) -> bool:
     return len(words) >= 4 or not any(w in _AUXILIARIES for w in words)
 
 
+def _repeats_sentences(lower: str) -> bool:
+    """A loop that is not back to back: the same sentence or list item (digits, list numbers and markup set aside)
+    of 4+ words three times anywhere, or of 8+ words twice ("1. **No prior knowledge**: ... 2. **No prior
+    knowledge**: ..."; one long sentence said again word for word). Seen on real small models where the
+    back-to-back check (_looped) passes."""
+    if re.search(r"(\d)\1{29,}", lower):  # a runaway digit string ("1000000…0"), which _CHAR_RUN leaves to numbers
+        return True
+    parts = [" ".join(re.findall(r"[a-z]+", s)) for s in re.split(r"[.!?;:\n]+|\s\d+[.)]\s", lower)]
+    seen = Counter(s for s in parts if len(s.split()) >= 4)
+    return any(n >= 3 or (n >= 2 and len(s.split()) >= 8) for s, n in seen.items())
+
+
 def is_degenerate(text: str) -> bool:
     """Repetition loops, runs of one character, non-word gibberish, symbol junk, mojibake, or nothing but
     function words. Empty text is not degenerate (it is "empty")."""
@@ -279,6 +291,8 @@ def is_degenerate(text: str) -> bool:
         return True
     words = re.findall(r"\w+", lower)
     if len(words) >= 20 and len(set(words)) < 0.3 * len(words):
+        return True
+    if _repeats_sentences(lower):
         return True
     return _mostly_junk(lower) or _gibberish(lower) or _function_words_only(lower)
 

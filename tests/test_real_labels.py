@@ -49,3 +49,21 @@ def test_the_models_rank_by_hallucination_as_the_labels_do(scored):
         labelled[r["model"]] += r["hallucinated"]
     assert sorted(rate, key=rate.get) == sorted(labelled, key=labelled.get) == ["seed", "hi", "base"], (rate, labelled)
 
+
+
+@pytest.mark.parametrize("text", [
+    # seen on SmolLM2-135M without a repetition penalty: a list whose items differ only by their number
+    "1. **No prior knowledge**: The method does not provide any prior knowledge about the task. "
+    "2. **No prior knowledge**: The method does not provide any prior knowledge about the task. "
+    "3. **No prior knowledge**: The method does not provide any prior knowledge about the task.",
+    # one long sentence said again, with other text between
+    "The model is trained with only one other parameter, which is the number of epochs. It is simple. "
+    "The model is trained with only one other parameter, which is the number of epochs.",
+    "The answer to this question is: 1" + "0" * 200,
+])
+def test_loops_that_are_not_back_to_back_are_degenerate(text):
+    assert scoring.behaviour(text) == "degenerate"
+
+
+def test_a_sentence_said_twice_in_short_is_not_a_loop():
+    assert scoring.behaviour("It uses attention. It is fast. It uses attention. It scales to long inputs.") == "answered"
