@@ -75,8 +75,9 @@ SKIPPED_QUESTION_CHARS = 2_000  # a skipped (too long) question's cell in the CS
 
 # --------------------------------------------------------------------------- questions
 def read_questions(path: Path) -> list[dict]:
-    """Questions from JSONL ({"id","question","reference","type","paper_id","context"}) or CSV
-    (header with question[,reference,type,id,context]). InputError names file:line on bad input."""
+    """Questions from JSONL ({"id","question","reference","type","paper_id","context","set"}) or CSV
+    (header with question[,reference,type,id,context,set]). InputError names file:line on bad input. "set" is
+    the evaluation set (unseen / knowledge, see paperqa_tune.evaluate.report), "" when not given."""
     if path.is_dir():
         raise InputError(f"{path} is a folder; --questions takes a file (JSONL, or CSV with a 'question' column)")
     if not path.is_file():
@@ -110,10 +111,14 @@ def read_questions(path: Path) -> list[dict]:
         if path.suffix.lower() == ".csv" and not (rec.get("system") or "").strip():
             system = NO_SYSTEM  # an empty CSV cell means "not given"
         history = read_history(rec.get("history"), where)
+        qset = str(rec.get("set") or "").strip().lower()
+        if qset and qset not in report.SETS:
+            raise InputError(f"{where}: 'set' is {rec.get('set')!r}; use one of {', '.join(report.SETS)} (or leave "
+                             "it out: such a question counts as unseen)")
         out.append({"id": qid, "question": q.strip(), "reference": str(rec.get("reference") or "").strip(),
                     "type": str(rec.get("type") or "").strip().lower() or "unknown",
                     "paper_id": str(rec.get("paper_id") or ""), "context": str(rec.get("context") or ""),
-                    "system": system, "history": history})
+                    "system": system, "history": history, "set": qset})
     return out
 
 
@@ -173,7 +178,9 @@ def resolve_questions(given: str | None, run: Run) -> tuple[Path, str]:
     heldout = run.adapter / HELDOUT_QUESTIONS_FILE
     if heldout.is_file():
         return heldout, (f"questions: {heldout} (samples train_qlora_hf.py held out of {train or 'the training data'}"
-                         " and never trained on; no questions file beside the training data)")
+                         " and never trained on; no questions file beside the training data)\nnote: so only the "
+                         "'unseen' set is evaluated; the 'knowledge' set (new questions about papers in training) is "
+                         "missing: generate_qa.py writes both sets into the questions file beside the training data")
     raise InputError(f"no evaluation questions: {beside or 'no questions file beside the training data'} does not "
                      f"exist and {heldout} was not written (the run held out no samples: --val_fraction 0?); pass "
                      "--questions FILE (JSONL or CSV with a 'question' column)")
@@ -536,6 +543,7 @@ def rescore(args) -> int:
         cache = JsonlCache(paths["cache"])
         criteria, pairwise, judge_stats = run_judges(scored, questions, args, cache)
         report.score_rows(scored, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+        note_sets(report.assign_sets(rows, questions))
         summary = {**report.summarize(scored, criteria, seed=args.seed), "rescored_from": str(src),
                    "f1_threshold": args.f1_threshold, "questions": qfile, "judge_model": args.judge_model,
                    "judge_stats": judge_stats,
@@ -543,6 +551,11 @@ def rescore(args) -> int:
         # what generated the answers is still true of them
         summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
         return report.write_outputs(outs, rows, summary, criteria, pairwise)
+
+
+def note_sets(note: str | None) -> None:
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _main(argv=None) -> int:
@@ -558,6 +571,8 @@ def _main(argv=None) -> int:
     qpath, where = resolve_questions(args.questions, run)
     print(where, flush=True)
     questions = read_questions(qpath)[: args.n]
+    if qpath == run.adapter / HELDOUT_QUESTIONS_FILE:  # papers (or samples) the run never trained on
+        questions = [{**q, "set": q["set"] or "unseen"} for q in questions]
     paths = output_paths(Path(args.out or DEFAULT_OUT))
     checkpoints = find_checkpoints(run, args.checkpoints) if args.checkpoints is not None else []
     config = model_config(run.base_model, args.trust_remote_code)  # found, and no custom code without the flag
@@ -622,6 +637,7 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
     by_id = {q["id"]: q for q in questions}
     criteria, pairwise, judge_stats = run_judges(scored, by_id, args, cache)
     report.score_rows(scored, by_id, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+    note_sets(report.assign_sets(rows, by_id))
     summary = report.summarize(scored, criteria, seed=args.seed)
     qpath, where = source
     summary.update({

@@ -53,8 +53,9 @@ from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure
                     finite_float, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune.client import FORMAT_STEPS, GIVE_UP_AFTER_TIMEOUTS, TIMEOUT_RETRIES, ClientSettings, Flags
 from paperqa_tune.qa.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
-from paperqa_tune.qa.curation import (CurationRules, curate, judge, quality_items, skip_too_long, source_units,
-                                      split_papers, to_records)
+from paperqa_tune.qa.curation import (CurationRules, curate, drop_near_training, hold_back_knowledge, judge,
+                                      knowledge_extras, quality_items, skip_too_long, source_units, split_papers,
+                                      to_records)
 from paperqa_tune.qa.fulltext import PdfRejected, add_full_texts, read_pdf
 from paperqa_tune.llm import (HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT, TOKENS_PER_ITEM, TOKENS_SLACK,
                               HFBackend, HFSettings, OpenAIBackend, Outcome, Progress, ResponseCache, Sampling, Stats,
@@ -174,8 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--judge_model", default=None,
              help="also have this model (same server and key) score every pair 1-5, and drop low scores")
     add_flag(g, "--min_score", type=finite_float, default=3.0, help="with --judge_model: drop pairs scored below this")
-    add_flag(g, "--eval_papers", type=finite_float, default=3,
-             help="papers held out whole as evaluation questions: a count, or a fraction of them if below 1")
+    add_flag(g, "--eval_papers", type=finite_float, default=8,
+             help="papers held out whole: every question about them is an evaluation question of the 'unseen' set "
+                  "(a count, or a fraction of the papers if below 1). 8 because a rate needs about 20 questions "
+                  "before its confidence interval can tell base and fine-tuned apart, and a held-out abstract gives "
+                  "about 3-5 unanswerable and 2-5 false-premise questions; with few papers, lower it")
+    add_flag(g, "--eval_pairs_per_abstract", type=int, default=16,
+             help="Q&A pairs to ask for per held-out abstract (more than for training ones: they are all questions)")
+    add_flag(g, "--eval_edge_case_ratio", type=finite_float, default=0.5,
+             help="share of edge cases among the evaluation questions asked for (held-out papers and knowledge "
+                  "questions); training data keeps --edge_case_ratio")
+    add_flag(g, "--knowledge_questions", type=int, default=100,
+             help="evaluation questions of the 'knowledge' set: new questions about papers that ARE in training. "
+                  "Each training text is asked for a few pairs more than --pairs_per_abstract (at most half as many "
+                  "again) and those are held out of the training file, so none repeats a training question (near "
+                  "duplicates of one are dropped too); fewer come back when the generator writes fewer. 0: none")
     g = p.add_argument_group("conversations")
     add_flag(g, "--turns", type=int, default=RULES.turns,
              help="Q&A turns per conversation: above 1, each record is a conversation whose follow-up questions build "
@@ -222,7 +236,10 @@ def validate_args(args) -> None:
                         "(expected e.g. 2305.14314 or hep-th/9901001)")
     if not re.match(r"^https?://", args.arxiv_api_url):
         problems.append("--arxiv_api_url must start with http:// or https://")
-    asked = conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns  # Q&A turns per request
+    # Q&A turns of the largest request: a held-out text's, or a training text's with its knowledge extras
+    asked = max(conversations_per_source(n, args.turns) * args.turns for n in (
+        args.pairs_per_abstract + (args.pairs_per_abstract // 2 if args.knowledge_questions else 0),
+        args.eval_pairs_per_abstract if args.eval_papers else 1))
     defaults = resolve_request_defaults(args.backend, args.base_url, asked)  # by server: see --help
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     checks = [("--pairs_per_abstract", args.pairs_per_abstract >= 1),
@@ -237,6 +254,9 @@ def validate_args(args) -> None:
               ("--min_grounding", 0 <= args.min_grounding <= 1), ("--dedup_threshold", 0 < args.dedup_threshold <= 1),
               ("--eval_papers",
                args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
+              ("--eval_pairs_per_abstract", args.eval_pairs_per_abstract >= 1),
+              ("--eval_edge_case_ratio", 0 <= args.eval_edge_case_ratio <= 1),
+              ("--knowledge_questions", args.knowledge_questions >= 0),
               ("--min_question_chars/--max_question_chars", 0 <= args.min_question_chars <= args.max_question_chars),
               ("--min_answer_chars/--max_answer_chars", 0 <= args.min_answer_chars <= args.max_answer_chars)]
     problems += [f"{name}: invalid value" for name, ok in checks if not ok]
@@ -339,17 +359,18 @@ def load_papers(args) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 # =========================================================================== generation: requests
-async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: Stats, progress: Progress,
-                       counts: Counter, rejects: list[dict]) -> list[dict]:
-    """One request per source text (an abstract or a section), one repair request for each unusable reply;
-    failures become rejects. Returns conversations {"paper_id", "unit", "turns": [...]}."""
+async def generate_llm(backend, units: list[dict], quotas_of: dict[str, dict], turns: int, stats: Stats,
+                       progress: Progress, counts: Counter, rejects: list[dict]) -> list[dict]:
+    """One request per source text (an abstract or a section), asking for its quotas (quotas_of[unit id]), one
+    repair request for each unusable reply; failures become rejects. Returns conversations {"paper_id", "unit",
+    "turns": [...]}."""
     def reject(pid, stage, reason, **extra):
         stats.rejects += 1
         counts[stage] += 1
         rejects.append({"paper_id": pid, "stage": stage, "reason": reason, **extra})
 
     schema_name, schema = ("qa_pairs", PAIRS_SCHEMA) if turns == 1 else ("qa_conversations", DIALOGUES_SCHEMA)
-    base = [generation_messages(u, quotas, turns) for u in units]
+    base = [generation_messages(u, quotas_of[u["unit"]], turns) for u in units]
 
     def generate_usable(k: int, cached: Outcome) -> bool:
         """A cached first reply is used unless it failed and so did its cached repair: then the source starts
@@ -488,13 +509,16 @@ class Kept:
         return sum(len(c["turns"]) for c in self.convs)
 
 
-def announce(args, model: str, papers: list[dict], units: list[dict], quotas: dict) -> None:
+def announce(args, model: str, papers: list[dict], units: list[dict], plan: Plan) -> None:
     """The run's settings, once, before anything is asked."""
     sections = f" ({len(units)} texts: abstracts and full-text sections)" if len(units) > len(papers) else ""
+    quotas = plan.train
     shape = f"{args.pairs_per_abstract} pairs" if args.turns == 1 else (
         f"{sum(quotas.values()) // args.turns} conversations of {args.turns} turns")
+    knowledge = sum(plan.summary()["knowledge_asked"].values())
     print(f"generate_qa: {len(papers)} papers{sections}, backend={args.backend} model={model}, {shape} per text "
-          f"{quotas}, eval papers={args.eval_papers:g}, seed={args.seed}", file=sys.stderr)
+          f"{quotas}, eval papers={args.eval_papers:g} ({len(plan.held_out)} held out, asked for {plan.eval} each), "
+          f"knowledge questions asked={knowledge}, seed={args.seed}", file=sys.stderr)
     if args.backend == "hf":  # the server settings below mean nothing to a local model
         print(f"local model: max_tokens={args.max_tokens} batch_size={args.batch_size} "
               f"constrained_decoding={args.constrained_decoding}", file=sys.stderr)
@@ -521,9 +545,10 @@ def make_backend(args, model: str, cache: ResponseCache, quotas: dict, judge_mod
     return OpenAIBackend(settings, sampling, cache, args.reuse_cache)
 
 
-def generate_and_curate(args, model: str, units: list[dict], quotas: dict, cache: ResponseCache, tally: Tally
+def generate_and_curate(args, model: str, units: list[dict], plan: Plan, cache: ResponseCache, tally: Tally
                         ) -> tuple[int, list[dict], dict]:
     """(Q&A turns generated, conversations that passed curation and the judge, the response formats used)."""
+    quotas_of, quotas = plan.quotas_of, plan.largest  # the largest request sizes a local model's JSON grammar
     by_unit = {u["unit"]: u for u in units}
     formats = {"asked": args.response_format if args.backend == "openai" else None}  # what the server accepted
     s = tally
@@ -531,11 +556,12 @@ def generate_and_curate(args, model: str, units: list[dict], quotas: dict, cache
     async def pipeline():
         if args.backend == "offline":
             convs = [{"paper_id": u["id"], "unit": u["unit"], "turns": turns} for u in units
-                     for turns in offline_conversations(u, quotas, args.turns, args.dedup_threshold)]
+                     for turns in offline_conversations(u, quotas_of[u["unit"]], args.turns, args.dedup_threshold)]
             s.stats.pairs = sum(len(c["turns"]) for c in convs)
         else:
             backend = make_backend(args, model, cache, quotas)
-            convs = await generate_llm(backend, units, quotas, args.turns, s.stats, s.progress, s.counts, s.rejects)
+            convs = await generate_llm(backend, units, quotas_of, args.turns, s.stats, s.progress, s.counts,
+                                       s.rejects)
             formats.update(used=getattr(backend, "format_used", None), note=getattr(backend, "format_note", None))
         generated = sum(len(c["turns"]) for c in convs)
         convs = curate(convs, by_unit, curation_rules(args), s.counts, s.rejects)
@@ -555,21 +581,71 @@ def curation_rules(args) -> CurationRules:
     return CurationRules(**{f.name: getattr(args, f.name) for f in fields(CurationRules)})
 
 
-def split_and_record(args, model: str, papers: list[dict], units: list[dict], generated: int, convs: list[dict]
-                     ) -> Kept:
-    """Whole papers held out, so no evaluation question shares its abstract with training; then the records."""
+@dataclass
+class Plan:
+    """Who is asked for what, decided before generation: the papers held out whole (the "unseen" set), each
+    text's type quotas, and the extra pairs of training texts that become knowledge questions."""
+    held_out: set[str]
+    train: dict[str, int]                 # a training text's quotas: --pairs_per_abstract at --edge_case_ratio
+    eval: dict[str, int]                  # a held-out text's: --eval_pairs_per_abstract at --eval_edge_case_ratio
+    extras: dict[str, dict[str, int]]     # training text -> extra pairs per type, held back as knowledge questions
+    quotas_of: dict[str, dict[str, int]]  # text -> what its request asks for
+
+    @property
+    def largest(self) -> dict[str, int]:
+        return max(self.quotas_of.values(), key=lambda q: sum(q.values()), default=self.train)
+
+    def summary(self) -> dict:
+        asked = Counter()
+        for q in self.extras.values():
+            asked.update(q)
+        return {"train": self.train, "eval": self.eval, "knowledge_asked": {t: asked[t] for t in self.train}}
+
+
+def plan_requests(args, papers: list[dict], units: list[dict]) -> Plan:
+    """Hold out whole papers (no evaluation question shares its abstract with training) and size every request:
+    held-out texts get more pairs and more edge cases than training ones, since they are all questions and a rate
+    needs about 20 of its kind; training texts get --pairs_per_abstract plus their share of --knowledge_questions."""
+    held_out = split_papers([p["id"] for p in papers], args.eval_papers, args.seed)
+    if args.eval_papers and not held_out:
+        print("warning: fewer than 2 papers, so none is held out for evaluation", file=sys.stderr)
+    per_text = conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns
+    train = type_quotas(per_text, args.edge_case_ratio)
+    evalq = type_quotas(conversations_per_source(args.eval_pairs_per_abstract, args.turns) * args.turns,
+                        args.eval_edge_case_ratio)
+    training = [u["unit"] for u in units if u["id"] not in held_out]
+    extras = knowledge_extras(training, args.knowledge_questions, args.eval_edge_case_ratio,
+                              max(1, per_text // 2))
+    quotas_of = {u["unit"]: evalq if u["id"] in held_out else
+                 {t: k + extras.get(u["unit"], {}).get(t, 0) for t, k in train.items()} for u in units}
+    return Plan(held_out, train, evalq, extras, quotas_of)
+
+
+def split_and_record(args, model: str, papers: list[dict], units: list[dict], plan: Plan, generated: int,
+                     convs: list[dict], tally: Tally) -> Kept:
+    """The held-back knowledge pairs of training papers (none close to a training question), then the records:
+    training, and the evaluation questions of both sets."""
     have = {c["paper_id"] for c in convs}
     with_pairs = [p["id"] for p in papers if p["id"] in have]
-    held_out = split_papers(with_pairs, args.eval_papers, args.seed)
-    if args.eval_papers and not held_out and convs:
-        print("warning: fewer than 2 papers have pairs, so none is held out for evaluation", file=sys.stderr)
-    train, evals = to_records(convs, {u["unit"]: u for u in units}, held_out, turns=args.turns,
-                              system_prompt=args.system_prompt, backend=args.backend, model=model)
+    held_out = plan.held_out & have
+    by_unit = {u["unit"]: u for u in units}
+    training = [c for c in convs if c["paper_id"] not in held_out]
+    marked = hold_back_knowledge(training, plan.train, plan.extras, args.turns)
+    # Near-duplicates: the rule that keeps two training pairs apart (--dedup_threshold: word Jaccard against the
+    # paper's questions, title words left out), now between a knowledge question and every training one, follow-ups
+    # included. A stricter bar drops mere template twins ("What does X report about A?" / "... about B?"), which
+    # ask about different things: measured at 0.6, all 6 of 97 dropped on the sample abstracts were such twins.
+    marked = drop_near_training(marked, by_unit, args.dedup_threshold, tally.counts, tally.rejects)
+    convs = [c for c in convs if c["paper_id"] in held_out] + marked
+    order = {p["id"]: k for k, p in enumerate(papers)}
+    convs.sort(key=lambda c: order[c["paper_id"]])  # stable: each paper's conversations keep their order
+    train, evals = to_records(convs, by_unit, held_out, turns=args.turns, system_prompt=args.system_prompt,
+                              backend=args.backend, model=model)
     return Kept(generated, convs, with_pairs, held_out, train, evals)
 
 
 def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, read: tuple, units: list[dict],
-                   quotas: dict, formats: dict, kept: Kept, tally: Tally) -> dict:
+                   plan: Plan, formats: dict, kept: Kept, tally: Tally) -> dict:
     papers, inputs, skipped, order = read
     by_unit = {u["unit"]: u for u in units}
     stats, train, evals, held_out, with_pairs = tally.stats, kept.train, kept.evals, kept.held_out, kept.with_pairs
@@ -580,7 +656,7 @@ def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, re
         "inputs": inputs, "backend": args.backend, "model": model, "base_url": args.base_url,
         "response_format": formats, "judge_model": args.judge_model,
         "prompt_sha256": prompts_hash(args.system_prompt, args.turns > 1 or len(units) > len(papers)),
-        "turns": args.turns, "quotas": quotas,
+        "turns": args.turns, "quotas": plan.summary(),
         "papers": {"total": len(order),
                    "skipped_too_long": [r["paper_id"] for r in skipped if r["reason"].startswith("too_long")],
                    "rejected_inputs": [r["paper_id"] for r in skipped if not r["reason"].startswith("too_long")],
@@ -591,6 +667,10 @@ def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, re
                    "train": len(train), "eval": len(evals),
                    "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
                    "eval_by_type": dict(Counter(e["type"] for e in evals)),
+                   # evaluation questions per set ("unseen": held-out papers; "knowledge": training papers)
+                   "eval_by_set": {k: sum(e["set"] == k for e in evals) for k in ("unseen", "knowledge")},
+                   "eval_by_set_type": {k: dict(Counter(e["type"] for e in evals if e["set"] == k))
+                                        for k in ("unseen", "knowledge")},
                    "by_section": dict(Counter(by_unit[c["unit"]]["section"] for c in kept.convs for _ in c["turns"])),
                    "filters": dict(tally.counts), "rejects": len(tally.rejects)},
         # asked_again: cached replies sent again because they failed validation (or --reuse_cache none)
@@ -629,20 +709,19 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
     papers, _, skipped, order = read
     units = source_units(papers)
     # --turns N: about --pairs_per_abstract Q&A turns per source text, dealt into conversations of N turns
-    quotas = type_quotas(conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns,
-                         args.edge_case_ratio)
-    announce(args, model, papers, units, quotas)
+    plan = plan_requests(args, papers, units)
+    announce(args, model, papers, units, plan)
     tally = Tally(Stats(rejects=len(skipped)), rejects=list(skipped))
     cache = ResponseCache(paths["cache"])
     if cache.loaded and args.backend != "offline":
         print(f"cache: {cache.loaded} earlier replies in {paths['cache']} (used unless --reuse_cache says otherwise)",
               file=sys.stderr)
-    generated, convs, formats = generate_and_curate(args, model, units, quotas, cache, tally)
-    kept = split_and_record(args, model, papers, units, generated, convs)
-    manifest = build_manifest(args, argv, t0, paths, model, read, units, quotas, formats, kept, tally)
+    generated, convs, formats = generate_and_curate(args, model, units, plan, cache, tally)
+    kept = split_and_record(args, model, papers, units, plan, generated, convs, tally)
+    manifest = build_manifest(args, argv, t0, paths, model, read, units, plan, formats, kept, tally)
     tally.rejects.sort(key=lambda r: order[r["paper_id"]])  # replies arrive in any order; the file should not
     rejects, manifest = _scrubbed(tally.rejects, args.api_key), _scrubbed(manifest, args.api_key)
-    items = quality_items(convs, {u["unit"]: u for u in units}, kept.held_out, args.turns)
+    items = quality_items(kept.convs, {u["unit"]: u for u in units}, kept.held_out, args.turns)
     quality = quality_report(items, rejects)
     report_run(args, paths, tally.stats, tally.counts, manifest, generated, kept.turns, kept.train, kept.evals,
                kept.held_out)
@@ -665,8 +744,17 @@ def report_run(args, paths, stats: Stats, counts: Counter, manifest: dict, gener
                held_out) -> None:
     what = "pairs" if args.turns == 1 else "turns"
     records = "train" if args.turns == 1 else "train conversations"
+    sets = manifest["counts"]["eval_by_set"]
     print(f"{what}: {generated} generated, {kept} kept -> {len(train)} {records} ({paths['train']}), "
-          f"{len(evals)} eval from {len(held_out)} held-out papers ({paths['eval']})", file=sys.stderr)
+          f"{len(evals)} eval ({paths['eval']}): {sets['unseen']} unseen from {len(held_out)} held-out papers, "
+          f"{sets['knowledge']} knowledge about training papers", file=sys.stderr)
+    for k, by_type in manifest["counts"]["eval_by_set_type"].items():
+        edge = {t: by_type.get(t, 0) for t in ("unanswerable", "false_premise")}
+        if sets[k] and min(edge.values()) < 20:
+            print(f"note: the {k} set has {edge['unanswerable']} unanswerable and {edge['false_premise']} "
+                  "false-premise questions; a refusal or correction rate needs about 20 to tell the models apart "
+                  f"({'--eval_papers, --eval_pairs_per_abstract' if k == 'unseen' else '--knowledge_questions'}, "
+                  "--eval_edge_case_ratio)", file=sys.stderr)
     where = f" in {paths['rejects']}" if kept else ""
     print(f"filters: {dict(sorted(counts.items())) or 'nothing dropped'}; {manifest['counts']['rejects']} "
           f"rejects{where}", file=sys.stderr)

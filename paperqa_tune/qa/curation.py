@@ -9,7 +9,10 @@ into train and eval, and the records written for each.
 
 A conversation is {"paper_id", "unit", "turns": [{"type", "question", "answer"}, ...]}; `units` maps a unit id to
 the text it is grounded in (source_units). Dropped turns go to `rejects` with their reason and are counted in
-`counts` by the reason's first word."""
+`counts` by the reason's first word.
+
+Two evaluation sets: "unseen" (every question of the papers split_papers holds out whole) and "knowledge" (pairs
+about training papers that hold_back_knowledge keeps out of the training file, then drop_near_training)."""
 from __future__ import annotations
 
 import random
@@ -21,7 +24,7 @@ from paperqa_tune.client import Outcome
 from paperqa_tune.errors import InputError
 from paperqa_tune.llm import Progress, Stats
 from paperqa_tune.messages import chat_record, qa_messages
-from paperqa_tune.qa.prompts import ANSWERABLE, SCORES_SCHEMA, judge_messages
+from paperqa_tune.qa.prompts import ANSWERABLE, SCORES_SCHEMA, TYPES, judge_messages, type_quotas
 from paperqa_tune.qa.replies import judge_scores
 from paperqa_tune.qa.textsim import (cross_group_near_duplicates, grounding, normalized, numbers, question_tokens,
                                      within_paper_duplicate)
@@ -201,6 +204,80 @@ def split_papers(paper_ids: list[str], spec: float, seed: int) -> set[str]:
     return set(random.Random(seed).sample(paper_ids, k))
 
 
+def knowledge_extras(unit_ids: list[str], n: int, edge_ratio: float, per_unit_max: int) -> dict[str, dict[str, int]]:
+    """Extra pairs each training text is asked for, to be held back as knowledge questions: n in all (at most
+    per_unit_max per text, so a few papers are not asked for dozens each), with the types of type_quotas(n,
+    edge_ratio) interleaved (each type spread evenly over the sequence) and dealt to the texts in turn, so every
+    text gives a mix."""
+    n = min(n, per_unit_max * len(unit_ids))
+    if n <= 0:
+        return {}
+    total = type_quotas(n, edge_ratio)
+    slots = sorted(((k + 0.5) / c, i, t) for i, (t, c) in enumerate(total.items()) for k in range(c))
+    extras: dict[str, dict[str, int]] = {}
+    for j, (_, _, t) in enumerate(slots):
+        got = extras.setdefault(unit_ids[j % len(unit_ids)], dict.fromkeys(TYPES, 0))
+        got[t] += 1
+    return extras
+
+
+def hold_back_knowledge(convs: list[dict], train_quotas: dict[str, int], extras: dict[str, dict[str, int]],
+                        turns: int) -> list[dict]:
+    """convs (of training papers) with the held-back ones marked "set": "knowledge". Single pairs: per text and
+    type, the first train_quotas[t] kept pairs stay training data, the next extras[t] are held back, any more stay
+    training data; so training keeps its --edge_case_ratio even when the generator wrote fewer pairs than asked
+    (the knowledge set is then the smaller). Conversations (turns > 1): the text's last conversations, about
+    sum(extras) turns, always leaving it one for training (the training share is then only about right)."""
+    by_unit: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(convs):
+        by_unit[c["unit"]].append(i)
+    held: set[int] = set()
+    for unit, idx in by_unit.items():
+        extra = extras.get(unit)
+        if not extra:
+            continue
+        if turns == 1:
+            for t in TYPES:
+                of_type = [i for i in idx if convs[i]["turns"][0]["type"] == t]
+                held.update(of_type[train_quotas.get(t, 0): train_quotas.get(t, 0) + extra[t]])
+        else:
+            k = min(len(idx) - 1, max(1, round(sum(extra.values()) / turns)))
+            held.update(idx[len(idx) - k:] if k > 0 else [])
+    return [{**c, "set": "knowledge"} if i in held else c for i, c in enumerate(convs)]
+
+
+def drop_near_training(convs: list[dict], units: dict[str, dict], threshold: float, counts: Counter,
+                       rejects: list[dict]) -> list[dict]:
+    """Knowledge questions must not repeat a training question: a held-back conversation is cut before its first
+    turn whose question is the same (lowercased words) as any training question, or whose word overlap (Jaccard,
+    the paper's title words left out, as curation's within-paper check) with a training question of the same
+    paper reaches `threshold`; one cut before its first turn is dropped. Both are rejects ("near_training")."""
+    train_q: dict[str, list[str]] = defaultdict(list)
+    for c in convs:
+        if c.get("set") != "knowledge":
+            train_q[c["paper_id"]] += [t["question"] for t in c["turns"]]
+    exact = {normalized(q) for qs in train_q.values() for q in qs}
+    out = []
+    for c in convs:
+        if c.get("set") != "knowledge":
+            out.append(c)
+            continue
+        title = units[c["unit"]]["title"]
+        for k, t in enumerate(c["turns"]):
+            same = t["question"] if normalized(t["question"]) in exact else \
+                within_paper_duplicate(t["question"], train_q[c["paper_id"]], title, threshold)
+            if same is not None:
+                counts["near_training"] += 1
+                rejects.append({"paper_id": c["paper_id"], "stage": "knowledge", "type": t["type"],
+                                "reason": f"near_training: a knowledge question close to the training question "
+                                          f"{same!r}", "question": t["question"], "answer": t["answer"]})
+                c = {**c, "turns": c["turns"][:k]}
+                break
+        if c["turns"]:
+            out.append(c)
+    return out
+
+
 def exchanges(turns: list[dict]) -> list[dict]:
     """Q&A turns as the user/assistant messages of a chat."""
     return [{"role": r, "content": t[k]} for t in turns for r, k in (("user", "question"), ("assistant", "answer"))]
@@ -219,17 +296,20 @@ def conversation_ids(convs: list[dict], turns: int) -> list[str]:
 def to_records(convs: list[dict], units: dict[str, dict], held_out: set[str], *, turns: int, system_prompt: str,
                backend: str, model: str) -> tuple[list[dict], list[dict]]:
     """(training chat records, evaluation questions): every turn of a held-out paper's conversations becomes a
-    question, a follow-up with the turns before it as its "history"; the text it is grounded in is its context.
+    question of the "unseen" set, and every turn of a conversation hold_back_knowledge marked one of the
+    "knowledge" set (its paper is in training); a follow-up has the turns before it as its "history"; the text it
+    is grounded in is its context.
     turns: Q&A turns per conversation asked for; backend and model: who wrote them (each record's meta)."""
     train, evals = [], []
     for c, cid in zip(convs, conversation_ids(convs, turns)):
         pid, unit, conv = c["paper_id"], units[c["unit"]], c["turns"]
         section = {"section": unit["section"]} if unit.get("full_text") else {}
-        if pid in held_out:
+        if pid in held_out or c.get("set") == "knowledge":
             for k, t in enumerate(conv):
                 evals.append({"id": cid if turns == 1 else f"{cid}-t{k + 1}", "question": t["question"],
                               "reference": t["answer"], "type": t["type"], "paper_id": pid,
-                              "context": unit["abstract"], "system": system_prompt, **section,
+                              "context": unit["abstract"], "set": "unseen" if pid in held_out else "knowledge",
+                              "system": system_prompt, **section,
                               **({"history": exchanges(conv[:k])} if k else {})})
             continue
         meta = {"paper_id": pid, "type": conv[0]["type"], "backend": backend, "model": model, "id": cid,
@@ -250,7 +330,7 @@ def quality_items(convs: list[dict], units: dict[str, dict], held_out: set[str],
     for c, cid in zip(convs, conversation_ids(convs, turns)):
         unit = units[c["unit"]]
         for k, t in enumerate(c["turns"], 1):
-            items.append({"split": "eval" if c["paper_id"] in held_out else "train", "type": t["type"],
+            items.append({"split": "eval" if c["paper_id"] in held_out or c.get("set") == "knowledge" else "train", "type": t["type"],
                           "section": unit["section"], "question": t["question"], "answer": t["answer"],
                           "source": unit["abstract"], "conversation": cid, "turn": k, "paper_id": c["paper_id"]})
     return items
