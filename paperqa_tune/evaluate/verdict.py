@@ -129,10 +129,10 @@ def rate_reading(rate: dict, min_n: int = MIN_RATE_N) -> str:
     if n < min_n or not ci:
         return f"too few to tell (n={n} < {min_n})"
     if ci[0] > 0:
-        return f"higher after fine-tuning (n={n})"
+        return "higher after fine-tuning"
     if ci[1] < 0:
-        return f"lower after fine-tuning (n={n})"
-    return f"no clear change (n={n}, the 95% interval of the difference includes 0)"
+        return "lower after fine-tuning"
+    return "no clear change (the 95% interval of the difference includes 0)"
 
 
 def rates_line(rates: dict) -> str:
