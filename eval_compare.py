@@ -8,8 +8,18 @@ both, and say plainly whether the fine-tuned model is better, with the evidence.
     python eval_compare.py --checkpoints                       # + learning curve over the run's saved checkpoints
     python eval_compare.py --mode reference --batch_size 1     # the seed's way: 4-bit + LoRA, one at a time
 
-Questions (first that exists): --questions; the held-out papers generate_qa.py wrote beside the run's
-training file (data/eval_questions.jsonl); the held-out samples train_qlora_hf.py kept in the run folder.
+Questions (first that exists): --questions; the evaluation questions generate_qa.py wrote beside the run's
+training file (data/eval_questions.jsonl); the held-out samples train_qlora_hf.py kept in the run folder (then
+only the 'unseen' set exists, and a line says the 'knowledge' set is missing).
+
+Two evaluation sets, each question's `set`: `unseen` (papers held out of training whole: does what fine-tuning
+taught carry over to papers it never saw?) and `knowledge` (new questions about papers it trained on: did it
+learn them?). They are reported separately: the printed tables, summary.json's "sets" ({unseen: {verdict,
+verdict_line, evidence, rates, by_type}, knowledge: {...}}) and the CSV's `set` column. The top-level verdict,
+evidence, rates and by_type are over ALL questions, both sets together, as summary.json always held. A question
+without a set (an older file) counts as unseen, with a note. Every rate names its n and reads "too few to tell"
+below 20 questions; a warning says when refusal (unanswerable) or correction (false premise) did not move between
+base and fine-tuned in a set (the 95% interval of the difference includes 0).
 Prompts are built exactly as in training: the run's chat template and the system prompt its data used
 (run_config.json), unless a question row carries its own or --system overrides both.
 
@@ -423,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adapter", default=DEFAULT_RUN_DIR, help="run folder from train_qlora_hf.py")
     a("--base_model", default=None, help="base model (default: run_config.json base_model, else the adapter's)")
     a("--questions", default=None,
-      help="JSONL, or CSV with question[,reference,type,system] (default: the held-out questions beside the run's "
-           "training file, else the run folder's held-out samples)")
+      help="JSONL, or CSV with question[,reference,type,system,set] (set: unseen or knowledge) (default: the "
+           "evaluation questions beside the run's training file, else the run folder's held-out samples)")
     a("--system", default=None,
       help="system prompt for every question; '' for none (default: the question row's, else the one the run's "
            "training data used)")

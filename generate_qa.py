@@ -45,7 +45,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,9 +53,8 @@ from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure
                     finite_float, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune.client import FORMAT_STEPS, GIVE_UP_AFTER_TIMEOUTS, TIMEOUT_RETRIES, ClientSettings, Flags
 from paperqa_tune.qa.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
-from paperqa_tune.qa.curation import (CurationRules, curate, drop_near_training, hold_back_knowledge, judge,
-                                      knowledge_extras, quality_items, skip_too_long, source_units, split_papers,
-                                      to_records)
+from paperqa_tune.qa.curation import (CurationRules, Kept, Plan, Tally, curate, judge, plan_requests, quality_items,
+                                      set_notes, skip_too_long, source_units, split_sets, to_records)
 from paperqa_tune.qa.fulltext import PdfRejected, add_full_texts, read_pdf
 from paperqa_tune.llm import (HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT, TOKENS_PER_ITEM, TOKENS_SLACK,
                               HFBackend, HFSettings, OpenAIBackend, Outcome, Progress, ResponseCache, Sampling, Stats,
@@ -63,7 +62,7 @@ from paperqa_tune.llm import (HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
 from paperqa_tune.qa.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, run_command, write_staged
 from paperqa_tune.qa.prompts import (DIALOGUES_SCHEMA, PAIRS_SCHEMA, conversations_per_source, generation_messages,
-                                     items_asked, prompts_hash, repair_messages, type_quotas)
+                                     items_asked, prompts_hash, repair_messages)
 from paperqa_tune.qa.quality import format_quality, plot_quality, quality_report
 from paperqa_tune.qa.replies import parse_reply, reply_problem
 from paperqa_tune.safety import chat_structure, scrub
@@ -176,20 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
              help="also have this model (same server and key) score every pair 1-5, and drop low scores")
     add_flag(g, "--min_score", type=finite_float, default=3.0, help="with --judge_model: drop pairs scored below this")
     add_flag(g, "--eval_papers", type=finite_float, default=8,
-             help="papers held out whole: every question about them is an evaluation question of the 'unseen' set "
-                  "(a count, or a fraction of the papers if below 1). 8 because a rate needs about 20 questions "
-                  "before its confidence interval can tell base and fine-tuned apart, and a held-out abstract gives "
-                  "about 3-5 unanswerable and 2-5 false-premise questions; with few papers, lower it")
+             help="papers held out whole, their questions the 'unseen' evaluation set (a count, or a fraction if "
+                  "below 1). 8: a rate needs ~20 questions before its interval can tell base and fine-tuned apart, and "
+                  "a held-out abstract gives ~3-5 unanswerable and 2-5 false-premise ones; with few papers, lower it")
     add_flag(g, "--eval_pairs_per_abstract", type=int, default=16,
              help="Q&A pairs to ask for per held-out abstract (more than for training ones: they are all questions)")
     add_flag(g, "--eval_edge_case_ratio", type=finite_float, default=0.5,
-             help="share of edge cases among the evaluation questions asked for (held-out papers and knowledge "
-                  "questions); training data keeps --edge_case_ratio")
+             help="edge-case share of evaluation questions asked for (both sets); training keeps --edge_case_ratio")
     add_flag(g, "--knowledge_questions", type=int, default=100,
-             help="evaluation questions of the 'knowledge' set: new questions about papers that ARE in training. "
-                  "Each training text is asked for a few pairs more than --pairs_per_abstract (at most half as many "
-                  "again) and those are held out of the training file, so none repeats a training question (near "
-                  "duplicates of one are dropped too); fewer come back when the generator writes fewer. 0: none")
+             help="questions of the 'knowledge' evaluation set, about papers that ARE in training: training texts "
+                  "are asked for up to half as many pairs again, held out of the training file (so none repeats, or "
+                  "nearly repeats, a training question); fewer when the generator writes fewer. 0: none")
     g = p.add_argument_group("conversations")
     add_flag(g, "--turns", type=int, default=RULES.turns,
              help="Q&A turns per conversation: above 1, each record is a conversation whose follow-up questions build "
@@ -361,9 +357,8 @@ def load_papers(args) -> tuple[list[dict], list[dict], list[dict]]:
 # =========================================================================== generation: requests
 async def generate_llm(backend, units: list[dict], quotas_of: dict[str, dict], turns: int, stats: Stats,
                        progress: Progress, counts: Counter, rejects: list[dict]) -> list[dict]:
-    """One request per source text (an abstract or a section), asking for its quotas (quotas_of[unit id]), one
-    repair request for each unusable reply; failures become rejects. Returns conversations {"paper_id", "unit",
-    "turns": [...]}."""
+    """One request per source text (an abstract or a section) for its quotas_of[unit], one repair request for each
+    unusable reply; failures become rejects. Returns conversations {"paper_id", "unit", "turns": [...]}."""
     def reject(pid, stage, reason, **extra):
         stats.rejects += 1
         counts[stage] += 1
@@ -483,32 +478,6 @@ def failed_run_rejects(paths: dict[str, Path]) -> Path:
     return paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")
 
 
-@dataclass
-class Tally:
-    """What the stages count and drop: the manifest's statistics, the filters' counts and the rejects."""
-    stats: Stats
-    counts: Counter = field(default_factory=Counter)
-    rejects: list[dict] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.progress = Progress(self.stats)
-
-
-@dataclass
-class Kept:
-    """What survived, split by paper: conversations kept, papers held out for evaluation, and the records."""
-    generated: int           # Q&A turns the generator wrote
-    convs: list[dict]
-    with_pairs: list[str]    # papers that kept a pair, in input order
-    held_out: set[str]
-    train: list[dict]
-    evals: list[dict]
-
-    @property
-    def turns(self) -> int:
-        return sum(len(c["turns"]) for c in self.convs)
-
-
 def announce(args, model: str, papers: list[dict], units: list[dict], plan: Plan) -> None:
     """The run's settings, once, before anything is asked."""
     sections = f" ({len(units)} texts: abstracts and full-text sections)" if len(units) > len(papers) else ""
@@ -581,67 +550,17 @@ def curation_rules(args) -> CurationRules:
     return CurationRules(**{f.name: getattr(args, f.name) for f in fields(CurationRules)})
 
 
-@dataclass
-class Plan:
-    """Who is asked for what, decided before generation: the papers held out whole (the "unseen" set), each
-    text's type quotas, and the extra pairs of training texts that become knowledge questions."""
-    held_out: set[str]
-    train: dict[str, int]                 # a training text's quotas: --pairs_per_abstract at --edge_case_ratio
-    eval: dict[str, int]                  # a held-out text's: --eval_pairs_per_abstract at --eval_edge_case_ratio
-    extras: dict[str, dict[str, int]]     # training text -> extra pairs per type, held back as knowledge questions
-    quotas_of: dict[str, dict[str, int]]  # text -> what its request asks for
-
-    @property
-    def largest(self) -> dict[str, int]:
-        return max(self.quotas_of.values(), key=lambda q: sum(q.values()), default=self.train)
-
-    def summary(self) -> dict:
-        asked = Counter()
-        for q in self.extras.values():
-            asked.update(q)
-        return {"train": self.train, "eval": self.eval, "knowledge_asked": {t: asked[t] for t in self.train}}
-
-
-def plan_requests(args, papers: list[dict], units: list[dict]) -> Plan:
-    """Hold out whole papers (no evaluation question shares its abstract with training) and size every request:
-    held-out texts get more pairs and more edge cases than training ones, since they are all questions and a rate
-    needs about 20 of its kind; training texts get --pairs_per_abstract plus their share of --knowledge_questions."""
-    held_out = split_papers([p["id"] for p in papers], args.eval_papers, args.seed)
-    if args.eval_papers and not held_out:
-        print("warning: fewer than 2 papers, so none is held out for evaluation", file=sys.stderr)
-    per_text = conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns
-    train = type_quotas(per_text, args.edge_case_ratio)
-    evalq = type_quotas(conversations_per_source(args.eval_pairs_per_abstract, args.turns) * args.turns,
-                        args.eval_edge_case_ratio)
-    training = [u["unit"] for u in units if u["id"] not in held_out]
-    extras = knowledge_extras(training, args.knowledge_questions, args.eval_edge_case_ratio,
-                              max(1, per_text // 2))
-    quotas_of = {u["unit"]: evalq if u["id"] in held_out else
-                 {t: k + extras.get(u["unit"], {}).get(t, 0) for t, k in train.items()} for u in units}
-    return Plan(held_out, train, evalq, extras, quotas_of)
-
-
 def split_and_record(args, model: str, papers: list[dict], units: list[dict], plan: Plan, generated: int,
                      convs: list[dict], tally: Tally) -> Kept:
-    """The held-back knowledge pairs of training papers (none close to a training question), then the records:
-    training, and the evaluation questions of both sets."""
+    """Knowledge pairs held back from training papers (curation.split_sets), then training and evaluation records."""
     have = {c["paper_id"] for c in convs}
-    with_pairs = [p["id"] for p in papers if p["id"] in have]
-    held_out = plan.held_out & have
     by_unit = {u["unit"]: u for u in units}
-    training = [c for c in convs if c["paper_id"] not in held_out]
-    marked = hold_back_knowledge(training, plan.train, plan.extras, args.turns)
-    # Near-duplicates: the rule that keeps two training pairs apart (--dedup_threshold: word Jaccard against the
-    # paper's questions, title words left out), now between a knowledge question and every training one, follow-ups
-    # included. A stricter bar drops mere template twins ("What does X report about A?" / "... about B?"), which
-    # ask about different things: measured at 0.6, all 6 of 97 dropped on the sample abstracts were such twins.
-    marked = drop_near_training(marked, by_unit, args.dedup_threshold, tally.counts, tally.rejects)
-    convs = [c for c in convs if c["paper_id"] in held_out] + marked
-    order = {p["id"]: k for k, p in enumerate(papers)}
-    convs.sort(key=lambda c: order[c["paper_id"]])  # stable: each paper's conversations keep their order
+    held_out = plan.held_out & have
+    convs = split_sets(convs, plan, by_unit, [p["id"] for p in papers], args.turns, args.dedup_threshold,
+                       tally.counts, tally.rejects)
     train, evals = to_records(convs, by_unit, held_out, turns=args.turns, system_prompt=args.system_prompt,
                               backend=args.backend, model=model)
-    return Kept(generated, convs, with_pairs, held_out, train, evals)
+    return Kept(generated, convs, [p["id"] for p in papers if p["id"] in have], held_out, train, evals)
 
 
 def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, read: tuple, units: list[dict],
@@ -709,7 +628,12 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
     papers, _, skipped, order = read
     units = source_units(papers)
     # --turns N: about --pairs_per_abstract Q&A turns per source text, dealt into conversations of N turns
-    plan = plan_requests(args, papers, units)
+    plan = plan_requests([p["id"] for p in papers], units, eval_papers=args.eval_papers, seed=args.seed,
+                         turns=args.turns, pairs=args.pairs_per_abstract, edge_ratio=args.edge_case_ratio,
+                         eval_pairs=args.eval_pairs_per_abstract, eval_edge_ratio=args.eval_edge_case_ratio,
+                         knowledge=args.knowledge_questions)
+    if args.eval_papers and not plan.held_out:
+        print("warning: fewer than 2 papers, so none is held out for evaluation", file=sys.stderr)
     announce(args, model, papers, units, plan)
     tally = Tally(Stats(rejects=len(skipped)), rejects=list(skipped))
     cache = ResponseCache(paths["cache"])
@@ -748,13 +672,8 @@ def report_run(args, paths, stats: Stats, counts: Counter, manifest: dict, gener
     print(f"{what}: {generated} generated, {kept} kept -> {len(train)} {records} ({paths['train']}), "
           f"{len(evals)} eval ({paths['eval']}): {sets['unseen']} unseen from {len(held_out)} held-out papers, "
           f"{sets['knowledge']} knowledge about training papers", file=sys.stderr)
-    for k, by_type in manifest["counts"]["eval_by_set_type"].items():
-        edge = {t: by_type.get(t, 0) for t in ("unanswerable", "false_premise")}
-        if sets[k] and min(edge.values()) < 20:
-            print(f"note: the {k} set has {edge['unanswerable']} unanswerable and {edge['false_premise']} "
-                  "false-premise questions; a refusal or correction rate needs about 20 to tell the models apart "
-                  f"({'--eval_papers, --eval_pairs_per_abstract' if k == 'unseen' else '--knowledge_questions'}, "
-                  "--eval_edge_case_ratio)", file=sys.stderr)
+    for note in set_notes(manifest["counts"]["eval_by_set_type"]):
+        print(f"note: {note}", file=sys.stderr)
     where = f" in {paths['rejects']}" if kept else ""
     print(f"filters: {dict(sorted(counts.items())) or 'nothing dropped'}; {manifest['counts']['rejects']} "
           f"rejects{where}", file=sys.stderr)
