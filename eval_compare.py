@@ -8,8 +8,18 @@ both, and say plainly whether the fine-tuned model is better, with the evidence.
     python eval_compare.py --checkpoints                       # + learning curve over the run's saved checkpoints
     python eval_compare.py --mode reference --batch_size 1     # the seed's way: 4-bit + LoRA, one at a time
 
-Questions (first that exists): --questions; the held-out papers generate_qa.py wrote beside the run's
-training file (data/eval_questions.jsonl); the held-out samples train_qlora_hf.py kept in the run folder.
+Questions (first that exists): --questions; the evaluation questions generate_qa.py wrote beside the run's
+training file (data/eval_questions.jsonl); the held-out samples train_qlora_hf.py kept in the run folder (then
+only the 'unseen' set exists, and a line says the 'knowledge' set is missing).
+
+Two evaluation sets, each question's `set`: `unseen` (papers held out of training whole: does what fine-tuning
+taught carry over to papers it never saw?) and `knowledge` (new questions about papers it trained on: did it
+learn them?). They are reported separately: the printed tables, summary.json's "sets" ({unseen: {verdict,
+verdict_line, evidence, rates, by_type}, knowledge: {...}}) and the CSV's `set` column. The top-level verdict,
+evidence, rates and by_type are over ALL questions, both sets together, as summary.json always held. A question
+without a set (an older file) counts as unseen, with a note. Every rate names its n and reads "too few to tell"
+below 20 questions; a warning says when refusal (unanswerable) or correction (false premise) did not move between
+base and fine-tuned in a set (the 95% interval of the difference includes 0).
 Prompts are built exactly as in training: the run's chat template and the system prompt its data used
 (run_config.json), unless a question row carries its own or --system overrides both.
 
@@ -76,8 +86,9 @@ SKIPPED_QUESTION_CHARS = 2_000  # a skipped (too long) question's cell in the CS
 
 # --------------------------------------------------------------------------- questions
 def read_questions(path: Path) -> list[dict]:
-    """Questions from JSONL ({"id","question","reference","type","paper_id","context"}) or CSV
-    (header with question[,reference,type,id,context]). InputError names file:line on bad input."""
+    """Questions from JSONL ({"id","question","reference","type","paper_id","context","set"}) or CSV
+    (header with question[,reference,type,id,context,set]). InputError names file:line on bad input. "set" is
+    the evaluation set (unseen / knowledge, see paperqa_tune.evaluate.report), "" when not given."""
     if path.is_dir():
         raise InputError(f"{path} is a folder; --questions takes a file (JSONL, or CSV with a 'question' column)")
     if not path.is_file():
@@ -111,10 +122,14 @@ def read_questions(path: Path) -> list[dict]:
         if path.suffix.lower() == ".csv" and not (rec.get("system") or "").strip():
             system = NO_SYSTEM  # an empty CSV cell means "not given"
         history = read_history(rec.get("history"), where)
+        qset = str(rec.get("set") or "").strip().lower()
+        if qset and qset not in report.SETS:
+            raise InputError(f"{where}: 'set' is {rec.get('set')!r}; use one of {', '.join(report.SETS)} (or leave "
+                             "it out: such a question counts as unseen)")
         out.append({"id": qid, "question": q.strip(), "reference": str(rec.get("reference") or "").strip(),
                     "type": str(rec.get("type") or "").strip().lower() or "unknown",
                     "paper_id": str(rec.get("paper_id") or ""), "context": str(rec.get("context") or ""),
-                    "system": system, "history": history})
+                    "system": system, "history": history, "set": qset})
     return out
 
 
@@ -174,7 +189,9 @@ def resolve_questions(given: str | None, run: Run) -> tuple[Path, str]:
     heldout = run.adapter / HELDOUT_QUESTIONS_FILE
     if heldout.is_file():
         return heldout, (f"questions: {heldout} (samples train_qlora_hf.py held out of {train or 'the training data'}"
-                         " and never trained on; no questions file beside the training data)")
+                         " and never trained on; no questions file beside the training data)\nnote: so only the "
+                         "'unseen' set is evaluated; the 'knowledge' set (new questions about papers in training) is "
+                         "missing: generate_qa.py writes both sets into the questions file beside the training data")
     raise InputError(f"no evaluation questions: {beside or 'no questions file beside the training data'} does not "
                      f"exist and {heldout} was not written (the run held out no samples: --val_fraction 0?); pass "
                      "--questions FILE (JSONL or CSV with a 'question' column)")
@@ -417,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adapter", default=DEFAULT_RUN_DIR, help="run folder from train_qlora_hf.py")
     a("--base_model", default=None, help="base model (default: run_config.json base_model, else the adapter's)")
     a("--questions", default=None,
-      help="JSONL, or CSV with question[,reference,type,system] (default: the held-out questions beside the run's "
-           "training file, else the run folder's held-out samples)")
+      help="JSONL, or CSV with question[,reference,type,system,set] (set: unseen or knowledge) (default: the "
+           "evaluation questions beside the run's training file, else the run folder's held-out samples)")
     a("--system", default=None,
       help="system prompt for every question; '' for none (default: the question row's, else the one the run's "
            "training data used)")
@@ -540,6 +557,7 @@ def rescore(args) -> int:
         cache = JsonlCache(paths["cache"])
         criteria, pairwise, judge_stats = run_judges(scored, questions, args, cache)
         report.score_rows(scored, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+        note_sets(report.assign_sets(rows, questions))
         summary = {**report.summarize(scored, criteria, seed=args.seed), "rescored_from": str(src),
                    "f1_threshold": args.f1_threshold, "questions": qfile, "judge_model": args.judge_model,
                    "judge_stats": judge_stats,
@@ -547,6 +565,11 @@ def rescore(args) -> int:
         # what generated the answers is still true of them
         summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
         return report.write_outputs(outs, rows, summary, criteria, pairwise)
+
+
+def note_sets(note: str | None) -> None:
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _main(argv=None) -> int:
@@ -562,6 +585,8 @@ def _main(argv=None) -> int:
     qpath, where = resolve_questions(args.questions, run)
     print(where, flush=True)
     questions = read_questions(qpath)[: args.n]
+    if qpath == run.adapter / HELDOUT_QUESTIONS_FILE:  # papers (or samples) the run never trained on
+        questions = [{**q, "set": q["set"] or "unseen"} for q in questions]
     paths = output_paths(Path(args.out or DEFAULT_OUT))
     checkpoints = find_checkpoints(run, args.checkpoints) if args.checkpoints is not None else []
     config = model_config(run.base_model, args.trust_remote_code)  # found, and no custom code without the flag
@@ -628,6 +653,7 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
     by_id = {q["id"]: q for q in questions}
     criteria, pairwise, judge_stats = run_judges(scored, by_id, args, cache)
     report.score_rows(scored, by_id, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
+    note_sets(report.assign_sets(rows, by_id))
     summary = report.summarize(scored, criteria, seed=args.seed)
     qpath, where = source
     summary.update({

@@ -45,16 +45,17 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from common import (DEFAULT_SYSTEM_PROMPT, HelpFormatter, InputError, RunFailure, add_flag, eval_questions_path,
+                    jsonl_lines,
                     finite_float, resolve_path, run_main, sha256_file, sha256_text)
 from paperqa_tune.client import FORMAT_STEPS, GIVE_UP_AFTER_TIMEOUTS, TIMEOUT_RETRIES, ClientSettings, Flags
 from paperqa_tune.qa.abstracts import fetch_arxiv, http_session, input_files, read_abstract_file
-from paperqa_tune.qa.curation import (CurationRules, curate, judge, quality_items, skip_too_long, source_units,
-                                      split_papers, to_records)
+from paperqa_tune.qa.curation import (CurationRules, Kept, Plan, Tally, curate, judge, plan_requests, quality_items,
+                                      set_notes, skip_too_long, source_units, split_sets, to_records)
 from paperqa_tune.qa.fulltext import PdfRejected, add_full_texts, read_pdf
 from paperqa_tune.llm import (HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT, TOKENS_PER_ITEM, TOKENS_SLACK,
                               HFBackend, HFSettings, OpenAIBackend, Outcome, Progress, ResponseCache, Sampling, Stats,
@@ -62,10 +63,10 @@ from paperqa_tune.llm import (HOSTED_DEFAULTS, LOCAL_CONCURRENCY, LOCAL_TIMEOUT,
 from paperqa_tune.qa.offline_qa import OFFLINE_MODEL, offline_conversations
 from paperqa_tune.outputs import OutputSet, run_command, write_staged
 from paperqa_tune.qa.prompts import (DIALOGUES_SCHEMA, PAIRS_SCHEMA, conversations_per_source, generation_messages,
-                                     items_asked, prompts_hash, repair_messages, request_schema, type_quotas)
+                                     items_asked, prompts_hash, repair_messages, request_schema)
 from paperqa_tune.qa.quality import format_quality, plot_quality, quality_report
 from paperqa_tune.qa.replies import parse_reply, reply_problem
-from paperqa_tune.safety import chat_structure, scrub
+from paperqa_tune.safety import chat_structure, scrub_all
 
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "hf": "HuggingFaceH4/zephyr-7b-beta", "offline": OFFLINE_MODEL}
 ARXIV_API_URL = "https://export.arxiv.org/api/query"
@@ -174,8 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--judge_model", default=None,
              help="also have this model (same server and key) score every pair 1-5, and drop low scores")
     add_flag(g, "--min_score", type=finite_float, default=3.0, help="with --judge_model: drop pairs scored below this")
-    add_flag(g, "--eval_papers", type=finite_float, default=3,
-             help="papers held out whole as evaluation questions: a count, or a fraction of them if below 1")
+    add_flag(g, "--eval_papers", type=finite_float, default=8,
+             help="papers held out whole, their questions the 'unseen' evaluation set (a count, or a fraction if "
+                  "below 1). 8: a rate needs ~20 questions before its interval can tell base and fine-tuned apart, and "
+                  "a held-out abstract gives ~3-5 unanswerable and 2-5 false-premise ones; with few papers, lower it")
+    add_flag(g, "--eval_pairs_per_abstract", type=int, default=16,
+             help="Q&A pairs to ask for per held-out abstract (more than for training ones: they are all questions)")
+    add_flag(g, "--eval_edge_case_ratio", type=finite_float, default=0.5,
+             help="edge-case share of evaluation questions asked for (both sets); training keeps --edge_case_ratio")
+    add_flag(g, "--knowledge_questions", type=int, default=100,
+             help="questions of the 'knowledge' evaluation set, about papers that ARE in training: training texts "
+                  "are asked for up to half as many pairs again, held out of the training file (so none repeats, or "
+                  "nearly repeats, a training question); fewer when the generator writes fewer. 0: none")
     g = p.add_argument_group("conversations")
     add_flag(g, "--turns", type=int, default=RULES.turns,
              help="Q&A turns per conversation: above 1, each record is a conversation whose follow-up questions build "
@@ -222,7 +233,10 @@ def validate_args(args) -> None:
                         "(expected e.g. 2305.14314 or hep-th/9901001)")
     if not re.match(r"^https?://", args.arxiv_api_url):
         problems.append("--arxiv_api_url must start with http:// or https://")
-    asked = conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns  # Q&A turns per request
+    # Q&A turns of the largest request: a held-out text's, or a training text's with its knowledge extras
+    asked = max(conversations_per_source(n, args.turns) * args.turns for n in (
+        args.pairs_per_abstract + (args.pairs_per_abstract // 2 if args.knowledge_questions else 0),
+        args.eval_pairs_per_abstract if args.eval_papers else 1))
     defaults = resolve_request_defaults(args.backend, args.base_url, asked)  # by server: see --help
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     checks = [("--pairs_per_abstract", args.pairs_per_abstract >= 1),
@@ -237,6 +251,9 @@ def validate_args(args) -> None:
               ("--min_grounding", 0 <= args.min_grounding <= 1), ("--dedup_threshold", 0 < args.dedup_threshold <= 1),
               ("--eval_papers",
                args.eval_papers >= 0 and (args.eval_papers < 1 or float(args.eval_papers).is_integer())),
+              ("--eval_pairs_per_abstract", args.eval_pairs_per_abstract >= 1),
+              ("--eval_edge_case_ratio", 0 <= args.eval_edge_case_ratio <= 1),
+              ("--knowledge_questions", args.knowledge_questions >= 0),
               ("--min_question_chars/--max_question_chars", 0 <= args.min_question_chars <= args.max_question_chars),
               ("--min_answer_chars/--max_answer_chars", 0 <= args.min_answer_chars <= args.max_answer_chars)]
     problems += [f"{name}: invalid value" for name, ok in checks if not ok]
@@ -339,19 +356,23 @@ def load_papers(args) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 # =========================================================================== generation: requests
-async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: Stats, progress: Progress,
-                       counts: Counter, rejects: list[dict]) -> list[dict]:
-    """One request per source text (an abstract or a section), one repair request for each unusable reply;
-    failures become rejects. Returns conversations {"paper_id", "unit", "turns": [...]}."""
+async def generate_llm(backend, units: list[dict], quotas_of: dict[str, dict], turns: int, stats: Stats,
+                       progress: Progress, counts: Counter, rejects: list[dict]) -> list[dict]:
+    """One request per source text (an abstract or a section) for its quotas_of[unit], one repair request for each
+    unusable reply; failures become rejects. Returns conversations {"paper_id", "unit", "turns": [...]}."""
     def reject(pid, stage, reason, **extra):
         stats.rejects += 1
         counts[stage] += 1
         rejects.append({"paper_id": pid, "stage": stage, "reason": reason, **extra})
 
     schema_name, schema = ("qa_pairs", PAIRS_SCHEMA) if turns == 1 else ("qa_conversations", DIALOGUES_SCHEMA)
-    if backend.name == "hf":  # its grammar fixes each request's count and types; its bar moves token by token
-        schema, backend.progress = request_schema(quotas, turns), progress
-    base = [generation_messages(u, quotas, turns) for u in units]
+    base = [generation_messages(u, quotas_of[u["unit"]], turns) for u in units]
+    per_request = backend.name == "hf"  # its grammar fixes each request's pair count and types
+    if per_request:
+        backend.progress = progress  # its bar moves token by token
+
+    def schema_of(i: int) -> dict:
+        return request_schema(quotas_of[units[i]["unit"]], turns) if per_request else schema
 
     def generate_usable(k: int, cached: Outcome) -> bool:
         """A cached first reply is used unless it failed and so did its cached repair: then the source starts
@@ -359,7 +380,8 @@ async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: St
         problem = reply_problem(cached, turns)
         if problem is None:
             return True
-        repaired = backend.lookup(repair_messages(base[k], cached.content, problem, turns), schema_name, schema)
+        repair = repair_messages(base[k], cached.content, problem, turns)
+        repaired = backend.lookup(repair, schema_name, schema_of(k))
         return repaired is None or reply_problem(repaired, turns) is None
 
     def repair_usable(k: int, cached: Outcome) -> bool:
@@ -392,7 +414,8 @@ async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: St
             progress.step()
 
         progress.start(len(todo), rnd)
-        await backend.complete(msgs, schema_name, schema, on_done, usable)
+        await backend.complete(msgs, schema_name, [schema_of(i) for i in todo] if per_request else schema,
+                               on_done, usable)
         progress.close()
         if not retry:
             break
@@ -405,22 +428,6 @@ async def generate_llm(backend, units: list[dict], quotas, turns: int, stats: St
 
 
 # =========================================================================== the run
-def _scrubbed(obj, secret: str | None):
-    """obj with the API key removed from every string in it (what we write must never carry it)."""
-    if isinstance(obj, str):
-        return scrub(obj, secret)
-    if isinstance(obj, dict):
-        return {k: _scrubbed(v, secret) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_scrubbed(v, secret) for v in obj]
-    return obj
-
-
-def _jsonl(records: list[dict]):
-    """JSONL lines, one at a time (20,000 abstracts' records joined into one string doubled the run's peak)."""
-    return (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def read_inputs(args) -> tuple[list[dict], list[dict], list[dict], dict[str, int]]:
     """(papers to work on, input records for the manifest, rejects of skipped papers, input order of every id)."""
     papers, inputs, unreadable = load_papers(args)
@@ -464,39 +471,16 @@ def failed_run_rejects(paths: dict[str, Path]) -> Path:
     return paths["cache"].with_name(f"{paths['cache'].stem}.failed_run_rejects.jsonl")
 
 
-@dataclass
-class Tally:
-    """What the stages count and drop: the manifest's statistics, the filters' counts and the rejects."""
-    stats: Stats
-    counts: Counter = field(default_factory=Counter)
-    rejects: list[dict] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.progress = Progress(self.stats)
-
-
-@dataclass
-class Kept:
-    """What survived, split by paper: conversations kept, papers held out for evaluation, and the records."""
-    generated: int           # Q&A turns the generator wrote
-    convs: list[dict]
-    with_pairs: list[str]    # papers that kept a pair, in input order
-    held_out: set[str]
-    train: list[dict]
-    evals: list[dict]
-
-    @property
-    def turns(self) -> int:
-        return sum(len(c["turns"]) for c in self.convs)
-
-
-def announce(args, model: str, papers: list[dict], units: list[dict], quotas: dict) -> None:
+def announce(args, model: str, papers: list[dict], units: list[dict], plan: Plan) -> None:
     """The run's settings, once, before anything is asked."""
     sections = f" ({len(units)} texts: abstracts and full-text sections)" if len(units) > len(papers) else ""
+    quotas = plan.train
     shape = f"{args.pairs_per_abstract} pairs" if args.turns == 1 else (
         f"{sum(quotas.values()) // args.turns} conversations of {args.turns} turns")
+    knowledge = sum(plan.summary()["knowledge_asked"].values())
     print(f"generate_qa: {len(papers)} papers{sections}, backend={args.backend} model={model}, {shape} per text "
-          f"{quotas}, eval papers={args.eval_papers:g}, seed={args.seed}", file=sys.stderr)
+          f"{quotas}, eval papers={args.eval_papers:g} ({len(plan.held_out)} held out, asked for {plan.eval} each), "
+          f"knowledge questions asked={knowledge}, seed={args.seed}", file=sys.stderr)
     if args.backend == "hf":  # the server settings below mean nothing to a local model
         print(f"local model: max_tokens={args.max_tokens} batch_size={args.batch_size} "
               f"constrained_decoding={args.constrained_decoding}", file=sys.stderr)
@@ -523,9 +507,10 @@ def make_backend(args, model: str, cache: ResponseCache, quotas: dict, judge_mod
     return OpenAIBackend(settings, sampling, cache, args.reuse_cache)
 
 
-def generate_and_curate(args, model: str, units: list[dict], quotas: dict, cache: ResponseCache, tally: Tally
+def generate_and_curate(args, model: str, units: list[dict], plan: Plan, cache: ResponseCache, tally: Tally
                         ) -> tuple[int, list[dict], dict]:
     """(Q&A turns generated, conversations that passed curation and the judge, the response formats used)."""
+    quotas_of, quotas = plan.quotas_of, plan.largest  # the largest request sizes a local model's JSON grammar
     by_unit = {u["unit"]: u for u in units}
     formats = {"asked": args.response_format if args.backend == "openai" else None}  # what the server accepted
     s = tally
@@ -533,11 +518,12 @@ def generate_and_curate(args, model: str, units: list[dict], quotas: dict, cache
     async def pipeline():
         if args.backend == "offline":
             convs = [{"paper_id": u["id"], "unit": u["unit"], "turns": turns} for u in units
-                     for turns in offline_conversations(u, quotas, args.turns, args.dedup_threshold)]
+                     for turns in offline_conversations(u, quotas_of[u["unit"]], args.turns, args.dedup_threshold)]
             s.stats.pairs = sum(len(c["turns"]) for c in convs)
         else:
             backend = make_backend(args, model, cache, quotas)
-            convs = await generate_llm(backend, units, quotas, args.turns, s.stats, s.progress, s.counts, s.rejects)
+            convs = await generate_llm(backend, units, quotas_of, args.turns, s.stats, s.progress, s.counts,
+                                       s.rejects)
             formats.update(used=getattr(backend, "format_used", None), note=getattr(backend, "format_note", None))
         generated = sum(len(c["turns"]) for c in convs)
         convs = curate(convs, by_unit, curation_rules(args), s.counts, s.rejects)
@@ -557,21 +543,21 @@ def curation_rules(args) -> CurationRules:
     return CurationRules(**{f.name: getattr(args, f.name) for f in fields(CurationRules)})
 
 
-def split_and_record(args, model: str, papers: list[dict], units: list[dict], generated: int, convs: list[dict]
-                     ) -> Kept:
-    """Whole papers held out, so no evaluation question shares its abstract with training; then the records."""
+def split_and_record(args, model: str, papers: list[dict], units: list[dict], plan: Plan, generated: int,
+                     convs: list[dict], tally: Tally) -> Kept:
+    """Knowledge pairs held back from training papers (curation.split_sets), then training and evaluation records."""
     have = {c["paper_id"] for c in convs}
-    with_pairs = [p["id"] for p in papers if p["id"] in have]
-    held_out = split_papers(with_pairs, args.eval_papers, args.seed)
-    if args.eval_papers and not held_out and convs:
-        print("warning: fewer than 2 papers have pairs, so none is held out for evaluation", file=sys.stderr)
-    train, evals = to_records(convs, {u["unit"]: u for u in units}, held_out, turns=args.turns,
-                              system_prompt=args.system_prompt, backend=args.backend, model=model)
-    return Kept(generated, convs, with_pairs, held_out, train, evals)
+    by_unit = {u["unit"]: u for u in units}
+    held_out = plan.held_out & have
+    convs = split_sets(convs, plan, by_unit, [p["id"] for p in papers], args.turns, args.dedup_threshold,
+                       tally.counts, tally.rejects)
+    train, evals = to_records(convs, by_unit, held_out, turns=args.turns, system_prompt=args.system_prompt,
+                              backend=args.backend, model=model)
+    return Kept(generated, convs, [p["id"] for p in papers if p["id"] in have], held_out, train, evals)
 
 
 def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, read: tuple, units: list[dict],
-                   quotas: dict, formats: dict, kept: Kept, tally: Tally) -> dict:
+                   plan: Plan, formats: dict, kept: Kept, tally: Tally) -> dict:
     papers, inputs, skipped, order = read
     by_unit = {u["unit"]: u for u in units}
     stats, train, evals, held_out, with_pairs = tally.stats, kept.train, kept.evals, kept.held_out, kept.with_pairs
@@ -582,7 +568,7 @@ def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, re
         "inputs": inputs, "backend": args.backend, "model": model, "base_url": args.base_url,
         "response_format": formats, "judge_model": args.judge_model,
         "prompt_sha256": prompts_hash(args.system_prompt, args.turns > 1 or len(units) > len(papers)),
-        "turns": args.turns, "quotas": quotas,
+        "turns": args.turns, "quotas": plan.summary(),
         "papers": {"total": len(order),
                    "skipped_too_long": [r["paper_id"] for r in skipped if r["reason"].startswith("too_long")],
                    "rejected_inputs": [r["paper_id"] for r in skipped if not r["reason"].startswith("too_long")],
@@ -593,6 +579,10 @@ def build_manifest(args, argv, t0: float, paths: dict[str, Path], model: str, re
                    "train": len(train), "eval": len(evals),
                    "train_by_type": dict(Counter(r["meta"]["type"] for r in train)),
                    "eval_by_type": dict(Counter(e["type"] for e in evals)),
+                   # evaluation questions per set ("unseen": held-out papers; "knowledge": training papers)
+                   "eval_by_set": {k: sum(e["set"] == k for e in evals) for k in ("unseen", "knowledge")},
+                   "eval_by_set_type": {k: dict(Counter(e["type"] for e in evals if e["set"] == k))
+                                        for k in ("unseen", "knowledge")},
                    "by_section": dict(Counter(by_unit[c["unit"]]["section"] for c in kept.convs for _ in c["turns"])),
                    "filters": dict(tally.counts), "rejects": len(tally.rejects),
                    "kept_rate": round(kept.turns / max(kept.generated, 1), 4),
@@ -613,8 +603,8 @@ def write_outputs(outs: OutputSet, paths: dict[str, Path], kept: Kept, rejects: 
                   items: list[dict], quality: dict) -> None:
     """Stage every output, then replace the old ones together (the manifest last: it marks a finished run)."""
     try:
-        for name, text in (("--out", _jsonl(kept.train)), ("--eval_out", _jsonl(kept.evals)),
-                           ("--rejects", _jsonl(rejects)),
+        for name, text in (("--out", jsonl_lines(kept.train)), ("--eval_out", jsonl_lines(kept.evals)),
+                           ("--rejects", jsonl_lines(rejects)),
                            ("quality report", json.dumps(quality, ensure_ascii=False, indent=2) + "\n"),
                            ("--manifest", json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")):
             write_staged(outs.stage(name), text)
@@ -634,20 +624,24 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
     papers, _, skipped, order = read
     units = source_units(papers)
     # --turns N: about --pairs_per_abstract Q&A turns per source text, dealt into conversations of N turns
-    quotas = type_quotas(conversations_per_source(args.pairs_per_abstract, args.turns) * args.turns,
-                         args.edge_case_ratio)
-    announce(args, model, papers, units, quotas)
+    plan = plan_requests([p["id"] for p in papers], units, eval_papers=args.eval_papers, seed=args.seed,
+                         turns=args.turns, pairs=args.pairs_per_abstract, edge_ratio=args.edge_case_ratio,
+                         eval_pairs=args.eval_pairs_per_abstract, eval_edge_ratio=args.eval_edge_case_ratio,
+                         knowledge=args.knowledge_questions)
+    if args.eval_papers and not plan.held_out:
+        print("warning: fewer than 2 papers, so none is held out for evaluation", file=sys.stderr)
+    announce(args, model, papers, units, plan)
     tally = Tally(Stats(rejects=len(skipped)), rejects=list(skipped))
     cache = ResponseCache(paths["cache"])
     if cache.loaded and args.backend != "offline":
         print(f"cache: {cache.loaded} earlier replies in {paths['cache']} (used unless --reuse_cache says otherwise)",
               file=sys.stderr)
-    generated, convs, formats = generate_and_curate(args, model, units, quotas, cache, tally)
-    kept = split_and_record(args, model, papers, units, generated, convs)
-    manifest = build_manifest(args, argv, t0, paths, model, read, units, quotas, formats, kept, tally)
+    generated, convs, formats = generate_and_curate(args, model, units, plan, cache, tally)
+    kept = split_and_record(args, model, papers, units, plan, generated, convs, tally)
+    manifest = build_manifest(args, argv, t0, paths, model, read, units, plan, formats, kept, tally)
     tally.rejects.sort(key=lambda r: order[r["paper_id"]])  # replies arrive in any order; the file should not
-    rejects, manifest = _scrubbed(tally.rejects, args.api_key), _scrubbed(manifest, args.api_key)
-    items = quality_items(convs, {u["unit"]: u for u in units}, kept.held_out, args.turns)
+    rejects, manifest = scrub_all(tally.rejects, args.api_key), scrub_all(manifest, args.api_key)
+    items = quality_items(kept.convs, {u["unit"]: u for u in units}, kept.held_out, args.turns)
     quality = quality_report(items, rejects)
     report_run(args, paths, tally.stats, tally.counts, manifest, generated, kept.turns, kept.train, kept.evals,
                kept.held_out)
@@ -655,7 +649,7 @@ def _run(args, argv, paths: dict[str, Path], outs: OutputSet, t0: float, read: t
     if not convs:
         # A failed run replaces nothing: the reasons go beside the cache, the outputs stay as they were.
         try:
-            write_staged(why, _jsonl(rejects))
+            write_staged(why, jsonl_lines(rejects))
         except OSError as e:
             why = f"(not saved: {e})"
         print(f"error: no pair survived, so no output was written (earlier ones are unchanged); why each pair or "
@@ -670,8 +664,12 @@ def report_run(args, paths, stats: Stats, counts: Counter, manifest: dict, gener
                held_out) -> None:
     what = "pairs" if args.turns == 1 else "turns"
     records = "train" if args.turns == 1 else "train conversations"
+    sets = manifest["counts"]["eval_by_set"]
     print(f"{what}: {generated} generated, {kept} kept -> {len(train)} {records} ({paths['train']}), "
-          f"{len(evals)} eval from {len(held_out)} held-out papers ({paths['eval']})", file=sys.stderr)
+          f"{len(evals)} eval ({paths['eval']}): {sets['unseen']} unseen from {len(held_out)} held-out papers, "
+          f"{sets['knowledge']} knowledge about training papers", file=sys.stderr)
+    for note in set_notes(manifest["counts"]["eval_by_set_type"]):
+        print(f"note: {note}", file=sys.stderr)
     where = f" in {paths['rejects']}" if kept else ""
     print(f"filters: {dict(sorted(counts.items())) or 'nothing dropped'}; {manifest['counts']['rejects']} "
           f"rejects{where}", file=sys.stderr)

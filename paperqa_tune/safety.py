@@ -20,6 +20,18 @@ def scrub(text: str, secret: str | None) -> str:
     return text
 
 
+def scrub_all(obj, secret: str | None):
+    """obj (strings, dicts and lists of them) with `secret` removed from every string in it: what is written must
+    never carry the API key."""
+    if isinstance(obj, str):
+        return scrub(obj, secret)
+    if isinstance(obj, dict):
+        return {k: scrub_all(v, secret) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub_all(v, secret) for v in obj]
+    return obj
+
+
 def chat_structure(text: str, special_tokens=()) -> str | None:
     """The first role marker or special token in `text` (also any of the tokenizer's own `special_tokens`), or
     None. Content that holds one would be rendered as structure: a turn the model never saw as content."""

@@ -430,6 +430,8 @@ def test_read_questions_csv_and_jsonl(tmp_path):
     ("malformed_jsonl", ("q.jsonl", '{"question": "ok"}\n{"question": "broken"\n'), "q.jsonl:2: malformed JSON"),
     ("jsonl_without_question", ("q.jsonl", '{"question": "ok"}\n{"prompt": "x"}\n'), "q.jsonl:2: missing or empty 'question'"),
     ("missing_file", None, "questions file not found"),
+    ("unknown_set", ("q.jsonl", '{"question": "ok", "set": "unseen"}\n{"question": "b", "set": "training"}\n'),
+     "q.jsonl:2: 'set' is 'training'; use one of unseen, knowledge"),
 ])
 def test_bad_questions_exit_2(case, content, message, tiny_run, tmp_path, capsys):
     path = tmp_path / "missing.jsonl"
@@ -475,3 +477,23 @@ def test_run_config_resolution(tiny_run, tmp_path):
         cfg["args"].update(flags)
         (custom / "run_config.json").write_text(json.dumps(cfg))
         assert read_run(custom).dtype == dtype  # what training's --bf16/--fp16 asked for (loading.requested_precision)
+
+
+def test_run_folder_samples_are_the_unseen_set_and_the_missing_set_is_named(tiny_run, tmp_path, capsys):
+    """No questions file beside the training data: the run folder's held-out samples are asked, as the 'unseen'
+    set, and one line says the 'knowledge' set is missing."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    held = [{k: v for k, v in q.items() if k != "set"} for q in QUESTIONS]
+    write_questions(run / "eval_questions.jsonl", held)
+    out = tmp_path / "o" / "evaluation.csv"
+    assert ec.main(["--adapter", str(run), "--out", str(out), "--max_new_tokens", "4", "--n", "3"]) == 0
+    printed = capsys.readouterr()
+    assert sum("the 'knowledge' set (new questions about papers in training) is missing" in line
+               for line in printed.out.splitlines()) == 1
+    assert "name no evaluation set" not in printed.err  # they are known to be unseen: no note
+    summary = json.loads(out.with_name("summary.json").read_text())
+    assert list(summary["sets"]) == ["unseen"] and summary["sets"]["unseen"]["n"] == 3
+    assert summary["sets_missing"] == ["knowledge"]

@@ -53,8 +53,11 @@ def test_fine_tuned_better(tmp_path, capsys):
     assert list(s)[0] == "verdict" and s["verdict"] == "fine-tuned better"
     ev = s["evidence"]
     assert (ev["wins"], ev["ties"], ev["losses"]) == (18, 4, 0) and ev["ci95"][0] > 0 and ev["sign_test_p"] < 0.05
-    assert s["rates"]["refusal_rate_unanswerable"] == {"n": 6, "base": 0.0, "finetuned": 1.0}
-    assert s["rates"]["correction_rate_false_premise"] == {"n": 6, "base": 0.0, "finetuned": 1.0}
+    for key in ("refusal_rate_unanswerable", "correction_rate_false_premise"):
+        r = s["rates"][key]
+        assert (r["n"], r["base"], r["finetuned"], r["difference"], r["ci95"]) == (6, 0.0, 1.0, 1.0, [1.0, 1.0])
+        assert r["reading"] == f"too few to tell (n=6 < {verdict.MIN_RATE_N})"  # all 6 moved, but 6 are few
+    assert "refuses unanswerable 0% -> 100%: too few to tell (n=6 < 20)" in s["verdict_line"]
     assert s["rates"]["degenerate_rate"]["base"] == pytest.approx(6 / 22, abs=1e-3)
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-2].startswith("VERDICT: fine-tuned better")  # headline last, then 'wrote'
@@ -179,3 +182,78 @@ def test_rescore_checks_answers_against_the_csv_context(tmp_path):
     with open(path, encoding="utf-8-sig", newline="") as f:
         got = list(csv.DictReader(f))
     assert got[0]["finetuned_hallucinated"] == "0"
+
+
+def rescore_sets(tmp_path: Path, rows: list[dict], capsys) -> tuple[dict, str, str]:
+    path = tmp_path / "evaluation.csv"
+    report.write_csv(path, rows, report.QUESTION_COLUMNS + report.ANSWER_COLUMNS + ["set"])
+    assert ec.main(["--rescore", str(path)]) == 0
+    out, err = capsys.readouterr()
+    return json.loads((tmp_path / "summary.json").read_text(encoding="utf-8")), out, err
+
+
+def test_both_sets_reported_separately(tmp_path, capsys):
+    """unseen: the fine-tuned model refuses and corrects (24 + 20 questions); knowledge: it answers what it was
+    trained on (40 questions) but its refusals did not move. Each set gets its own verdict, rates (n each) and
+    by_type; the top level is every question; the CSV has the set column; the unmoved refusal is a warning."""
+    unseen = rows_for([("unanswerable", INVENT, REFUSE)] * 24 + [("false_premise", ACCEPT, CORRECT)] * 20)
+    knowledge = rows_for([("factual", GIBBERISH, GOOD)] * 40 + [("unanswerable", INVENT, INVENT)] * 22)
+    rows = [{**r, "set": "unseen"} for r in unseen] + [{**r, "id": "k" + r["id"], "set": "knowledge"}
+                                                      for r in knowledge]
+    s, out, err = rescore_sets(tmp_path, rows, capsys)
+    assert list(s)[0] == "verdict" and s["evidence"]["n"] == len(rows) == s["by_type"]["all"]["n"]
+    assert set(s["sets"]) == {"unseen", "knowledge"} and s["sets_missing"] == []
+    u, k = s["sets"]["unseen"], s["sets"]["knowledge"]
+    assert (u["n"], k["n"]) == (44, 62) and u["verdict"] == k["verdict"] == "fine-tuned better"
+    assert set(u["by_type"]) == {"unanswerable", "false_premise", "all"}
+    assert set(k["by_type"]) == {"factual", "unanswerable", "all"}
+    assert u["rates"]["refusal_rate_unanswerable"]["reading"] == "higher after fine-tuning"
+    assert u["rates"]["correction_rate_false_premise"]["n"] == 20
+    assert k["rates"]["correction_rate_false_premise"]["n"] == 0
+    assert k["rates"]["correct_answer_rate_answerable"] == {**k["rates"]["correct_answer_rate_answerable"],
+                                                            "n": 40, "base": 0.0, "finetuned": 1.0}
+    kr = k["rates"]["refusal_rate_unanswerable"]
+    assert (kr["n"], kr["base"], kr["finetuned"]) == (22, 0.0, 0.0) and kr["reading"].startswith("no clear change")
+    assert all(r["n"] is not None for ev in (s, u, k) for r in ev["rates"].values())
+    # the warning: knowledge refusals did not move; unseen ones did, and knowledge has no false premises
+    assert len(s["warnings"]) == 1 and s["warnings"][0].startswith("knowledge set: refusal on unanswerable")
+    assert "warning: knowledge set: refusal on unanswerable questions did not move" in err
+    assert "== unseen set:" in out and "== knowledge set:" in out
+    assert out.strip().splitlines()[-2].startswith("VERDICT: ")  # the overall verdict stays last, then 'wrote'
+    with open(tmp_path / "evaluation.csv", encoding="utf-8-sig", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [r["set"] for r in got] == [r["set"] for r in rows]
+
+
+def test_rows_without_a_set_count_as_unseen_with_a_note(tmp_path, capsys):
+    rows = rows_for([("unanswerable", INVENT, REFUSE)] * 12)
+    s = rescore(tmp_path, rows)
+    assert list(s["sets"]) == ["unseen"] and s["sets_missing"] == ["knowledge"]
+    out, err = capsys.readouterr()
+    assert "12 question(s) name no evaluation set" in err and "counted as 'unseen'" in err
+    assert "note: no 'knowledge' questions" in out
+
+
+def test_too_few_to_tell_and_warning_when_edge_rates_did_not_move(tmp_path, capsys):
+    """8 false premises: too few to tell even when all of them moved. Refusals that did not move (the same
+    answer from both models) are a warning, and so is a false-premise rate too small to show a change."""
+    rows = rows_for([("unanswerable", REFUSE, REFUSE)] * 15 + [("unanswerable", INVENT, INVENT)] * 15
+                    + [("false_premise", ACCEPT, ACCEPT)] * 8)
+    for r in rows:
+        r["set"] = "unseen"
+    s, out, err = rescore_sets(tmp_path, rows, capsys)
+    fp = s["rates"]["correction_rate_false_premise"]
+    assert fp["n"] == 8 and fp["reading"] == "too few to tell (n=8 < 20)"
+    assert "corrects false premise 0% -> 0%: too few to tell (n=8 < 20)" in s["verdict_line"]
+    assert s["rates"]["refusal_rate_unanswerable"]["reading"].startswith("no clear change")
+    warned = [line for line in err.splitlines() if line.startswith("warning: unseen set:")]
+    assert len(warned) == 2
+    assert "refusal on unanswerable questions did not move between base and fine-tuned: 50% -> 50% (n=30" in warned[0]
+    assert "correction of false premises did not move" in warned[1] and "too few questions to tell" in warned[1]
+
+
+def test_no_warning_when_edge_rates_moved(tmp_path, capsys):
+    rows = rows_for([("unanswerable", INVENT, REFUSE)] * 20 + [("false_premise", ACCEPT, CORRECT)] * 20)
+    s, _, err = rescore_sets(tmp_path, [{**r, "set": "knowledge"} for r in rows], capsys)
+    assert s["warnings"] == [] and "warning:" not in err
+    assert list(s["sets"]) == ["knowledge"] and s["sets_missing"] == ["unseen"]

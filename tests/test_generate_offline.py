@@ -29,12 +29,23 @@ def run_offline(tmp_path, *args, inputs=(DATA / "abstracts.jsonl",)):
 
 
 def assert_split_is_clean(train, evals, threshold=0.8):
+    """Unseen questions come from papers with no training record; knowledge questions from papers with some; no
+    evaluation question is the same as, or a near-duplicate of, a training question (title words left out, as
+    the curation compares a paper's own questions; the across-papers check compares the whole question)."""
     train_papers = {r["meta"]["paper_id"] for r in train}
-    assert not train_papers & {e["paper_id"] for e in evals}
-    train_q = [question_tokens(r["messages"][1]["content"]) for r in train]
+    unseen = [e for e in evals if e["set"] == "unseen"]
+    knowledge = [e for e in evals if e["set"] == "knowledge"]
+    assert len(unseen) + len(knowledge) == len(evals)
+    assert not train_papers & {e["paper_id"] for e in unseen}
+    assert {e["paper_id"] for e in knowledge} <= train_papers
+    train_q = [(r["meta"]["paper_id"], r["meta"]["title"], r["messages"][1]["content"]) for r in train]
+    exact = {" ".join(q.lower().split()) for _, _, q in train_q}
     for e in evals:
-        q = question_tokens(e["question"])
-        assert all(jaccard(q, t) < threshold for t in train_q), e["question"]
+        assert " ".join(e["question"].lower().split()) not in exact, e["question"]
+        for pid, title, q in train_q:
+            drop = question_tokens(title) if pid == e["paper_id"] else frozenset()
+            assert jaccard(question_tokens(e["question"]) - drop, question_tokens(q) - drop) < threshold, \
+                (e["question"], q)
 
 
 def test_offline_backend_records_follow_the_contract(tmp_path):
@@ -50,9 +61,10 @@ def test_offline_backend_records_follow_the_contract(tmp_path):
         assert r["meta"]["type"] in prompts.TYPES
     assert set(Counter(r["meta"]["type"] for r in train)) == set(prompts.TYPES)
     for e in evals:
-        assert set(e) == {"id", "question", "reference", "type", "paper_id", "context", "system"}
+        assert set(e) == {"id", "question", "reference", "type", "paper_id", "context", "system", "set"}
         assert e["system"] == common.DEFAULT_SYSTEM_PROMPT  # evaluation prompts as training did
-    assert len({e["paper_id"] for e in evals}) == 2 and len({e["type"] for e in evals}) >= 4
+    unseen = [e for e in evals if e["set"] == "unseen"]
+    assert len({e["paper_id"] for e in unseen}) == 2 and len({e["type"] for e in unseen}) >= 4
     assert len({e["id"] for e in evals}) == len(evals)
     assert_split_is_clean(train, evals)
 
@@ -74,7 +86,7 @@ def test_offline_is_deterministic_and_system_prompt_configurable(tmp_path):
     _, c = run_offline(tmp_path / "c", "--system_prompt", "Be brief.", "--eval_papers", "0.25", "--seed", "3")
     train = load(c / "train.jsonl")
     assert {r["messages"][0]["content"] for r in train} == {"Be brief."}
-    assert len({e["paper_id"] for e in load(c / "eval.jsonl")}) == 2  # 25% of 8 papers
+    assert len({e["paper_id"] for e in load(c / "eval.jsonl") if e["set"] == "unseen"}) == 2  # 25% of 8 papers
 
 
 def test_offline_pairs_are_grounded_and_edge_cases_behave():
@@ -182,14 +194,27 @@ SAMPLE = ROOT / "data" / "sample_abstracts.jsonl"
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="data/sample_abstracts.jsonl not written yet")
-def test_demo_on_sample_abstracts_gives_300_pairs_and_10_eval_questions(tmp_path):
-    """The README's offline demo, with default flags."""
-    rc, out = run_offline(tmp_path, inputs=(SAMPLE,))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_defaults_on_sample_abstracts_give_enough_questions_per_set(tmp_path, seed):
+    """The README's offline demo, with default flags: >= 300 training pairs whose edge share is what
+    --edge_case_ratio asks for, and in EACH evaluation set >= 20 unanswerable, >= 20 false-premise and >= 40
+    answerable questions (what a rate needs before its interval can tell base and fine-tuned apart)."""
+    rc, out = run_offline(tmp_path, "--seed", str(seed), inputs=(SAMPLE,))
     assert rc == 0
     train, evals = load(out / "train.jsonl"), load(out / "eval.jsonl")
     assert len(train) >= 300
-    assert len(evals) >= 10 and len({e["type"] for e in evals}) >= 4
+    edge = sum(r["meta"]["type"] in prompts.EDGE_CASES for r in train) / len(train)
+    quota = prompts.type_quotas(12, 0.2)  # --pairs_per_abstract 12 at --edge_case_ratio 0.2, per paper
+    assert edge == pytest.approx(sum(quota[t] for t in prompts.EDGE_CASES) / 12, abs=0.02)
+    for name in ("unseen", "knowledge"):
+        got = Counter(e["type"] for e in evals if e["set"] == name)
+        answerable = sum(got[t] for t in prompts.ANSWERABLE)
+        assert got["unanswerable"] >= 20 and got["false_premise"] >= 20 and answerable >= 40, (name, got)
+    assert len({e["paper_id"] for e in evals if e["set"] == "unseen"}) == 8
     assert_split_is_clean(train, evals)
+    man = json.loads((out / "train.manifest.json").read_text())
+    assert man["counts"]["eval_by_set_type"] == {k: dict(Counter(e["type"] for e in evals if e["set"] == k))
+                                                 for k in ("unseen", "knowledge")}
 
 
 @pytest.mark.parametrize("answer,refuses", [
@@ -223,3 +248,55 @@ def test_eval_questions_go_beside_out_by_default(tmp_path, monkeypatch):
                                  "--out", str(out)]) == 0
         assert (out.parent / expected).is_file() and common.eval_questions_path(out) == out.parent / expected
     assert not (tmp_path / "data").exists()
+
+
+def test_both_sets_on_small_input_and_manifest_counts(tmp_path):
+    """tests/data: 8 papers, 2 held out. Knowledge questions are about training papers, never a training
+    question; the manifest counts each set by type; --knowledge_questions 0 leaves only the unseen set and puts
+    the training papers' edge cases as they are (the same quotas per paper)."""
+    rc, out = run_offline(tmp_path / "a", "--eval_papers", "2", "--knowledge_questions", "20")
+    assert rc == 0
+    train, evals = load(out / "train.jsonl"), load(out / "eval.jsonl")
+    by_set = Counter(e["set"] for e in evals)
+    assert by_set["unseen"] > 0 and 10 <= by_set["knowledge"] <= 20
+    assert_split_is_clean(train, evals)
+    for e in evals:
+        assert e["context"] and e["reference"] and e["type"] in prompts.TYPES
+    man = json.loads((out / "train.manifest.json").read_text())
+    assert man["counts"]["eval_by_set"] == dict(by_set)
+    for k in ("unseen", "knowledge"):
+        assert man["counts"]["eval_by_set_type"][k] == dict(Counter(e["type"] for e in evals if e["set"] == k))
+    assert sum(man["quotas"]["knowledge_asked"].values()) == 20
+    # every training paper keeps its training quota per type (the knowledge pairs are on top)
+    quota = man["quotas"]["train"]
+    for pid in {r["meta"]["paper_id"] for r in train}:
+        got = Counter(r["meta"]["type"] for r in train if r["meta"]["paper_id"] == pid)
+        assert all(got[t] == quota[t] for t in prompts.EDGE_CASES), (pid, got)
+
+    rc, none = run_offline(tmp_path / "b", "--eval_papers", "2", "--knowledge_questions", "0")
+    assert rc == 0
+    evals0 = load(none / "eval.jsonl")
+    assert {e["set"] for e in evals0} == {"unseen"}
+    assert [e["question"] for e in evals0] == [e["question"] for e in evals if e["set"] == "unseen"]
+    edge = lambda recs: Counter(r["meta"]["type"] for r in recs if r["meta"]["type"] in prompts.EDGE_CASES)
+    assert edge(load(none / "train.jsonl")) == edge(train)  # the answerable ones may differ: a type lends its quota
+
+
+def test_knowledge_near_duplicates_of_training_are_dropped():
+    """A held-back pair whose question repeats a training question of its paper (all but a word) is a reject,
+    not a knowledge question; a different question about the same paper stays."""
+    from paperqa_tune.qa.curation import drop_near_training
+
+    units = {"p1": {"title": "QLoRA", "abstract": ABSTRACT}}
+    ans = "A 65B parameter model on a single 48GB GPU."
+    conv = lambda q, s=None: {"paper_id": "p1", "unit": "p1", "turns": [{"type": "factual", "question": q,
+                                                                         "answer": ans}], **({"set": s} if s else {})}
+    convs = [conv("How large a model does QLoRA finetune on one GPU?"),
+             conv("How large a model does QLoRA finetune on one single GPU?", "knowledge"),
+             conv("How LARGE a model does QLoRA finetune on one GPU", "knowledge"),
+             conv("Which kind of adapters does QLoRA backpropagate into?", "knowledge")]
+    counts, rejects = Counter(), []
+    kept = drop_near_training(convs, units, 0.8, counts, rejects)
+    assert [c["turns"][0]["question"] for c in kept] == [convs[0]["turns"][0]["question"],
+                                                         convs[3]["turns"][0]["question"]]
+    assert counts == {"near_training": 2} and all(r["stage"] == "knowledge" for r in rejects)

@@ -158,7 +158,8 @@ def test_invented_short_answers_against_correct_longer_ones_is_base_better():
     assert s["verdict"] == "base better", s["verdict_line"]
     h = s["rates"]["hallucination_rate"]
     assert (h["base"], h["finetuned"], h["n"]) == (0.0, 1.0, 20) and h["ci95"][0] > 0
-    assert s["rates"]["correct_answer_rate_answerable"] == {"n": 20, "base": 1.0, "finetuned": 0.0}
+    r = s["rates"]["correct_answer_rate_answerable"]
+    assert (r["n"], r["base"], r["finetuned"], r["reading"]) == (20, 1.0, 0.0, "lower after fine-tuning")
     assert "hallucinated 0% (base) -> 100% (fine-tuned)" in s["verdict_line"]
     assert all(r["finetuned_correct"] == 0 and r["finetuned_unsupported"] for r in rows)
 

@@ -84,7 +84,8 @@ def run_hf(tmp_path, *args, turns=1):
     rc = generate_qa.main(["--backend", "hf", "--model", str(Path(args[0])), "--input", str(abstracts),
                            "--pairs_per_abstract", "5", "--edge_case_ratio", "0.4", "--turns", str(turns),
                            "--max_tokens", "700", "--max_question_chars", "30", "--max_answer_chars", "30",
-                           "--batch_size", "2", "--eval_papers", "0", "--out", str(out / "train.jsonl"),
+                           "--batch_size", "2", "--eval_papers", "0", "--knowledge_questions", "0",
+                           "--out", str(out / "train.jsonl"),
                            "--eval_out", str(out / "eval.jsonl"), *args[1:]])
     return rc, out
 

@@ -62,8 +62,8 @@ def test_offline_turns_write_conversations_and_history_questions(tmp_path):
     for e in evals:
         conv, turn = e["id"].rsplit("-t", 1)
         by_conv.setdefault(conv, []).append((int(turn), e))
-    assert len({e["paper_id"] for e in evals}) == 2 and not {e["paper_id"] for e in evals} & {
-        r["meta"]["paper_id"] for r in train}
+    unseen = {e["paper_id"] for e in evals if e["set"] == "unseen"}  # knowledge questions: training papers'
+    assert len(unseen) == 2 and not unseen & {r["meta"]["paper_id"] for r in train}
     for turns in by_conv.values():
         turns.sort(key=lambda x: x[0])
         for k, (n, e) in enumerate(turns):
@@ -129,7 +129,8 @@ def test_llm_conversations_cut_before_a_failing_turn(tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     with FakeOpenAI(responder) as srv:
-        assert generate_qa.main(llm_args(out, srv, "--turns", "2", "--eval_papers", "0")) == 0
+        assert generate_qa.main(llm_args(out, srv, "--turns", "2", "--eval_papers", "0",
+                                         "--knowledge_questions", "0")) == 0
         assert "6 conversations about this paper, each of 2 turns" in srv.requests[0]["messages"][1]["content"]
     train = load(out / "train.jsonl")
     rejects = load(out / "rejects_train.jsonl")

@@ -17,7 +17,9 @@ def test_four_stages_chain(tiny_model, tmp_path, repo_root, capsys):
     train_records = [json.loads(line) for line in qa.read_text(encoding="utf-8").splitlines()]
     eval_records = [json.loads(line) for line in evalq.read_text(encoding="utf-8").splitlines()]
     assert len(train_records) >= 300 and len(eval_records) >= 10
-    assert not {r["meta"]["paper_id"] for r in train_records} & {r["paper_id"] for r in eval_records}
+    train_papers = {r["meta"]["paper_id"] for r in train_records}
+    assert not train_papers & {r["paper_id"] for r in eval_records if r["set"] == "unseen"}
+    assert {r["paper_id"] for r in eval_records if r["set"] == "knowledge"} <= train_papers
 
     assert train_qlora_hf.main(["--jsonl", str(qa), "--model", str(tiny_model), "--out", str(run),
                                 "--epochs", "1", "--batch", "8", "--grad_accum", "1", "--lr", "2e-3", "--bf16",
@@ -27,12 +29,18 @@ def test_four_stages_chain(tiny_model, tmp_path, repo_root, capsys):
     assert json.loads((run / "run_config.json").read_text())["base_model"] == str(tiny_model)
 
     # the base model comes from the run folder, as a user would rely on
-    assert eval_compare.main(["--adapter", str(run), "--questions", str(evalq), "--n", "6",
+    # a few questions of each set
+    few = [r for k in ("unseen", "knowledge") for r in [e for e in eval_records if e["set"] == k][:3]]
+    (data / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in few), encoding="utf-8")
+    assert eval_compare.main(["--adapter", str(run), "--questions", str(data / "few.jsonl"),
                               "--out", str(out / "evaluation.csv"), "--max_new_tokens", "12"]) == 0
     with open(out / "evaluation.csv", encoding="utf-8-sig", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6
+    assert len(rows) == 6 and [r["set"] for r in rows] == ["unseen"] * 3 + ["knowledge"] * 3
     assert {"id", "type", "question", "reference", "base_answer", "finetuned_answer"} <= set(rows[0])
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert {k: v["n"] for k, v in summary["sets"].items()} == {"unseen": 3, "knowledge": 3}
+    assert summary["evidence"]["n"] == 6
     for name in ("evaluation_for_marking.csv", "summary.json", "results_bar.png"):
         assert (out / name).is_file(), name
 

@@ -390,7 +390,8 @@ def test_reply_cached_before_a_kill_goes_on_to_its_repair(tmp_path):
                                 ResponseCache(out / ".cache" / "train.jsonl"))
         key = backend._lookup(msgs, backend._params("qa_pairs", generate_qa.PAIRS_SCHEMA))[0]
         backend.cache.put(key, "fake-model", Outcome(content="Sorry, no.", usage={"prompt_tokens": 1}))
-        assert generate_qa.main(llm(out, srv, "--eval_papers", "0", inputs=(DATA / "abstracts.csv",))) == 0
+        assert generate_qa.main(llm(out, srv, "--eval_papers", "0", "--knowledge_questions", "0",
+                                    inputs=(DATA / "abstracts.csv",))) == 0
         sent = [(request_paper(r)["id"], len(r["messages"])) for r in srv.requests]
     assert sorted(sent) == [("1910.10683", 2), ("2005.14165", 4), ("2305.18290", 2)]  # 2005.14165: the repair
 

@@ -257,7 +257,9 @@ def test_request_defaults_by_backend_and_server():
 
 def test_defaults_reach_the_requests_and_flags_override_them(tmp_path, capsys):
     with FakeOpenAI(pairs_responder()) as srv:
-        assert run(tmp_path / "a", srv, "--pairs_per_abstract", "6") == 0
+        # every request is a training one of 6 pairs (held-out papers and knowledge questions ask for more)
+        assert run(tmp_path / "a", srv, "--pairs_per_abstract", "6", "--eval_papers", "0",
+                   "--knowledge_questions", "0") == 0
         assert {r["max_tokens"] for r in srv.requests} == {150 * 6 + 256}
         err = capsys.readouterr().err
         assert "requests: max_tokens=1156 timeout=600s concurrency=2 response_format=json_schema (server " in err

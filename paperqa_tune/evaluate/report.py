@@ -2,7 +2,15 @@
 and read/write the spreadsheet (evaluation.csv) that a person checks.
 
 Column names: every per-answer measure appears twice, `base_<m>` and `finetuned_<m>`; `finetuned_vs_base`
-is win / tie / loss of the fine-tuned answer on the primary score (see paperqa_tune.evaluate.verdict).
+is win / tie / loss of the fine-tuned answer on the primary score (see paperqa_tune.evaluate.verdict); `set` is
+the question's evaluation set.
+
+Two evaluation sets, reported separately (summary.json "sets"): `unseen`, questions about papers held out of
+training whole (does the behaviour carry over to papers never seen?), and `knowledge`, new questions about papers
+that were in training (did the model learn what it was trained on?). The top-level verdict, evidence, rates and
+by_type are over ALL questions, both sets together (the most questions, and what summary.json always held); each
+set has its own verdict, rates and by_type under "sets". A question without a set (an older questions file)
+counts as `unseen`. Every rate carries its n, and reads "too few to tell" below MIN_RATE_N questions.
 """
 from __future__ import annotations
 
@@ -19,11 +27,15 @@ from paperqa_tune.errors import InputError, RunFailure
 from paperqa_tune.files import atomic_write_text, os_error_text, resolve_path
 from paperqa_tune.outputs import write_staged
 from paperqa_tune.scoring import BEHAVIOURS, score_answer
-from paperqa_tune.evaluate.verdict import TIE_MARGIN, compare, decide, guard_hallucination, headline
+from paperqa_tune.evaluate.verdict import (TIE_MARGIN, compare, decide, guard_hallucination, headline, rate_reading,
+                                           rates_line)
 
 SIDES = ("base", "finetuned")
 TYPES = ("factual", "conceptual", "methodology", "unanswerable", "false_premise")
 EDGE_TYPES = ("unanswerable", "false_premise")
+SETS = ("unseen", "knowledge")
+SET_MEANING = {"unseen": "questions about papers held out of training", "knowledge": "new questions about papers "
+               "in training"}
 MEASURES = ("behaviour", "correct", "score", "unsupported", "hallucinated", "token_f1", "rougeL", "words")
 QUESTION_COLUMNS = ["id", "type", "question", "reference"]
 ANSWER_COLUMNS = ["base_answer", "finetuned_answer"]
@@ -82,36 +94,65 @@ def type_order(rows: list[dict]) -> list[str]:
     return [t for t in TYPES if t in present] + sorted(present - set(TYPES))
 
 
+def paired_rate(rows: list[dict], base: list, finetuned: list, seed: int = 0) -> dict:
+    """A rate base -> fine-tuned over `rows` (0/1 values per row, None where it does not apply), with the paired
+    difference fine-tuned - base, its 95% bootstrap interval over questions and the sign test, as the verdict's;
+    "reading" says what may be concluded, "too few to tell" below MIN_RATE_N questions."""
+    paired = compare(base, finetuned, margin=0.0, seed=seed)
+    out = {"n": paired["n"], "base": paired["mean_base"], "finetuned": paired["mean_finetuned"],
+           "difference": paired["mean_difference"], "ci95": paired["ci95"], "sign_test_p": paired["sign_test_p"]}
+    return {**out, "reading": rate_reading(out)}
+
+
 def hallucination_stats(rows: list[dict], seed: int = 0) -> dict:
     """Share of answers asserting an unsupported specific, per model, and the paired difference fine-tuned -
     base with its 95% bootstrap interval over questions (as the verdict's)."""
-    paired = compare([r.get("base_hallucinated") for r in rows], [r.get("finetuned_hallucinated") for r in rows],
-                     margin=0.0, seed=seed)
-    return {"n": paired["n"], "base": paired["mean_base"], "finetuned": paired["mean_finetuned"],
-            "difference": paired["mean_difference"], "ci95": paired["ci95"], "sign_test_p": paired["sign_test_p"]}
+    return paired_rate(rows, [r.get("base_hallucinated") for r in rows],
+                       [r.get("finetuned_hallucinated") for r in rows], seed)
+
+
+def _flag(rows: list[dict], side: str, labels: tuple[str, ...]) -> list[int]:
+    return [int(r[f"{side}_behaviour"] in labels) for r in rows]
+
+
+def _correct(rows: list[dict], side: str) -> list:
+    return [None if r[f"{side}_correct"] in (None, "") else float(r[f"{side}_correct"]) for r in rows]
 
 
 def key_rates(rows: list[dict], seed: int = 0) -> dict:
-    """The behaviours fine-tuning is meant to teach, base -> fine-tuned, each with its question count.
-    Refusing an unanswerable question and correcting a false premise count only when the answer asserts no
-    unsupported specific (its `correct`): a "correction" that restates the premise is not one."""
+    """The behaviours fine-tuning is meant to teach, base -> fine-tuned, each with its question count and the
+    paired interval of the difference. Refusing an unanswerable question and correcting a false premise count
+    only when the answer asserts no unsupported specific (its `correct`): a "correction" that restates the premise
+    is not one."""
     answerable = [r for r in rows if r["type"] not in EDGE_TYPES]
-    edge = {t: [r for r in rows if r["type"] == t] for t in EDGE_TYPES}
-    out = {"refusal_rate_unanswerable": {"n": len(edge["unanswerable"]),
-                                         **{s: _correct_share(edge["unanswerable"], s) for s in SIDES}},
-           "correction_rate_false_premise": {"n": len(edge["false_premise"]),
-                                             **{s: _correct_share(edge["false_premise"], s) for s in SIDES}},
-           "correct_answer_rate_answerable": {"n": sum(r["base_correct"] not in (None, "") for r in answerable),
-                                              **{s: _correct_share(answerable, s) for s in SIDES}},
-           "over_refusal_rate_answerable": {"n": len(answerable),
-                                            **{s: _share(answerable, s, ("refused",)) for s in SIDES}},
-           "degenerate_rate": {"n": len(rows), **{s: _share(rows, s, ("degenerate", "empty")) for s in SIDES}},
-           "hallucination_rate": hallucination_stats(rows, seed)}
+    unans, fp = ([r for r in rows if r["type"] == t] for t in EDGE_TYPES)
+    return {"refusal_rate_unanswerable": paired_rate(unans, *(_correct(unans, s) for s in SIDES), seed=seed),
+            "correction_rate_false_premise": paired_rate(fp, *(_correct(fp, s) for s in SIDES), seed=seed),
+            "correct_answer_rate_answerable": paired_rate(answerable, *(_correct(answerable, s) for s in SIDES),
+                                                          seed=seed),
+            "over_refusal_rate_answerable": paired_rate(answerable, *(_flag(answerable, s, ("refused",))
+                                                                      for s in SIDES), seed=seed),
+            "degenerate_rate": paired_rate(rows, *(_flag(rows, s, ("degenerate", "empty")) for s in SIDES), seed=seed),
+            "hallucination_rate": hallucination_stats(rows, seed)}
+
+
+EDGE_RATES = {"refusal_rate_unanswerable": "refusal on unanswerable questions",
+              "correction_rate_false_premise": "correction of false premises"}
+
+
+def edge_warnings(rates: dict, where: str) -> list[str]:
+    """A warning for each edge behaviour (refusal, correction) that did not move between base and fine-tuned:
+    the 95% interval of the difference includes 0 (with too few questions to tell, it says so)."""
+    out = []
+    for key, what in EDGE_RATES.items():
+        r = rates[key]
+        if not r["n"] or not r["ci95"] or not r["ci95"][0] <= 0 <= r["ci95"][1]:
+            continue
+        few = "; too few questions to tell" if r["reading"].startswith("too few") else ""
+        out.append(f"{where}: {what} did not move between base and fine-tuned: {_pct(r['base'])} -> "
+                   f"{_pct(r['finetuned'])} (n={r['n']}, 95% CI of the difference {r['ci95'][0]:+.0%} to "
+                   f"{r['ci95'][1]:+.0%}, includes 0){few}")
     return out
-
-
-def _correct_share(rows: list[dict], side: str) -> float | None:
-    return _mean(r[f"{side}_correct"] for r in rows)
 
 
 def _status(failed: int, total: int) -> str:
@@ -153,8 +194,24 @@ def judge_failure(summary: dict) -> str | None:
             "asks the judge again")
 
 
-def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0) -> dict:
-    """summary.json's evidence: the verdict first, then the key rates, then per type."""
+def assign_sets(rows: list[dict], questions: dict[str, dict]) -> str | None:
+    """Each row's "set" (from the row, else its question; unseen when neither says), and a one-line note when
+    some had none (an older questions file)."""
+    missing = 0
+    for r in rows:
+        got = str(r.get("set") or (questions.get(r["id"]) or {}).get("set") or "").strip().lower()
+        if got not in SETS:
+            missing += 1
+            got = "unseen"
+        r["set"] = got
+    if not missing:
+        return None
+    return (f"{missing} question(s) name no evaluation set (an older questions file?): counted as 'unseen' "
+            "(questions about papers held out of training)")
+
+
+def _evidence(rows: list[dict], seed: int) -> dict:
+    """Verdict, verdict line, evidence, rates and by_type of these rows."""
     by_type = {}
     for t in type_order(rows) + ["all"]:
         sel = [r for r in rows if t == "all" or r["type"] == t]
@@ -163,8 +220,23 @@ def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0
     stats = by_type["all"]["paired"]  # every question, paired
     rates = key_rates(rows, seed)
     verdict, reason = guard_hallucination(*decide(stats), rates["hallucination_rate"])
-    out = {"verdict": verdict, "verdict_line": headline(verdict, stats, reason, rates["hallucination_rate"]),
-           "evidence": {**stats, "reason": reason, "measure": SCORE_RULE}, "rates": rates, "by_type": by_type}
+    line = headline(verdict, stats, reason, rates["hallucination_rate"]) + "; " + rates_line(rates)
+    return {"verdict": verdict, "verdict_line": line, "evidence": {**stats, "reason": reason, "measure": SCORE_RULE},
+            "rates": rates, "by_type": by_type}
+
+
+def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0) -> dict:
+    """summary.json's evidence: the verdict first (over all questions), then the key rates and per type; the same
+    for each evaluation set (the rows' "set", see assign_sets) under "sets"; "warnings" when an edge behaviour
+    did not move in a set."""
+    out = _evidence(rows, seed)
+    present = [k for k in SETS if any(r.get("set", "unseen") == k for r in rows)]
+    out["sets"] = {}
+    for k in present:
+        ev = _evidence([r for r in rows if r.get("set", "unseen") == k], seed)
+        out["sets"][k] = {"meaning": SET_MEANING[k], "n": ev["evidence"]["n"], **ev}
+    out["sets_missing"] = [k for k in SETS if k not in present]
+    out["warnings"] = [w for k in present for w in edge_warnings(out["sets"][k]["rates"], f"{k} set")]
     judge = judge_summary(rows, criteria or [])
     if judge:
         out["judge"] = judge
@@ -179,11 +251,19 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def summary_table(summary: dict) -> str:
-    """Plain-text table per type (base -> fine-tuned), the key rates, and the verdict line last."""
+RATE_LABELS = {"refusal_rate_unanswerable": "refuses unanswerable (inventing nothing)",
+               "correction_rate_false_premise": "corrects false premise (restating nothing unsupported)",
+               "correct_answer_rate_answerable": "correct answers (answerable)",
+               "over_refusal_rate_answerable": "refuses answerable (over-refusal)",
+               "degenerate_rate": "degenerate or empty answers",
+               "hallucination_rate": "hallucinates (asserts a specific the source does not support)"}
+
+
+def _evidence_lines(ev: dict) -> list[str]:
+    """One evidence block (all questions, or one set): the table per type, then each key rate with its n."""
     header = ["type", "n", "correct base->ft", "score base->ft", "F1 base->ft", "ft win/tie/loss"]
     table = [header]
-    for t, s in summary["by_type"].items():
+    for t, s in ev["by_type"].items():
         b, f, p = s["base"], s["finetuned"], s["paired"]
         table.append([t, str(s["n"]), f"{_pct(b['correct_rate'])} -> {_pct(f['correct_rate'])}",
                       f"{_num(b['mean_score'])} -> {_num(f['mean_score'])}",
@@ -191,17 +271,29 @@ def summary_table(summary: dict) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "-" * len(lines[0]))
-    names = {"refusal_rate_unanswerable": "refuses unanswerable (inventing nothing)", "correction_rate_false_premise":
-             "corrects false premise (restating nothing unsupported)", "correct_answer_rate_answerable":
-             "correct answers (answerable)", "over_refusal_rate_answerable": "refuses answerable (over-refusal)",
-             "degenerate_rate": "degenerate or empty answers",
-             "hallucination_rate": "hallucinates (asserts a specific the source does not support)"}
-    for key, label in names.items():
-        r = summary["rates"][key]
+    for key, label in RATE_LABELS.items():
+        r = ev["rates"][key]
         if r["n"]:
             ci = r.get("ci95")
             lines.append(f"{label}: {_pct(r['base'])} -> {_pct(r['finetuned'])} (n={r['n']}"
-                         + (f", difference {r['difference']:+.0%} [95% CI {ci[0]:+.0%} to {ci[1]:+.0%}])" if ci else ")"))
+                         + (f", difference {r['difference']:+.0%} [95% CI {ci[0]:+.0%} to {ci[1]:+.0%}]" if ci else "")
+                         + f"): {r.get('reading', '')}")
+    return lines
+
+
+def summary_table(summary: dict) -> str:
+    """Plain-text tables per type (base -> fine-tuned) and the key rates: for all questions, then for each
+    evaluation set with its own verdict; the overall verdict line last."""
+    sets = summary.get("sets") or {}
+    lines = (["== all questions" + (f" ({' + '.join(sets)})" if len(sets) > 1 else "") + " =="] if sets else [])
+    lines += _evidence_lines(summary)
+    if len(sets) > 1:
+        for k, ev in sets.items():
+            lines += ["", f"== {k} set: {ev['meaning']} (n={ev['n']}) =="] + _evidence_lines(ev)
+            lines.append(f"{k} set: {ev['verdict_line']}")
+        lines.append("")
+    for k in summary.get("sets_missing") or []:
+        lines.append(f"note: no '{k}' questions ({SET_MEANING[k]}): that set is not evaluated")
     pw = summary.get("judge", {}).get("pairwise")
     if pw and pw.get("status") == "failed":
         lines.append(f"pairwise judge: FAILED on all {pw['failed']} questions (see judge_raw)")
@@ -266,7 +358,7 @@ def split_skipped(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def _ours(column: str) -> bool:
     """A column eval_compare.py writes (recomputed on --rescore); any other is the user's and is kept."""
     if column in QUESTION_COLUMNS + ANSWER_COLUMNS or column in ("finetuned_vs_base", "system_prompt", "skipped",
-                                                                 "context"):
+                                                                 "context", "set"):
         return True
     side, _, measure = column.partition("_")
     return (side in SIDES and (measure in MEASURES + ("new_tokens",) or measure.startswith("rubric_"))) or \
@@ -284,7 +376,7 @@ def result_columns(rows: list[dict], criteria: list[str], pairwise: bool, per_ro
         cols += ["judge_winner", "judge_consistent", "judge_reason", "judge_raw"]
     for c in (criteria + ["mean", "reason", "status", "raw"]) if criteria else []:
         cols += [f"base_rubric_{c}", f"finetuned_rubric_{c}"]
-    cols.append("context")
+    cols += ["set", "context"]
     if per_row_system:
         cols.append("system_prompt")
     if any(r.get("skipped") for r in rows):
@@ -319,6 +411,8 @@ def read_results_csv(path: Path) -> list[dict]:
                 for side in SIDES:
                     n = (rec.get(f"{side}_new_tokens") or "").strip()
                     row[f"{side}_new_tokens"] = int(n) if n.isdigit() else None
+                if (rec.get("set") or "").strip():  # the evaluation set (unseen / knowledge)
+                    row["set"] = rec["set"].strip().lower()
                 if (rec.get("context") or "").strip():  # the source the answers are checked against
                     row["context"] = unsafe_cell(rec["context"])
                 if rec.get("system_prompt") is not None:
@@ -396,6 +490,8 @@ def write_outputs(outs, rows: list[dict], summary: dict, criteria: list[str], pa
                          f"{outs.paths[OUTPUTS['csv']].parent} are unchanged and no partial file is left") from None
     outs.commit([OUTPUTS[k] for k in COMMIT_ORDER if OUTPUTS[k] in outs.paths])
     print(summary_table(summary))
+    for w in summary.get("warnings") or []:
+        print(f"warning: {w}", file=sys.stderr)
     if curve is not None:
         print(f"learning curve over {len(curve)} points: {outs.paths[OUTPUTS['curve_csv']]}, "
               f"{outs.paths[OUTPUTS['curve_plot']]}")

@@ -16,6 +16,9 @@ The primary score is support-aware (an answer asserting specifics the source doe
 0), and a guard sits on top: when the fine-tuned model hallucinates significantly more than the base (the 95%
 bootstrap interval of the paired difference of the 0/1 `*_hallucinated` is above 0), "fine-tuned better"
 becomes "no clear difference", with that reason. Fabrication cannot win the verdict.
+
+Each key rate (refusal on unanswerable questions, correction of false premises, ...) is compared the same way on
+its own questions, and its "reading" names n: below MIN_RATE_N questions it is "too few to tell", never a claim.
 """
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ VERDICTS = ("fine-tuned better", "base better", "no clear difference")
 MIN_QUESTIONS = 10
 TIE_MARGIN = 0.05
 ALPHA = 0.05
+# A rate over fewer questions is "too few to tell": with 20, a 0/1 rate's 95% interval is still about +-20 points
+MIN_RATE_N = 20
+RATE_NAMES = {"refusal_rate_unanswerable": "refuses unanswerable", "correction_rate_false_premise":
+              "corrects false premise", "correct_answer_rate_answerable": "correct answers",
+              "over_refusal_rate_answerable": "refuses answerable", "degenerate_rate": "degenerate",
+              "hallucination_rate": "hallucinates"}
 
 
 def bootstrap_ci(diffs: list[float], n_boot: int = 5000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -111,6 +120,38 @@ def headline(verdict: str, stats: dict, reason: str, hallucination: dict | None 
             f"{lo:+.3f} to {hi:+.3f}]; fine-tuned wins {stats['wins']}, ties {stats['ties']}, loses "
             f"{stats['losses']} of {stats['n']} questions (sign test p={stats['sign_test_p']:.3g}){hall}"
             + (f"; {reason}" if verdict == VERDICTS[2] else ""))
+
+
+def rate_reading(rate: dict, min_n: int = MIN_RATE_N) -> str:
+    """What a rate's paired comparison allows one to say: "too few to tell" below min_n questions, else whether
+    the 95% interval of the difference (fine-tuned - base) lies above 0, below 0, or includes it."""
+    n, ci = rate["n"], rate.get("ci95")
+    if n < min_n or not ci:
+        return f"too few to tell (n={n} < {min_n})"
+    if ci[0] > 0:
+        return "higher after fine-tuning"
+    if ci[1] < 0:
+        return "lower after fine-tuning"
+    return "no clear change (the 95% interval of the difference includes 0)"
+
+
+def rates_line(rates: dict) -> str:
+    """The key rates in one line, each base -> fine-tuned with its n, and "too few to tell" where it is."""
+    parts = []
+    for key, name in RATE_NAMES.items():
+        r = rates.get(key)
+        if not r or not r["n"]:
+            continue
+        if r["reading"].startswith("too few"):
+            parts.append(f"{name} {_pct(r['base'])} -> {_pct(r['finetuned'])}: {r['reading']}")
+        else:
+            parts.append(f"{name} {_pct(r['base'])} -> {_pct(r['finetuned'])} (n={r['n']}, "
+                         f"{r['reading'].split(' (')[0]})")
+    return "rates: " + ("; ".join(parts) if parts else "none")
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def _r(x: float, digits: int = 4) -> float:

@@ -9,19 +9,23 @@ into train and eval, and the records written for each.
 
 A conversation is {"paper_id", "unit", "turns": [{"type", "question", "answer"}, ...]}; `units` maps a unit id to
 the text it is grounded in (source_units). Dropped turns go to `rejects` with their reason and are counted in
-`counts` by the reason's first word."""
+`counts` by the reason's first word.
+
+Two evaluation sets: "unseen" (every question of the papers split_papers holds out whole) and "knowledge" (pairs
+about training papers that hold_back_knowledge keeps out of the training file, then drop_near_training)."""
 from __future__ import annotations
 
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from paperqa_tune.client import Outcome
 from paperqa_tune.errors import InputError
 from paperqa_tune.llm import Progress, Stats
 from paperqa_tune.messages import chat_record, qa_messages
-from paperqa_tune.qa.prompts import ANSWERABLE, SCORES_SCHEMA, judge_messages
+from paperqa_tune.qa.prompts import (ANSWERABLE, SCORES_SCHEMA, TYPES, conversations_per_source, judge_messages,
+                                     type_quotas)
 from paperqa_tune.qa.replies import judge_scores
 from paperqa_tune.qa.textsim import (cross_group_near_duplicates, grounding, normalized, numbers, question_tokens,
                                      within_paper_duplicate)
@@ -201,6 +205,173 @@ def split_papers(paper_ids: list[str], spec: float, seed: int) -> set[str]:
     return set(random.Random(seed).sample(paper_ids, k))
 
 
+def knowledge_extras(unit_ids: list[str], n: int, edge_ratio: float, per_unit_max: int) -> dict[str, dict[str, int]]:
+    """Extra pairs each training text is asked for, to be held back as knowledge questions: n in all (at most
+    per_unit_max per text, so a few papers are not asked for dozens each), with the types of type_quotas(n,
+    edge_ratio) interleaved (each type spread evenly over the sequence) and dealt to the texts in turn, so every
+    text gives a mix."""
+    n = min(n, per_unit_max * len(unit_ids))
+    if n <= 0:
+        return {}
+    total = type_quotas(n, edge_ratio)
+    slots = sorted(((k + 0.5) / c, i, t) for i, (t, c) in enumerate(total.items()) for k in range(c))
+    extras: dict[str, dict[str, int]] = {}
+    for j, (_, _, t) in enumerate(slots):
+        got = extras.setdefault(unit_ids[j % len(unit_ids)], dict.fromkeys(TYPES, 0))
+        got[t] += 1
+    return extras
+
+
+def hold_back_knowledge(convs: list[dict], train_quotas: dict[str, int], extras: dict[str, dict[str, int]],
+                        turns: int) -> list[dict]:
+    """convs (of training papers) with the held-back ones marked "set": "knowledge". Single pairs: per text and
+    type, the first train_quotas[t] kept pairs stay training data, the next extras[t] are held back, any more stay
+    training data; so training keeps its --edge_case_ratio even when the generator wrote fewer pairs than asked
+    (the knowledge set is then the smaller). Conversations (turns > 1): the text's last conversations, about
+    sum(extras) turns, always leaving it one for training (the training share is then only about right)."""
+    by_unit: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(convs):
+        by_unit[c["unit"]].append(i)
+    held: set[int] = set()
+    for unit, idx in by_unit.items():
+        extra = extras.get(unit)
+        if not extra:
+            continue
+        if turns == 1:
+            for t in TYPES:
+                of_type = [i for i in idx if convs[i]["turns"][0]["type"] == t]
+                held.update(of_type[train_quotas.get(t, 0): train_quotas.get(t, 0) + extra[t]])
+        else:
+            k = min(len(idx) - 1, max(1, round(sum(extra.values()) / turns)))
+            held.update(idx[len(idx) - k:] if k > 0 else [])
+    return [{**c, "set": "knowledge"} if i in held else c for i, c in enumerate(convs)]
+
+
+def drop_near_training(convs: list[dict], units: dict[str, dict], threshold: float, counts: Counter,
+                       rejects: list[dict]) -> list[dict]:
+    """Knowledge questions must not repeat a training question: a held-back conversation is cut before its first
+    turn whose question is the same (lowercased words) as any training question, or whose word overlap (Jaccard,
+    the paper's title words left out, as curation's within-paper check) with a training question of the same
+    paper reaches `threshold`; one cut before its first turn is dropped. Both are rejects ("near_training")."""
+    train_q: dict[str, list[str]] = defaultdict(list)
+    for c in convs:
+        if c.get("set") != "knowledge":
+            train_q[c["paper_id"]] += [t["question"] for t in c["turns"]]
+    exact = {normalized(q) for qs in train_q.values() for q in qs}
+    out = []
+    for c in convs:
+        if c.get("set") != "knowledge":
+            out.append(c)
+            continue
+        title = units[c["unit"]]["title"]
+        for k, t in enumerate(c["turns"]):
+            same = t["question"] if normalized(t["question"]) in exact else \
+                within_paper_duplicate(t["question"], train_q[c["paper_id"]], title, threshold)
+            if same is not None:
+                counts["near_training"] += 1
+                rejects.append({"paper_id": c["paper_id"], "stage": "knowledge", "type": t["type"],
+                                "reason": f"near_training: a knowledge question close to the training question "
+                                          f"{same!r}", "question": t["question"], "answer": t["answer"]})
+                c = {**c, "turns": c["turns"][:k]}
+                break
+        if c["turns"]:
+            out.append(c)
+    return out
+
+
+@dataclass
+class Plan:
+    """Who is asked for what, decided before generation: the papers held out whole (the "unseen" set), each
+    text's type quotas, and the extra pairs of training texts that become knowledge questions."""
+    held_out: set[str]
+    train: dict[str, int]                 # a training text's quotas: --pairs_per_abstract at --edge_case_ratio
+    eval: dict[str, int]                  # a held-out text's: --eval_pairs_per_abstract at --eval_edge_case_ratio
+    extras: dict[str, dict[str, int]]     # training text -> extra pairs per type, held back as knowledge questions
+    quotas_of: dict[str, dict[str, int]]  # text -> what its request asks for
+
+    @property
+    def largest(self) -> dict[str, int]:
+        return max(self.quotas_of.values(), key=lambda q: sum(q.values()), default=self.train)
+
+    def summary(self) -> dict:
+        asked = Counter()
+        for q in self.extras.values():
+            asked.update(q)
+        return {"train": self.train, "eval": self.eval, "knowledge_asked": {t: asked[t] for t in self.train}}
+
+
+def plan_requests(paper_ids: list[str], units: list[dict], *, eval_papers: float, seed: int, pairs: int,
+                  edge_ratio: float, eval_pairs: int, eval_edge_ratio: float, knowledge: int, turns: int) -> Plan:
+    """Hold out whole papers (no evaluation question shares its abstract with training) and size every request:
+    held-out texts get eval_pairs at eval_edge_ratio (more pairs and edge cases than training ones: they are all
+    questions, and a rate needs about 20 of its kind); training texts get `pairs` at edge_ratio plus their share
+    of the `knowledge` questions (knowledge_extras, at most half as many again)."""
+    held_out = split_papers(paper_ids, eval_papers, seed)
+    per_text = conversations_per_source(pairs, turns) * turns
+    train = type_quotas(per_text, edge_ratio)
+    evalq = type_quotas(conversations_per_source(eval_pairs, turns) * turns, eval_edge_ratio)
+    extras = knowledge_extras([u["unit"] for u in units if u["id"] not in held_out], knowledge, eval_edge_ratio,
+                              max(1, per_text // 2))
+    quotas_of = {u["unit"]: evalq if u["id"] in held_out else
+                 {t: k + extras.get(u["unit"], {}).get(t, 0) for t, k in train.items()} for u in units}
+    return Plan(held_out, train, evalq, extras, quotas_of)
+
+
+def split_sets(convs: list[dict], plan: Plan, units: dict[str, dict], paper_order: list[str], turns: int,
+               dedup_threshold: float, counts: Counter, rejects: list[dict]) -> list[dict]:
+    """convs with the knowledge pairs of training papers marked (hold_back_knowledge), those close to a training
+    question dropped, in paper order (each paper's conversations in their order).
+    Near-duplicates: the rule that keeps two training pairs apart (dedup_threshold: word Jaccard against the
+    paper's questions, title words left out), now between a knowledge question and every training one, follow-ups
+    included. A stricter bar drops mere template twins ("What does X report about A?" / "... about B?"), which
+    ask about different things: measured at 0.6, all 6 of 97 dropped on the sample abstracts were such twins."""
+    marked = hold_back_knowledge([c for c in convs if c["paper_id"] not in plan.held_out], plan.train, plan.extras,
+                                 turns)
+    marked = drop_near_training(marked, units, dedup_threshold, counts, rejects)
+    order = {pid: k for k, pid in enumerate(paper_order)}
+    return sorted([c for c in convs if c["paper_id"] in plan.held_out] + marked, key=lambda c: order[c["paper_id"]])
+
+
+@dataclass
+class Tally:
+    """What the stages count and drop: the manifest's statistics, the filters' counts and the rejects."""
+    stats: Stats
+    counts: Counter = field(default_factory=Counter)
+    rejects: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.progress = Progress(self.stats)
+
+
+@dataclass
+class Kept:
+    """What survived, split by paper: conversations kept, papers held out for evaluation, and the records."""
+    generated: int           # Q&A turns the generator wrote
+    convs: list[dict]
+    with_pairs: list[str]    # papers that kept a pair, in input order
+    held_out: set[str]
+    train: list[dict]
+    evals: list[dict]
+
+    @property
+    def turns(self) -> int:
+        return sum(len(c["turns"]) for c in self.convs)
+
+
+def set_notes(by_set_type: dict[str, dict[str, int]], enough: int = 20) -> list[str]:
+    """A note for each evaluation set with fewer than `enough` unanswerable or false-premise questions, naming
+    the flags that give more."""
+    flags = {"unseen": "--eval_papers, --eval_pairs_per_abstract", "knowledge": "--knowledge_questions"}
+    out = []
+    for k, by_type in by_set_type.items():
+        edge = [by_type.get(t, 0) for t in ("unanswerable", "false_premise")]
+        if sum(by_type.values()) and min(edge) < enough:
+            out.append(f"the {k} set has {edge[0]} unanswerable and {edge[1]} false-premise questions; a refusal or "
+                       f"correction rate needs about {enough} to tell the models apart ({flags[k]}, "
+                       "--eval_edge_case_ratio)")
+    return out
+
+
 def exchanges(turns: list[dict]) -> list[dict]:
     """Q&A turns as the user/assistant messages of a chat."""
     return [{"role": r, "content": t[k]} for t in turns for r, k in (("user", "question"), ("assistant", "answer"))]
@@ -219,17 +390,20 @@ def conversation_ids(convs: list[dict], turns: int) -> list[str]:
 def to_records(convs: list[dict], units: dict[str, dict], held_out: set[str], *, turns: int, system_prompt: str,
                backend: str, model: str) -> tuple[list[dict], list[dict]]:
     """(training chat records, evaluation questions): every turn of a held-out paper's conversations becomes a
-    question, a follow-up with the turns before it as its "history"; the text it is grounded in is its context.
+    question of the "unseen" set, and every turn of a conversation hold_back_knowledge marked one of the
+    "knowledge" set (its paper is in training); a follow-up has the turns before it as its "history"; the text it
+    is grounded in is its context.
     turns: Q&A turns per conversation asked for; backend and model: who wrote them (each record's meta)."""
     train, evals = [], []
     for c, cid in zip(convs, conversation_ids(convs, turns)):
         pid, unit, conv = c["paper_id"], units[c["unit"]], c["turns"]
         section = {"section": unit["section"]} if unit.get("full_text") else {}
-        if pid in held_out:
+        if pid in held_out or c.get("set") == "knowledge":
             for k, t in enumerate(conv):
                 evals.append({"id": cid if turns == 1 else f"{cid}-t{k + 1}", "question": t["question"],
                               "reference": t["answer"], "type": t["type"], "paper_id": pid,
-                              "context": unit["abstract"], "system": system_prompt, **section,
+                              "context": unit["abstract"], "set": "unseen" if pid in held_out else "knowledge",
+                              "system": system_prompt, **section,
                               **({"history": exchanges(conv[:k])} if k else {})})
             continue
         meta = {"paper_id": pid, "type": conv[0]["type"], "backend": backend, "model": model, "id": cid,
@@ -250,7 +424,8 @@ def quality_items(convs: list[dict], units: dict[str, dict], held_out: set[str],
     for c, cid in zip(convs, conversation_ids(convs, turns)):
         unit = units[c["unit"]]
         for k, t in enumerate(c["turns"], 1):
-            items.append({"split": "eval" if c["paper_id"] in held_out else "train", "type": t["type"],
+            evaluated = c["paper_id"] in held_out or c.get("set") == "knowledge"
+            items.append({"split": "eval" if evaluated else "train", "type": t["type"],
                           "section": unit["section"], "question": t["question"], "answer": t["answer"],
                           "source": unit["abstract"], "conversation": cid, "turn": k, "paper_id": c["paper_id"]})
     return items
