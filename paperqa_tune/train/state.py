@@ -5,6 +5,7 @@ it, the facts the loop steps through unchanged: the Schedule and where it saves 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Schedule:
 class Saving:
     """What the loop writes besides the weights' update: checkpoints and metrics.json in out_dir (None: nothing,
     e.g. benchmarks), each checkpoint with the fingerprint of the data order and the run's flags."""
-    out_dir: object                     # Path | None
+    out_dir: Path | None
     fingerprint: dict
     flags: dict | None
     resumed_from: int | None            # the step a --resume continued from (None: started at step 0)
