@@ -55,13 +55,13 @@ import torch
 from common import (HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError, RunFailure, eval_questions_path, finite_float,
                     run_main, sha256_file, write_json_atomic, write_jsonl_atomic)
 from paperqa_tune.train.chats import build_samples, load_chats, print_inspect
-from paperqa_tune.checkpoints import (check_checkpoint, fingerprint, last_checkpoint, load_checkpoint, resume_flags,
-                                      save_checkpoint)
+from paperqa_tune.checkpoints import (Trainables, check_checkpoint, fingerprint, last_checkpoint, load_checkpoint,
+                                      resume_flags, save_checkpoint)
 from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, init_distributed, launched_rank,
                                       shutdown_distributed)
 from paperqa_tune.train.kernels import LIGER_AUTO, parse_liger
 from paperqa_tune.loading import load_tokenizer, requested_precision, resolve_precision
-from paperqa_tune.train.memory import auto_budget_gb, frozen_gc, plan_for_budget
+from paperqa_tune.train.memory import BudgetSettings, frozen_gc, parse_mem_budget, plan_for_budget
 from paperqa_tune.train.optim import OPTIMIZERS, FlatParams, make_optimizer, zero_grads
 from paperqa_tune.train.packing import IGNORE, collate, collate_packed
 from paperqa_tune.train.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
@@ -71,6 +71,8 @@ from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_format_reco
                                same_command_unfinished, save_outputs, system_prompts, versions, write_metrics)
 from paperqa_tune.safety import chat_structure
 from paperqa_tune.train.samples import padding_share
+from paperqa_tune.train.split import TrainingData, split_train_val
+from paperqa_tune.train.state import Saving, Schedule, StepStats, TrainState
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
@@ -177,17 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_mem_budget(text: str):
-    """--gpu_mem_budget: GB (> 0), "auto" or "off" (None)."""
-    low = text.strip().lower()
-    if low in ("auto", "off"):
-        return None if low == "off" else "auto"
-    try:
-        return finite_float(low)  # > 0: validate_args
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give GB (e.g. 20), auto or off") from None
-
-
 def validate_args(args) -> None:
     """Collect every problem with the flags and report them together (exit 2)."""
     bad = []
@@ -229,36 +220,35 @@ def validate_args(args) -> None:
         raise InputError("; ".join(bad))
 
 
-# --------------------------------------------------------------------------- data: train / validation split
-def split_train_val(samples: list[dict], val_fraction: float, seed: int,
-                    min_val: int = 0) -> tuple[list[dict], list[dict]]:
-    """Hold out whole papers (meta.paper_id) where known, so validation loss is on unseen papers.
-    min_val: hold out at least this many samples (capped at a quarter of the data) when val_fraction > 0."""
-    n_val = round(len(samples) * val_fraction)
-    if val_fraction > 0:
-        n_val = max(n_val, min(min_val, len(samples) // 4))
-    if val_fraction > 0 and n_val == 0 and len(samples) >= 10:
-        n_val = 1
-    if n_val == 0:
-        return samples, []
-    groups = sorted({s["group"] for s in samples})
-    random.Random(seed).shuffle(groups)
-    size = {}
-    for s in samples:
-        size[s["group"]] = size.get(s["group"], 0) + 1
-    val_groups, count = set(), 0
-    for g in groups:
-        if count >= n_val:
-            break
-        val_groups.add(g)
-        count += size[g]
-    if count > 2 * n_val or count == len(samples):  # too few papers to hold out whole ones: split records
-        val_groups = {id(s) for s in random.Random(seed).sample(samples, n_val)}
-        return [s for s in samples if id(s) not in val_groups], [s for s in samples if id(s) in val_groups]
-    return [s for s in samples if s["group"] not in val_groups], [s for s in samples if s["group"] in val_groups]
+# --------------------------------------------------------------------------- data: chats -> samples -> split
+def load_data(args, d: Dist) -> tuple[object, TrainingData]:
+    """(tokenizer, data): the chats rendered with the model's chat template, labels on assistant tokens only, split
+    into train and validation (no split for --inspect)."""
+    chats = load_chats(args.jsonl, args.system_prompt)
+    for note in check_model_code(args.model, args.trust_remote_code):
+        log(f"note: {note}", d)
+    tokenizer = load_tokenizer(args.model, "right", args.trust_remote_code)
+    template_source = chat_template_source(tokenizer)
+    if template_source != "model":
+        log(f"note: {args.model} has no chat template; training renders the chats with the project's default "
+            "(Zephyr's), saved with the run (run_config.json chat_template_source), so evaluation and inference "
+            "use it too", d)
+    samples, report = build_samples(tokenizer, chats, args.max_seq_len, args.jsonl)
+    if args.inspect:
+        return tokenizer, TrainingData(samples, report, samples, [], template_source)
+    # Without a questions file beside the data (the seed's workflow: own data, no generate_qa.py), the
+    # held-out samples are the evaluation set: hold out at least the seed's 10 questions.
+    own_questions = eval_questions_path(args.jsonl).is_file()
+    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed, min_val=0 if own_questions else 10)
+    log(f"{args.jsonl}: {len(samples)} samples from {report['n_records']} records -> {len(train_s)} train, "
+        f"{len(val_s)} validation; {report['dropped_too_long']} dropped as longer than --max_seq_len="
+        f"{args.max_seq_len}" + (f" (lines {report['dropped_lines']}, longest {report['longest_dropped']} tokens)"
+                                 if report["dropped_too_long"] else "")
+        + f"; {report['trimmed_earlier_turns']} lost earlier turns to fit", d)
+    return tokenizer, TrainingData(samples, report, train_s, val_s, template_source)
 
 
-# --------------------------------------------------------------------------- data order
+# --------------------------------------------------------------------------- plan: data order and schedule
 def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_by_length: bool,
                shuffle: bool) -> list[list[int]]:
     """Sample indices of each optimizer step of one epoch, a function of (seed, epoch) only.
@@ -280,6 +270,14 @@ def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_b
     return steps
 
 
+def schedule(args, n_train: int, world: int) -> Schedule:
+    per_step = args.batch * args.grad_accum * world
+    steps_per_epoch = math.ceil(n_train / per_step)
+    total = args.max_steps or steps_per_epoch * args.epochs
+    # ~10 validation points per run by default, so short runs get a curve too (never rarer than checkpoints)
+    return Schedule(per_step, steps_per_epoch, total, args.eval_steps or min(args.save_steps, max(1, total // 10)))
+
+
 def print_padding(lengths: list[int], args) -> None:
     """--inspect's last line: the padding micro-batches of --batch cost, length-grouped and not."""
     per_step = args.batch * args.grad_accum
@@ -287,6 +285,29 @@ def print_padding(lengths: list[int], args) -> None:
                       for g in (True, False))
     print(f"padding with --batch {args.batch} --grad_accum {args.grad_accum}: {grouped:.1%} length-grouped, "
           f"{plain:.1%} without")
+
+
+def plan_run(args, tokenizer, data: TrainingData, device, work: Path) -> tuple[dict, dict]:
+    """(run_config.json's content, the flags each checkpoint records), logged; nothing is written. A --resume
+    checkpoint is checked against the flags here, before minutes of model loading."""
+    d = Dist()
+    _, precision = resolve_precision(args.bf16, args.fp16, device)
+    if any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED")):
+        log("note: this script does data parallel (one 4-bit copy per GPU); the FSDP/DeepSpeed settings of "
+            "your accelerate config are ignored", d)
+    log("flags: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()), d)
+    log(f"model {args.model} in 4-bit NF4, {precision}, device {device}, {d.world} process(es)", d)
+    config = run_config(args, tokenizer, data, precision, d.world)
+    prompts = config["system_prompts"]
+    if len(prompts) > 1:
+        log(f"note: the data uses {len(prompts)} different system prompts; evaluation defaults to the most "
+            f"frequent ({prompts[0]['count']} of {len(data.samples)} samples)", d)
+    flags = resume_flags(vars(args), requested_precision(args.bf16, args.fp16), config["data_sha256"],
+                         args.batch * args.grad_accum * d.world)
+    latest = last_checkpoint(work) if args.resume else None
+    for note in check_checkpoint(latest, flags) if latest else []:
+        log(f"note: {note}", d)
+    return config, flags
 
 
 # --------------------------------------------------------------------------- model
@@ -328,10 +349,10 @@ def n_trained(sample: dict) -> int:
 class Loop:
     """What every step of one run shares: the model, optimizer, schedule, precision and processes."""
 
-    def __init__(self, tm: TrainableModel, tokenizer, args, total: int, flags: dict | None = None):
+    def __init__(self, tm: TrainableModel, tokenizer, args, total: int):
         from transformers import get_scheduler
 
-        self.tm, self.model, self.args, self.d, self.flags = tm, tm.model, args, Dist(), flags
+        self.tm, self.model, self.args, self.d = tm, tm.model, args, Dist()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         self.dtype, _ = resolve_precision(args.bf16, args.fp16, self.device)
@@ -357,6 +378,11 @@ class Loop:
         if self.flat is not None and self.tm.fused is not None and not self.upcast:
             self.tm.fused.use_compute_copies(self.flat.compute_copies(self.dtype), self.dtype)
 
+    @property
+    def parts(self) -> Trainables:
+        """What a checkpoint saves besides the loop state."""
+        return Trainables(self.model, self.optimizer, self.scheduler, self.scaler)
+
 
 def log(msg: str, d: Dist, bar=None) -> None:
     if d.main:
@@ -364,7 +390,7 @@ def log(msg: str, d: Dist, bar=None) -> None:
         sys.stdout.flush()
 
 
-def plan_memory(loop: Loop, lengths, per_step, steps_per_epoch, total) -> tuple[dict | None, int]:
+def plan_memory(loop: Loop, lengths: list[int], sched: Schedule) -> tuple[dict | None, int]:
     """--gpu_mem_budget: the micro-batch, and which layers skip checkpointing (or offload the checkpoints), logged.
     Returns (plan or None, micro-batch in samples)."""
     args = loop.args
@@ -373,17 +399,14 @@ def plan_memory(loop: Loop, lengths, per_step, steps_per_epoch, total) -> tuple[
             log(f"--gpu_mem_budget {args.gpu_mem_budget}: ignored on {loop.device.type} (it plans GPU memory)",
                 loop.d)
         return None, args.batch
-    budget = auto_budget_gb(loop.device) if args.gpu_mem_budget == "auto" else args.gpu_mem_budget
-    epochs = min(math.ceil(total / steps_per_epoch), 64)  # the plans repeat their length mix; bound the scan
-    plans = [s for e in range(epochs) for s in epoch_plan(lengths, per_step, args.seed, e, args.group_by_length,
+    epochs = min(math.ceil(sched.total / sched.steps_per_epoch), 64)  # the plans repeat their length mix; bound it
+    plans = [s for e in range(epochs) for s in epoch_plan(lengths, sched.per_step, args.seed, e, args.group_by_length,
                                                            args.shuffle)]
-    whole_step = math.ceil(per_step / loop.d.world)
-    micros = [whole_step, args.batch] if args.merge_micro_batches and loop.tm.packed and whole_step > args.batch \
-        else [args.batch]
-    label = "--gpu_mem_budget auto:" if args.gpu_mem_budget == "auto" else "--gpu_mem_budget"
-    plan, micro, line = plan_for_budget(loop.model, budget, loop.device, plans, lengths, micros, loop.d.rank,
-                                        loop.d.world, loop.tm.packed, args.optim,
-                                        0.0 if loop.tm.fused is not None else args.lora_dropout, label)
+    whole_step = math.ceil(sched.per_step / loop.d.world)  # one packed row per step, with --merge_micro_batches
+    settings = BudgetSettings(args.gpu_mem_budget, args.optim, 0.0 if loop.tm.fused is not None else args.lora_dropout,
+                              loop.tm.packed, loop.d.rank, loop.d.world)
+    plan, micro, line = plan_for_budget(loop.model, loop.device, settings, plans, lengths,
+                                        [whole_step, args.batch] if args.merge_micro_batches else [args.batch])
     log(line, loop.d)
     return plan, micro
 
@@ -402,8 +425,8 @@ def validation_loss(loop: Loop, samples: list[dict], micro: int) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def forward_backward(loop: Loop, state: dict, step: int, mine: list[dict], n_items: int, longest: int, bar):
-    """Gradients of one optimizer step's samples (this process's share) in micro-batches of state["micro"].
+def forward_backward(loop: Loop, state: TrainState, step: int, mine: list[dict], n_items: int, longest: int, bar):
+    """Gradients of one optimizer step's samples (this process's share) in micro-batches of state.micro.
     On out-of-memory anywhere: halve the micro-batch (same effective batch) and redo the step. Returns
     [loss, input tokens, padded tokens] summed over processes."""
     args, d = loop.args, loop.d
@@ -411,8 +434,8 @@ def forward_backward(loop: Loop, state: dict, step: int, mine: list[dict], n_ite
         torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + d.rank)  # dropout: same on a retry or resume
         stats = torch.zeros(4, dtype=torch.float64, device=loop.device)  # oom, loss, tokens, padded tokens
         try:
-            for j in range(0, len(mine), state["micro"]):
-                batch = loop.collate(mine[j:j + state["micro"]])
+            for j in range(0, len(mine), state.micro):
+                batch = loop.collate(mine[j:j + state.micro])
                 loss = micro_loss(loop.model, batch, n_items, loop.amp)
                 (loop.scaler.scale(loss) if loop.scaler else loss).backward()
                 stats[1] += loss.detach().double()
@@ -430,14 +453,12 @@ def forward_backward(loop: Loop, state: dict, step: int, mine: list[dict], n_ite
         gc.collect()
         if loop.device.type == "cuda":
             torch.cuda.empty_cache()
-        if state["micro"] == 1:
+        if state.micro == 1:
             raise RunFailure(f"out of memory at step {step + 1} even with micro-batch 1: the longest sample in this "
                              f"step has {longest} tokens; lower --max_seq_len, or keep --gradient_checkpointing on")
-        new = state["micro"] // 2
-        log(f"out of memory at step {step + 1} with micro-batch {state['micro']}: retrying with micro-batch "
+        old, new = state.micro, state.halve_micro(step + 1)
+        log(f"out of memory at step {step + 1} with micro-batch {old}: retrying with micro-batch "
             f"{new} x {math.ceil(args.batch * args.grad_accum / new)} accumulation (same effective batch)", d, bar)
-        state["oom_backoffs"].append({"step": step + 1, "from": state["micro"], "to": new})
-        state["micro"] = new
 
 
 def _nonfinite_hint(args, out_dir) -> str:
@@ -476,38 +497,21 @@ def update(loop: Loop, step: int, loss_value: float, out_dir) -> tuple[float, fl
     return lr, norm
 
 
-def new_state(micro: int) -> dict:
-    """The loop's state: what a checkpoint saves and metrics.json reports."""
-    return {"step": 0, "micro": micro, "train": [], "val": [], "oom_backoffs": [], "train_seconds": 0.0,
-            "trained_tokens": 0, "input_tokens": 0, "padded_tokens": 0}
 
-
-def record(state: dict, step: int, steps_per_epoch: int, loss: float, lr: float, norm: float, n_tr: int, n_in: int,
-           n_pad: int, dt: float) -> None:
-    state["step"] = step + 1
-    state["train_seconds"] += dt
-    state["trained_tokens"] += n_tr
-    state["input_tokens"] += n_in
-    state["padded_tokens"] += n_pad
-    state["train"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": loss, "lr": lr,
-                           "grad_norm": norm, "trained_tokens": n_tr, "input_tokens": n_in, "padded_tokens": n_pad,
-                           "seconds": dt, "tokens_per_s": n_in / dt, "micro_batch": state["micro"]})
-
-
-def resume(loop: Loop, out_dir, fp: dict, total: int, micro: int) -> tuple[dict, int | None]:
+def resume(loop: Loop, out_dir, fp: dict, total: int, micro: int) -> tuple[TrainState, int | None]:
     """(state, step resumed from) from the run's latest checkpoint when --resume asks for it. micro: the micro-batch
     planned for this run (--batch, or more with --merge_micro_batches)."""
-    state = new_state(micro)
+    state = TrainState(micro)
     if out_dir is None or not loop.args.resume:
         return state, None
     latest = last_checkpoint(out_dir)
     if latest is None:
         log(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; starting from step 0", loop.d)
         return state, None
-    state = load_checkpoint(latest, loop.model, loop.optimizer, loop.scheduler, loop.scaler, fp, loop.device)
-    state["micro"] = min(state["micro"], micro)  # a lower --batch on resume takes effect (same updates)
-    log(f"resumed from {latest} (step {state['step']}/{total}, micro-batch {state['micro']})", loop.d)
-    return state, state["step"]
+    state = load_checkpoint(latest, loop.parts, fp, loop.device)
+    state.micro = min(state.micro, micro)  # a lower --batch on resume takes effect (same updates)
+    log(f"resumed from {latest} (step {state.step}/{total}, micro-batch {state.micro})", loop.d)
+    return state, state.step
 
 
 def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_dir=None, on_step=None,
@@ -524,86 +528,103 @@ def train(tm: TrainableModel, tokenizer, train_samples, val_samples, args, out_d
     t_start = time.perf_counter()
     if not train_samples:
         raise InputError("no training samples")
-    per_step = args.batch * args.grad_accum * Dist().world
+    sched = schedule(args, len(train_samples), Dist().world)
     lengths = [len(s["input_ids"]) for s in train_samples]
     trained = [n_trained(s) for s in train_samples]
-    steps_per_epoch = math.ceil(len(train_samples) / per_step)
-    total = args.max_steps or steps_per_epoch * args.epochs
-    # ~10 validation points per run by default, so short runs get a curve too (never rarer than checkpoints)
-    eval_every = args.eval_steps or min(args.save_steps, max(1, total // 10))
-    loop = Loop(tm, tokenizer, args, total, flags)
+    loop = Loop(tm, tokenizer, args, sched.total)
     d = loop.d
     if loop.flat is not None and loop.flat.param is not None:
         log(f"optimizer: {args.optim}, {len(loop.flat.flat_members)} LoRA tensors as one flat buffer"
             f"{f' + {len(loop.flat.separate)} small ones separately' if loop.flat.separate else ''}", d)
-    _, micro = plan_memory(loop, lengths, per_step, steps_per_epoch, total)
-    fp = fingerprint(train_samples, per_step, total, args.seed, args.group_by_length, args.shuffle,
+    _, micro = plan_memory(loop, lengths, sched)
+    fp = fingerprint(train_samples, sched.per_step, sched.total, args.seed, args.group_by_length, args.shuffle,
                      f"{args.optim}{' flat' if args.flat_optim else ''}")
-    state, resumed_from = resume(loop, out_dir, fp, total, micro)
+    state, resumed_from = resume(loop, out_dir, fp, sched.total, micro)
+    saving = Saving(out_dir, fp, flags, resumed_from, t_start)
     loop.refresh_compute_copies()
     if loop.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loop.device)
     log(f"training {len(train_samples)} samples ({sum(trained):,} trained tokens), {len(val_samples)} validation; "
-        f"{total} steps of {per_step} samples ({args.batch} x {args.grad_accum} accumulation x {d.world} "
-        f"process(es)), {steps_per_epoch} steps/epoch", d)
+        f"{sched.total} steps of {sched.per_step} samples ({args.batch} x {args.grad_accum} accumulation x "
+        f"{d.world} process(es)), {sched.steps_per_epoch} steps/epoch", d)
     loop.model.train()
-    bar = tqdm(total=total, initial=state["step"], disable=None if d.main else True, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=sched.total, initial=state.step, disable=None if d.main else True, dynamic_ncols=True,
+               desc="train")
     plans: dict[int, list] = {}
     with frozen_gc():  # bar.close() and the metrics stay outside
-        while state["step"] < total:
-            step = state["step"]
-            epoch, k = divmod(step, steps_per_epoch)
+        while state.step < sched.total:
+            step = state.step
+            epoch, k = divmod(step, sched.steps_per_epoch)
             if epoch not in plans:
-                plans = {epoch: epoch_plan(lengths, per_step, args.seed, epoch, args.group_by_length, args.shuffle)}
+                plans = {epoch: epoch_plan(lengths, sched.per_step, args.seed, epoch, args.group_by_length,
+                                           args.shuffle)}
             ids = sorted(plans[epoch][k], key=lambda i: -lengths[i])
             mine = [train_samples[i] for i in ids[d.rank::d.world]]  # round robin: ranks get similar lengths
             n_tr = sum(trained[i] for i in ids)  # the step's trained tokens: every micro-batch's loss divides by it
             t0 = time.perf_counter()
             loss, n_in, n_pad = forward_backward(loop, state, step, mine, max(1, n_tr), lengths[ids[0]], bar)
             lr, norm = update(loop, step, loss, out_dir)
-            record(state, step, steps_per_epoch, loss, lr, norm, n_tr, int(n_in), int(n_pad), time.perf_counter() - t0)
+            state.record(StepStats(loss, lr, norm, n_tr, int(n_in), int(n_pad), time.perf_counter() - t0),
+                         sched.steps_per_epoch)
             if on_step is not None:
                 on_step(step + 1, loss, n_tr, int(n_in))
-            after_step(loop, state, total, steps_per_epoch, val_samples, eval_every, fp, out_dir, resumed_from,
-                       t_start, bar)
+            after_step(loop, state, sched, val_samples, saving, bar)
     bar.close()
-    return run_metrics(state, t_start, loop.device, d.world, resumed_from, finished=True)
+    return loop_metrics(loop, state, saving, finished=True)
 
 
-def after_step(loop: Loop, state: dict, total: int, steps_per_epoch: int, val_samples, eval_every: int, fp: dict,
-               out_dir, resumed_from, t_start: float, bar) -> None:
+def after_step(loop: Loop, state: TrainState, sched: Schedule, val_samples, saving: Saving, bar) -> None:
     """Progress, the log line, validation loss and checkpoints after an optimizer step."""
-    args, d, row = loop.args, loop.d, state["train"][-1]
+    args, d, row, step = loop.args, loop.d, state.train[-1], state.step
     bar.update(1)
-    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", micro=state["micro"])
-    if state["step"] % args.logging_steps == 0:
-        log(f"step {state['step']}/{total} | epoch {state['step'] / steps_per_epoch:.2f} | loss {row['loss']:.4f} | "
-            f"lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | micro-batch {state['micro']}", d, bar)
-    done = state["step"] == total
-    if val_samples and (state["step"] % eval_every == 0 or done):
-        vl = validation_loss(loop, val_samples, state["micro"])
-        state["val"].append({"step": state["step"], "loss": vl})
-        log(f"step {state['step']}: validation loss {vl:.4f}", d, bar)
-    if out_dir is not None and state["step"] % args.save_steps == 0 and not done:
+    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", micro=state.micro)
+    if step % args.logging_steps == 0:
+        log(f"step {step}/{sched.total} | epoch {step / sched.steps_per_epoch:.2f} | loss {row['loss']:.4f} | "
+            f"lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | micro-batch {state.micro}", d, bar)
+    done = step == sched.total
+    if val_samples and (step % sched.eval_every == 0 or done):
+        vl = validation_loss(loop, val_samples, state.micro)
+        state.val.append({"step": step, "loss": vl})
+        log(f"step {step}: validation loss {vl:.4f}", d, bar)
+    if saving.out_dir is not None and step % args.save_steps == 0 and not done:
         # a finite loss and gradient can still give inf/nan weights (a huge --lr): never checkpoint those
-        check_finite_weights(loop.model, f"after the update of step {state['step']}", last_checkpoint(out_dir))
+        check_finite_weights(loop.model, f"after the update of step {step}", last_checkpoint(saving.out_dir))
         if d.main:
-            with disk_errors(Path(out_dir) / "checkpoints" / f"step-{state['step']}", RESUME_HINT):
-                save_checkpoint(out_dir, loop.model, loop.optimizer, loop.scheduler, loop.scaler, state, fp,
-                                args.save_total_limit, loop.flags)
-            write_metrics(out_dir, run_metrics(state, t_start, loop.device, d.world, resumed_from, finished=False))
+            with disk_errors(Path(saving.out_dir) / "checkpoints" / f"step-{step}", RESUME_HINT):
+                save_checkpoint(saving.out_dir, loop.parts, state, saving.fingerprint, args.save_total_limit,
+                                saving.flags)
+            write_metrics(saving.out_dir, loop_metrics(loop, state, saving, finished=False))
         d.barrier()
 
 
 # --------------------------------------------------------------------------- outputs
-def run_config(args, tokenizer, report, n_train, n_val, precision_note, world, prompts: list[dict],
-               template_source: str = "model") -> dict:
+def loop_metrics(loop: Loop, state: TrainState, saving: Saving, finished: bool) -> dict:
+    """metrics.json's content; "finished": true only for the run's last write."""
+    return run_metrics(state.state_dict(), saving.t_start, loop.device, loop.d.world, saving.resumed_from, finished)
+
+
+def run_config(args, tokenizer, data: TrainingData, precision_note: str, world: int) -> dict:
+    prompts = system_prompts(data.samples)
     return {"base_model": args.model, "system_prompt": prompts[0]["prompt"], "system_prompts": prompts,
             "args": vars(args), "versions": versions(),
-            "data_sha256": sha256_file(args.jsonl), "n_train": n_train, "n_val": n_val,
-            "dropped_too_long": report["dropped_too_long"], "trimmed_earlier_turns": report["trimmed_earlier_turns"],
-            **chat_format_record(tokenizer), "chat_template_source": template_source,
+            "data_sha256": sha256_file(args.jsonl), "n_train": len(data.train), "n_val": len(data.val),
+            "dropped_too_long": data.report["dropped_too_long"],
+            "trimmed_earlier_turns": data.report["trimmed_earlier_turns"],
+            **chat_format_record(tokenizer), "chat_template_source": data.template_source,
             "precision": precision_note, "world_size": world}
+
+
+def start_run_folder(args, out: Path, work: Path, config: dict, val_samples: list[dict]) -> None:
+    """run_config.json and the held-out questions, once the model has loaded (a failed load replaces nothing)."""
+    if Dist().main:
+        if args.overwrite and work != out:
+            shutil.rmtree(work, ignore_errors=True)  # an earlier --overwrite attempt's leftovers
+        with disk_errors(work / "run_config.json", "rerun"):
+            work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(work / "run_config.json", config)
+            if val_samples:
+                write_jsonl_atomic(work / HELDOUT_QUESTIONS_FILE, heldout_questions(val_samples))
+    Dist().barrier()
 
 
 # --------------------------------------------------------------------------- main
@@ -636,65 +657,18 @@ def _main(argv) -> int:
 def _run(args, out: Path, work: Path | None) -> int:
     init_distributed()
     d = Dist()
-
-    # data: chats -> tokens with label masks -> train / validation split
-    chats = load_chats(args.jsonl, args.system_prompt)
-    for note in check_model_code(args.model, args.trust_remote_code):
-        log(f"note: {note}", d)
-    tokenizer = load_tokenizer(args.model, "right", args.trust_remote_code)
-    template_source = chat_template_source(tokenizer)
-    if template_source != "model":
-        log(f"note: {args.model} has no chat template; training renders the chats with the project's default "
-            "(Zephyr's), saved with the run (run_config.json chat_template_source), so evaluation and inference "
-            "use it too", d)
-    samples, report = build_samples(tokenizer, chats, args.max_seq_len, args.jsonl)
+    tokenizer, data = load_data(args, d)  # chats -> tokens with label masks -> train / validation
     if args.inspect:
         if d.main:
-            print_inspect(tokenizer, samples, report, args.inspect, args.max_seq_len)
-            print_padding([len(s["input_ids"]) for s in samples], args)
+            print_inspect(tokenizer, data.samples, data.report, args.inspect, args.max_seq_len)
+            print_padding([len(s["input_ids"]) for s in data.samples], args)
         return 0
-    # Without a questions file beside the data (the seed's workflow: own data, no generate_qa.py), the
-    # held-out samples are the evaluation set: hold out at least the seed's 10 questions.
-    own_questions = eval_questions_path(args.jsonl).is_file()
-    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed, min_val=0 if own_questions else 10)
     device = default_device()
-    _, precision = resolve_precision(args.bf16, args.fp16, device)
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        log("note: this script does data parallel (one 4-bit copy per GPU); the FSDP/DeepSpeed settings of "
-            "your accelerate config are ignored", d)
-    log(f"{args.jsonl}: {len(samples)} samples from {report['n_records']} records -> {len(train_s)} train, "
-        f"{len(val_s)} validation; {report['dropped_too_long']} dropped as longer than --max_seq_len="
-        f"{args.max_seq_len}" + (f" (lines {report['dropped_lines']}, longest {report['longest_dropped']} tokens)"
-                                 if report["dropped_too_long"] else "")
-        + f"; {report['trimmed_earlier_turns']} lost earlier turns to fit", d)
-    log("flags: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()), d)
-    log(f"model {args.model} in 4-bit NF4, {precision}, device {device}, {d.world} process(es)", d)
-    prompts = system_prompts(samples)
-    config = run_config(args, tokenizer, report, len(train_s), len(val_s), precision, d.world, prompts,
-                        template_source)
-    if len(prompts) > 1:
-        log(f"note: the data uses {len(prompts)} different system prompts; evaluation defaults to the most "
-            f"frequent ({prompts[0]['count']} of {len(samples)} samples)", d)
-    flags = resume_flags(vars(args), requested_precision(args.bf16, args.fp16), config["data_sha256"],
-                         args.batch * args.grad_accum * d.world)
-    latest = last_checkpoint(work) if args.resume else None
-    for note in check_checkpoint(latest, flags) if latest else []:  # before minutes of model loading
-        log(f"note: {note}", d)
-
-    # model -> loop -> outputs; nothing is written (or replaced) before the model has loaded
-    tm = load_model(args, device)
-    if d.main:
-        if args.overwrite and work != out:
-            shutil.rmtree(work, ignore_errors=True)  # an earlier --overwrite attempt's leftovers
-        with disk_errors(work / "run_config.json", "rerun"):
-            work.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(work / "run_config.json", config)
-            if val_s:
-                write_jsonl_atomic(work / HELDOUT_QUESTIONS_FILE, heldout_questions(val_s))
-    d.barrier()
-    metrics = train(tm, tokenizer, train_s, val_s, args, out_dir=work, flags=flags)
-    if d.main:
+    config, flags = plan_run(args, tokenizer, data, device, work)  # and a --resume checkpoint checked
+    tm = load_model(args, device)  # nothing is written (or replaced) before the model has loaded
+    start_run_folder(args, out, work, config, data.val)
+    metrics = train(tm, tokenizer, data.train, data.val, args, out_dir=work, flags=flags)
+    if d.main:  # the outputs, then the swap over the run an --overwrite replaces
         save_outputs(tm.model, tokenizer, work, metrics, config, last_checkpoint(work))
         if work != out:
             with disk_errors(out, "rerun with --resume to complete the swap"):

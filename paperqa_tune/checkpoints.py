@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from paperqa_tune.errors import InputError
 
 from paperqa_tune.files import ADAPTER_WEIGHTS, share_like_outputs, write_json_atomic
 from paperqa_tune.train.optim import repage_optimizer_state
+from paperqa_tune.train.state import TrainState
 
 STATE_FILE = "trainer_state.json"
 TRAINING_FILE = "training_state.pt"
@@ -41,6 +43,16 @@ MAY_CHANGE = ("jsonl", "batch", "grad_accum", "logging_steps", "eval_steps", "sa
               "liger", "attn_implementation", "trust_remote_code")
 _DERIVED = {"precision": "precision (--bf16/--fp16/--no-bf16)", "data_sha256": "--jsonl content (sha256)",
             "samples_per_step": "samples per step (--batch x --grad_accum x processes)"}
+
+
+@dataclass(frozen=True)
+class Trainables:
+    """What a checkpoint saves the state of besides the loop's: the PEFT model, its optimizer and schedule, and the
+    fp16 loss scaler (None in bf16/fp32)."""
+    model: object
+    optimizer: object
+    scheduler: object
+    scaler: object = None
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -82,19 +94,19 @@ def compare_flags(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     return refuse, note
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state: dict, fp: dict, keep: int,
+def save_checkpoint(run_dir, parts: Trainables, state: TrainState, fp: dict, keep: int,
                     flags: dict | None = None) -> Path:
     """Adapter, optimizer/scheduler/scaler state and the loop state (with `fp` and the run's `flags`) as
     checkpoints/step-N; the oldest beyond `keep` are removed. Call on the main process only. A failed write
     leaves the previous checkpoints as they were and no partial folder."""
     root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step-{state['step']}", root / f".step-{state['step']}.tmp"
+    final, tmp = root / f"step-{state.step}", root / f".step-{state.step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None}, tmp / TRAINING_FILE)
-        write_json_atomic(tmp / STATE_FILE, {**state, "fingerprint": fp, "flags": flags})
+        parts.model.save_pretrained(tmp)
+        torch.save({"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                    "scaler": parts.scaler.state_dict() if parts.scaler else None}, tmp / TRAINING_FILE)
+        write_json_atomic(tmp / STATE_FILE, {**state.state_dict(), "fingerprint": fp, "flags": flags})
         share_like_outputs(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -125,6 +137,14 @@ def read_state(path: Path) -> dict:
     return state
 
 
+def _train_state(path: Path, saved: dict) -> TrainState:
+    """The loop state of checkpoint `path` (its trainer_state.json read as `saved`), or InputError naming it."""
+    try:
+        return TrainState.from_state_dict(saved)
+    except ValueError as e:
+        raise _unreadable(path, STATE_FILE, f"not a checkpoint state ({e})") from None
+
+
 def _read_files(path: Path, device) -> tuple[dict, dict]:
     """(adapter tensors, training state) of checkpoint `path`; InputError naming a file that cannot be read.
     torch.load is weights-only: a crafted pickle fails here instead of running."""
@@ -152,6 +172,7 @@ def check_checkpoint(path: Path, flags: dict) -> list[str]:
     """Before any model is loaded: InputError when a file of checkpoint `path` cannot be read, or when the run's
     `flags` (resume_flags) differ from the checkpoint's in one of MUST_MATCH. Returns notes to print."""
     state = read_state(path)
+    _train_state(path, state)
     saved = state.get("flags")
     if not isinstance(saved, dict):
         notes = [f"{path} records no flags (an older checkpoint): --resume cannot check that the model, LoRA and "
@@ -167,14 +188,14 @@ def check_checkpoint(path: Path, flags: dict) -> list[str]:
     return notes
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, device) -> dict:
+def load_checkpoint(path: Path, parts: Trainables, fp: dict, device) -> TrainState:
     """Load a checkpoint into the model, optimizer, scheduler and scaler; return the loop state. InputError
     naming the file when it was made with other data or settings (`fp` differs), does not fit the model or
     cannot be read."""
     from peft import set_peft_model_state_dict
 
-    state = read_state(path)
-    saved, _ = state.pop("fingerprint"), state.pop("flags", None)
+    saved_state = read_state(path)
+    state, saved = _train_state(path, saved_state), saved_state["fingerprint"]
     diff = [f"{k} {saved.get(k)} -> {fp[k]}" if k != "samples_sha256" else "the training samples"
             for k in fp if saved.get(k) != fp[k]]
     if diff:
@@ -183,7 +204,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, d
                          "--batch x --grad_accum x processes; or start over with --overwrite")
     weights, ts = _read_files(path, device)
     try:
-        result = set_peft_model_state_dict(model, weights)
+        result = set_peft_model_state_dict(parts.model, weights)
     except RuntimeError as e:  # size mismatch: another --lora_r or base
         raise _unreadable(path, ADAPTER_WEIGHTS, f"does not fit the model ({str(e).strip().splitlines()[-1][:200]})") \
             from None
@@ -192,11 +213,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, fp: dict, d
         keys = (result.unexpected_keys or missing)[:2]
         raise _unreadable(path, ADAPTER_WEIGHTS, f"does not match the model's LoRA layers ({', '.join(keys)}...)")
     try:
-        optimizer.load_state_dict(ts["optimizer"])
-        repage_optimizer_state(optimizer)
-        scheduler.load_state_dict(ts["scheduler"])
-        if scaler is not None and ts.get("scaler"):
-            scaler.load_state_dict(ts["scaler"])
+        parts.optimizer.load_state_dict(ts["optimizer"])
+        repage_optimizer_state(parts.optimizer)
+        parts.scheduler.load_state_dict(ts["scheduler"])
+        if parts.scaler is not None and ts.get("scaler"):
+            parts.scaler.load_state_dict(ts["scaler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise _unreadable(path, TRAINING_FILE, f"does not fit this optimizer ({str(e)[:200]})") from None
     return state

@@ -323,6 +323,11 @@ def _corrupt(ck: Path, how: str, tmp_path: Path) -> str:
     if how == "state not JSON":
         (ck / "trainer_state.json").write_text('{"step": 3, "micro"')
         return "trainer_state.json"
+    if how == "state without micro":  # valid JSON with step and fingerprint, but not the loop's state
+        state = json.loads((ck / "trainer_state.json").read_text())
+        del state["micro"]
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+        return "trainer_state.json"
     if how == "state truncated":
         (ck / "training_state.pt").write_bytes((ck / "training_state.pt").read_bytes()[:300])
         return "training_state.pt"
@@ -338,8 +343,8 @@ def _corrupt(ck: Path, how: str, tmp_path: Path) -> str:
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["state not JSON", "state truncated", "state garbage", "crafted pickle",
-                                 "adapter garbage"])
+@pytest.mark.parametrize("how", ["state not JSON", "state without micro", "state truncated", "state garbage",
+                                 "crafted pickle", "adapter garbage"])
 def test_corrupt_checkpoint_is_exit_2_naming_the_file(how, unfinished, tiny_model, data, copy_of, tmp_path, capsys):
     out = copy_of(unfinished)
     ck = out / "checkpoints" / "step-3"

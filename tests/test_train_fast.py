@@ -17,8 +17,8 @@ import torch
 import train_qlora_hf as T
 from paperqa_tune.loading import load_tokenizer
 from paperqa_tune.train.lora4bit import FusedLoRA, dequantize
-from paperqa_tune.train.memory import (activation_bytes_per_token_layer, apply_checkpoint_plan, decoder_layers,
-                                 max_micro_tokens, pick_micro_batch, plan_checkpointing)
+from paperqa_tune.train.memory import (ModelFootprint, activation_bytes_per_token_layer, apply_checkpoint_plan,
+                                       decoder_layers, max_micro_tokens, pick_micro_batch, plan_checkpointing)
 from paperqa_tune.train.optim import FlatParams, make_optimizer, zero_grads
 from paperqa_tune.train.packing import PACKED_ATTN, collate, collate_packed, uses_packed_attention
 
@@ -333,27 +333,27 @@ def test_fused_rmsnorm_matches_hf(tiny_model):
 # --------------------------------------------------------------------------- --gpu_mem_budget
 # 7B shape as measured on the H100 (bench/README.md): 4.5 GB static (4-bit weights + LoRA fp32 masters),
 # 41.9M LoRA parameters, 32 layers, hidden 4096, MLP 14336.
-SEVEN_B = dict(static_bytes=4.5e9, n_lora=41_943_040, hidden=4096, intermediate=14336, n_layers=32)
+SEVEN_B = ModelFootprint(static_bytes=4.5e9, n_lora=41_943_040, hidden=4096, intermediate=14336, n_layers=32)
 
 
 def test_plan_long_under_6_5_gb_offloads():
-    plan = plan_checkpointing(6.5, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
+    plan = plan_checkpointing(6.5, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, model=SEVEN_B)
     assert plan["mode"] == "offload" and plan["fits"]
     assert 5.4 < plan["estimate_gb"] < 6.0  # measured: 5.77 GB
-    full = plan_checkpointing(8.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
+    full = plan_checkpointing(8.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, model=SEVEN_B)
     assert full["mode"] == "skip" and full["skip_layers"] >= 1  # measured full checkpointing: 6.86 GB
 
 
 def test_plan_qa_spends_the_seed_memory_on_layers_without_checkpointing():
-    plan = plan_checkpointing(15.6, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.0, **SEVEN_B)
+    plan = plan_checkpointing(15.6, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.0, model=SEVEN_B)
     assert plan["mode"] == "skip" and 8 <= plan["skip_layers"] <= 12 and plan["estimate_gb"] <= 15.6
-    fused = plan_checkpointing(15.6, optim="adamw_torch_fused", max_tokens=5600, dropout=0.0, **SEVEN_B)
-    drop = plan_checkpointing(15.6, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.05, **SEVEN_B)
+    fused = plan_checkpointing(15.6, optim="adamw_torch_fused", max_tokens=5600, dropout=0.0, model=SEVEN_B)
+    drop = plan_checkpointing(15.6, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.05, model=SEVEN_B)
     assert fused["skip_layers"] <= plan["skip_layers"] and drop["skip_layers"] < plan["skip_layers"]
-    ks = [plan_checkpointing(b, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.0, **SEVEN_B)["skip_layers"]
+    ks = [plan_checkpointing(b, optim="paged_adamw_8bit", max_tokens=5600, dropout=0.0, model=SEVEN_B)["skip_layers"]
           for b in (8, 10, 12, 16, 20, 40, 80)]
     assert ks == sorted(ks) and ks[-1] == 32  # more memory, more layers; everything fits at 80 GB
-    tiny = plan_checkpointing(1.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, **SEVEN_B)
+    tiny = plan_checkpointing(1.0, optim="paged_adamw_8bit", max_tokens=4096, dropout=0.0, model=SEVEN_B)
     assert tiny["mode"] == "offload" and not tiny["fits"]  # reported, the run still tries
     assert activation_bytes_per_token_layer(4096, 14336, 0.0) == pytest.approx(145e3)
     assert activation_bytes_per_token_layer(4096, 14336, 0.05) == pytest.approx(166e3)
@@ -365,7 +365,7 @@ def test_whole_step_micro_batch_only_when_it_costs_no_recompute():
     Long 4,096-token samples in 6.5 GB: merging would need offload where --batch 1 needs less, so --batch stays."""
     def option(micro, tokens, budget):
         return micro, tokens, plan_checkpointing(budget, optim="paged_adamw_8bit", max_tokens=tokens, dropout=0.0,
-                                                 **SEVEN_B)
+                                                 model=SEVEN_B)
     qa = [option(16, 2300, 40.0), option(8, 1200, 40.0)]
     assert pick_micro_batch(qa)[0] == 16 and qa[0][2]["skip_layers"] == 32
     long = [option(16, 16 * 4096, 6.5), option(1, 4096, 6.5)]

@@ -10,7 +10,9 @@ Public API (imported lazily):
     kernels     fuse_rms_norms, parse_liger, LIGER_AUTO
     optim       make_optimizer, repage_optimizer_state, zero_grads, FlatParams, OPTIMIZERS
     memory      plan_for_budget, apply_checkpoint_plan, auto_budget_gb, peak_memory, frozen_gc, decoder_layers,
-                activation_bytes_per_token_layer
+                activation_bytes_per_token_layer, parse_mem_budget, BudgetSettings, ModelFootprint
+    split       split_train_val, TrainingData
+    state       TrainState, StepStats, Schedule, Saving
 """
 from paperqa_tune._lazy import lazy_exports
 

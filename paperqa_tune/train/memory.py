@@ -2,10 +2,14 @@
 to host memory; plus the peak-memory reading and the garbage-collector freeze used around the steps."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
+from dataclasses import dataclass
 
 import torch
+
+from paperqa_tune.cli import finite_float
 
 
 def decoder_layers(model) -> tuple[str, list]:
@@ -30,18 +34,38 @@ def activation_bytes_per_token_layer(hidden: int, intermediate: int, dropout: fl
     return per_7b * (6 * hidden + 4 * intermediate) / (6 * 4096 + 4 * 14336)
 
 
-def plan_checkpointing(budget_gb: float, static_bytes: float, n_lora: int, optim: str, max_tokens: int,
-                       hidden: int, intermediate: int, n_layers: int, dropout: float) -> dict:
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What the memory plan needs to know of the loaded model."""
+    static_bytes: float                 # GPU memory held before training: 4-bit weights, LoRA fp32 masters
+    n_lora: int                         # trainable (LoRA) parameters
+    hidden: int                         # hidden size
+    intermediate: int                   # MLP width
+    n_layers: int                       # decoder layers that checkpoint (0: checkpointing is off)
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """--gpu_mem_budget's inputs besides the model and the data."""
+    budget_gb: float | str              # GB, or "auto": what the GPU has free now (auto_budget_gb)
+    optim: str                          # optimizer name: 8-bit ("8bit" in it) or fp32 AdamW state
+    lora_dropout: float                 # the dropout whose masks the LoRA layers store (0 for the fused LoRA node)
+    packed: bool                        # micro-batches are packed rows (tokens: sum of lengths) or padded
+    rank: int = 0                       # this process and the number of processes: which samples it gets
+    world: int = 1
+
+
+def plan_checkpointing(budget_gb: float, model: ModelFootprint, optim: str, max_tokens: int, dropout: float) -> dict:
     """Spend a GPU memory budget on speed. Estimate (bytes) for k layers without checkpointing:
     static + 4·n_lora (fp32 grads) + (8 | 2)·n_lora (AdamW state, fp32 | 8-bit) + T·2·hidden·n_layers
     (checkpointed layer inputs, bf16) + (k+1)·T·c (k full layers + the one being recomputed) + 0.35 GB
     (workspace), T = largest micro-batch in tokens. If k = 0 does not fit, the checkpoints go to pinned host
     memory ("offload"); otherwise the largest k that fits ("skip": the last k layers keep their activations).
     """
-    c = activation_bytes_per_token_layer(hidden, intermediate, dropout)
+    c = activation_bytes_per_token_layer(model.hidden, model.intermediate, dropout)
     opt_bytes = 2 if "8bit" in optim else 8
-    fixed = static_bytes + (4 + opt_bytes) * n_lora + 0.35e9
-    ckpt = max_tokens * 2 * hidden * n_layers
+    fixed = model.static_bytes + (4 + opt_bytes) * model.n_lora + 0.35e9
+    ckpt = max_tokens * 2 * model.hidden * model.n_layers
     budget = budget_gb * 1e9
 
     def estimate(k):
@@ -52,7 +76,7 @@ def plan_checkpointing(budget_gb: float, static_bytes: float, n_lora: int, optim
         return {"mode": "offload", "skip_layers": 0, "estimate_gb": est / 1e9, "budget_gb": budget_gb,
                 "fits": est <= budget, "act_bytes_per_token_layer": c}
     k = 0
-    while k < n_layers and estimate(k + 1) <= budget:
+    while k < model.n_layers and estimate(k + 1) <= budget:
         k += 1
     return {"mode": "skip", "skip_layers": k, "estimate_gb": estimate(k) / 1e9, "budget_gb": budget_gb,
             "fits": True, "act_bytes_per_token_layer": c}
@@ -89,6 +113,18 @@ def apply_checkpoint_plan(model, plan: dict, pin_memory: bool = True) -> list:
     return []
 
 
+def parse_mem_budget(text: str) -> float | str | None:
+    """argparse type of --gpu_mem_budget: GB (a finite number; the script checks it is > 0), "auto" or "off"
+    (None)."""
+    low = text.strip().lower()
+    if low in ("auto", "off"):
+        return None if low == "off" else "auto"
+    try:
+        return finite_float(low)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give GB (e.g. 20), auto or off") from None
+
+
 def auto_budget_gb(device, margin: float = 0.15) -> float:
     """--gpu_mem_budget auto: the memory this process can still use on `device` (free now + what it already holds,
     within a per-process cap such as torch.cuda.set_per_process_memory_fraction), less `margin` of it for the
@@ -110,47 +146,46 @@ def pick_micro_batch(options: list[tuple[int, int, dict]]) -> tuple[int, int, di
     return options[-1]
 
 
-def plan_for_budget(model, budget_gb: float, device, step_plans, lengths: list[int], micros: list[int], rank: int,
-                    world: int, packed: bool, optim: str, lora_dropout: float, label: str = "--gpu_mem_budget"
+def plan_for_budget(model, device, settings: BudgetSettings, step_plans, lengths: list[int], micros: list[int]
                     ) -> tuple[dict | None, int, str]:
     """--gpu_mem_budget: pick the micro-batch (samples per forward) among `micros` (the user's --batch last; a
-    larger one first, e.g. a whole step's samples as one packed row) and plan which checkpointed layers of `model`
-    keep their activations (or offload the checkpoints) for its largest micro-batch over `step_plans`; apply the
-    plan and say what was done. A larger micro-batch is taken only when it needs no more checkpointing than
-    --batch does: fewer, larger kernels on the same maths, never extra recompute. Returns (plan or None, micro-batch,
-    a line for the log, starting with `label`). lora_dropout: the dropout whose masks the LoRA layers store (0 for
-    the fused LoRA node). CUDA only: the caller says why there is no plan on other devices."""
-    user = micros[-1]
+    larger one first, a whole step's samples as one row, considered only for packed micro-batches) and plan which
+    checkpointed layers of `model` keep their activations (or offload the checkpoints) for its largest micro-batch
+    over `step_plans`; apply the plan and say what was done. A larger micro-batch is taken only when it needs no more
+    checkpointing than --batch does: fewer, larger kernels on the same maths, never extra recompute. Returns (plan or
+    None, micro-batch, a line for the log). CUDA only: the caller says why there is no plan on other devices."""
+    s, user = settings, micros[-1]
+    micros = [m for m in micros[:-1] if s.packed and m > user] + [user]
+    budget_gb = auto_budget_gb(device) if s.budget_gb == "auto" else s.budget_gb
+    label = "--gpu_mem_budget auto:" if s.budget_gb == "auto" else "--gpu_mem_budget"
     step_plans = list(step_plans)
     _, all_layers = decoder_layers(model)
     layers = [l for l in all_layers if getattr(l, "gradient_checkpointing", False)]
     cfg = model.config
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-    static = torch.cuda.memory_allocated(device)
+    footprint = ModelFootprint(torch.cuda.memory_allocated(device),
+                               sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.hidden_size,
+                               getattr(cfg, "intermediate_size", 4 * cfg.hidden_size), len(layers))
     options = []
     for micro in micros:
-        top = max_micro_tokens(step_plans, lengths, micro, rank, world, packed)
-        if layers:
-            plan = plan_checkpointing(budget_gb, static, n_lora, optim, top, hidden, inter, len(layers), lora_dropout)
-        else:  # checkpointing is off: every layer keeps its activations
-            plan = plan_checkpointing(budget_gb, static, n_lora, optim, top, hidden, inter, 0, lora_dropout)
+        top = max_micro_tokens(step_plans, lengths, micro, s.rank, s.world, s.packed)
+        plan = plan_checkpointing(budget_gb, footprint, s.optim, top, s.lora_dropout)
+        if not layers:  # checkpointing is off: every layer keeps its activations
             est = plan["estimate_gb"] + top * len(all_layers) * plan["act_bytes_per_token_layer"] / 1e9
             plan = {**plan, "mode": "none", "estimate_gb": est, "fits": est <= budget_gb}
         options.append((micro, top, plan))
     micro, top, plan = pick_micro_batch(options)
-    merged = f"micro-batch {micro} (a whole step in one packed row), " if micro != user else ""
+    head = f"{label} {budget_gb} GB: " + (f"micro-batch {micro} (a whole step in one packed row), "
+                                          if micro != user else "")
+    over = "" if plan["fits"] else " (over the budget: lower --batch)"
     if not layers:
-        return None, micro, (f"{label} {budget_gb} GB: {merged}largest micro-batch {top:,} tokens; "
-                             f"estimated peak {plan['estimate_gb']:.2f} GB (gradient checkpointing is off)"
-                             + ("" if plan["fits"] else " (over the budget: lower --batch)"))
+        return None, micro, (f"{head}largest micro-batch {top:,} tokens; estimated peak {plan['estimate_gb']:.2f} GB "
+                             f"(gradient checkpointing is off){over}")
     apply_checkpoint_plan(model, plan)
     what = ("checkpoints offloaded to pinned host memory (full checkpointing would not fit)"
             if plan["mode"] == "offload" else
             f"gradient checkpointing off on the last {plan['skip_layers']} of {len(layers)} layers")
-    return plan, micro, (f"{label} {budget_gb} GB: {merged}largest micro-batch {top:,} tokens -> {what}; "
-                         f"estimated peak {plan['estimate_gb']:.2f} GB"
-                         + ("" if plan["fits"] else " (over the budget: lower --batch)"))
+    return plan, micro, (f"{head}largest micro-batch {top:,} tokens -> {what}; "
+                         f"estimated peak {plan['estimate_gb']:.2f} GB{over}")
 
 
 def max_micro_tokens(step_plans, lengths: list[int], micro: int, rank: int, world: int, packed: bool) -> int:

@@ -14,7 +14,7 @@ from paperqa_tune.loading import load_causal_lm
 from paperqa_tune.train.lora4bit import FusedLoRA
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRASettings:
     r: int = 16
     alpha: float = 32
@@ -23,7 +23,7 @@ class LoRASettings:
     init_seed: int = 42                 # the adapters' random init is a function of this alone
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpeedSettings:
     gradient_checkpointing: bool = True
     kbit_upcast: bool = False           # the seed recipe's prepare_model_for_kbit_training (fp32 norms etc.)
