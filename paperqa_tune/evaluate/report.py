@@ -335,13 +335,30 @@ def unsafe_cell(v: str) -> str:
     return v[1:] if v.startswith("'") and v[1:].startswith(FORMULA_START) else v
 
 
+CONTEXT_CELL_CHARS = 20_000  # a spreadsheet cell holds at most 32,767 characters; the judge sees as much
+CONTEXT_CUT = " …[cut: the first {:,} of {:,} characters; the full text is in the questions file]"
+
+
+def context_cell(text: str) -> str:
+    """The `context` column's cell: the source text, cut (saying so) past CONTEXT_CELL_CHARS."""
+    text = text or ""
+    return text if len(text) <= CONTEXT_CELL_CHARS else text[:CONTEXT_CELL_CHARS] + CONTEXT_CUT.format(
+        CONTEXT_CELL_CHARS, len(text))
+
+
+def is_cut_context(cell: str) -> bool:
+    """A context cell context_cell cut: a rescore checks answers against the questions file's full text."""
+    return "…[cut: the first " in (cell or "")[-120:]
+
+
 def csv_text(rows: list[dict], columns: list[str]) -> str:
-    """UTF-8-with-BOM CSV text (Excel reads accents right), every cell made safe, embedded newlines quoted."""
+    """UTF-8-with-BOM CSV text (Excel reads accents right), every cell made safe, embedded newlines quoted; a long
+    context cut (context_cell)."""
     buf = io.StringIO()
     w = csv.writer(buf, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
     w.writerow(columns)
     for r in rows:
-        w.writerow([safe_cell(r.get(c)) for c in columns])
+        w.writerow([safe_cell(context_cell(r.get(c)) if c == "context" else r.get(c)) for c in columns])
     return "\ufeff" + buf.getvalue()
 
 
