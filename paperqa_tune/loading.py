@@ -26,6 +26,16 @@ def requested_precision(bf16: bool | None, fp16: bool) -> str:
     return "float16" if fp16 else "float32" if bf16 is False else "bfloat16"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, read from /proc/cpuinfo); False where that
+    cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_precision(bf16: bool | None, fp16: bool, device) -> tuple:
     """(torch dtype, a line saying what was chosen) for the flags on this device: bf16 falls back to fp16
     on GPUs without native bf16 (one that only emulates it is as slow as fp32)."""
@@ -39,6 +49,10 @@ def resolve_precision(bf16: bool | None, fp16: bool, device) -> tuple:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16, ("bf16 requested but this GPU has none: falling back to fp16 compute with loss "
                                "scaling (pass --fp16 to choose it explicitly)")
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.bfloat16, ("bf16 compute on CPU, which has no native bf16 here (no AVX512-BF16 or AMX): "
+                                "emulated, about 20x slower than fp32 (SmolLM2-135M training: 5 vs 100 tok/s on 2 "
+                                "AVX2 cores); pass --no-bf16 for fp32")
     if device.type == "cpu":
         return torch.bfloat16, "bf16 compute on CPU (bitsandbytes 4-bit supports it; slow, for tests and demos)"
     return torch.bfloat16, "bf16 compute"

@@ -57,7 +57,7 @@ def test_train_eval_infer_on_real_weights(work, capsys):
                              "--out", str(data), "--eval_out", str(questions), "--seed", "0"]) == 0
     run = work / "run"
     assert train_qlora_hf.main(["--jsonl", str(data), "--model", str(MODEL), "--out", str(run), "--max_steps", "12",
-                                "--batch", "4", "--grad_accum", "1", "--lr", "1e-3", "--max_seq_len", "512",
+                                "--batch", "4", "--grad_accum", "1", "--lr", "1e-3", "--max_seq_len", "512", "--no-bf16",
                                 "--logging_steps", "1", "--seed", "0"]) == 0
     cfg = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
     assert cfg["chat_template_source"] == "model" and "<|im_start|>" in cfg["chat_template"]
