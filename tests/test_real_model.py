@@ -42,7 +42,8 @@ def test_local_model_writes_pairs_that_parse(work):
     abstracts.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = work / "hf" / "pairs.jsonl"
     rc = generate_qa.main(["--backend", "hf", "--model", str(MODEL), "--input", str(abstracts), "--out", str(out),
-                           "--eval_papers", "0", "--pairs_per_abstract", "4", "--max_question_chars", "200",
+                           "--eval_papers", "0", "--knowledge_questions", "0", "--pairs_per_abstract", "4",
+                           "--max_question_chars", "200",
                            "--max_answer_chars", "300", "--batch_size", "2", "--seed", "0"])
     manifest = json.loads(out.with_suffix(".manifest.json").read_text(encoding="utf-8"))
     counts = manifest["counts"]
