@@ -5,7 +5,7 @@ The model is found at $PAPERQA_REAL_MODEL, else models/smollm2-135m-instruct; wi
 saying what to run (CI runs that command first, with its wheel cache kept between runs). Nothing here knows which
 model it is: any HF folder of a Llama/Mistral/Qwen2/Gemma-family instruct model passes the same checks.
 
-Sizes are chosen to fit CI's time on 2 cores (measured: about 4 minutes for the whole chain): 2 abstracts through
+Sizes are chosen to fit CI's time on 2 cores (measured: 6 min 33 s for the whole chain on one core): 2 abstracts through
 the local-model backend with the JSON grammar, 12 optimizer steps of QLoRA on the offline generator's pairs, 12
 held-out questions answered by both models, one inference."""
 from __future__ import annotations
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason=(
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, one_torch_thread):
+def work(tmp_path_factory):
     return tmp_path_factory.mktemp("real")
 
 
