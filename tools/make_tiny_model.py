@@ -146,6 +146,19 @@ def pretrain(model, token_stream: list[int], steps: int, lr: float, seq_len: int
     return losses
 
 
+def byte_level_bpe(vocab_size: int, special_tokens: list[str], corpus: list[str]):
+    """A byte-level BPE tokenizer trained on `corpus`; the first special token is its unknown token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=special_tokens[0]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
 def build(out: Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, seed: int = 0,
           text_file: Path | None = None, pretrain_steps: int = 0, pretrain_lr: float = 3e-3,
           pretrain_seq_len: int = 128, pretrain_batch: int = 16, threads: int | None = None,
@@ -164,16 +177,11 @@ def build(out: Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, 
     (out / INFO_FILE).unlink(missing_ok=True)  # a build killed half-way must not look finished
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
     t0 = time.perf_counter()
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(training_corpus(text_file), trainer=trainer)
+    tok = byte_level_bpe(vocab_size, ["<unk>", "<s>", "</s>"], training_corpus(text_file))
     bos_id, eos_id = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     # Like Zephyr's Llama tokenizer: one BOS in front, no EOS appended (the template writes </s>).
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
@@ -227,16 +235,10 @@ def build_chatml(out: Path, vocab_size: int = 1024, hidden: int = 64, layers: in
     special tokens <|endoftext|> (unk), <|im_start|> (BOS, which the template writes; the tokenizer adds none)
     and <|im_end|> (EOS and pad). For tests of a model with a chat template of its own."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = Path(out)
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(training_corpus(None), trainer=trainer)
+    tok = byte_level_bpe(vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], training_corpus(None))
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                      pad_token="<|im_end|>", unk_token="<|endoftext|>", model_max_length=4096)
     hf_tok.chat_template = CHATML_CHAT_TEMPLATE
