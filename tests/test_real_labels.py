@@ -67,3 +67,43 @@ def test_loops_that_are_not_back_to_back_are_degenerate(text):
 
 def test_a_sentence_said_twice_in_short_is_not_a_loop():
     assert scoring.behaviour("It uses attention. It is fast. It uses attention. It scales to long inputs.") == "answered"
+
+
+def test_rescore_of_real_invented_answers_against_correct_longer_ones_says_base_better(tmp_path, monkeypatch):
+    """From the labelled real answers: the fine-tuned side gives the tuned models' answers a reader labelled
+    hallucinated (answerable questions, the shorter ones), the base side a correct longer answer (the question's
+    reference, written from the abstract). Token overlap alone would not be enough to tell them apart reliably; the
+    verdict must say the base is better."""
+    import eval_compare as ec
+    from paperqa_tune.evaluate import report
+
+    monkeypatch.setattr(ec, "load_run_base", lambda *a, **k: pytest.fail("--rescore must not load a model"))
+    rows = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    invented = [r for r in rows if r["model"] != "base" and r["hallucinated"] == 1
+                and r["type"] in ("factual", "conceptual", "methodology") and len(r["reference"]) > len(r["answer"])]
+    assert len(invented) >= 20
+    csv_rows = [{"id": f"{r['id']}-{r['model']}", "type": r["type"], "question": r["question"],
+                 "reference": r["reference"], "base_answer": r["reference"], "finetuned_answer": r["answer"],
+                 "context": r["context"]} for r in invented]
+    path = tmp_path / "evaluation.csv"
+    report.write_csv(path, csv_rows, report.QUESTION_COLUMNS + report.ANSWER_COLUMNS + ["context"])
+    assert ec.main(["--rescore", str(path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["verdict"] == "base better", summary["verdict_line"]
+    assert summary["rates"]["hallucination_rate"]["finetuned"] > summary["rates"]["hallucination_rate"]["base"]
+
+    # And against an honest "the abstract does not say" (a real refusal of the same models): overlap with the
+    # reference would favour the invented answers (they reuse its words; a refusal scores 0), the rule must not.
+    refusal = next(r["answer"] for r in rows if r["behaviour"] == "refused" and r["hallucinated"] == 0
+                   and r["type"] == "unanswerable")
+    honest = [{**r, "base_answer": refusal} for r in csv_rows]
+    path = tmp_path / "honest" / "evaluation.csv"
+    path.parent.mkdir()
+    report.write_csv(path, honest, report.QUESTION_COLUMNS + report.ANSWER_COLUMNS + ["context"])
+    assert ec.main(["--rescore", str(path)]) == 0
+    summary = json.loads((path.parent / "summary.json").read_text(encoding="utf-8"))
+    # Measured: the rule catches 61 % of these invented answers, so 15 of 38 still beat the refusal and the sign test
+    # cannot call it (p = 0.26): "no clear difference", never "fine-tuned better"; the mean score favours the base
+    # with a CI below zero (-0.35 [-0.49, -0.21]).
+    assert summary["verdict"] != "fine-tuned better", summary["verdict_line"]
+    assert summary["evidence"]["ci95"][1] < 0, summary["verdict_line"]
