@@ -66,6 +66,7 @@ from paperqa_tune.train.optim import OPTIMIZERS, FlatParams, make_optimizer, zer
 from paperqa_tune.train.packing import IGNORE, collate, collate_packed
 from paperqa_tune.train.qlora import LoRASettings, SpeedSettings, TrainableModel, build_qlora_model, check_model_code
 from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_format_record, chat_template_source,
+                               memorisation_warning,
                                check_finite_weights, check_out_dir, commit_staged, discard_failed_stage, disk_errors,
                                finish_commit, heldout_questions, out_dir_problems, run_metrics,
                                same_command_unfinished, save_outputs, system_prompts, versions, write_metrics)
@@ -679,6 +680,8 @@ def _run(args, out: Path, work: Path | None) -> int:
         print(f"done: {metrics['steps']} steps, train loss {metrics['final_train_loss']:.4f}{val}, "
               f"{metrics['tokens_per_s']:,.0f} tok/s, peak memory {metrics['peak_memory_gb']:.2f} GB "
               f"({metrics['peak_memory_kind']}); adapter in {out}")
+        if warning := memorisation_warning(metrics):
+            print(warning)
     d.barrier()
     return 0
 

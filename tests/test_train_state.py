@@ -58,3 +58,16 @@ def test_a_state_of_the_wrong_shape_is_refused_naming_it(change, named):
         del saved["micro"]
     with pytest.raises(ValueError, match=named):
         TrainState.from_state_dict(saved)
+
+
+def test_memorisation_warning_follows_the_train_validation_gap():
+    from paperqa_tune.runs import memorisation_warning
+
+    def metrics(train, val):
+        return {"final_train_loss": train, "val": [{"step": i, "loss": v} for i, v in enumerate(val)]}
+
+    # SmolLM2-135M, lr 1e-3: 8 epochs memorised (validation up from its best, training far below), 4 epochs did not
+    assert "memorised" in memorisation_warning(metrics(0.21, [2.9, 2.5, 3.1, 4.06]))
+    assert memorisation_warning(metrics(1.06, [2.9, 2.55, 2.86])) is None
+    assert memorisation_warning(metrics(2.6, [3.0, 2.7, 2.55])) is None  # still improving
+    assert memorisation_warning(metrics(0.2, [3.0])) is None  # one validation point says nothing
