@@ -13,7 +13,7 @@ python -m pip install -q --upgrade pip
 pip install -q torch==2.13.0 -r requirements.txt
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-python tools/demo.py
+python tools/demo.py "$@"  # --real: the same on SmolLM2-135M-Instruct
 
 echo
 echo "Done. Look at: data/synthetic_qa.jsonl, data/eval_questions.jsonl, models/tiny-qlora/ (loss.png),"
