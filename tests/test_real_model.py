@@ -25,8 +25,9 @@ from paperqa_tune import scoring
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Path(os.environ.get("PAPERQA_REAL_MODEL") or ROOT / "models" / "smollm2-135m-instruct")
 
-pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason=(
-    f"no real model at {MODEL}: run `python tools/get_model.py smollm2-135m-instruct` (or set PAPERQA_REAL_MODEL)"))
+pytestmark = [pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason=(
+    f"no real model at {MODEL}: run `python tools/get_model.py smollm2-135m-instruct` (or set PAPERQA_REAL_MODEL)")),
+    pytest.mark.timeout(1500)]  # the chain is 5.5 minutes on one free core; a busy CI machine gets room
 
 
 @pytest.fixture(scope="module")
