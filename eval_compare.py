@@ -76,7 +76,7 @@ from paperqa_tune.loading import (attach_adapter, auto_batch_size, check_adapter
                                   load_run_base, max_positions, model_config, require_adapter_weights,
                                   run_tokenizer)
 from paperqa_tune.outputs import OutputSet, run_command
-from paperqa_tune.evaluate.report import SIDES, is_cut_context, open_outputs, output_paths
+from paperqa_tune.evaluate.report import SIDES, open_outputs, output_paths, source_context
 from paperqa_tune.runs import Run, read_run
 
 DEFAULT_OUT = "outputs/evaluation.csv"
@@ -550,12 +550,8 @@ def rescore(args) -> int:
         if qfile:  # for the abstracts the judge grounds on
             questions = {q["id"]: q for q in read_questions(Path(qfile))}
             print(f"abstracts for the judge from {qfile}")
-        # the CSV's own context cell (it may have been edited by hand) wins over the questions file's
-        # (unless the CSV holds a cut one: report.context_cell)
-        questions = {r["id"]: {**questions.get(r["id"], {}), **r, "context": (
-                         questions.get(r["id"], {}).get("context") if is_cut_context(r.get("context"))
-                         else r.get("context")) or questions.get(r["id"], {}).get("context") or ""}
-                     for r in scored}
+        questions = {r["id"]: {**questions.get(r["id"], {}), **r, "context": source_context(
+                         r.get("context"), questions.get(r["id"], {}).get("context"))} for r in scored}
         cache = JsonlCache(paths["cache"])
         criteria, pairwise, judge_stats = run_judges(scored, questions, args, cache)
         report.score_rows(scored, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)

@@ -351,6 +351,14 @@ def is_cut_context(cell: str) -> bool:
     return "…[cut: the first " in (cell or "")[-120:]
 
 
+def source_context(cell: str | None, from_questions: str | None) -> str:
+    """What a rescore checks a row's answers against: the CSV's own context cell (it may have been edited by hand)
+    over the questions file's, unless the cell is empty or was cut (context_cell)."""
+    if cell and not is_cut_context(cell):
+        return cell
+    return from_questions or ""
+
+
 def csv_text(rows: list[dict], columns: list[str]) -> str:
     """UTF-8-with-BOM CSV text (Excel reads accents right), every cell made safe, embedded newlines quoted; a long
     context cut (context_cell)."""
