@@ -67,7 +67,7 @@ from pathlib import Path
 
 from common import (ADAPTER_WEIGHTS, DEFAULT_RUN_DIR, HELDOUT_QUESTIONS_FILE, HelpFormatter, InputError,
                     eval_questions_path, finite_float, read_jsonl, resolve_path, run_main, sha256_file, sha256_text)
-from paperqa_tune.evaluate import report
+from paperqa_tune.evaluate import curve as C, report
 from paperqa_tune.cache import JsonlCache
 from paperqa_tune.client import FORMAT_STEPS
 from paperqa_tune.generation import (Decoding, add_repetition_penalty_flag, generate_batch, prompt_ids,
@@ -391,42 +391,6 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
 
 
 # --------------------------------------------------------------------------- outputs
-CURVE_SERIES = {"mean_score": "mean support-aware score", "correct_rate": "correct (all)",
-                "refusal_rate_unanswerable": "refuses unanswerable", "correction_rate_false_premise":
-                "corrects false premise", "over_refusal_rate_answerable": "refuses answerable",
-                "degenerate_rate": "degenerate or empty", "hallucination_rate": "hallucinated",
-                "token_f1": "token F1"}
-
-
-def curve_point(step: int, label: str, rows: list[dict], side: str, losses: dict) -> dict:
-    s = report.summarize(rows)
-    point = {"step": step, "label": label, "n": len(rows),
-             "mean_score": s["by_type"]["all"][side]["mean_score"], "correct_rate": s["by_type"]["all"][side]["correct_rate"],
-             "token_f1": s["by_type"]["all"][side]["token_f1"]}
-    point.update({k: v[side] for k, v in s["rates"].items()})
-    point.update({f"correct_{t}": v[side]["correct_rate"] for t, v in s["by_type"].items() if t != "all"})
-    point.update(losses.get(step, {}))
-    return point
-
-
-def learning_curve(run: Run, rows: list[dict], answers: dict[str, dict], adapters: list[Adapter],
-                   questions: dict, f1_threshold: float) -> list[dict]:
-    """One point per adapter (step 0 = the base model), scored like the final evaluation."""
-    losses: dict[int, dict] = {}
-    m = report.read_json_or_empty(run.adapter / "metrics.json", "the training losses")
-    if m:
-        for r in m.get("train", []):
-            losses.setdefault(r["step"], {})["train_loss"] = round(r["loss"], 4)
-        for r in m.get("val", []):
-            losses.setdefault(r["step"], {})["val_loss"] = round(r["loss"], 4)
-    points = [curve_point(0, "base", rows, "base", losses)]
-    for a in adapters:
-        ck_rows = [{**r, "finetuned_answer": answers[a.label][r["id"]]} for r in rows]
-        report.score_rows(ck_rows, questions, f1_threshold)
-        points.append(curve_point(a.step if a.step is not None else -1, a.label, ck_rows, "finetuned", losses))
-    return points
-
-
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -542,7 +506,10 @@ def rescore(args) -> int:
     if qfile and not args.questions and not Path(qfile).is_file():
         qfile = None  # the questions the evaluation used are gone: no abstracts for the judge
     inputs = ([] if in_place else [src]) + ([qfile] if qfile and resolve_path(qfile, "--questions") != src_real else [])
-    with open_outputs(paths, False, inputs, args.overwrite or in_place, run_command("eval_compare.py", args)) as outs:
+    ck_file = C.answers_path(src)  # the checkpoints' answers, when the evaluation drew a learning curve
+    ck = C.read_answers(ck_file) if ck_file.is_file() else None
+    with open_outputs(paths, ck is not None, inputs + ([ck_file] if ck else []), args.overwrite or in_place,
+                      run_command("eval_compare.py", args), curve_answers=ck is not None and not in_place) as outs:
         if outs.finished_earlier:
             print(outs.finished_note(), file=sys.stderr)
             return 0
@@ -562,7 +529,22 @@ def rescore(args) -> int:
                    "skipped_too_long": {"n": len(skipped), "ids": [r["id"] for r in skipped]}}
         # what generated the answers is still true of them
         summary.update({k: prev[k] for k in ("adapter", "base_model", "system_prompt", "decoding") if k in prev})
-        return report.write_outputs(outs, rows, summary, criteria, pairwise)
+        curve = rescore_curve(ck, ck_file, scored, questions, args.f1_threshold) if ck else None
+        if curve:
+            summary["learning_curve"] = curve
+        return report.write_outputs(outs, rows, summary, criteria, pairwise, curve, C.PANELS,
+                                    C.answers_text(*ck) if ck and not in_place else None)
+
+
+def rescore_curve(ck: tuple, ck_file: Path, rows: list[dict], questions: dict, f1_threshold: float) -> list[dict]:
+    """The learning curve again, from the checkpoints' answers saved beside the CSV, under today's scoring."""
+    steps, answers, losses = ck
+    missing = C.missing_answers(rows, answers)
+    if missing:
+        raise InputError(f"{ck_file}: no answers of {', '.join(missing)} for some questions of the CSV; it belongs to "
+                         "another evaluation: move it away to rescore without the learning curve")
+    print(f"learning curve: {len(steps)} checkpoint(s) from {ck_file}")
+    return C.learning_curve(rows, answers, steps, questions, f1_threshold, losses)
 
 
 def note_sets(note: str | None) -> None:
@@ -663,15 +645,17 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
                                 for p, n in Counter(systems[q["id"]] for q in asked).items()],
         "decoding": dec.record(), "f1_threshold": args.f1_threshold, "judge_model": args.judge_model,
         "judge_rubric": args.judge_rubric if args.judge_model else None, "judge_stats": judge_stats})
-    curve = None
+    curve = answers_text = None
     if checkpoints:
-        curve = learning_curve(run, scored, {m: {i: a["answer"] for i, a in v.items()} for m, v in answers.items()},
-                               adapters, by_id, args.f1_threshold)
-        summary["learning_curve"] = curve
+        steps = [(a.label, a.step if a.step is not None else -1) for a in adapters]
+        texts = {a.label: {i: v["answer"] for i, v in answers[a.label].items()} for a in adapters}
+        losses = C.losses_from_metrics(report.read_json_or_empty(run.adapter / "metrics.json", "the training losses"))
+        curve = summary["learning_curve"] = C.learning_curve(scored, texts, steps, by_id, args.f1_threshold, losses)
+        answers_text = C.answers_text(steps, texts, losses)
     timing["score_write_s"] = round(time.perf_counter() - t_scores, 3)
     timing["total_s"] = round(time.perf_counter() - t_start, 3)
     summary["timing"] = timing
-    return report.write_outputs(outs, rows, summary, criteria, pairwise, curve, CURVE_SERIES)
+    return report.write_outputs(outs, rows, summary, criteria, pairwise, curve, C.PANELS, answers_text)
 
 
 def main(argv=None) -> int:

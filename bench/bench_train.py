@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from paperqa_tune import packing  # noqa: E402  (the speed machinery the project path uses)
+from paperqa_tune.train import packing  # noqa: E402  (the speed machinery the project path uses)
 from paperqa_tune.train.kernels import fuse_rms_norms  # noqa: E402
 from paperqa_tune.train.lora4bit import FusedLoRA, addmm_lora_forward  # noqa: E402
 from paperqa_tune.train.memory import apply_checkpoint_plan  # noqa: E402

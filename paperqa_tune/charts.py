@@ -103,29 +103,33 @@ def plot_results(summary: dict, path: Path) -> bool:
     return True
 
 
-def plot_curve(points: list[dict], series: dict[str, str], path: Path) -> bool:
-    """learning_curve.png: each measure in `series` (column -> label) against the training step."""
+def plot_curve(points: list[dict], panels: dict[str, dict[str, str]], path: Path) -> bool:
+    """learning_curve.png: one panel per group of measures (title -> {column: label}) against the training step,
+    panels without data left out; the training and validation loss in a last panel when the run logged them."""
     plt = pyplot()
     if plt is None:
         print(f"warning: matplotlib is not installed; {path} not drawn (pip install matplotlib)", file=sys.stderr)
         return False
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [p["step"] for p in points]
-    for col, label in series.items():
-        ys = [p.get(col) for p in points]
-        if all(y is None for y in ys):
-            continue
-        ax.plot([s for s, y in zip(steps, ys) if y is not None], [y for y in ys if y is not None], "o-",
-                label=label, lw=1.5 if col == "mean_score" else 1)
-    last = points[-1]
-    if last.get("mean_score") is not None:
-        ax.annotate(f"{last['mean_score']:.2f}", (last["step"], last["mean_score"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("optimizer step (0 = base model)")
-    ax.set_ylim(-0.02, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.set_title("held-out evaluation across checkpoints", fontsize=10)
+
+    def drawn(series):
+        return {c: lab for c, lab in series.items() if any(p.get(c) is not None for p in points)}
+
+    shown = {t: drawn(s) for t, s in panels.items() if drawn(s)}
+    losses = drawn({"train_loss": "train loss", "val_loss": "validation loss"})
+    n = len(shown) + bool(losses)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 3.2 * n), sharex=True, squeeze=False)
+    for ax, (title, series) in zip(axes[:, 0], [*shown.items(), *([("loss", losses)] if losses else [])]):
+        for col, label in series.items():
+            xy = [(s, p[col]) for s, p in zip(steps, points) if p.get(col) is not None]
+            ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", label=label, lw=1)
+        if title != "loss":
+            ax.set_ylim(-0.02, 1.05)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[-1, 0].set_xlabel("optimizer step (0 = base model)")
+    fig.suptitle("evaluation across checkpoints", fontsize=10)
     fig.tight_layout()
     save_figure(fig, plt, path)
     return True

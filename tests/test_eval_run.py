@@ -119,11 +119,32 @@ def test_learning_curve_over_checkpoints(seed_run, tmp_path, capsys):
     # the final point is the evaluation itself
     summary = json.loads(out.with_name("summary.json").read_text())
     assert float(points[-1]["mean_score"]) == pytest.approx(summary["by_type"]["all"]["finetuned"]["mean_score"])
+    # per evaluation set (the run's held-out samples are the unseen set), and the checkpoints' answers kept
+    assert all(p["unseen_n"] == "4" and p["unseen_hallucination_rate"] != "" for p in points)
+    kept = [json.loads(line) for line in out.with_name("learning_curve_answers.jsonl").read_text().splitlines()]
+    assert [(k["label"], k["step"]) for k in kept] == [("step-2", 2), ("step-4", 4), ("finetuned", 6)]
+    assert all(len(k["answers"]) == 4 for k in kept)
     # rerun: every answer is cached, nothing is generated again
     capsys.readouterr()
     assert ec.main(["--adapter", str(seed_run), "--out", str(out), "--max_new_tokens", "4", "--n", "4",
                     "--checkpoints", "--overwrite"]) == 0
     assert "generation:" not in capsys.readouterr().out
+    # --rescore draws the same curve from the saved answers, in place and into another folder (answers carried)
+    before = out.with_name("learning_curve.csv").read_text(encoding="utf-8-sig")
+    assert ec.main(["--rescore", str(out)]) == 0
+    assert out.with_name("learning_curve.csv").read_text(encoding="utf-8-sig") == before
+    other = tmp_path / "again" / "evaluation.csv"
+    assert ec.main(["--rescore", str(out), "--out", str(other)]) == 0
+    assert other.with_name("learning_curve.csv").read_text(encoding="utf-8-sig") == before
+    assert other.with_name("learning_curve_answers.jsonl").read_text() == out.with_name(
+        "learning_curve_answers.jsonl").read_text()
+    # answers that do not cover the CSV's questions: a clear error, nothing rewritten
+    out.with_name("learning_curve_answers.jsonl").write_text(json.dumps(
+        {"label": "step-2", "step": 2, "answers": {"nope": "x"}}) + "\n")
+    capsys.readouterr()
+    assert ec.main(["--rescore", str(out)]) == 2
+    assert "learning_curve_answers.jsonl: no answers of step-2" in capsys.readouterr().err
+    assert out.with_name("learning_curve.csv").read_text(encoding="utf-8-sig") == before
 
 
 def test_checkpoints_missing_is_a_clear_error(seed_run, tmp_path, capsys):

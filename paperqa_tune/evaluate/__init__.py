@@ -3,6 +3,7 @@
 Public API (imported lazily):
     report      open_outputs, output_paths, SIDES (evaluation.csv, summary.json, the marking sheet, the chart)
     verdict     compare, decide, headline, bootstrap_ci, sign_test_p (the paired verdict)
+    curve       learning_curve, answers_text, read_answers, PANELS (the evaluation per checkpoint)
     judge       rubric_scores, pairwise, read_rubric, rubric_columns, JudgeConfig (the LLM judge)
 """
 from paperqa_tune._lazy import lazy_exports

@@ -463,17 +463,20 @@ def output_paths(out: Path) -> dict[str, Path]:
     return {"csv": out, "marking": out.with_name(f"{out.stem}_for_marking.csv"),
             "summary": out.with_name("summary.json"), "plot": out.with_name("results_bar.png"),
             "cache": out.with_name(f"{out.stem}.cache.jsonl"),
-            "curve_csv": out.with_name("learning_curve.csv"), "curve_plot": out.with_name("learning_curve.png")}
+            "curve_csv": out.with_name("learning_curve.csv"), "curve_plot": out.with_name("learning_curve.png"),
+            "curve_answers": out.with_name("learning_curve_answers.jsonl")}
 
 
 # The outputs written together, by the name messages use; committed in COMMIT_ORDER, summary.json last.
 OUTPUTS = {"csv": "--out", "marking": "the marking sheet", "plot": "the chart", "curve_csv": "learning_curve.csv",
-           "curve_plot": "learning_curve.png", "summary": "summary.json"}
-COMMIT_ORDER = ("curve_csv", "curve_plot", "marking", "plot", "csv", "summary")
+           "curve_plot": "learning_curve.png", "curve_answers": "learning_curve_answers.jsonl",
+           "summary": "summary.json"}
+COMMIT_ORDER = ("curve_answers", "curve_csv", "curve_plot", "marking", "plot", "csv", "summary")
 
 
-def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool, command=None):
-    """The evaluation's OutputSet (with the learning curve's files when `curve`): distinct outputs, none an
+def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool, command=None, curve_answers=None):
+    """The evaluation's OutputSet (with the learning curve's files when `curve`, its checkpoints' answers too
+    unless `curve_answers` is False: a rescore in place reads them): distinct outputs, none an
     input, nor the answer cache one; existing ones replaced only with overwrite. `with` it to hold the lock;
     `command` (outputs.run_command) lets a rerun of the same command finish a commit cut short and stop there
     (OutputSet.finished_earlier)."""
@@ -483,13 +486,16 @@ def open_outputs(paths: dict, curve: bool, inputs: list, overwrite: bool, comman
         if i and resolve_path(i, "input") == resolve_path(paths["cache"], "the answer cache"):
             raise InputError(f"{i} is this run's answer cache (<out stem>.cache.jsonl), where answers are appended; "
                              "choose another --out")
-    keys = [k for k in OUTPUTS if curve or not k.startswith("curve")]
+    with_answers = curve if curve_answers is None else curve_answers
+    keys = [k for k in OUTPUTS if (curve or not k.startswith("curve")) and (with_answers or k != "curve_answers")]
     return OutputSet({OUTPUTS[k]: paths[k] for k in keys}, inputs=inputs, overwrite=overwrite, command=command)
 
 
 def write_outputs(outs, rows: list[dict], summary: dict, criteria: list[str], pairwise: bool,
-                  curve: list[dict] | None = None, curve_series: dict | None = None) -> int:
-    """The CSV, the marking sheet, summary.json, the chart (and the learning curve) staged in `outs` (an
+                  curve: list[dict] | None = None, curve_panels: dict | None = None,
+                  curve_answers: str | None = None) -> int:
+    """The CSV, the marking sheet, summary.json, the chart (and the learning curve, with the checkpoints'
+    answers when given) staged in `outs` (an
     OutputSet from open_outputs, locked) and committed together; then the table and verdict on stdout. A
     failed write (a full disk) is RunFailure with the previous outputs untouched. Returns the exit code: 1
     when the judge failed on every call (the evaluation is written, the judge marked failed), else 0."""
@@ -507,7 +513,9 @@ def write_outputs(outs, rows: list[dict], summary: dict, criteria: list[str], pa
                                                 QUESTION_COLUMNS + ANSWER_COLUMNS + ["winner"]))
         if curve is not None:
             write_staged(stage["curve_csv"], csv_text(curve, list(dict.fromkeys(k for p in curve for k in p))))
-            charts.plot_curve(curve, curve_series or {}, stage["curve_plot"])
+            charts.plot_curve(curve, curve_panels or {}, stage["curve_plot"])
+        if curve_answers is not None:
+            write_staged(stage["curve_answers"], curve_answers)
         charts.plot_results(summary, stage["plot"])
         write_staged(stage["summary"], json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     except OSError as e:
