@@ -906,6 +906,56 @@ def unsupported_claims(answer: str, question: str, context: str) -> list[str]:
     return out
 
 
+# =========================================================================== a false premise restated in plain words
+# A false-premise question flips one detail of the source ("ten times SMALLER", "does not WORK", "14 times MORE
+# steps"): the words of its premise (what follows "find that", "conclude that") that the source lacks are the flip.
+# An answer sentence that uses one of them (or a comparative of the same direction: "larger" for "more") asserts the
+# false premise, whether or not the answer also says "that premise is incorrect". Not inside a denial of its own
+# ("..., not smaller") nor in a refusal.
+_PREMISE_CLAUSE = _rx(r'"Q"[^?]*?\b(?:that|whether)\s+(.+)')
+_DIRECTIONS = (frozenset("more larger bigger greater higher".split()),
+               frozenset("fewer smaller less lower".split()))
+
+
+def _premise_flips(question: str, context: str) -> tuple[set[str], str]:
+    """(stems of the words of the question's premise that the source lacks, widened by comparatives of the same
+    direction the source also lacks; the premise text)."""
+    q = _prepare(question)
+    m = _PREMISE_CLAUSE.search(q)
+    premise = m.group(1) if m else q.replace('"Q"', " ")
+    known = _word_stems(context)
+    flips = {w[:5] for w in _WORD_RX.findall(premise.lower())
+             if w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w[:5] not in known}
+    for group in _DIRECTIONS:
+        if flips & {w[:5] for w in group}:
+            flips |= {w[:5] for w in group if w[:5] not in known}
+    return flips, premise
+
+
+def premise_restatements(answer: str, question: str, context: str) -> list[str]:
+    """The words of a false premise an answer asserts, each "<word> (restates the false premise)"."""
+    flips, premise = _premise_flips(question, context)
+    if not flips or not context.strip():
+        return []
+    out = []
+    for sentence in _sentences(_prepare(answer)):
+        if is_refusal(sentence) or any(rx.search(sentence) for rx in _STRONG_CORRECTION):
+            continue
+        for m in _WORD_RX.finditer(sentence.lower()):
+            if m.group()[:5] in flips and not _denied_apart_from(sentence, m.span(), premise, m.group()):
+                out.append(f"{m.group()} (restates the false premise)")
+    return list(dict.fromkeys(out))
+
+
+def _denied_apart_from(sentence: str, span: tuple[int, int], premise: str, word: str) -> bool:
+    """The word sits inside a denial the premise itself does not carry: "does not work" restates a premise that
+    says "does not work", "..., not smaller" denies one that says "smaller"."""
+    if not _denied(sentence, span):
+        return False
+    at = premise.lower().find(word)
+    return at < 0 or not _denied(premise, (at, at + len(word)))
+
+
 # On an answerable question a correction is still a substantive answer ("It doesn't; it uses Y" to a yes/no
 # question): whether it is right is for F1 or the judge to say, as for any answer.
 SUBSTANTIVE = ("answered", "corrected_premise")
@@ -951,6 +1001,8 @@ def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
     checked = bool(source.strip()) and b != "empty"  # a loop asserts what its words say, too
     unsupported = (unsupported_specifics(answer, q.get("question", ""), source, false_premise=qtype == "false_premise")
                    + unsupported_claims(answer, q.get("question", ""), source)) if checked else []
+    if checked and qtype == "false_premise":
+        unsupported += premise_restatements(answer, q.get("question", ""), source)
     unsupported = [u for u in unsupported if not _has_char_loop(u)]  # "TheBBBBBBBB" is junk, not a claim
     out = {"behaviour": b, "token_f1": f1, "rougeL": rouge_l(answer, ref) if ref.strip() else None,
            "words": len(answer.split()), "unsupported": "; ".join(unsupported),
