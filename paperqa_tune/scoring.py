@@ -845,6 +845,42 @@ def _denied(text: str, span: tuple[int, int]) -> bool:
                 or _DENIED_AFTER.search(text[span[1]:span[1] + 60]))
 
 
+_NAME_BEFORE_PARENS = re.compile(rf"((?:[A-Z][\w-]*\s+(?:(?:of|for|and|the|from|to|in|on|with)\s+)?)*[A-Z][\w-]*)\s*"
+                                 rf"\(({_ACRONYM})\)")
+
+
+def misspelt_expansions(answer: str, context: str) -> list[str]:
+    """Names an answer gives as an acronym's expansion ("Name Words (ACR)") whose initials do not spell it: "Batch
+    Normalization (BNA)", "Neural Recurrent Neural Network (RNN)". Whatever the source says, an expansion that
+    does not spell its acronym is wrong, unless the source writes that very pair."""
+    text, source = _prepare(answer), _visible(context).lower()
+    out = []
+    for m in _NAME_BEFORE_PARENS.finditer(text):
+        words = [w for w in m.group(1).split() if w[0].isupper()]
+        while words and (words[0].lower() in _SENTENCE_OPENERS or words[0] in _CONNECTORS):
+            words = words[1:]
+        if len(words) < 2:
+            continue
+        initials = "".join(p[0].lower() for w in words for p in w.split("-") if p)
+        letters = "".join(c.lower() for c in m.group(2) if c.isupper())
+        spelt = initials[:1] == letters[:1] and _subsequence(letters, initials) and len(initials) <= len(letters) + 1
+        if not spelt and f"({m.group(2).lower()})" not in source:
+            out.append(f"{' '.join(words)} ({m.group(2)}) (expansion does not spell the acronym)")
+    return out
+
+
+def quoted_terms(answer: str, question: str, context: str) -> list[str]:
+    """Short quoted terms (up to 5 words) that neither the source nor the question has: a coined name ("a technique
+    called \"batch-wide normalization\""). A paper's title is quoted from the question, so it passes."""
+    source, asked = _Source(context), _Source(question)
+    out = []
+    for m in _QUOTED.finditer(_visible(answer)):
+        term = m.group()[1:-1].strip()
+        if 1 <= len(term.split()) <= 5 and not (source.supports_words(term) or asked.supports_words(term)):
+            out.append(f'"{term}" (quoted term not in the source)')
+    return out
+
+
 def unsupported_specifics(answer: str, question: str, context: str, false_premise: bool = False) -> list[str]:
     """The specifics `answer` asserts that neither `context` (the source) nor the question supports. For a
     false-premise question the question's own specifics that the source lacks are the false premise: one
@@ -859,6 +895,7 @@ def unsupported_specifics(answer: str, question: str, context: str, false_premis
             out.append(spec["text"])
         elif false_premise and not _denied(text, spec["span"]):
             out.append(f"{spec['text']} (restates the false premise)")
+    out += misspelt_expansions(answer, context) + quoted_terms(answer, question, context)
     return list(dict.fromkeys(out))
 
 
