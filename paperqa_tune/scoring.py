@@ -916,6 +916,15 @@ where when what than then been being could would should might must will shall do
 those they them with from premise premises incorrect wrong opposite says said correct actually true false
 question questions claim claims assume assumes mention mentions mentioned state states stated describe describes
 described note notes""".split())  # the last two lines: a correction's own frame ("That premise is incorrect: ...")
+# Not claims about the paper either: the spelled-out forms of GENERAL_KNOWLEDGE's acronyms and the field's everyday
+# terms ("a type of deep learning model", "in the field of natural language processing"), words that name the
+# source or the answer's own frame ("a short summary of a scientific paper", "the goal is"), and praise or degree
+# ("a highly acclaimed, groundbreaking work"): vague filler, which a reader does not count as a specific.
+_VAGUE = frozenset("""artificial intelligence machine natural processing deep neural network networks algorithm
+algorithms field fields area areas domain research researchers scientific science summary article text contain
+contains contained goal goals purpose aim aims idea ideas concept concepts designed design aspect aspects overall
+acclaimed groundbreaking seminal influential renowned landmark notable remarkable popular widely highly particularly
+especially significant significantly original originally novel key crucial essential""".split())
 _WORD_RX = re.compile(r"[a-z][a-z-]+")
 
 
@@ -935,7 +944,7 @@ def unsupported_claims(answer: str, question: str, context: str) -> list[str]:
     for sentence in _sentences(_prepare(answer)):
         if is_refusal(sentence):
             continue
-        words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w not in _EVERYDAY
+        words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w not in _EVERYDAY and w not in _VAGUE
                  and w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w not in _WORD_NUMBERS]
         new = [w for w in words if w[:5] not in known and not all(p[:5] in known for p in w.split("-") if p)]
         if len(new) >= CLAIM_MIN_NEW and 2 * len(new) >= len(words):
