@@ -902,7 +902,7 @@ def unsupported_specifics(answer: str, question: str, context: str, false_premis
 # =========================================================================== claims in plain words
 # Small models mostly invent in plain words ("a single-shot model trained on one sample", "feedback from users"):
 # no number, name or acronym to catch. A sentence is an unsupported claim when at least CLAIM_MIN_NEW of its
-# content words, and at least half of them, appear nowhere in the source or the question (compared on their first
+# content words not echoed from the question, and at least half of them, appear nowhere in the source (compared on their first
 # five letters, so "adapters" matches "adaptation"). Words every answer about a paper uses are not content here.
 CLAIM_MIN_NEW = 3
 _EVERYDAY = frozenset("""paper papers model models method methods approach approaches result results author authors
@@ -939,13 +939,16 @@ def unsupported_claims(answer: str, question: str, context: str) -> list[str]:
     """Sentences of `answer` (not refusals) whose content words are mostly new to the source and the question:
     each listed as its new words, "<w1 w2 w3> (claim not in the source)". Measured against hand labels on 288 real
     answers and 73 hand-written ones (README, "Scoring rule")."""
-    known = _word_stems(context) | _word_stems(question)
+    asked = _word_stems(question)
+    known = _word_stems(context) | asked
     out = []
     for sentence in _sentences(_prepare(answer)):
         if is_refusal(sentence):
             continue
-        words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w not in _EVERYDAY and w not in _VAGUE
-                 and w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w not in _WORD_NUMBERS]
+        # words echoed from the question say nothing new, so they do not dilute what the sentence adds
+        words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w[:5] not in asked
+                 and w not in _EVERYDAY and w not in _VAGUE and w not in _FUNCTION_WORDS and w not in _AUXILIARIES
+                 and w not in _WORD_NUMBERS]
         new = [w for w in words if w[:5] not in known and not all(p[:5] in known for p in w.split("-") if p)]
         if len(new) >= CLAIM_MIN_NEW and 2 * len(new) >= len(words):
             out.append(" ".join(dict.fromkeys(new)) + " (claim not in the source)")
