@@ -795,7 +795,11 @@ def _names(text: str) -> list[tuple[str, tuple[int, int]]]:
 
 
 def _general(term: str) -> bool:
-    return _compact(term) in GENERAL_KNOWLEDGE or term.lower() in GENERAL_KNOWLEDGE
+    """A GENERAL_KNOWLEDGE term, or its spelled-out form: "Natural Language Processing" is NLP."""
+    words = [w for w in re.findall(r"[A-Za-z][\w-]*", term) if w.lower() not in _CONNECTORS]
+    initials = "".join(w[0].lower() for w in words)
+    return _compact(term) in GENERAL_KNOWLEDGE or term.lower() in GENERAL_KNOWLEDGE \
+        or (len(words) >= 2 and re.sub(r"s$", "", initials) in GENERAL_KNOWLEDGE)
 
 
 def specifics(text: str) -> list[dict]:
@@ -919,12 +923,15 @@ described note notes""".split())  # the last two lines: a correction's own frame
 # Not claims about the paper either: the spelled-out forms of GENERAL_KNOWLEDGE's acronyms and the field's everyday
 # terms ("a type of deep learning model", "in the field of natural language processing"), words that name the
 # source or the answer's own frame ("a short summary of a scientific paper", "the goal is"), and praise or degree
-# ("a highly acclaimed, groundbreaking work"): vague filler, which a reader does not count as a specific.
+# ("a highly acclaimed, groundbreaking, powerful tool"), and adverbs ("easily", "effectively": manner, not
+# substance): vague filler, which a reader does not count as a specific.
 _VAGUE = frozenset("""artificial intelligence machine natural processing deep neural network networks algorithm
 algorithms field fields area areas domain research researchers scientific science summary article text contain
 contains contained goal goals purpose aim aims idea ideas concept concepts designed design aspect aspects overall
 acclaimed groundbreaking seminal influential renowned landmark notable remarkable popular widely highly particularly
-especially significant significantly original originally novel key crucial essential""".split())
+especially significant significantly original originally novel key crucial essential powerful flexible comprehensive
+detailed recent useful tool tools description descriptions content context application applications applied often
+another entire dataset datasets""".split())
 _WORD_RX = re.compile(r"[a-z][a-z-]+")
 
 
@@ -947,7 +954,7 @@ def unsupported_claims(answer: str, question: str, context: str) -> list[str]:
             continue
         # words echoed from the question say nothing new, so they do not dilute what the sentence adds
         words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w[:5] not in asked
-                 and w not in _EVERYDAY and w not in _VAGUE and w not in _FUNCTION_WORDS and w not in _AUXILIARIES
+                 and w not in _EVERYDAY and w not in _VAGUE and not w.endswith("ly") and w not in _FUNCTION_WORDS and w not in _AUXILIARIES
                  and w not in _WORD_NUMBERS]
         new = [w for w in words if w[:5] not in known and not all(p[:5] in known for p in w.split("-") if p)]
         if len(new) >= CLAIM_MIN_NEW and 2 * len(new) >= len(words):
