@@ -679,11 +679,17 @@ class _Source:
     and the initials of its word runs (so "low-rank adaptation" supports "LoRA")."""
 
     def __init__(self, text: str):
-        self.values = set()
-        for _, value, scaled, percent in _numbers(text):
-            self.values |= {value, scaled}
-            if percent or (value < 1 and "." in str(value)):  # "40%" and "0.4" state the same value
-                self.values |= {round(value / 100, 6), round(value * 100, 6)}
+        self.sites = []  # (values, content stems) of each sentence that states a number
+        for sentence in _sentences(text):
+            values = set()
+            for _, value, scaled, percent in _numbers(sentence):
+                values |= {value, scaled}
+                if percent or (value < 1 and "." in str(value)):  # "40%" and "0.4" state the same value
+                    values |= {round(value / 100, 6), round(value * 100, 6)}
+            if _ONE.search(sentence):
+                values.add(1.0)
+            if values:
+                self.sites.append((values, _content_stems(sentence)))
         tokens = [m.group() for m in re.finditer(r"[A-Za-z0-9]+(?:[-_/.][A-Za-z0-9]+)*", text)]
         self.tokens = {_compact(t) for t in tokens} | {_compact(a + b) for a, b in zip(tokens, tokens[1:])}
         words = re.findall(r"[A-Za-z][A-Za-z0-9']*", text)
@@ -691,8 +697,11 @@ class _Source:
         self.initials = "".join(p[0].lower() for w in re.findall(r"[A-Za-z][\w-]*", text)
                                 if w.lower() not in _CONNECTORS for p in w.split("-") if p)
 
-    def supports_number(self, value: float, scaled: float) -> bool:
-        return value in self.values or scaled in self.values
+    def supports_number(self, value: float, scaled: float, near: frozenset = frozenset()) -> bool:
+        """The value is stated; when the answer says what it measures (`near`: the content stems around it), a
+        sentence of the source states it about one of those things ("a learning rate of 100" is not supported by
+        "networks of 100 layers")."""
+        return any((value in values or scaled in values) and (not near or near & stems) for values, stems in self.sites)
 
     def supports_words(self, phrase: str) -> bool:
         words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9']*", phrase) if w.lower() not in _CONNECTORS]
@@ -703,6 +712,21 @@ class _Source:
             return True
         capitals = "".join(c.lower() for c in token if c.isupper())
         return len(capitals) >= 2 and not re.search(r"\d", token) and capitals in self.initials
+
+
+# "only one layer", "a single dataset": a count of one (the bare word "one" is too often a pronoun to be a value)
+_ONE = _rx(r"\b(?:only|just|exactly)\s+one\b(?!\s+of\b)|\ba\s+single\b|\bone\b")
+_ONE_CLAIM = _rx(r"\b(?:only|just|exactly)\s+(one)\b(?!\s+of\b)")
+
+
+_UNITS = frozenset("percent cent percentage point points times fold".split())
+
+
+def _content_stems(text: str) -> frozenset:
+    """Stems of the words that say what a number counts (not function or frame words, not units or numbers)."""
+    return frozenset(_stem(w) for w in _WORD_RX.findall(text.lower()) if len(w) >= 3 and w not in _FUNCTION_WORDS
+                     and w not in _AUXILIARIES and w not in _EVERYDAY and w not in _UNITS
+                     and w not in _WORD_NUMBERS and w not in _NUMBER_WORDS)
 
 
 def _numbers(text: str):
@@ -828,14 +852,25 @@ def specifics(text: str) -> list[dict]:
             if free(m.span()):
                 surface, value, scaled, _ = next(_numbers(m.group()))
                 found.append({"text": m.group().strip(), "kind": "number", "span": m.span(), "value": value,
-                              "scaled": scaled})
+                              "scaled": scaled, "near": _near(masked, m.span())})
+    for m in _ONE_CLAIM.finditer(masked):
+        if free(m.span()):
+            found.append({"text": m.group(), "kind": "number", "span": m.span(), "value": 1.0, "scaled": 1.0,
+                          "near": _near(masked, m.span())})
     return sorted(found, key=lambda f: f["span"])
+
+
+def _near(text: str, span: tuple[int, int], reach: int = 4) -> frozenset:
+    """Content stems of up to `reach` words either side of a number, within its sentence: what it counts."""
+    before = re.split(r"[.!?;:\n]", text[:span[0]])[-1].split()[-reach:]
+    after = re.split(r"[.!?;:\n]", text[span[1]:])[0].split()[:reach]
+    return _content_stems(" ".join(before + after))
 
 
 def _supported(spec: dict, source: _Source) -> bool:
     kind = spec["kind"]
     if kind == "number":
-        return source.supports_number(spec["value"], spec["scaled"])
+        return source.supports_number(spec["value"], spec["scaled"], spec.get("near", frozenset()))
     if kind == "expansion":
         return source.supports_words(spec["expansion"]) and source.supports_identifier(spec["acronym"])
     if kind == "identifier":
@@ -931,7 +966,8 @@ contains contained goal goals purpose aim aims idea ideas concept concepts desig
 acclaimed groundbreaking seminal influential renowned landmark notable remarkable popular widely highly particularly
 especially significant significantly original originally novel key crucial essential powerful flexible comprehensive
 detailed recent useful tool tools description descriptions content context application applications applied often
-another entire dataset datasets""".split())
+another entire dataset datasets because like unlike through throughout within without across among against around
+towards upon""".split())  # the last line: connectives the short function-word list leaves out
 _WORD_RX = re.compile(r"[a-z][a-z-]+")
 
 
