@@ -624,7 +624,7 @@ def invents_specifics(answer: str, question: str, context: str = "") -> bool:
 # question itself, supports it. Terms anyone in the field uses without a source are not claims about the
 # paper. Kept short on purpose: a dataset, benchmark, model or metric the source does not name IS a claim.
 GENERAL_KNOWLEDGE = frozenset("""ai ml nlp nlu llm lm gpu cpu tpu ram api url pdf faq qa sota cnn rnn lstm mlp gan
-vae rl ok transformer english python arxiv internet""".split())
+vae rl ok english python arxiv internet""".split())
 HALLUCINATION_PENALTY = 0.5  # score of an answer per unsupported specific, down to -1 (see score_answer)
 
 _CONNECTORS = frozenset("of for and the in on to with via a an".split())  # skipped in initials and word checks
