@@ -993,6 +993,7 @@ def unsupported_claims(answer: str, question: str, context: str) -> list[str]:
                  and w not in _EVERYDAY and w not in _VAGUE and not w.endswith("ly") and w not in _FUNCTION_WORDS and w not in _AUXILIARIES
                  and w not in _WORD_NUMBERS]
         new = [w for w in words if w[:5] not in known and not all(p[:5] in known for p in w.split("-") if p)]
+        new, words = list(dict.fromkeys(new)), set(words)  # a loop says its words once
         if len(new) >= CLAIM_MIN_NEW and 2 * len(new) >= len(words):
             out.append(" ".join(dict.fromkeys(new)) + " (claim not in the source)")
     return out
@@ -1031,9 +1032,12 @@ def premise_restatements(answer: str, question: str, context: str) -> list[str]:
         return []
     out = []
     for sentence in _sentences(_prepare(answer)):
-        if is_refusal(sentence) or any(rx.search(sentence) for rx in _STRONG_CORRECTION):
+        if is_refusal(sentence):
             continue
-        for m in _WORD_RX.finditer(sentence.lower()):
+        # after "That premise is false:" comes what the answer says instead; before it, what it restates
+        cues = [m.start() for rx in _STRONG_CORRECTION for m in [rx.search(sentence)] if m]
+        end = min(cues, default=len(sentence))
+        for m in _WORD_RX.finditer(sentence[:end].lower()):
             if m.group()[:5] in flips and not _denied_apart_from(sentence, m.span(), premise, m.group()):
                 out.append(f"{m.group()} (restates the false premise)")
     return list(dict.fromkeys(out))
