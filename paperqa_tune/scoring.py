@@ -75,6 +75,7 @@ the longest common subsequence of lower-cased [0-9a-z]+ tokens (rouge-score's de
 """
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections import Counter
@@ -694,6 +695,7 @@ class _Source:
         self.tokens = {_compact(t) for t in tokens} | {_compact(a + b) for a, b in zip(tokens, tokens[1:])}
         words = re.findall(r"[A-Za-z][A-Za-z0-9']*", text)
         self.stems = {_stem(w) for w in words}
+        self.words = {w.lower() for w in words}
         self.initials = "".join(p[0].lower() for w in re.findall(r"[A-Za-z][\w-]*", text)
                                 if w.lower() not in _CONNECTORS for p in w.split("-") if p)
 
@@ -705,7 +707,20 @@ class _Source:
 
     def supports_words(self, phrase: str) -> bool:
         words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9']*", phrase) if w.lower() not in _CONNECTORS]
-        return all(_stem(w) in self.stems or _compact(w) in self.tokens for w in words)
+        return all(_compact(w) in self.tokens or (_stem(w) in self.stems and self._shares_word(w)) for w in words)
+
+    def _shares_word(self, word: str) -> bool:
+        """Some source word shares a root with `word`: a common prefix of 5+ letters that leaves at most 3 letters of
+        the shorter word ("adapters" ~ "adaptation", "normalizes" ~ "normalization"; not "Transformer" ~
+        "translation", which share only "trans")."""
+        w = word.lower()
+        if w in self.words or w.rstrip("s") in self.words or w + "s" in self.words:
+            return True
+        for other in self.words:
+            n = len(os.path.commonprefix([w, other]))
+            if n >= 5 and n >= min(len(w), len(other)) - 3:
+                return True
+        return False
 
     def supports_identifier(self, token: str) -> bool:
         if _compact(token) in self.tokens:
