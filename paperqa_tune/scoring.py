@@ -731,7 +731,7 @@ class _Source:
 
 # "only one layer", "a single dataset": a count of one (the bare word "one" is too often a pronoun to be a value)
 _ONE = _rx(r"\b(?:only|just|exactly)\s+one\b(?!\s+of\b)|\ba\s+single\b|\bone\b")
-_ONE_CLAIM = _rx(r"\b(?:only|just|exactly)\s+(one)\b(?!\s+of\b)")
+_ONE_CLAIM = _rx(r"\b(?:only|just|exactly)\s+one\b(?!\s+of\b)|\ba\s+single\b")
 
 
 _UNITS = frozenset("percent cent percentage point points times fold".split())
