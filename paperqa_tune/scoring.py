@@ -1018,8 +1018,8 @@ def unsupported_claims(answer: str, question: str, context: str) -> list[str]:
             continue
         # words echoed from the question say nothing new, so they do not dilute what the sentence adds
         words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w[:5] not in asked
-                 and w not in _EVERYDAY and w not in _VAGUE and not w.endswith("ly") and w not in _FUNCTION_WORDS and w not in _AUXILIARIES
-                 and w not in _WORD_NUMBERS]
+                 and w not in _EVERYDAY and w not in _VAGUE and not w.endswith("ly") and w not in _FUNCTION_WORDS
+                 and w not in _AUXILIARIES and w not in _WORD_NUMBERS]
         new = [w for w in words if w[:5] not in known and not all(p[:5] in known for p in w.split("-") if p)]
         new, words = list(dict.fromkeys(new)), set(words)  # a loop says its words once
         if len(new) >= CLAIM_MIN_NEW and 2 * len(new) >= len(words):
