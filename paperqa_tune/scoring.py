@@ -735,13 +735,14 @@ _ONE_CLAIM = _rx(r"\b(?:only|just|exactly)\s+one\b(?!\s+of\b)|\ba\s+single\b")
 
 
 _UNITS = frozenset("percent cent percentage point points times fold".split())
+_NEGATORS = frozenset("nor rather instead neither never".split())
 
 
 def _content_stems(text: str) -> frozenset:
     """Stems of the words that say what a number counts (not function or frame words, not units or numbers)."""
-    return frozenset(_stem(w) for w in _WORD_RX.findall(text.lower()) if len(w) >= 3 and w not in _FUNCTION_WORDS
-                     and w not in _AUXILIARIES and w not in _EVERYDAY and w not in _UNITS
-                     and w not in _WORD_NUMBERS and w not in _NUMBER_WORDS)
+    words = {p for w in _WORD_RX.findall(text.lower()) for p in (w, *w.split("-")) if p}  # "7B-parameter"
+    return frozenset(_stem(w) for w in words if len(w) >= 3 and w not in _SENTENCE_OPENERS and w not in _NEGATORS
+                     and w not in _EVERYDAY and w not in _UNITS and w not in _WORD_NUMBERS and w not in _NUMBER_WORDS)
 
 
 def _numbers(text: str):
@@ -875,10 +876,11 @@ def specifics(text: str) -> list[dict]:
     return sorted(found, key=lambda f: f["span"])
 
 
-def _near(text: str, span: tuple[int, int], reach: int = 4) -> frozenset:
-    """Content stems of up to `reach` words either side of a number, within its sentence: what it counts."""
-    before = re.split(r"[.!?;:\n]", text[:span[0]])[-1].split()[-reach:]
-    after = re.split(r"[.!?;:\n]", text[span[1]:])[0].split()[:reach]
+def _near(text: str, span: tuple[int, int], reach: int = 2) -> frozenset:
+    """Content stems of up to `reach` words either side of a number, within its phrase: what it counts ("a learning
+    rate of 100", "100 layers")."""
+    before = re.split(r"[.!?;:,()\n]", text[:span[0]])[-1].split()[-reach:]
+    after = re.split(r"[.!?;:,()\n]", text[span[1]:])[0].split()[:reach]
     return _content_stems(" ".join(before + after))
 
 
@@ -927,10 +929,13 @@ def quoted_terms(answer: str, question: str, context: str) -> list[str]:
     """Short quoted terms (up to 5 words) that neither the source nor the question has: a coined name ("a technique
     called \"batch-wide normalization\""). A paper's title is quoted from the question, so it passes."""
     source, asked = _Source(context), _Source(question)
+    text = _visible(answer)
     out = []
-    for m in _QUOTED.finditer(_visible(answer)):
+    for m in _QUOTED.finditer(text):
         term = m.group()[1:-1].strip()
-        if 1 <= len(term.split()) <= 5 and not (source.supports_words(term) or asked.supports_words(term)):
+        sentence = next((s for s in _sentences(_prepare(text[m.start():]))), "")  # "\"X\" is not cited": no claim
+        if 1 <= len(term.split()) <= 5 and not (source.supports_words(term) or asked.supports_words(term)) \
+                and not is_refusal(sentence) and not _denied(text, m.span()):
             out.append(f'"{term}" (quoted term not in the source)')
     return out
 
@@ -940,11 +945,13 @@ def _own_quotes_opened(answer: str, question: str) -> str:
     asserts ("the paper concludes \"it improves recognition by 20%\"") is checked like the rest; a quoted span the
     question also has (the paper's title) stays quoted, and so masked."""
     asked = _compact(re.sub(r"\W+", "", question.lower()))
+    text = _visible(answer).replace("\u2019", "'").replace("\u2018", "'")
 
-    def open_quote(m):
+    def open_quote(m):  # a quote inside a denial ("\"X\" is not cited") asserts nothing either
         inner = m.group()[1:-1]
-        return m.group() if _compact(re.sub(r"\W+", "", inner.lower())) in asked else f" {inner} "
-    return _QUOTED.sub(open_quote, _visible(answer).replace("\u2019", "'").replace("\u2018", "'"))
+        keep = _compact(re.sub(r"\W+", "", inner.lower())) in asked or _denied(text, m.span())
+        return m.group() if keep else f" {inner} "
+    return _QUOTED.sub(open_quote, text)
 
 
 def unsupported_specifics(answer: str, question: str, context: str, false_premise: bool = False) -> list[str]:
@@ -1046,7 +1053,8 @@ def _premise_flips(question: str, context: str) -> tuple[set[str], str]:
     premise = m.group(1) if m else q.replace('"Q"', " ")
     known = _word_stems(context)
     flips = {w[:5] for w in _WORD_RX.findall(premise.lower())
-             if w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w[:5] not in known}
+             if w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w not in _SENTENCE_OPENERS
+             and w not in _NEGATORS and w[:5] not in known}  # "not" is the premise's frame, "work" its content
     for group in _DIRECTIONS:
         if flips & {w[:5] for w in group}:
             flips |= {w[:5] for w in group if w[:5] not in known}
