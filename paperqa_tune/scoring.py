@@ -933,11 +933,16 @@ def quoted_terms(answer: str, question: str, context: str) -> list[str]:
     out = []
     for m in _QUOTED.finditer(text):
         term = m.group()[1:-1].strip()
-        sentence = next((s for s in _sentences(_prepare(text[m.start():]))), "")  # "\"X\" is not cited": no claim
         if 1 <= len(term.split()) <= 5 and not (source.supports_words(term) or asked.supports_words(term)) \
-                and not is_refusal(sentence) and not _denied(text, m.span()):
+                and not is_refusal(_sentence_around(text, m.span())) and not _denied(text, m.span()):
             out.append(f'"{term}" (quoted term not in the source)')
     return out
+
+
+def _sentence_around(text: str, span: tuple[int, int]) -> str:
+    starts = [m.end() for m in _SENTENCE_END.finditer(text[:span[0]])]
+    end = _SENTENCE_END.search(text, span[1])
+    return text[starts[-1] if starts else 0:end.start() if end else len(text)]
 
 
 def _own_quotes_opened(answer: str, question: str) -> str:
@@ -947,9 +952,10 @@ def _own_quotes_opened(answer: str, question: str) -> str:
     asked = _compact(re.sub(r"\W+", "", question.lower()))
     text = _visible(answer).replace("\u2019", "'").replace("\u2018", "'")
 
-    def open_quote(m):  # a quote inside a denial ("\"X\" is not cited") asserts nothing either
+    def open_quote(m):  # a quote inside a denial or a refusal ("\"X\" is not cited") asserts nothing either
         inner = m.group()[1:-1]
-        keep = _compact(re.sub(r"\W+", "", inner.lower())) in asked or _denied(text, m.span())
+        keep = _compact(re.sub(r"\W+", "", inner.lower())) in asked or _denied(text, m.span()) \
+            or is_refusal(_sentence_around(text, m.span()))
         return m.group() if keep else f" {inner} "
     return _QUOTED.sub(open_quote, text)
 
