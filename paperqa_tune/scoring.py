@@ -37,22 +37,30 @@ defers to the main clause after it.
     stated"; it is refused only when more than half of its clauses are refusals.
   - A hedge on the refusal itself ("As far as I can tell, the abstract does not mention it") is a refusal.
 
-Unsupported specifics (columns `unsupported`, `hallucinated`). Every held-out question is asked
-closed-book, so a specific the answer asserts is invented unless the source supports it. Specifics: numbers
-(digits with a percent or multiplier, "40%" = "40 percent" = "0.4", "1.5B" = "1.5 billion", number words
-from "two" up), capitalised names ("Stanford Question Answering Dataset"; a single capitalised word inside a
-sentence, "Wikipedia"), identifiers (acronyms "BERT", CamelCase "QLoRA", letters with digits "GPT-4", "A100")
-and acronym expansions ("Low-Rank Adaptation (LoRA)"). Quoted spans (titles) and list markers are skipped; a
-short GENERAL_KNOWLEDGE list (GPU, LLM, NLP, Transformer, ...) is never a claim. A specific is supported when
-the source (context, with the reference beside it) or the question states it: the same value; the same
-identifier ignoring case, hyphens and a plural s; every word of a name or expansion (first five letters, so
-"adapters" supports "Adaptation"); an acronym spelled by the initials of source words. For a false-premise
-question the question's specifics that the source lacks are the false premise: an answer that asserts one
-(not inside a denial such as "..., not 8-bit" or "the premise that ...") restates it, listed as such.
-Claims in plain words (unsupported_claims): a sentence whose content words are mostly new to the source and the
-question (at least 3 new, and at least half) is listed as "<its new words> (claim not in the source)". Empty
-answers are not checked; a looping (degenerate) answer is, since a loop asserts what its words say. hallucinated =
-1 when anything is unsupported, and is empty (undecided) for a question with neither context nor reference.
+Unsupported specifics (columns `unsupported`, `hallucinated`). Every held-out question is asked closed-book, so a
+specific the answer asserts is invented unless the source supports it. Specifics: numbers (digits with a percent or
+multiplier, "40%" = "40 percent" = "0.4", "1.5B" = "1.5 billion", number words from "two" up), capitalised names
+("Stanford Question Answering Dataset"; a single capitalised word inside a sentence, "Wikipedia"), identifiers
+(acronyms "BERT", CamelCase "QLoRA", letters with digits "GPT-4", "A100") and acronym expansions ("Low-Rank
+Adaptation (LoRA)"). Quoted spans (titles) and list markers are skipped; a short GENERAL_KNOWLEDGE list (GPU, LLM,
+NLP, ..., and their spelled-out forms) is never a claim. A specific is supported when the source (context, with the
+reference beside it) or the question states it: the same value; the same identifier ignoring case, hyphens and a
+plural s; every word of a name or expansion (a word of the same root, so "adapters" supports "Adaptation"); an acronym
+spelled by the initials of source words. A number is supported only where the source states it about what the answer
+says it counts ("a learning rate of 100" is not "100 layers"); "only one" and "a single" are counts. An expansion
+that does not spell its acronym ("Batch Normalization (BNA)") and a short quoted term the source lacks (a coined
+name) are unsupported; a quoted span the question has (the title) is skipped, a quoted statement of the answer's own
+is checked like the rest. For a false-premise question the question's specifics that the source lacks are the false
+premise: an answer that asserts one (not inside a denial such as "..., not 8-bit" or "the premise that ...")
+restates it, listed as such; so does one that uses a word of the premise the source lacks ("ten times SMALLER",
+"does not WORK") or a comparative of the same direction, except after its own correction cue ("That premise is
+false: ...").
+Claims in plain words (unsupported_claims): a sentence whose content words not echoed from the question are mostly
+new to the source (at least 3 distinct new words, and at least half) is listed as "<its new words> (claim not in the
+source)"; vague filler (praise, adverbs, spelled-out field terms such as "natural language processing") is not
+content. Empty answers are not checked; a looping (degenerate) answer is, since a loop asserts what its words say.
+hallucinated = 1 when anything is unsupported, and is empty (undecided) for a question with neither context nor
+reference.
 
 Correctness per question type (columns `correct` and `score` of the comparison CSV):
   factual, conceptual, methodology and any other type except the two below (answerable):
@@ -982,8 +990,9 @@ def unsupported_specifics(answer: str, question: str, context: str, false_premis
 # =========================================================================== claims in plain words
 # Small models mostly invent in plain words ("a single-shot model trained on one sample", "feedback from users"):
 # no number, name or acronym to catch. A sentence is an unsupported claim when at least CLAIM_MIN_NEW of its
-# content words not echoed from the question, and at least half of them, appear nowhere in the source (compared on their first
-# five letters, so "adapters" matches "adaptation"). Words every answer about a paper uses are not content here.
+# distinct content words not echoed from the question, and at least half of them, appear nowhere in the source
+# (compared on their first five letters, so "adapters" matches "adaptation"). Words every answer about a paper uses
+# are not content here.
 CLAIM_MIN_NEW = 3
 _EVERYDAY = frozenset("""paper papers model models method methods approach approaches result results author authors
 abstract propose proposes proposed show shows shown showed use used uses using based language learning data training
