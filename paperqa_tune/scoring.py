@@ -37,22 +37,30 @@ defers to the main clause after it.
     stated"; it is refused only when more than half of its clauses are refusals.
   - A hedge on the refusal itself ("As far as I can tell, the abstract does not mention it") is a refusal.
 
-Unsupported specifics (columns `unsupported`, `hallucinated`). Every held-out question is asked
-closed-book, so a specific the answer asserts is invented unless the source supports it. Specifics: numbers
-(digits with a percent or multiplier, "40%" = "40 percent" = "0.4", "1.5B" = "1.5 billion", number words
-from "two" up), capitalised names ("Stanford Question Answering Dataset"; a single capitalised word inside a
-sentence, "Wikipedia"), identifiers (acronyms "BERT", CamelCase "QLoRA", letters with digits "GPT-4", "A100")
-and acronym expansions ("Low-Rank Adaptation (LoRA)"). Quoted spans (titles) and list markers are skipped; a
-short GENERAL_KNOWLEDGE list (GPU, LLM, NLP, Transformer, ...) is never a claim. A specific is supported when
-the source (context, with the reference beside it) or the question states it: the same value; the same
-identifier ignoring case, hyphens and a plural s; every word of a name or expansion (first five letters, so
-"adapters" supports "Adaptation"); an acronym spelled by the initials of source words. For a false-premise
-question the question's specifics that the source lacks are the false premise: an answer that asserts one
-(not inside a denial such as "..., not 8-bit" or "the premise that ...") restates it, listed as such.
-Claims in plain words (unsupported_claims): a sentence whose content words are mostly new to the source and the
-question (at least 3 new, and at least half) is listed as "<its new words> (claim not in the source)". Empty
-answers are not checked; a looping (degenerate) answer is, since a loop asserts what its words say. hallucinated =
-1 when anything is unsupported, and is empty (undecided) for a question with neither context nor reference.
+Unsupported specifics (columns `unsupported`, `hallucinated`). Every held-out question is asked closed-book, so a
+specific the answer asserts is invented unless the source supports it. Specifics: numbers (digits with a percent or
+multiplier, "40%" = "40 percent" = "0.4", "1.5B" = "1.5 billion", number words from "two" up), capitalised names
+("Stanford Question Answering Dataset"; a single capitalised word inside a sentence, "Wikipedia"), identifiers
+(acronyms "BERT", CamelCase "QLoRA", letters with digits "GPT-4", "A100") and acronym expansions ("Low-Rank
+Adaptation (LoRA)"). Quoted spans (titles) and list markers are skipped; a short GENERAL_KNOWLEDGE list (GPU, LLM,
+NLP, ..., and their spelled-out forms) is never a claim. A specific is supported when the source (context, with the
+reference beside it) or the question states it: the same value; the same identifier ignoring case, hyphens and a
+plural s; every word of a name or expansion (a word of the same root, so "adapters" supports "Adaptation"); an acronym
+spelled by the initials of source words. A number is supported only where the source states it about what the answer
+says it counts ("a learning rate of 100" is not "100 layers"); "only one" and "a single" are counts. An expansion
+that does not spell its acronym ("Batch Normalization (BNA)") and a short quoted term the source lacks (a coined
+name) are unsupported; a quoted span the question has (the title) is skipped, a quoted statement of the answer's own
+is checked like the rest. For a false-premise question the question's specifics that the source lacks are the false
+premise: an answer that asserts one (not inside a denial such as "..., not 8-bit" or "the premise that ...")
+restates it, listed as such; so does one that uses a word of the premise the source lacks ("ten times SMALLER",
+"does not WORK") or a comparative of the same direction, except after its own correction cue ("That premise is
+false: ...").
+Claims in plain words (unsupported_claims): a sentence whose content words not echoed from the question are mostly
+new to the source (at least 3 distinct new words, and at least half) is listed as "<its new words> (claim not in the
+source)"; vague filler (praise, adverbs, spelled-out field terms such as "natural language processing") is not
+content. Empty answers are not checked; a looping (degenerate) answer is, since a loop asserts what its words say.
+hallucinated = 1 when anything is unsupported, and is empty (undecided) for a question with neither context nor
+reference.
 
 Correctness per question type (columns `correct` and `score` of the comparison CSV):
   factual, conceptual, methodology and any other type except the two below (answerable):
@@ -75,6 +83,7 @@ the longest common subsequence of lower-cased [0-9a-z]+ tokens (rouge-score's de
 """
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections import Counter
@@ -624,7 +633,7 @@ def invents_specifics(answer: str, question: str, context: str = "") -> bool:
 # question itself, supports it. Terms anyone in the field uses without a source are not claims about the
 # paper. Kept short on purpose: a dataset, benchmark, model or metric the source does not name IS a claim.
 GENERAL_KNOWLEDGE = frozenset("""ai ml nlp nlu llm lm gpu cpu tpu ram api url pdf faq qa sota cnn rnn lstm mlp gan
-vae rl ok transformer english python arxiv internet""".split())
+vae rl ok english python arxiv internet""".split())
 HALLUCINATION_PENALTY = 0.5  # score of an answer per unsupported specific, down to -1 (see score_answer)
 
 _CONNECTORS = frozenset("of for and the in on to with via a an".split())  # skipped in initials and word checks
@@ -679,30 +688,69 @@ class _Source:
     and the initials of its word runs (so "low-rank adaptation" supports "LoRA")."""
 
     def __init__(self, text: str):
-        self.values = set()
-        for _, value, scaled, percent in _numbers(text):
-            self.values |= {value, scaled}
-            if percent or (value < 1 and "." in str(value)):  # "40%" and "0.4" state the same value
-                self.values |= {round(value / 100, 6), round(value * 100, 6)}
+        self.sites = []  # (values, content stems) of each sentence that states a number
+        for sentence in _sentences(text):
+            values = set()
+            for _, value, scaled, percent in _numbers(sentence):
+                values |= {value, scaled}
+                if percent or (value < 1 and "." in str(value)):  # "40%" and "0.4" state the same value
+                    values |= {round(value / 100, 6), round(value * 100, 6)}
+            if _ONE.search(sentence):
+                values.add(1.0)
+            if values:
+                self.sites.append((values, _content_stems(sentence)))
         tokens = [m.group() for m in re.finditer(r"[A-Za-z0-9]+(?:[-_/.][A-Za-z0-9]+)*", text)]
         self.tokens = {_compact(t) for t in tokens} | {_compact(a + b) for a, b in zip(tokens, tokens[1:])}
         words = re.findall(r"[A-Za-z][A-Za-z0-9']*", text)
         self.stems = {_stem(w) for w in words}
+        self.words = {w.lower() for w in words}
         self.initials = "".join(p[0].lower() for w in re.findall(r"[A-Za-z][\w-]*", text)
                                 if w.lower() not in _CONNECTORS for p in w.split("-") if p)
 
-    def supports_number(self, value: float, scaled: float) -> bool:
-        return value in self.values or scaled in self.values
+    def supports_number(self, value: float, scaled: float, near: frozenset = frozenset()) -> bool:
+        """The value is stated; when the answer says what it measures (`near`: the content stems around it), a
+        sentence of the source states it about one of those things ("a learning rate of 100" is not supported by
+        "networks of 100 layers")."""
+        return any((value in values or scaled in values) and (not near or near & stems) for values, stems in self.sites)
 
     def supports_words(self, phrase: str) -> bool:
         words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9']*", phrase) if w.lower() not in _CONNECTORS]
-        return all(_stem(w) in self.stems or _compact(w) in self.tokens for w in words)
+        return all(_compact(w) in self.tokens or (_stem(w) in self.stems and self._shares_word(w)) for w in words)
+
+    def _shares_word(self, word: str) -> bool:
+        """Some source word shares a root with `word`: a common prefix of 5+ letters that leaves at most 3 letters of
+        the shorter word ("adapters" ~ "adaptation", "normalizes" ~ "normalization"; not "Transformer" ~
+        "translation", which share only "trans")."""
+        w = word.lower()
+        if w in self.words or w.rstrip("s") in self.words or w + "s" in self.words:
+            return True
+        for other in self.words:
+            n = len(os.path.commonprefix([w, other]))
+            if n >= 5 and n >= min(len(w), len(other)) - 3:
+                return True
+        return False
 
     def supports_identifier(self, token: str) -> bool:
         if _compact(token) in self.tokens:
             return True
         capitals = "".join(c.lower() for c in token if c.isupper())
         return len(capitals) >= 2 and not re.search(r"\d", token) and capitals in self.initials
+
+
+# "only one layer", "a single dataset": a count of one (the bare word "one" is too often a pronoun to be a value)
+_ONE = _rx(r"\b(?:only|just|exactly)\s+one\b(?!\s+of\b)|\ba\s+single\b|\bone\b")
+_ONE_CLAIM = _rx(r"\b(?:only|just|exactly)\s+one\b(?!\s+of\b)|\ba\s+single\b")
+
+
+_UNITS = frozenset("percent cent percentage point points times fold".split())
+_NEGATORS = frozenset("nor rather instead neither never".split())
+
+
+def _content_stems(text: str) -> frozenset:
+    """Stems of the words that say what a number counts (not function or frame words, not units or numbers)."""
+    words = {p for w in _WORD_RX.findall(text.lower()) for p in (w, *w.split("-")) if p}  # "7B-parameter"
+    return frozenset(_stem(w) for w in words if len(w) >= 3 and w not in _SENTENCE_OPENERS and w not in _NEGATORS
+                     and w not in _EVERYDAY and w not in _UNITS and w not in _WORD_NUMBERS and w not in _NUMBER_WORDS)
 
 
 def _numbers(text: str):
@@ -795,7 +843,11 @@ def _names(text: str) -> list[tuple[str, tuple[int, int]]]:
 
 
 def _general(term: str) -> bool:
-    return _compact(term) in GENERAL_KNOWLEDGE or term.lower() in GENERAL_KNOWLEDGE
+    """A GENERAL_KNOWLEDGE term, or its spelled-out form: "Natural Language Processing" is NLP."""
+    words = [w for w in re.findall(r"[A-Za-z][\w-]*", term) if w.lower() not in _CONNECTORS]
+    initials = "".join(w[0].lower() for w in words)
+    return _compact(term) in GENERAL_KNOWLEDGE or term.lower() in GENERAL_KNOWLEDGE \
+        or (len(words) >= 2 and re.sub(r"s$", "", initials) in GENERAL_KNOWLEDGE)
 
 
 def specifics(text: str) -> list[dict]:
@@ -824,14 +876,26 @@ def specifics(text: str) -> list[dict]:
             if free(m.span()):
                 surface, value, scaled, _ = next(_numbers(m.group()))
                 found.append({"text": m.group().strip(), "kind": "number", "span": m.span(), "value": value,
-                              "scaled": scaled})
+                              "scaled": scaled, "near": _near(masked, m.span())})
+    for m in _ONE_CLAIM.finditer(masked):
+        if free(m.span()):
+            found.append({"text": m.group(), "kind": "number", "span": m.span(), "value": 1.0, "scaled": 1.0,
+                          "near": _near(masked, m.span())})
     return sorted(found, key=lambda f: f["span"])
+
+
+def _near(text: str, span: tuple[int, int], reach: int = 2) -> frozenset:
+    """Content stems of up to `reach` words either side of a number, within its phrase: what it counts ("a learning
+    rate of 100", "100 layers")."""
+    before = re.split(r"[.!?;:,()\n]", text[:span[0]])[-1].split()[-reach:]
+    after = re.split(r"[.!?;:,()\n]", text[span[1]:])[0].split()[:reach]
+    return _content_stems(" ".join(before + after))
 
 
 def _supported(spec: dict, source: _Source) -> bool:
     kind = spec["kind"]
     if kind == "number":
-        return source.supports_number(spec["value"], spec["scaled"])
+        return source.supports_number(spec["value"], spec["scaled"], spec.get("near", frozenset()))
     if kind == "expansion":
         return source.supports_words(spec["expansion"]) and source.supports_identifier(spec["acronym"])
     if kind == "identifier":
@@ -845,28 +909,90 @@ def _denied(text: str, span: tuple[int, int]) -> bool:
                 or _DENIED_AFTER.search(text[span[1]:span[1] + 60]))
 
 
+_NAME_BEFORE_PARENS = re.compile(rf"((?:[A-Z][\w-]*\s+(?:(?:of|for|and|the|from|to|in|on|with)\s+)?)*[A-Z][\w-]*)\s*"
+                                 rf"\(({_ACRONYM})\)")
+
+
+def misspelt_expansions(answer: str, context: str) -> list[str]:
+    """Names an answer gives as an acronym's expansion ("Name Words (ACR)") whose initials do not spell it: "Batch
+    Normalization (BNA)", "Neural Recurrent Neural Network (RNN)". Whatever the source says, an expansion that
+    does not spell its acronym is wrong, unless the source writes that very pair."""
+    text, source = _prepare(answer), _visible(context).lower()
+    out = []
+    for m in _NAME_BEFORE_PARENS.finditer(text):
+        words = [w for w in m.group(1).split() if w[0].isupper()]
+        while words and (words[0].lower() in _SENTENCE_OPENERS or words[0] in _CONNECTORS):
+            words = words[1:]
+        if len(words) < 2:
+            continue
+        initials = "".join(p[0].lower() for w in words for p in w.split("-") if p)
+        letters = "".join(c.lower() for c in m.group(2) if c.isupper())
+        spelt = initials[:1] == letters[:1] and _subsequence(letters, initials) and len(initials) <= len(letters) + 1
+        if not spelt and f"({m.group(2).lower()})" not in source:
+            out.append(f"{' '.join(words)} ({m.group(2)}) (expansion does not spell the acronym)")
+    return out
+
+
+def quoted_terms(answer: str, question: str, context: str) -> list[str]:
+    """Short quoted terms (up to 5 words) that neither the source nor the question has: a coined name ("a technique
+    called \"batch-wide normalization\""). A paper's title is quoted from the question, so it passes."""
+    source, asked = _Source(context), _Source(question)
+    text = _visible(answer)
+    out = []
+    for m in _QUOTED.finditer(text):
+        term = m.group()[1:-1].strip()
+        if 1 <= len(term.split()) <= 5 and not (source.supports_words(term) or asked.supports_words(term)) \
+                and not is_refusal(_sentence_around(text, m.span())) and not _denied(text, m.span()):
+            out.append(f'"{term}" (quoted term not in the source)')
+    return out
+
+
+def _sentence_around(text: str, span: tuple[int, int]) -> str:
+    starts = [m.end() for m in _SENTENCE_END.finditer(text[:span[0]])]
+    end = _SENTENCE_END.search(text, span[1])
+    return text[starts[-1] if starts else 0:end.start() if end else len(text)]
+
+
+def _own_quotes_opened(answer: str, question: str) -> str:
+    """The answer with the quote marks of its own quoted statements blanked (same length), so that what a quote
+    asserts ("the paper concludes \"it improves recognition by 20%\"") is checked like the rest; a quoted span the
+    question also has (the paper's title) stays quoted, and so masked."""
+    asked = _compact(re.sub(r"\W+", "", question.lower()))
+    text = _visible(answer).replace("\u2019", "'").replace("\u2018", "'")
+
+    def open_quote(m):  # a quote inside a denial or a refusal ("\"X\" is not cited") asserts nothing either
+        inner = m.group()[1:-1]
+        keep = _compact(re.sub(r"\W+", "", inner.lower())) in asked or _denied(text, m.span()) \
+            or is_refusal(_sentence_around(text, m.span()))
+        return m.group() if keep else f" {inner} "
+    return _QUOTED.sub(open_quote, text)
+
+
 def unsupported_specifics(answer: str, question: str, context: str, false_premise: bool = False) -> list[str]:
     """The specifics `answer` asserts that neither `context` (the source) nor the question supports. For a
     false-premise question the question's own specifics that the source lacks are the false premise: one
     asserted by the answer (not inside a denial) is listed as "<it> (restates the false premise)"."""
     source, asked = _Source(context), _Source(question)
-    text = _prepare(answer)
+    opened = _own_quotes_opened(answer, question)
+    text = _prepare(opened)
     out = []
-    for spec in specifics(answer):
+    for spec in specifics(opened):
         if _supported(spec, source):
             continue
         if not _supported(spec, asked):
             out.append(spec["text"])
         elif false_premise and not _denied(text, spec["span"]):
             out.append(f"{spec['text']} (restates the false premise)")
+    out += misspelt_expansions(answer, context) + quoted_terms(answer, question, context)
     return list(dict.fromkeys(out))
 
 
 # =========================================================================== claims in plain words
 # Small models mostly invent in plain words ("a single-shot model trained on one sample", "feedback from users"):
 # no number, name or acronym to catch. A sentence is an unsupported claim when at least CLAIM_MIN_NEW of its
-# content words, and at least half of them, appear nowhere in the source or the question (compared on their first
-# five letters, so "adapters" matches "adaptation"). Words every answer about a paper uses are not content here.
+# distinct content words not echoed from the question, and at least half of them, appear nowhere in the source
+# (compared on their first five letters, so "adapters" matches "adaptation"). Words every answer about a paper uses
+# are not content here.
 CLAIM_MIN_NEW = 3
 _EVERYDAY = frozenset("""paper papers model models method methods approach approaches result results author authors
 abstract propose proposes proposed show shows shown showed use used uses using based language learning data training
@@ -879,6 +1005,19 @@ where when what than then been being could would should might must will shall do
 those they them with from premise premises incorrect wrong opposite says said correct actually true false
 question questions claim claims assume assumes mention mentions mentioned state states stated describe describes
 described note notes""".split())  # the last two lines: a correction's own frame ("That premise is incorrect: ...")
+# Not claims about the paper either: the spelled-out forms of GENERAL_KNOWLEDGE's acronyms and the field's everyday
+# terms ("a type of deep learning model", "in the field of natural language processing"), words that name the
+# source or the answer's own frame ("a short summary of a scientific paper", "the goal is"), and praise or degree
+# ("a highly acclaimed, groundbreaking, powerful tool"), and adverbs ("easily", "effectively": manner, not
+# substance): vague filler, which a reader does not count as a specific.
+_VAGUE = frozenset("""artificial intelligence machine natural processing deep neural network networks algorithm
+algorithms field fields area areas domain research researchers scientific science summary article text contain
+contains contained goal goals purpose aim aims idea ideas concept concepts designed design aspect aspects overall
+acclaimed groundbreaking seminal influential renowned landmark notable remarkable popular widely highly particularly
+especially significant significantly original originally novel key crucial essential powerful flexible comprehensive
+detailed recent useful tool tools description descriptions content context application applications applied often
+another entire dataset datasets because like unlike through throughout within without across among against around
+towards upon""".split())  # the last line: connectives the short function-word list leaves out
 _WORD_RX = re.compile(r"[a-z][a-z-]+")
 
 
@@ -893,17 +1032,75 @@ def unsupported_claims(answer: str, question: str, context: str) -> list[str]:
     """Sentences of `answer` (not refusals) whose content words are mostly new to the source and the question:
     each listed as its new words, "<w1 w2 w3> (claim not in the source)". Measured against hand labels on 288 real
     answers and 73 hand-written ones (README, "Scoring rule")."""
-    known = _word_stems(context) | _word_stems(question)
+    asked = _word_stems(question)
+    known = _word_stems(context) | asked
     out = []
     for sentence in _sentences(_prepare(answer)):
         if is_refusal(sentence):
             continue
-        words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w not in _EVERYDAY
-                 and w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w not in _WORD_NUMBERS]
+        # words echoed from the question say nothing new, so they do not dilute what the sentence adds
+        words = [w for w in _WORD_RX.findall(sentence.lower()) if len(w) >= 4 and w[:5] not in asked
+                 and w not in _EVERYDAY and w not in _VAGUE and not w.endswith("ly") and w not in _FUNCTION_WORDS
+                 and w not in _AUXILIARIES and w not in _WORD_NUMBERS]
         new = [w for w in words if w[:5] not in known and not all(p[:5] in known for p in w.split("-") if p)]
+        new, words = list(dict.fromkeys(new)), set(words)  # a loop says its words once
         if len(new) >= CLAIM_MIN_NEW and 2 * len(new) >= len(words):
             out.append(" ".join(dict.fromkeys(new)) + " (claim not in the source)")
     return out
+
+
+# =========================================================================== a false premise restated in plain words
+# A false-premise question flips one detail of the source ("ten times SMALLER", "does not WORK", "14 times MORE
+# steps"): the words of its premise (what follows "find that", "conclude that") that the source lacks are the flip.
+# An answer sentence that uses one of them (or a comparative of the same direction: "larger" for "more") asserts the
+# false premise, whether or not the answer also says "that premise is incorrect". Not inside a denial of its own
+# ("..., not smaller") nor in a refusal.
+_PREMISE_CLAUSE = _rx(r'"Q"[^?]*?\b(?:that|whether)\s+(.+)')
+_DIRECTIONS = (frozenset("more larger bigger greater higher".split()),
+               frozenset("fewer smaller less lower".split()))
+
+
+def _premise_flips(question: str, context: str) -> tuple[set[str], str]:
+    """(stems of the words of the question's premise that the source lacks, widened by comparatives of the same
+    direction the source also lacks; the premise text)."""
+    q = _prepare(question)
+    m = _PREMISE_CLAUSE.search(q)
+    premise = m.group(1) if m else q.replace('"Q"', " ")
+    known = _word_stems(context)
+    flips = {w[:5] for w in _WORD_RX.findall(premise.lower())
+             if w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w not in _SENTENCE_OPENERS
+             and w not in _NEGATORS and w[:5] not in known}  # "not" is the premise's frame, "work" its content
+    for group in _DIRECTIONS:
+        if flips & {w[:5] for w in group}:
+            flips |= {w[:5] for w in group if w[:5] not in known}
+    return flips, premise
+
+
+def premise_restatements(answer: str, question: str, context: str) -> list[str]:
+    """The words of a false premise an answer asserts, each "<word> (restates the false premise)"."""
+    flips, premise = _premise_flips(question, context)
+    if not flips or not context.strip():
+        return []
+    out = []
+    for sentence in _sentences(_prepare(answer)):
+        if is_refusal(sentence):
+            continue
+        # after "That premise is false:" comes what the answer says instead; before it, what it restates
+        cues = [m.start() for rx in _STRONG_CORRECTION for m in [rx.search(sentence)] if m]
+        end = min(cues, default=len(sentence))
+        for m in _WORD_RX.finditer(sentence[:end].lower()):
+            if m.group()[:5] in flips and not _denied_apart_from(sentence, m.span(), premise, m.group()):
+                out.append(f"{m.group()} (restates the false premise)")
+    return list(dict.fromkeys(out))
+
+
+def _denied_apart_from(sentence: str, span: tuple[int, int], premise: str, word: str) -> bool:
+    """The word sits inside a denial the premise itself does not carry: "does not work" restates a premise that
+    says "does not work", "..., not smaller" denies one that says "smaller"."""
+    if not _denied(sentence, span):
+        return False
+    at = premise.lower().find(word)
+    return at < 0 or not _denied(premise, (at, at + len(word)))
 
 
 # On an answerable question a correction is still a substantive answer ("It doesn't; it uses Y" to a yes/no
@@ -951,6 +1148,8 @@ def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
     checked = bool(source.strip()) and b != "empty"  # a loop asserts what its words say, too
     unsupported = (unsupported_specifics(answer, q.get("question", ""), source, false_premise=qtype == "false_premise")
                    + unsupported_claims(answer, q.get("question", ""), source)) if checked else []
+    if checked and qtype == "false_premise":
+        unsupported += premise_restatements(answer, q.get("question", ""), source)
     unsupported = [u for u in unsupported if not _has_char_loop(u)]  # "TheBBBBBBBB" is junk, not a claim
     out = {"behaviour": b, "token_f1": f1, "rougeL": rouge_l(answer, ref) if ref.strip() else None,
            "words": len(answer.split()), "unsupported": "; ".join(unsupported),

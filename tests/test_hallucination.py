@@ -100,7 +100,7 @@ def test_acronyms_expansions_and_names(answer, unsupported):
 
 @pytest.mark.parametrize("answer", [
     "The abstract does not say which GPU vendor or which LLM was used.",
-    "It is a Transformer language model, like most LLMs in NLP.",
+    "It is a language model, like most LLMs in NLP (Natural Language Processing).",
     "Large language models (LLMs) are fine-tuned with adapters.",
     '"Attention Is All You Need" is not cited in the abstract.',   # a quoted title is not a claim
     "1. It stores 4-bit weights.\n2. It trains adapters.",          # list markers are not numbers
@@ -181,3 +181,68 @@ def test_guard_leaves_other_verdicts_alone():
     assert verdict.guard_hallucination("fine-tuned better", "r", {**more, "ci95": [-0.1, 0.4]})[0] == \
         "fine-tuned better"
     assert verdict.guard_hallucination("fine-tuned better", "r", more)[0] == "no clear difference"
+
+
+# --------------------------------------------------------------------------- rules added against real answers
+def test_naming_an_architecture_the_source_does_not_name_is_a_claim():
+    """A model family is a claim about the paper; "Transformer" is not supported by "translation" (same first
+    letters, another word), only by the source saying it."""
+    ctx = "We train a recurrent translation model with attention on English-German pairs."
+    assert unsupported_specifics("It runs on the Transformer.", "", ctx) == ["Transformer"]
+    assert unsupported_specifics("It runs on the Transformer.", "", ctx + " A Transformer baseline is compared.") == []
+
+
+@pytest.mark.parametrize("answer,flagged", [
+    ("Gradient Clipping (GCN) keeps training stable.", True),       # the letters are not the words' initials
+    ("Sparse Mixture of Experts (MSE) routes tokens.", True),
+    ("Gradient Clipping (GC) keeps training stable.", False),        # spelt right
+])
+def test_an_expansion_that_does_not_spell_its_acronym_is_wrong(answer, flagged):
+    from paperqa_tune.scoring import misspelt_expansions
+    assert bool(misspelt_expansions(answer, "We clip gradients and route tokens to experts.")) == flagged
+
+
+def test_a_quoted_coined_term_is_a_claim_but_a_quoted_title_or_a_denied_one_is_not():
+    from paperqa_tune.scoring import quoted_terms
+    question = 'What does "Sparse Routing at Scale" propose?'
+    ctx = "Tokens are routed to two of sixteen experts."
+    assert quoted_terms('It proposes "token juggling".', question, ctx) == [
+        '"token juggling" (quoted term not in the source)']
+    assert quoted_terms('"Sparse Routing at Scale" routes tokens to experts.', question, ctx) == []
+    assert quoted_terms('The abstract does not mention "token juggling".', question, ctx) == []
+
+
+def test_a_number_counts_what_the_source_counts_it_of():
+    ctx = "We train networks of 50 and 200 layers on CIFAR-10. Training takes 3 days."
+    assert unsupported_specifics("They use a learning rate of 200.", "", ctx) == ["200"]
+    assert unsupported_specifics("The deepest network has 200 layers.", "", ctx) == []
+    assert unsupported_specifics("It is 200.", "", ctx) == []                 # says nothing of what it counts
+    assert unsupported_specifics("The model has only one layer.", "", ctx) == ["only one"]
+    assert unsupported_specifics("Training takes only one day.", "", "Training takes one day.") == []
+
+
+def test_a_false_premise_restated_in_plain_words_is_unsupported():
+    from paperqa_tune.scoring import premise_restatements
+    question = 'Why does "Quiet Decoding" find that beam search needs more memory than sampling?'
+    ctx = "Beam search needs less memory than sampling and gives shorter outputs."
+    assert premise_restatements("It needs more memory because it keeps many beams.", question, ctx) \
+        == ["more (restates the false premise)"]
+    # a comparative of the same direction restates it too; the opposite does not; nor does a denial
+    assert premise_restatements("Its memory use is higher.", question, ctx) == ["higher (restates the false premise)"]
+    assert premise_restatements("The premise is wrong: it needs less memory.", question, ctx) == []
+    assert premise_restatements("It needs less memory, not more.", question, ctx) == []
+    # a premise that carries its own negation is restated by repeating it
+    q2 = 'Why do the authors of "Quiet Decoding" conclude that sampling does not help?'
+    assert premise_restatements("Sampling does not help here.", q2, ctx) == ["help (restates the false premise)"]
+    assert premise_restatements("The abstract does not say whether sampling helps.", q2, ctx) == []
+
+
+@pytest.mark.parametrize("answer,claim", [
+    ("It is a highly acclaimed, groundbreaking work in natural language processing.", False),   # praise and field
+    ("It is often misunderstood because it is often misunderstood because it is often misunderstood.", False),
+    ("The method reduces self-awareness and emotional fatigue in annotators.", True),
+])
+def test_vague_filler_is_not_a_plain_word_claim(answer, claim):
+    from paperqa_tune.scoring import unsupported_claims
+    ctx = "We present a parser that labels syntactic dependencies with a small graph network."
+    assert bool(unsupported_claims(answer, "What does the paper propose?", ctx)) == claim

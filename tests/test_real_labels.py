@@ -1,11 +1,13 @@
 """The offline scoring rule against 288 real answers labelled by reading (tests/data/real_answers_labelled.jsonl:
 SmolLM2-135M-Instruct and two QLoRA runs of it on the pipeline's held-out questions; how they were made and
-labelled is in tests/data/real_answers_labelled.README.md).
+labelled is in tests/data/real_answers_labelled.README.md). `python tools/label_agreement.py` prints the figures.
 
-Measured at the commit that added this test: hallucinated agrees with the labels on 219 of 288 answers (0.760;
-precision 0.84, recall 0.71), correct on 285 of 288, behaviour on 280 of 288; the hallucination rates per model
-are 71 / 35 / 39 % (labels: 70 / 45 / 56 %). The floors below sit a few answers under those figures so that a change
-that makes the rule worse on real answers fails here; the README quotes the figures as the rule's accuracy."""
+Measured at the commit that set these floors: hallucinated agrees with the labels on 264 of 288 answers (0.917;
+precision 0.96, recall 0.89), correct on 287 of 288, behaviour on 281 of 288; the hallucination rates per model
+are 67 / 38 / 54 % (labels: 70 / 45 / 56 %). Per half (papers split by sorted id, alternating; the rule's last
+changes were developed on half A first): hallucinated agrees on 136 of 144 in A (P 1.00, R 0.90) and 128 of 144 in B
+(P 0.92, R 0.88). The floors below sit a few answers under those figures so that a change that makes the rule worse on
+real answers fails here; the README quotes the figures as the rule's accuracy."""
 from __future__ import annotations
 
 import json
@@ -26,21 +28,49 @@ def scored():
     return [(r, scoring.score_answer(r["answer"], r)) for r in rows]
 
 
+def _figures(pairs):
+    c = Counter(pairs)
+    tp, fp, fn = c[(1, 1)], c[(0, 1)], c[(1, 0)]
+    return c[(1, 1)] + c[(0, 0)], tp / (tp + fp), tp / (tp + fn)
+
+
 def test_hallucination_flags_agree_with_the_labels(scored):
-    pairs = Counter((r["hallucinated"], s["hallucinated"]) for r, s in scored)
-    agree = pairs[(1, 1)] + pairs[(0, 0)]
-    precision = pairs[(1, 1)] / (pairs[(1, 1)] + pairs[(0, 1)])
-    recall = pairs[(1, 1)] / (pairs[(1, 1)] + pairs[(1, 0)])
-    assert agree >= 210 and precision >= 0.80 and recall >= 0.65, (dict(pairs), precision, recall)
+    agree, precision, recall = _figures([(r["hallucinated"], s["hallucinated"]) for r, s in scored])
+    assert agree >= 258 and precision >= 0.93 and recall >= 0.86, (agree, precision, recall)
+
+
+@pytest.mark.parametrize("half,min_agree", [(0, 132), (1, 123)])
+def test_hallucination_flags_agree_on_each_half_of_the_papers(scored, half, min_agree):
+    """Sorted paper ids, alternating (tools/label_agreement.py): a rule tuned to one half's answers would drop on
+    the other."""
+    papers = sorted({r["paper_id"] for r, _ in scored})[half::2]
+    agree, precision, recall = _figures([(r["hallucinated"], s["hallucinated"]) for r, s in scored
+                                         if r["paper_id"] in papers])
+    assert agree >= min_agree and precision >= 0.88 and recall >= 0.84, (agree, precision, recall)
 
 
 def test_correct_and_behaviour_agree_with_the_labels(scored):
-    assert sum(r["correct"] == s["correct"] for r, s in scored) >= 282
-    assert sum(r["behaviour"] == s["behaviour"] for r, s in scored) >= 276
+    assert sum(r["correct"] == s["correct"] for r, s in scored) >= 285
+    assert sum(r["behaviour"] == s["behaviour"] for r, s in scored) >= 278
+
+
+# (label, precision floor, recall floor); measured: answered 0.98/0.995 (n=204), degenerate 0.96/0.94 (n=54),
+# refused 1.00/0.95 (n=22), corrected_premise 0.86/0.75 (n=8: one answer moves either by 0.1), correct 1.00/0.92 (n=12)
+@pytest.mark.parametrize("label,min_p,min_r", [("answered", 0.96, 0.98), ("degenerate", 0.92, 0.90),
+                                               ("refused", 0.95, 0.90), ("corrected_premise", 0.75, 0.6),
+                                               ("correct", 0.9, 0.8)])
+def test_precision_and_recall_per_label(scored, label, min_p, min_r):
+    if label == "correct":
+        pairs = [(r["correct"], s["correct"]) for r, s in scored]
+    else:
+        pairs = [(int(r["behaviour"] == label), int(s["behaviour"] == label)) for r, s in scored]
+    _, precision, recall = _figures(pairs)
+    assert precision >= min_p and recall >= min_r, (label, precision, recall)
 
 
 def test_the_models_rank_by_hallucination_as_the_labels_do(scored):
-    """What a user reads off summary.json: which model invents more. Labels: base 67, hi 54, seed 43 of 96."""
+    """What a user reads off summary.json: which model invents more. Labels: base 67, hi 54, seed 43 of 96; the rule:
+    64, 52, 36."""
     rate = Counter()
     for r, s in scored:
         rate[r["model"]] += s["hallucinated"]
@@ -102,8 +132,7 @@ def test_rescore_of_real_invented_answers_against_correct_longer_ones_says_base_
     report.write_csv(path, honest, report.QUESTION_COLUMNS + report.ANSWER_COLUMNS + ["context"])
     assert ec.main(["--rescore", str(path)]) == 0
     summary = json.loads((path.parent / "summary.json").read_text(encoding="utf-8"))
-    # Measured: the rule catches 61 % of these invented answers, so 15 of 38 still beat the refusal and the sign test
-    # cannot call it (p = 0.26): "no clear difference", never "fine-tuned better"; the mean score favours the base
-    # with a CI below zero (-0.35 [-0.49, -0.21]).
-    assert summary["verdict"] != "fine-tuned better", summary["verdict_line"]
+    # Measured: the rule catches 30 of these 38 invented answers, so 8 still beat the refusal; the sign test calls it
+    # (p = 0.0005) and the mean score favours the base with a CI below zero (-0.49 [-0.61, -0.36]).
+    assert summary["verdict"] == "base better", summary["verdict_line"]
     assert summary["evidence"]["ci95"][1] < 0, summary["verdict_line"]
