@@ -128,6 +128,16 @@ def test_claims_both_sides_blind_grounded_schema_constrained(openai_server):
     assert openai_server.count == before + 1 and again == rows
 
 
+def test_a_huge_source_is_capped_for_the_claims_judge(openai_server):
+    openai_server.responder = claims_reply
+    huge = "The abstract goes on. " * 50_000
+    rows = [{"id": "q1", "base_answer": GOOD, "finetuned_answer": REFUSE}]
+    C.judge_claims(rows, {"q1": {**QUESTIONS["q1"], "context": huge}}, make_cfg(openai_server), DictCache())
+    sent = [json.dumps(r) for r in openai_server.requests]
+    assert len(sent) == 2 and max(map(len, sent)) < J.TEXT_LIMITS["context"] + 10_000
+    assert all("truncated: the first 20,000 of 1,100,000 characters" in r for r in sent)
+
+
 @pytest.mark.parametrize("content, why", [
     ('{"claims": "none"}', "not a JSON list"),
     ('{"claims": [{"claim": "x", "verdict": "probably"}]}', "verdict 'probably'"),

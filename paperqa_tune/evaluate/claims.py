@@ -32,11 +32,6 @@ MAX_TOKENS = 1200      # room for a dozen claims with reasons; a reply cut short
 NO_CLAIMS = "(no factual claims)"
 
 
-def claims_columns() -> list[str]:
-    """The columns judge_claims() writes, base side then fine-tuned side."""
-    return [f"{side}_{c}" for c in ("judge_hallucinated", "claims", "claims_raw") for side in ("base", "finetuned")]
-
-
 CLAIMS_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["claims"],
     "properties": {"claims": {"type": "array", "items": {
