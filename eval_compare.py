@@ -3,7 +3,7 @@ both, and say plainly whether the fine-tuned model is better, with the evidence.
 
     python eval_compare.py                                     # models/zephyr-7b-qlora on its held-out questions
     python eval_compare.py --adapter models/my-run --n 20 --out outputs/my-run/evaluation.csv
-    python eval_compare.py --judge_model gpt-4o-mini           # + LLM judge: rubric scores and pairwise (OPENAI_API_KEY)
+    python eval_compare.py --judge_model gpt-4o-mini           # + LLM judge: rubric, pairwise, claims (OPENAI_API_KEY)
     python eval_compare.py --rescore outputs/evaluation.csv    # recompute scores/verdict/plots from the CSV, no model
     python eval_compare.py --checkpoints                       # + learning curve over the run's saved checkpoints
     python eval_compare.py --mode reference --batch_size 1     # the seed's way: 4-bit + LoRA, one at a time
@@ -356,8 +356,9 @@ def judge_rubric(args) -> list[tuple[str, str]]:
 
 
 def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tuple[list[str], bool, dict]:
-    """Rubric scores per answer (blind) and the pairwise verdict in both orders. Returns (rubric criteria,
-    pairwise ran, stats). Failed judge calls are recorded as failures on the row, never as scores or ties."""
+    """Rubric scores per answer (blind), the pairwise verdict in both orders and (--judge_claims) per-claim
+    verdicts per answer. Returns (rubric criteria, pairwise ran, stats; "claims" in it when the claims judge ran).
+    Failed judge calls are recorded as failures on the row, never as scores, ties or verdicts."""
     if not args.judge_model:
         return [], False, {}
     from paperqa_tune.evaluate import judge
@@ -374,6 +375,10 @@ def run_judges(rows: list[dict], questions: dict, args, cache: JsonlCache) -> tu
         criteria = [name for name, _ in rubric]
         stats["rubric"] = judge.rubric_scores(rows, questions, rubric, cfg, cache, client=client)
     stats["pairwise"] = judge.pairwise(rows, questions, cfg, cache, client=client)
+    if args.judge_claims:
+        from paperqa_tune.evaluate.claims import judge_claims
+
+        stats["claims"] = judge_claims(rows, questions, cfg, cache, client=client)
     stats["config"] = {**cfg.describe(), "response_format_used": client.format_used,
                        "response_format_note": client.format_note}
     failed = sum(s.get("failed", 0) for k, s in stats.items() if k != "config")
@@ -442,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--judge_rubric", default="default",
       help="rubric file, one 'name: description' line per criterion; the first criterion is correctness; "
            "'none' for the pairwise judge only (default: the shipped paperqa_tune/evaluate/rubric_default.txt)")
+    a("--judge_claims", action=argparse.BooleanOptionalAction, default=True,
+      help="with --judge_model: also list each answer's factual claims, each judged supported / unsupported / "
+           "contradicted by the source; the headline hallucination rate is then the judge's, the offline rule's "
+           "beside it")
     a("--judge_workers", type=int, default=4, help="concurrent judge requests")
     a("--judge_timeout", type=finite_float, default=120.0,
       help="seconds one judge call may take in all, from sending it to the reply's last byte; a call is tried at "
@@ -523,7 +532,7 @@ def rescore(args) -> int:
         criteria, pairwise, judge_stats = run_judges(scored, questions, args, cache)
         report.score_rows(scored, questions, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
         note_sets(report.assign_sets(rows, questions))
-        summary = {**report.summarize(scored, criteria, seed=args.seed), "rescored_from": str(src),
+        summary = {**report.summarize(scored, criteria, args.seed, "claims" in judge_stats), "rescored_from": str(src),
                    "f1_threshold": args.f1_threshold, "questions": qfile, "judge_model": args.judge_model,
                    "judge_stats": judge_stats,
                    "skipped_too_long": {"n": len(skipped), "ids": [r["id"] for r in skipped]}}
@@ -634,7 +643,7 @@ def evaluate(args, run: Run, questions: list[dict], source: tuple[Path, str], ch
     criteria, pairwise, judge_stats = run_judges(scored, by_id, args, cache)
     report.score_rows(scored, by_id, args.f1_threshold, f"rubric_{criteria[0]}" if criteria else None)
     note_sets(report.assign_sets(rows, by_id))
-    summary = report.summarize(scored, criteria, seed=args.seed)
+    summary = report.summarize(scored, criteria, args.seed, "claims" in judge_stats)
     qpath, where = source
     summary.update({
         "adapter": str(run.adapter), "base_model": run.base_model, "questions": str(qpath), "questions_source": where,

@@ -282,7 +282,7 @@ def test_judge_both_orders(evaluated, tiny_run, tmp_path, openai_server, monkeyp
     openai_server.responder = pick
     argv = ["--adapter", str(tiny_run), "--questions", str(evaluated["questions"]), "--out", str(out),
             "--max_new_tokens", str(TOKENS), "--judge_model", "fake-model", "--judge_base_url", openai_server.base_url,
-            "--judge_rubric", "none"]
+            "--judge_rubric", "none", "--no-judge_claims"]  # the pairwise judge alone
     assert ec.main(argv) == 0
     assert openai_server.count == 2 * len(QUESTIONS)
     raw = {(r["id"], r["model"]): r["answer"] for r in read_jsonl_tolerant(ec.output_paths(out)["cache"])

@@ -172,7 +172,8 @@ def test_rubric_judge_and_failures(seed_run, tmp_path, openai_server, monkeypatc
     openai_server.responder = reply
     out = tmp_path / "j" / "evaluation.csv"
     argv = ["--adapter", str(seed_run), "--out", str(out), "--max_new_tokens", "4", "--n", "5",
-            "--judge_model", "fake-model", "--judge_base_url", openai_server.base_url]
+            "--judge_model", "fake-model", "--judge_base_url", openai_server.base_url,
+            "--no-judge_claims"]  # rubric and pairwise only (the claims judge: tests/test_judge_claims.py)
     assert ec.main(argv) == 0
     with open(out, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.DictReader(f))

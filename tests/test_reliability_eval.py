@@ -518,7 +518,8 @@ def pick_by_content(req, n):
 
 
 def judge_args(server_url: str) -> list[str]:
-    return ["--judge_model", "fake-model", "--judge_base_url", server_url, "--judge_rubric", "none"]
+    return ["--judge_model", "fake-model", "--judge_base_url", server_url, "--judge_rubric", "none",
+            "--no-judge_claims"]  # the pairwise judge alone (the claims judge: tests/test_judge_claims.py)
 
 
 def test_huge_context_is_capped_for_the_judge_and_copied_nowhere(ev, tmp_path, capsys, monkeypatch, openai_server):

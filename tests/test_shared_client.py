@@ -17,6 +17,7 @@ import generate_qa
 from fake_openai import FakeOpenAI, Reply, json_object_only
 from generate_fakes import good_reply, is_judge
 from paperqa_tune.evaluate import judge as J
+from paperqa_tune.evaluate.claims import CLAIMS_SCHEMA
 from paperqa_tune.qa.prompts import PAIRS_SCHEMA, SCORES_SCHEMA
 from test_eval_compare import make_run, write_questions
 
@@ -61,6 +62,8 @@ def kind(req: dict) -> str:
         return "eval_rubric"
     if "\nAnswer A:\n" in user:
         return "eval_pairwise"
+    if "\nAnswer to check:\n" in user:
+        return "eval_claims"
     return "curation_judge" if is_judge(req) else "generate"
 
 
@@ -76,6 +79,9 @@ def answer(req: dict, n: int) -> Reply:
     if k == "eval_rubric":
         names = req["response_format"]["schema"]["properties"]["scores"]["required"]
         return Reply(content=json.dumps({"scores": {c: 4 for c in names}, "reason": "fine"}))
+    if k == "eval_claims":
+        return Reply(content=json.dumps({"claims": [{"claim": "It is grounded", "verdict": "supported",
+                                                     "reason": "stated"}]}))
     return Reply(content=json.dumps({"winner": "tie", "reason": "same"}))
 
 
@@ -110,15 +116,17 @@ def test_generator_curation_judge_and_eval_judge_all_negotiate_json_object_with_
     train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert train and all(r["meta"]["judge_score"] == 5 for r in train)
 
-    # the evaluation judge: one probe for rubric and pairwise together (one client), then the schemas
+    # the evaluation judge: one probe for rubric, pairwise and claims together (one client), then the schemas
     by = Counter((kind(r), fmt(r)) for r in evals)
     n = len(read_csv(judged))
     assert by == {("eval_rubric", "json_schema"): 1, ("eval_rubric", "json_object+schema"): 2 * n,
-                  ("eval_pairwise", "json_object+schema"): 2 * n}
+                  ("eval_pairwise", "json_object+schema"): 2 * n, ("eval_claims", "json_object+schema"): 2 * n}
     assert all(r["response_format"]["schema"] == J.VERDICT_SCHEMA for r in evals if kind(r) == "eval_pairwise")
+    assert all(r["response_format"]["schema"] == CLAIMS_SCHEMA for r in evals if kind(r) == "eval_claims")
     rows = read_csv(judged)
     assert {r[f"{s}_rubric_status"] for r in rows for s in ("base", "finetuned")} == {"ok"}
     assert {r["judge_winner"] for r in rows} == {"tie"} and {r["judge_consistent"] for r in rows} == {"1"}
+    assert {r[f"{s}_judge_hallucinated"] for r in rows for s in ("base", "finetuned")} == {"0"}
     summary = json.loads(judged.with_name("summary.json").read_text())
     config = summary["judge_stats"]["config"]
     assert config["response_format"] == "json_schema" and config["response_format_used"] == "json_object+schema"
@@ -146,14 +154,14 @@ def test_judge_retries_and_timeout_flags_reach_the_client(answered, tmp_path, mo
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with FakeOpenAI(lambda req, n: Reply(status=503, retry_after=0.01)) as srv:
         judged = tmp_path / "a" / "evaluation.csv"
-        assert ec.main(eval_argv(answered, judged, srv, "--judge_rubric", "none", "--n", "2",
+        assert ec.main(eval_argv(answered, judged, srv, "--judge_rubric", "none", "--no-judge_claims", "--n", "2",
                                  "--judge_retries", "1")) == 1
         assert srv.count == 2 * 2 * 2  # 2 questions x 2 orders, each tried once and retried once
     assert all("request failed after 2 attempt(s)" in r["judge_reason"] for r in read_csv(judged))
 
     with FakeOpenAI(lambda req, n: Reply(content="{}", delay=1.0)) as srv:
         judged = tmp_path / "b" / "evaluation.csv"
-        assert ec.main(eval_argv(answered, judged, srv, "--judge_rubric", "none", "--n", "1",
+        assert ec.main(eval_argv(answered, judged, srv, "--judge_rubric", "none", "--no-judge_claims", "--n", "1",
                                  "--judge_timeout", "0.3", "--judge_retries", "0")) == 1
         assert srv.count == 2  # no retry of a timeout without retries
     rows = read_csv(judged)

@@ -5,6 +5,8 @@ Public API (imported lazily):
     verdict     compare, decide, headline, bootstrap_ci, sign_test_p (the paired verdict)
     curve       learning_curve, answers_text, read_answers, PANELS (the evaluation per checkpoint)
     judge       rubric_scores, pairwise, read_rubric, rubric_columns, JudgeConfig (the LLM judge)
+    claims      judge_claims, parse_claims, claims_text, VERDICTS
+                (the LLM judge's per-claim verdicts: supported / unsupported / contradicted)
 """
 from paperqa_tune._lazy import lazy_exports
 

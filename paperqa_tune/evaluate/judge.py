@@ -5,6 +5,8 @@
     client = make_client(cfg)                                      # paperqa_tune.client, as the generator's
     stats = rubric_scores(rows, questions, criteria, cfg, cache, client)  # fills {base,finetuned}_rubric_* columns
     stats = pairwise(rows, questions, cfg, cache, client)                 # fills judge_* columns
+    # per-claim verdicts (supported / unsupported / contradicted): paperqa_tune.evaluate.claims, over the
+    # same Job / run_jobs machinery
 
 Rows are eval_compare's result rows ({"id", "base_answer", "finetuned_answer", ...}); `questions` maps
 id -> {"question", "reference", "type", "context"}. `cache` is any object with get(key) -> dict | None and
@@ -228,7 +230,7 @@ def extract_json(text: str, required: str) -> tuple[dict | None, str]:
     return None, (f"the JSON in the reply has no {required!r}" if other_object else "no JSON object in the reply")
 
 
-def _one_line(text) -> str:
+def one_line(text) -> str:
     return " ".join(str(text or "").split())
 
 
@@ -257,7 +259,7 @@ def parse_rubric(text: str, names: list[str]) -> tuple[dict | None, str]:
         out[n] = _score(scores[n])
         if out[n] is None:
             return None, f"score for {n} is {scores[n]!r}, not a whole number 1-5"
-    return {"scores": out, "reason": _one_line(obj.get("reason"))}, ""
+    return {"scores": out, "reason": one_line(obj.get("reason"))}, ""
 
 
 def parse_verdict(text: str) -> tuple[dict | None, str]:
@@ -268,7 +270,7 @@ def parse_verdict(text: str) -> tuple[dict | None, str]:
     w = re.sub(r"^ANSWER\s+", "", str(obj["winner"]).strip().upper())
     if w not in ("A", "B", "TIE"):
         return None, f"winner is {obj['winner']!r}, not A, B or tie"
-    return {"winner": "tie" if w == "TIE" else w, "reason": _one_line(obj.get("reason"))}, ""
+    return {"winner": "tie" if w == "TIE" else w, "reason": one_line(obj.get("reason"))}, ""
 
 
 # Which side a verdict picks, per order: A is whichever answer was shown first.
@@ -306,7 +308,8 @@ VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": [
 
 
 @dataclass
-class _Job:
+class Job:
+    """One judge request: what to send, how to parse the reply, and the cache key its parsed reply is kept under."""
     key: str
     messages: list[dict]
     max_tokens: int
@@ -316,7 +319,7 @@ class _Job:
     schema: dict = field(default_factory=dict)
 
 
-def _cache_key(cfg: JudgeConfig, kind: str, rubric: list[tuple[str, str]] | None, order: str,
+def cache_key(cfg: JudgeConfig, kind: str, rubric: list[tuple[str, str]] | None, order: str,
                messages: list[dict]) -> str:
     # The messages carry question, context, reference, answer(s) and the exact prompt wording, so a
     # prompt change also invalidates old verdicts.
@@ -325,13 +328,13 @@ def _cache_key(cfg: JudgeConfig, kind: str, rubric: list[tuple[str, str]] | None
                                   sort_keys=True))[:32]
 
 
-async def _ask(client: ChatClient, job: _Job) -> dict:
+async def _ask(client: ChatClient, job: Job) -> dict:
     """One judge call -> {"ok": True, "reply", **parsed} or {"ok": False, "why", "raw"}. A call the shared
     client's retries did not cure is a failure, not an exception: the evaluation goes on."""
     _, out = await client.request(job.messages, {"temperature": 0, "max_tokens": job.max_tokens}, job.schema_name,
                                   job.schema)
     if out.error is not None:  # scrubbed by the client, like every reply
-        return {"ok": False, "why": f"API error: {_one_line(out.error)[:200]}", "raw": out.error[:RAW_LIMIT]}
+        return {"ok": False, "why": f"API error: {one_line(out.error)[:200]}", "raw": out.error[:RAW_LIMIT]}
     content = out.content if isinstance(out.content, str) else ""
     parsed, why = job.parse(content)
     if parsed is None:
@@ -341,7 +344,7 @@ async def _ask(client: ChatClient, job: _Job) -> dict:
     return {"ok": True, "reply": content, **parsed}
 
 
-def _from_cache(cache, job: _Job) -> dict | None:
+def _from_cache(cache, job: Job) -> dict | None:
     """A cached reply, parsed again: a record the current parser rejects counts as a miss."""
     hit = cache.get(job.key)
     if not hit or not isinstance(hit.get("reply"), str):
@@ -350,7 +353,7 @@ def _from_cache(cache, job: _Job) -> dict | None:
     return {"ok": True, "reply": hit["reply"], **parsed} if parsed else None
 
 
-async def _ask_all(client: ChatClient, jobs: list[_Job], todo: list[int], on_done) -> None:
+async def _ask_all(client: ChatClient, jobs: list[Job], todo: list[int], on_done) -> None:
     """Ask every job in `todo` (at most the client's concurrency in flight); on_done(i, result) as each arrives.
     A server that cannot be reached, or refuses the key, fails every call with its one reason."""
     async def one(i: int) -> None:
@@ -362,13 +365,13 @@ async def _ask_all(client: ChatClient, jobs: list[_Job], todo: list[int], on_don
         await asyncio.gather(*(one(i) for i in todo))
     except InputError as e:
         for i in todo:
-            on_done(i, {"ok": False, "why": f"API error: {_one_line(e)[:200]}", "raw": str(e)[:RAW_LIMIT]})
+            on_done(i, {"ok": False, "why": f"API error: {one_line(e)[:200]}", "raw": str(e)[:RAW_LIMIT]})
     finally:
         watch.cancel()
         await client.aclose()
 
 
-def _run_jobs(jobs: list[_Job], cfg: JudgeConfig, cache, client, desc: str) -> tuple[list[dict], dict]:
+def run_jobs(jobs: list[Job], cfg: JudgeConfig, cache, client, desc: str) -> tuple[list[dict], dict]:
     """Results in job order, and stats. Everything runs on this thread (one event loop), so the cache need not
     be thread-safe; each success is written as it arrives, so an interrupted run keeps what it paid for."""
     from tqdm import tqdm
@@ -411,12 +414,12 @@ def rubric_scores(rows: list[dict], questions: dict, criteria: list[tuple[str, s
         q = questions.get(row["id"], {})
         for side, field_, prefix in SIDES:
             msgs = rubric_messages(q, row.get(field_) or "", criteria)
-            jobs.append(_Job(key=_cache_key(cfg, "rubric", criteria, "", msgs), messages=msgs,
+            jobs.append(Job(key=cache_key(cfg, "rubric", criteria, "", msgs), messages=msgs,
                              max_tokens=MAX_TOKENS["rubric"], parse=lambda t: parse_rubric(t, names),
                              meta={"kind": "judge_rubric", "id": row["id"], "side": side},
                              schema_name="rubric_scores", schema=schema))
             targets.append((row, prefix))
-    results, stats = _run_jobs(jobs, cfg, cache, client, "judge rubric")
+    results, stats = run_jobs(jobs, cfg, cache, client, "judge rubric")
     for (row, prefix), out in zip(targets, results):
         _fill_rubric(row, prefix, names, out)
     return stats
@@ -446,11 +449,11 @@ def pairwise(rows: list[dict], questions: dict, cfg: JudgeConfig, cache, client=
         base, ft = row.get("base_answer") or "", row.get("finetuned_answer") or ""
         for order, _ in ORDERS:
             msgs = pairwise_messages(q, *((base, ft) if order == "base_first" else (ft, base)))
-            jobs.append(_Job(key=_cache_key(cfg, "pairwise", None, order, msgs), messages=msgs,
+            jobs.append(Job(key=cache_key(cfg, "pairwise", None, order, msgs), messages=msgs,
                              max_tokens=MAX_TOKENS["pairwise"], parse=parse_verdict,
                              meta={"kind": "judge_pairwise", "id": row["id"], "order": order},
                              schema_name="verdict", schema=VERDICT_SCHEMA))
-    results, stats = _run_jobs(jobs, cfg, cache, client, "judge pairwise")
+    results, stats = run_jobs(jobs, cfg, cache, client, "judge pairwise")
     for i, row in enumerate(rows):
         _fill_pairwise(row, results[2 * i], results[2 * i + 1])
     return stats

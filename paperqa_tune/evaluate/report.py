@@ -11,6 +11,12 @@ that were in training (did the model learn what it was trained on?). The top-lev
 by_type are over ALL questions, both sets together (the most questions, and what summary.json always held); each
 set has its own verdict, rates and by_type under "sets". A question without a set (an older questions file)
 counts as `unseen`. Every rate carries its n, and reads "too few to tell" below MIN_RATE_N questions.
+
+Hallucination: with the claims judge (paperqa_tune.evaluate.claims), the headline rate (rates.hallucination_rate,
+the one the verdict's guard uses) is the judge's per-claim verdicts (`*_judge_hallucinated`); the offline rule's
+(`*_hallucinated`, an approximation) stays beside it as rates.hallucination_rate_offline, and
+hallucination_agreement says how often the two agree per answer. `hallucination_source` names the headline's
+source. Without the claims judge the offline rule is the headline, and none of those keys is written.
 """
 from __future__ import annotations
 
@@ -79,13 +85,18 @@ def _share(rows: list[dict], side: str, labels: tuple[str, ...]) -> float | None
     return round(sum(r[f"{side}_behaviour"] in labels for r in rows) / len(rows), 4) if rows else None
 
 
-def _side_summary(rows: list[dict], side: str) -> dict:
-    return {"correct_rate": _mean(r[f"{side}_correct"] for r in rows),
-            "mean_score": _mean(r[f"{side}_score"] for r in rows),
-            "token_f1": _mean(r[f"{side}_token_f1"] for r in rows),
-            "rougeL": _mean(r[f"{side}_rougeL"] for r in rows),
-            "hallucination_rate": _mean(r[f"{side}_hallucinated"] for r in rows),
-            "words": _mean(r[f"{side}_words"] for r in rows),
+def _side_summary(rows: list[dict], side: str, claims: bool = False) -> dict:
+    """One model's means over `rows`; with the claims judge, hallucination_rate is the judge's (failed calls left
+    out) and hallucination_rate_offline the offline rule's."""
+    out = {"correct_rate": _mean(r[f"{side}_correct"] for r in rows),
+           "mean_score": _mean(r[f"{side}_score"] for r in rows),
+           "token_f1": _mean(r[f"{side}_token_f1"] for r in rows),
+           "rougeL": _mean(r[f"{side}_rougeL"] for r in rows),
+           "hallucination_rate": _mean(r[f"{side}_hallucinated"] for r in rows)}
+    if claims:
+        out = {**out, "hallucination_rate": _mean(r.get(f"{side}_judge_hallucinated") for r in rows),
+               "hallucination_rate_offline": out["hallucination_rate"]}
+    return {**out, "words": _mean(r[f"{side}_words"] for r in rows),
             "behaviour": {b: _share(rows, side, (b,)) for b in BEHAVIOURS}}
 
 
@@ -111,6 +122,49 @@ def hallucination_stats(rows: list[dict], seed: int = 0) -> dict:
                        [r.get("finetuned_hallucinated") for r in rows], seed)
 
 
+HALLUCINATION_SOURCES = {
+    "judge": "LLM judge: per-claim verdicts against the source (an answer with an unsupported or contradicted "
+             "claim hallucinates; answers whose judge call failed are left out)",
+    "offline": "offline rule: specifics (numbers, names, acronyms, ...) not found in the source or the question; "
+               "an approximation of the judge's per-claim check"}
+
+
+def _judged(v) -> int | None:
+    return None if v in (None, "") else int(v)
+
+
+def judge_hallucination_stats(rows: list[dict], seed: int = 0) -> dict:
+    """As hallucination_stats, from the claims judge's `*_judge_hallucinated` (a failed call is no value: its
+    question is left out of the paired rate, never counted as 0)."""
+    return paired_rate(rows, [_judged(r.get("base_judge_hallucinated")) for r in rows],
+                       [_judged(r.get("finetuned_judge_hallucinated")) for r in rows], seed)
+
+
+def claims_judged(rows: list[dict]) -> bool:
+    """Whether the claims judge gave a verdict on both answers of at least one of `rows`."""
+    return any(all(_judged(r.get(f"{s}_judge_hallucinated")) is not None for s in SIDES) for r in rows)
+
+
+def hallucination_agreement(rows: list[dict]) -> dict:
+    """Per answer (both models), how often the offline rule's 0/1 matches the judge's, over the answers the judge
+    gave a verdict on; Cohen's kappa corrects the agreement for chance (None when it is undefined)."""
+    pairs = [(_judged(r.get(f"{s}_judge_hallucinated")), int(r[f"{s}_hallucinated"])) for r in rows for s in SIDES
+             if _judged(r.get(f"{s}_judge_hallucinated")) is not None and r.get(f"{s}_hallucinated") not in (None, "")]
+    n = len(pairs)
+    cells = {"both": sum(j and o for j, o in pairs), "judge_only": sum(j and not o for j, o in pairs),
+             "offline_only": sum(o and not j for j, o in pairs), "neither": sum(not j and not o for j, o in pairs)}
+    agree = cells["both"] + cells["neither"]
+    kappa = None
+    if n:
+        pj, po = sum(j for j, _ in pairs) / n, sum(o for _, o in pairs) / n
+        chance = pj * po + (1 - pj) * (1 - po)
+        kappa = round((agree / n - chance) / (1 - chance), 4) if chance < 1 else None
+    return {"answers": n, "agree": agree, "rate": round(agree / n, 4) if n else None, "kappa": kappa, **cells,
+            "meaning": "per answer: does the offline rule flag the same answers as the judge? judge_only: the judge "
+                       "found an unsupported or contradicted claim the rule missed; offline_only: the rule flagged "
+                       "a specific the judge accepted"}
+
+
 def _flag(rows: list[dict], side: str, labels: tuple[str, ...]) -> list[int]:
     return [int(r[f"{side}_behaviour"] in labels) for r in rows]
 
@@ -119,11 +173,12 @@ def _correct(rows: list[dict], side: str) -> list:
     return [None if r[f"{side}_correct"] in (None, "") else float(r[f"{side}_correct"]) for r in rows]
 
 
-def key_rates(rows: list[dict], seed: int = 0) -> dict:
+def key_rates(rows: list[dict], seed: int = 0, claims: bool = False) -> dict:
     """The behaviours fine-tuning is meant to teach, base -> fine-tuned, each with its question count and the
     paired interval of the difference. Refusing an unanswerable question and correcting a false premise count
     only when the answer asserts no unsupported specific (its `correct`): a "correction" that restates the premise
-    is not one."""
+    is not one. With `claims`, hallucination_rate is the claims judge's and hallucination_rate_offline the
+    offline rule's, each with its "source"."""
     answerable = [r for r in rows if r["type"] not in EDGE_TYPES]
     unans, fp = ([r for r in rows if r["type"] == t] for t in EDGE_TYPES)
     return {"refusal_rate_unanswerable": paired_rate(unans, *(_correct(unans, s) for s in SIDES), seed=seed),
@@ -133,7 +188,9 @@ def key_rates(rows: list[dict], seed: int = 0) -> dict:
             "over_refusal_rate_answerable": paired_rate(answerable, *(_flag(answerable, s, ("refused",))
                                                                       for s in SIDES), seed=seed),
             "degenerate_rate": paired_rate(rows, *(_flag(rows, s, ("degenerate", "empty")) for s in SIDES), seed=seed),
-            "hallucination_rate": hallucination_stats(rows, seed)}
+            **({"hallucination_rate": {**judge_hallucination_stats(rows, seed), "source": "judge"},
+                "hallucination_rate_offline": {**hallucination_stats(rows, seed), "source": "offline"}} if claims
+               else {"hallucination_rate": hallucination_stats(rows, seed)})}
 
 
 EDGE_RATES = {"refusal_rate_unanswerable": "refusal on unanswerable questions",
@@ -159,6 +216,11 @@ def _status(failed: int, total: int) -> str:
     return "ok" if not failed else "failed" if failed >= total else "partial"
 
 
+def _claims_summary(rows: list[dict]) -> dict:
+    failed = sum(_judged(r.get(f"{s}_judge_hallucinated")) is None for r in rows for s in SIDES)
+    return {"status": _status(failed, 2 * len(rows)), "answers": 2 * len(rows) - failed, "failed": failed}
+
+
 def judge_summary(rows: list[dict], criteria: list[str]) -> dict:
     """Judge results from the rows. Rates come from parsed verdicts only: a judge whose every call failed is
     "status": "failed" with no rates (never a 100% tie)."""
@@ -174,6 +236,8 @@ def judge_summary(rows: list[dict], criteria: list[str]) -> dict:
                          for side in SIDES}
         out["rubric"]["failed"] = sum(r.get(f"{side}_rubric_status", "ok") != "ok" for r in rows for side in SIDES)
         out["rubric"]["status"] = _status(out["rubric"]["failed"], 2 * len(rows))
+    if rows and "base_claims" in rows[0]:
+        out["claims"] = _claims_summary(rows)
     if out:
         statuses = {v["status"] for v in out.values()}
         out["status"] = "failed" if "failed" in statuses else "partial" if "partial" in statuses else "ok"
@@ -184,12 +248,13 @@ def judge_failure(summary: dict) -> str | None:
     """A warning when a judge kind failed on every question (its results are then marked "failed" in
     summary.json and the primary score falls back to token F1), else None."""
     judge = summary.get("judge") or {}
-    failed = [k for k in ("pairwise", "rubric") if (judge.get(k) or {}).get("status") == "failed"]
+    failed = [k for k in ("pairwise", "rubric", "claims") if (judge.get(k) or {}).get("status") == "failed"]
     if not failed:
         return None
-    return (f"the judge failed on EVERY call ({' and '.join(failed)}: see judge_raw / *_rubric_raw in the CSV for "
-            "its replies); summary.json marks it \"failed\" and reports no judge rates"
+    return (f"the judge failed on EVERY call ({' and '.join(failed)}: see judge_raw / *_rubric_raw / *_claims_raw "
+            "in the CSV for its replies); summary.json marks it \"failed\" and reports no judge rates"
             + ("; correctness falls back to token F1" if "rubric" in failed else "")
+            + ("; the hallucination rate is the offline rule's" if "claims" in failed else "")
             + ". Check --judge_model/--judge_base_url; failed calls are not cached, so rerunning the same command "
             "asks the judge again")
 
@@ -210,30 +275,39 @@ def assign_sets(rows: list[dict], questions: dict[str, dict]) -> str | None:
             "(questions about papers held out of training)")
 
 
-def _evidence(rows: list[dict], seed: int) -> dict:
-    """Verdict, verdict line, evidence, rates and by_type of these rows."""
+def _evidence(rows: list[dict], seed: int, claims: bool = False) -> dict:
+    """Verdict, verdict line, evidence, rates and by_type of these rows; with `claims` (the claims judge gave
+    verdicts), the hallucination rate is the judge's, and the offline rule's agreement with it."""
     by_type = {}
     for t in type_order(rows) + ["all"]:
         sel = [r for r in rows if t == "all" or r["type"] == t]
-        by_type[t] = {"n": len(sel), **{side: _side_summary(sel, side) for side in SIDES},
+        by_type[t] = {"n": len(sel), **{side: _side_summary(sel, side, claims) for side in SIDES},
                       "paired": compare([r["base_score"] for r in sel], [r["finetuned_score"] for r in sel], seed=seed)}
     stats = by_type["all"]["paired"]  # every question, paired
-    rates = key_rates(rows, seed)
+    rates = key_rates(rows, seed, claims)
     verdict, reason = guard_hallucination(*decide(stats), rates["hallucination_rate"])
     line = headline(verdict, stats, reason, rates["hallucination_rate"]) + "; " + rates_line(rates)
-    return {"verdict": verdict, "verdict_line": line, "evidence": {**stats, "reason": reason, "measure": SCORE_RULE},
-            "rates": rates, "by_type": by_type}
+    out = {"verdict": verdict, "verdict_line": line, "evidence": {**stats, "reason": reason, "measure": SCORE_RULE},
+           "rates": rates, "by_type": by_type}
+    if claims:
+        out.update(hallucination_source=HALLUCINATION_SOURCES["judge"],
+                   hallucination_agreement=hallucination_agreement(rows))
+    return out
 
 
-def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0) -> dict:
+def summarize(rows: list[dict], criteria: list[str] | None = None, seed: int = 0, claims: bool = False) -> dict:
     """summary.json's evidence: the verdict first (over all questions), then the key rates and per type; the same
     for each evaluation set (the rows' "set", see assign_sets) under "sets"; "warnings" when an edge behaviour
-    did not move in a set."""
-    out = _evidence(rows, seed)
+    did not move in a set. `claims`: the claims judge ran (judge_claims filled the rows); its verdicts are the
+    headline hallucination rate unless it failed on every answer (then the offline rule's, saying so)."""
+    use_judge = claims and claims_judged(rows)
+    out = _evidence(rows, seed, use_judge)
+    if claims and not use_judge:
+        out["hallucination_source"] = HALLUCINATION_SOURCES["offline"] + " (the claims judge failed on every answer)"
     present = [k for k in SETS if any(r.get("set", "unseen") == k for r in rows)]
     out["sets"] = {}
     for k in present:
-        ev = _evidence([r for r in rows if r.get("set", "unseen") == k], seed)
+        ev = _evidence([r for r in rows if r.get("set", "unseen") == k], seed, use_judge)
         out["sets"][k] = {"meaning": SET_MEANING[k], "n": ev["evidence"]["n"], **ev}
     out["sets_missing"] = [k for k in SETS if k not in present]
     out["warnings"] = [w for k in present for w in edge_warnings(out["sets"][k]["rates"], f"{k} set")]
@@ -256,7 +330,9 @@ RATE_LABELS = {"refusal_rate_unanswerable": "refuses unanswerable (inventing not
                "correct_answer_rate_answerable": "correct answers (answerable)",
                "over_refusal_rate_answerable": "refuses answerable (over-refusal)",
                "degenerate_rate": "degenerate or empty answers",
-               "hallucination_rate": "hallucinates (asserts a specific the source does not support)"}
+               "hallucination_rate": "hallucinates (asserts a specific the source does not support)",
+               "hallucination_rate_offline": "hallucinates per the offline rule (an approximation of the judge's)"}
+JUDGE_HALLUCINATION_LABEL = "hallucinates per the judge (a claim the source does not support or contradicts)"
 
 
 def _evidence_lines(ev: dict) -> list[str]:
@@ -272,12 +348,18 @@ def _evidence_lines(ev: dict) -> list[str]:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "-" * len(lines[0]))
     for key, label in RATE_LABELS.items():
-        r = ev["rates"][key]
-        if r["n"]:
+        r = ev["rates"].get(key)
+        if r and r["n"]:
             ci = r.get("ci95")
+            label = JUDGE_HALLUCINATION_LABEL if key == "hallucination_rate" and r.get("source") == "judge" else label
             lines.append(f"{label}: {_pct(r['base'])} -> {_pct(r['finetuned'])} (n={r['n']}"
                          + (f", difference {r['difference']:+.0%} [95% CI {ci[0]:+.0%} to {ci[1]:+.0%}]" if ci else "")
                          + f"): {r.get('reading', '')}")
+    agreement = ev.get("hallucination_agreement")
+    if agreement and agreement["answers"]:
+        lines.append(f"offline rule vs judge: agree on {_pct(agreement['rate'])} of {agreement['answers']} answers "
+                     f"(kappa {_num(agreement['kappa'])}; the judge alone flags {agreement['judge_only']}, the rule "
+                     f"alone {agreement['offline_only']})")
     return lines
 
 
@@ -300,6 +382,13 @@ def summary_table(summary: dict) -> str:
     elif pw:
         lines.append(f"pairwise judge: fine-tuned {_pct(pw['finetuned'])}, base {_pct(pw['base'])}, tie {_pct(pw['tie'])}"
                      f" of {pw['n']} judged" + (f"; {pw['failed']} failed (see judge_raw)" if pw["failed"] else ""))
+    cl = summary.get("judge", {}).get("claims")
+    if cl:
+        lines.append(f"claims judge: {cl['answers']} answers checked claim by claim"
+                     + (f"; {cl['failed']} failed (see *_claims_raw)" if cl["failed"] else "")
+                     + ("; the hallucination rate above is the judge's"
+                        if summary.get("hallucination_source") == HALLUCINATION_SOURCES["judge"] else
+                        "; no verdict: the hallucination rate above is the offline rule's"))
     skipped = summary.get("skipped_too_long") or {}
     if skipped.get("n"):
         lines.append(f"skipped (too long for the model): {skipped['n']} question(s), not scored: "
@@ -386,13 +475,16 @@ def _ours(column: str) -> bool:
                                                                  "context", "set"):
         return True
     side, _, measure = column.partition("_")
-    return (side in SIDES and (measure in MEASURES + ("new_tokens",) or measure.startswith("rubric_"))) or \
+    return (side in SIDES and (measure in MEASURES + ("new_tokens",) or measure.startswith(("rubric_", "claims",
+                                                                                            "judge_")))) or \
         column.startswith("judge_")
 
 
 def result_columns(rows: list[dict], criteria: list[str], pairwise: bool, per_row_system: bool) -> list[str]:
     cols = QUESTION_COLUMNS + ANSWER_COLUMNS
-    for m in ("behaviour", "correct", "score", "hallucinated", "unsupported"):
+    claims = any("base_claims" in r for r in rows)
+    for m in ("behaviour", "correct", "score", "hallucinated", "unsupported") + (
+            ("judge_hallucinated", "claims") if claims else ()):  # the judge's beside the offline rule's
         cols += [f"base_{m}", f"finetuned_{m}"]
     cols.append("finetuned_vs_base")
     for m in ("token_f1", "rougeL", "words", "new_tokens"):
@@ -401,6 +493,8 @@ def result_columns(rows: list[dict], criteria: list[str], pairwise: bool, per_ro
         cols += ["judge_winner", "judge_consistent", "judge_reason", "judge_raw"]
     for c in (criteria + ["mean", "reason", "status", "raw"]) if criteria else []:
         cols += [f"base_rubric_{c}", f"finetuned_rubric_{c}"]
+    if claims:
+        cols += ["base_claims_raw", "finetuned_claims_raw"]
     cols += ["set", "context"]
     if per_row_system:
         cols.append("system_prompt")

@@ -15,7 +15,8 @@ with the reason. Few questions can never produce a win.
 The primary score is support-aware (an answer asserting specifics the source does not support scores below
 0), and a guard sits on top: when the fine-tuned model hallucinates significantly more than the base (the 95%
 bootstrap interval of the paired difference of the 0/1 `*_hallucinated` is above 0), "fine-tuned better"
-becomes "no clear difference", with that reason. Fabrication cannot win the verdict.
+becomes "no clear difference", with that reason. Fabrication cannot win the verdict. The rate the guard reads is
+the claims judge's when it ran (its "source" is "judge"), else the offline rule's (paperqa_tune.evaluate.report).
 
 Each key rate (refusal on unanswerable questions, correction of false premises, ...) is compared the same way on
 its own questions, and its "reading" names n: below MIN_RATE_N questions it is "too few to tell", never a claim.
@@ -33,7 +34,13 @@ MIN_RATE_N = 20
 RATE_NAMES = {"refusal_rate_unanswerable": "refuses unanswerable", "correction_rate_false_premise":
               "corrects false premise", "correct_answer_rate_answerable": "correct answers",
               "over_refusal_rate_answerable": "refuses answerable", "degenerate_rate": "degenerate",
-              "hallucination_rate": "hallucinates"}
+              "hallucination_rate": "hallucinates", "hallucination_rate_offline": "hallucinates (offline rule)"}
+
+
+def _by_whom(rate: dict | None) -> str:
+    """What a rate's label adds to name its source: the claims judge's says so; the offline rule's (the default
+    without a judge) adds nothing."""
+    return " per the judge" if (rate or {}).get("source") == "judge" else ""
 
 
 def bootstrap_ci(diffs: list[float], n_boot: int = 5000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -100,7 +107,8 @@ def guard_hallucination(verdict: str, reason: str, hallucination: dict | None) -
     ci = (hallucination or {}).get("ci95")
     if verdict != VERDICTS[0] or not ci or ci[0] <= 0:
         return verdict, reason
-    return VERDICTS[2], (f"the score favours the fine-tuned model, but it hallucinates significantly more "
+    return VERDICTS[2], (f"the score favours the fine-tuned model, but it hallucinates significantly more"
+                         f"{_by_whom(hallucination)} "
                          f"({hallucination['base']:.0%} -> {hallucination['finetuned']:.0%} of answers, 95% CI of "
                          f"the difference {ci[0]:+.0%} to {ci[1]:+.0%}), so it is not called better")
 
@@ -113,8 +121,9 @@ def headline(verdict: str, stats: dict, reason: str, hallucination: dict | None 
     hall = ""
     if hallucination and hallucination.get("n"):
         h_lo, h_hi = hallucination["ci95"]
-        hall = (f"; hallucinated {hallucination['base']:.0%} (base) -> {hallucination['finetuned']:.0%} "
-                f"(fine-tuned) of answers [95% CI of the difference {h_lo:+.0%} to {h_hi:+.0%}]")
+        hall = (f"; hallucinated{_by_whom(hallucination)} {hallucination['base']:.0%} (base) -> "
+                f"{hallucination['finetuned']:.0%} (fine-tuned) of answers [95% CI of the difference {h_lo:+.0%} "
+                f"to {h_hi:+.0%}]")
     return (f"VERDICT: {verdict} — mean support-aware score {stats['mean_base']:.3f} (base) -> "
             f"{stats['mean_finetuned']:.3f} (fine-tuned), difference {stats['mean_difference']:+.3f} [95% CI "
             f"{lo:+.3f} to {hi:+.3f}]; fine-tuned wins {stats['wins']}, ties {stats['ties']}, loses "
@@ -142,6 +151,7 @@ def rates_line(rates: dict) -> str:
         r = rates.get(key)
         if not r or not r["n"]:
             continue
+        name += _by_whom(r)
         if r["reading"].startswith("too few"):
             parts.append(f"{name} {_pct(r['base'])} -> {_pct(r['finetuned'])}: {r['reading']}")
         else:
