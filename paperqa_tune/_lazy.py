@@ -21,7 +21,7 @@ def lazy_exports(package: str, doc: str):
         else:
             module = None
             continue
-        for name in re.findall(r"\b([A-Za-z_]\w*)\b(?:,|$)", rest.split("(")[0]):
+        for name in re.findall(r"\b([A-Za-z_]\w*)\b(?:,|$)", rest.split("(")[0].strip()):
             where.setdefault(name, module)
 
     def __getattr__(name: str):

@@ -94,3 +94,20 @@ def test_the_package_never_imports_the_scripts_common_module():
     found = [f"{path.relative_to(ROOT)}: {module}" for path in package_modules().values()
              for module, _ in imports(path) if module == "common" or module.startswith("common.")]
     assert found == []
+
+
+def test_every_name_a_stage_lists_is_importable():
+    """Each subpackage's docstring is its API: every name on its lines resolves (the last one before a
+    parenthesis too), and nothing unlisted is offered."""
+    import importlib
+
+    for stage in ("qa", "train", "evaluate"):
+        pkg = importlib.import_module(f"paperqa_tune.{stage}")
+        listed = [line.split("(")[0].split(None, 1) for line in pkg.__doc__.splitlines() if line.startswith("    ")
+                  and not line.startswith("     ")]
+        names = {n.strip() for _, rest in listed for n in rest.split(",") if n.strip()}
+        assert names and names <= set(pkg.__all__), (stage, names - set(pkg.__all__))
+        for name in names:
+            assert getattr(pkg, name) is not None, (stage, name)
+    from paperqa_tune.evaluate import JudgeConfig, SIDES  # the names before "(" on their lines
+    assert JudgeConfig.__name__ == "JudgeConfig" and "base" in SIDES[0]
