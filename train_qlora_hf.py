@@ -687,10 +687,12 @@ def _run(args, out: Path, work: Path | None) -> int:
 
 
 def main(argv=None) -> int:
+    precision = torch.get_float32_matmul_precision()  # load_model turns TF32 on; a caller's process gets it back
     try:
         return run_main(_main, argv, interrupted="rerun with --resume (in place of --overwrite, if given) to continue "
                                                  "from the last checkpoint", show_errors=launched_rank() == 0)
     finally:
+        torch.set_float32_matmul_precision(precision)
         shutdown_distributed()
 
 
