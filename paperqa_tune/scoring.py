@@ -71,8 +71,11 @@ Correctness per question type (columns `correct` and `score` of the comparison C
       score = (judge grade - 1) / 4 with a judge grade, else token F1, for a substantive answer; 0 for any
       other behaviour (so gibberish or a refusal scores 0 however many reference words it happens to contain).
   unanswerable: correct = 1 when the behaviour is "refused". score = correct.
-  false_premise: correct = 1 only when the behaviour is "corrected_premise"; a bare refusal does not
-      count. score = correct.
+  false_premise: correct = 1 only when the behaviour is "corrected_premise" AND, when the question has a
+      reference, the answer states what the reference says instead: at least one content word or number of the
+      reference that the question lacks ("larger" for a premise of "smaller", "160" for "320"; see
+      states_the_fix). Rejecting the premise and then saying something else is not a correction; a bare refusal
+      does not count. score = correct.
   Any type, overriding the above: an answer with N unsupported specifics is not correct (0) and scores
       -min(1, 0.5 * N). So an honest "the abstract does not say" (0) beats an invented answer, and a short
       invented answer never outscores a correct longer one, whatever its overlap with the reference.
@@ -1135,6 +1138,54 @@ def _penalty(n_unsupported: int) -> float:
     return -min(1.0, HALLUCINATION_PENALTY * n_unsupported)
 
 
+# Words of a correction's frame ("That premise is incorrect: the abstract says the opposite.") that say nothing
+# about what is true instead.
+_FRAME_WORDS = set("""premise premises incorrect false wrong mistaken abstract paper source text says say said states
+opposite gives give given actually rather instead not no does do did correct claim question""".split())
+_WORD = re.compile(r"[a-z]+|\d+(?:[.,]\d+)*")
+
+
+_FIX_NUMBERS = {**_NUMBER_WORDS, "one": "1", "single": "1", "twice": "2"}  # "one GPU" states "a single GPU"
+
+
+def _content_words(text: str) -> list[str]:
+    words = (_FIX_NUMBERS.get(w, w) for w in _WORD.findall(_visible(text).lower()))
+    return [w for w in words if w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w not in _FRAME_WORDS]
+
+
+def _suffixless(w: str) -> str:
+    for suffix in ("ing", "ed", "es", "s"):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            return w[: -len(suffix)]
+    return w
+
+
+def _same_word(a: str, b: str) -> bool:
+    """One word, inflected or not: equal, or (suffix -ing/-ed/-es/-s dropped) one a prefix of the other of at
+    least 3 letters: large/larger, use/uses, reduce/reducing. Numbers only equal (number words read as digits)."""
+    if a == b:
+        return True
+    if a.isdigit() or b.isdigit():
+        return False
+    short, long_ = sorted((_suffixless(a), _suffixless(b)), key=len)
+    return len(short) >= 3 and long_.startswith(short)
+
+
+def fix_words(question: str, reference: str) -> list[str]:
+    """What a correction must say: the reference's content words and numbers that the question lacks (the
+    part the false premise changed). Empty when the reference adds nothing (then any correction counts)."""
+    asked = _content_words(question)
+    return list(dict.fromkeys(w for w in _content_words(reference) if not any(_same_word(w, a) for a in asked)))
+
+
+def states_the_fix(answer: str, question: str, reference: str) -> bool:
+    """A correction states what is true instead: one of fix_words appears in the answer (True when there is no
+    reference or it adds nothing to the question: the rule cannot ask for more)."""
+    fix = fix_words(question, reference) if reference.strip() else []
+    said = _content_words(answer)
+    return not fix or any(_same_word(f, w) for f in fix for w in said)
+
+
 def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
                  judge_correctness: float | str | None = None) -> dict:
     """Scores of one answer to q (keys type, question, reference, context); the rules are in the module
@@ -1157,7 +1208,8 @@ def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
            "hallucinated": int(bool(unsupported)) if source.strip() else None}
     if qtype in ANSWERABLE_EXCLUDED:
         expected = "refused" if qtype == "unanswerable" else "corrected_premise"
-        correct = int(b == expected and not unsupported)
+        correct = int(b == expected and not unsupported
+                      and (qtype != "false_premise" or states_the_fix(answer, q.get("question", ""), ref)))
         score = float(correct)
     else:
         correct, score = _answerable_verdict(b, f1, judge_correctness, f1_threshold)

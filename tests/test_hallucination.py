@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from paperqa_tune import scoring
 from paperqa_tune.evaluate import report, verdict
 from paperqa_tune.scoring import score_answer, unsupported_specifics
 
@@ -246,3 +247,25 @@ def test_vague_filler_is_not_a_plain_word_claim(answer, claim):
     from paperqa_tune.scoring import unsupported_claims
     ctx = "We present a parser that labels syntactic dependencies with a small graph network."
     assert bool(unsupported_claims(answer, "What does the paper propose?", ctx)) == claim
+
+
+@pytest.mark.parametrize("answer,stated", [
+    ("That is not right: the abstract says the encoder has six layers.", True),
+    ("That premise is incorrect: the abstract says the opposite. The encoder is very deep and powerful.", False),
+    ("No, it does not: the encoder stacks six identical layers.", True),
+    ("That premise is wrong; the abstract says the opposite.", False),  # rejects, but says nothing instead
+])
+def test_a_correction_must_state_what_the_reference_says_instead(answer, stated):
+    q = {"type": "false_premise", "question": "Why does the paper's encoder stack twelve identical layers?",
+         "reference": "That premise is incorrect: the abstract says the encoder stacks six identical layers.",
+         "context": "The encoder stacks six identical layers. Each layer has two sub-layers."}
+    assert scoring.fix_words(q["question"], q["reference"]) == ["6"]  # number words read as digits
+    assert scoring.states_the_fix(answer, q["question"], q["reference"]) is stated
+    s = scoring.score_answer(answer, q)
+    assert s["behaviour"] == "corrected_premise" and s["correct"] == int(stated), s
+
+
+def test_without_a_reference_a_correction_is_judged_on_its_rejection_alone():
+    assert scoring.states_the_fix("No, it does not.", "Why does it use twelve layers?", "") is True
+    # a reference that adds nothing to the question cannot ask for more
+    assert scoring.fix_words("Why does it use six layers?", "It uses six layers.") == []

@@ -30,7 +30,7 @@ PANELS = {
         "unseen_over_refusal_rate_answerable": "refuses answerable"},
     "knowledge of trained papers (did it learn?)": {
         "knowledge_correct_answer_rate_answerable": "correct answers", "knowledge_hallucination_rate": "hallucinates"},
-    "all questions": {"mean_score": "mean support-aware score", "hallucination_rate": "hallucinates",
+    "all questions": {"hallucination_rate": "hallucinates",
                       "correct_rate": "correct (all)", "degenerate_rate": "degenerate or empty"},
 }
 
