@@ -13,6 +13,7 @@ import pytest
 
 import eval_compare as ec
 from fake_openai import Reply
+from test_judge import DictCache  # the duck-typed cache the judges expect
 from paperqa_tune.evaluate import claims as C
 from paperqa_tune.evaluate import judge as J
 from paperqa_tune.evaluate import report
@@ -70,17 +71,6 @@ def responder(req, n) -> Reply:
 
 
 # --------------------------------------------------------------------------- the module alone
-class DictCache:
-    def __init__(self):
-        self.data: dict[str, dict] = {}
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def put(self, record):
-        self.data[record["key"]] = record
-
-
 def make_cfg(srv, **kw):
     return J.JudgeConfig(**{"model": "judge-model", "base_url": srv.base_url, "api_key": KEY, "timeout": 5,
                             "max_retries": 0, "workers": 2, **kw})
