@@ -5,7 +5,7 @@ Run as:
         --out ./models/zephyr-7b-qlora --epochs 2 --batch 8 --grad_accum 2 --lr 2e-4 --bf16 --max_seq_len 4096
     python train_qlora_hf.py --jsonl ./data/synthetic_qa.jsonl --inspect      # what is trained on; no weights
     python train_qlora_hf.py ... --resume                  # continue an interrupted run from its last checkpoint
-    torchrun --nproc_per_node 4 train_qlora_hf.py ...      # data parallel: one 4-bit copy per GPU
+    torchrun --nproc_per_node 4 train_qlora_hf.py ...      # data parallel (one 4-bit copy per GPU) when it pays
     accelerate launch --num_processes 4 train_qlora_hf.py ...
     python train_qlora_hf.py ... --gpu_mem_budget 20      # spend at most 20 GB on speed (default: auto, what is free)
     python train_qlora_hf.py ... --lora_dropout 0.05 --kbit_upcast --no-packing --no-fused_lora --liger off
@@ -44,7 +44,6 @@ import contextlib
 import gc
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -58,7 +57,7 @@ from paperqa_tune.train.chats import build_samples, load_chats, print_inspect
 from paperqa_tune.checkpoints import (Trainables, check_checkpoint, fingerprint, last_checkpoint, load_checkpoint,
                                       resume_flags, save_checkpoint)
 from paperqa_tune.distributed import (Dist, all_reduce_grads, default_device, init_distributed, launched_rank,
-                                      shutdown_distributed)
+                                      settle_data_parallel, shutdown_distributed, tokens_per_rank_step)
 from paperqa_tune.train.kernels import LIGER_AUTO, parse_liger
 from paperqa_tune.loading import load_tokenizer, requested_precision, resolve_precision
 from paperqa_tune.train.memory import BudgetSettings, frozen_gc, parse_mem_budget, plan_for_budget
@@ -71,7 +70,7 @@ from paperqa_tune.runs import (RESUME_HINT, STAGE_DIR, RunLock, chat_format_reco
                                finish_commit, heldout_questions, out_dir_problems, run_metrics,
                                same_command_unfinished, save_outputs, system_prompts, versions, write_metrics)
 from paperqa_tune.safety import chat_structure
-from paperqa_tune.train.samples import padding_share
+from paperqa_tune.train.samples import epoch_plan, padding_share
 from paperqa_tune.train.split import TrainingData, split_train_val
 from paperqa_tune.train.state import Saving, Schedule, StepStats, TrainState
 
@@ -176,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with a memory budget and --packing: run an optimizer step's --batch x --grad_accum samples "
                          "as one packed micro-batch when that needs no more checkpointing than --batch does (the "
                          "same update: each step's loss is already divided by its trained tokens)")
+    sp.add_argument("--data_parallel", choices=("auto", "on", "off"), default="auto",
+                    help="under torchrun / accelerate launch: on = every process trains its share of each step; "
+                         "off = rank 0 trains alone on one GPU, the other processes exit; auto = on only when a step "
+                         "gives each process enough tokens to pay for the exchange (README: Several GPUs)")
     sp.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     return p
 
@@ -250,27 +253,6 @@ def load_data(args, d: Dist) -> tuple[object, TrainingData]:
 
 
 # --------------------------------------------------------------------------- plan: data order and schedule
-def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_by_length: bool,
-               shuffle: bool) -> list[list[int]]:
-    """Sample indices of each optimizer step of one epoch, a function of (seed, epoch) only.
-
-    Length grouping sorts chunks of 64 steps' worth of samples by length, so neighbours (which share
-    micro-batches) have similar lengths, then shuffles the order of the steps.
-    """
-    rng = random.Random(f"{seed}/{epoch}")
-    order = list(range(len(lengths)))
-    if shuffle:
-        rng.shuffle(order)
-    if group_by_length:
-        mega = per_step * 64
-        order = [i for k in range(0, len(order), mega)
-                 for i in sorted(order[k:k + mega], key=lambda j: -lengths[j])]
-    steps = [order[k:k + per_step] for k in range(0, len(order), per_step)]
-    if group_by_length and shuffle:
-        rng.shuffle(steps)
-    return steps
-
-
 def schedule(args, n_train: int, world: int) -> Schedule:
     per_step = args.batch * args.grad_accum * world
     steps_per_epoch = math.ceil(n_train / per_step)
@@ -664,8 +646,13 @@ def _run(args, out: Path, work: Path | None) -> int:
             print_inspect(tokenizer, data.samples, data.report, args.inspect, args.max_seq_len)
             print_padding([len(s["input_ids"]) for s in data.samples], args)
         return 0
-    device = default_device()
+    parallel = settle_data_parallel(args.data_parallel, tokens_per_rank_step(
+        [len(s["input_ids"]) for s in data.train], args.batch, args.grad_accum))
+    if parallel is None:
+        return 0  # a launched process that sits this run out (--data_parallel): it writes nothing
+    d, device = Dist(), default_device()  # rank 0 alone, when data parallel is off
     config, flags = plan_run(args, tokenizer, data, device, work)  # and a --resume checkpoint checked
+    config["data_parallel"] = parallel
     tm = load_model(args, device)  # nothing is written (or replaced) before the model has loaded
     start_run_folder(args, out, work, config, data.val)
     metrics = train(tm, tokenizer, data.train, data.val, args, out_dir=work, flags=flags)

@@ -49,7 +49,7 @@ def write_data(path: Path) -> int:
 def run(name: str, launcher: list[str], batch: int, accum: int, data: Path, model: Path, out: Path) -> dict:
     cmd = launcher + [str(ROOT / "train_qlora_hf.py"), "--jsonl", str(data), "--model", str(model),
                       "--out", str(out / name), "--batch", str(batch), "--grad_accum", str(accum), "--overwrite",
-                      *SEED_FLAGS]
+                      "--data_parallel", "on", *SEED_FLAGS]  # measure data parallel, not train_qlora_hf's choice
     print("$", " ".join(cmd), flush=True)
     log = out / f"{name}.log"
     with open(log, "w") as f:

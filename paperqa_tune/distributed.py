@@ -82,3 +82,54 @@ def all_reduce_grads(params, d: Dist) -> None:
         n = g.numel()
         p.grad = flat[k:k + n].view_as(p).to(p.dtype)
         k += n
+
+
+# --------------------------------------------------------------------------- whether data parallel pays
+# A PRIOR, from one measurement (bench/README.md "Several GPUs", 2 H200s): the seed command's short Q&A steps,
+# ~1,150 tokens per process per optimizer step, ran at 0.84x one GPU (0.250 s vs 0.211 s a step): each process
+# pays the per-layer host work of a step in full for its share of the tokens, plus the LoRA gradient all-reduce.
+# Those costs are per step, so only steps with many tokens per process amortise them. 4,096 tokens per process
+# (3.6x the losing case, one long sample) is a guess, not a measured break-even: calibrate it on 2 GPUs with
+# bench/bench_ddp.py.
+MIN_TOKENS_PER_RANK_STEP = 4096
+
+
+def tokens_per_rank_step(lengths: list[int], batch: int, grad_accum: int) -> int:
+    """Tokens one process runs per optimizer step under data parallel: mean sample length x its samples per step
+    (--batch x --grad_accum: the effective batch grows with the number of processes)."""
+    return round(sum(lengths) / len(lengths) * batch * grad_accum) if lengths else 0
+
+
+def data_parallel_wins(tokens_per_rank: int, world: int) -> tuple[bool, str]:
+    """(whether `world` processes are predicted to beat one at this step size, the reason with its figures)."""
+    wins = world > 1 and tokens_per_rank >= MIN_TOKENS_PER_RANK_STEP
+    side = ">=" if tokens_per_rank >= MIN_TOKENS_PER_RANK_STEP else "<"
+    return wins, (f"{tokens_per_rank:,} tokens per process per optimizer step {side} {MIN_TOKENS_PER_RANK_STEP:,}, "
+                  "a prior from one 2-GPU measurement where ~1,150 ran at 0.84x one GPU")
+
+
+def settle_data_parallel(mode: str, tokens_per_rank: int) -> dict | None:
+    """Under a launcher (world > 1): decide --data_parallel auto|on|off once the data is tokenized (every process
+    reaches the same decision from the same data). When data parallel is off, rank 0 leaves the process group and
+    trains alone, as a single process on its own device; every other rank gets None: it should return at once
+    and write nothing. Rank 0 prints one line saying why (not for an explicit `on`: today's behaviour).
+    Returns the record for run_config.json: mode, launched processes, whether data parallel runs, the reason."""
+    world = Dist().world
+    if world == 1:
+        return {"mode": mode, "processes": 1, "on": False, "reason": "one process launched"}
+    if mode == "auto":
+        on, why = data_parallel_wins(tokens_per_rank, world)
+        reason = f"--data_parallel auto: {why}"
+    else:
+        on, reason = mode == "on", f"--data_parallel {mode}"
+    record = {"mode": mode, "processes": world, "on": on, "reason": reason}
+    if on:
+        if mode == "auto" and Dist().main:
+            print(f"data parallel on over {world} processes ({reason})", flush=True)
+        return record
+    if not Dist().main:
+        return None
+    shutdown_distributed()  # from here on, Dist() is a single process
+    print(f"data parallel off ({reason}): training on one process; {world - 1} launched process(es) idle",
+          flush=True)
+    return record

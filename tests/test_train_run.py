@@ -19,6 +19,8 @@ import torch
 import common
 import train_qlora_hf as T
 from paperqa_tune.checkpoints import list_checkpoints
+from paperqa_tune.distributed import (MIN_TOKENS_PER_RANK_STEP, data_parallel_wins, settle_data_parallel,
+                                      tokens_per_rank_step)
 from paperqa_tune.train.optim import make_optimizer, repage_optimizer_state
 from common import chat_record, chat_text, encode_text, qa_messages, sha256_file
 
@@ -345,18 +347,99 @@ def test_ddp_two_processes_gloo_matches_one_process(tiny_model, qa24, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "train_qlora_hf.py"), "--jsonl", str(qa24), "--model", str(tiny_model), "--out", str(out),
-         "--batch", "2", *map(str, flags), "--keep_checkpoints"],
+         "--batch", "2", *map(str, flags), "--keep_checkpoints", "--data_parallel", "on"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
+    assert "2 process(es)" in proc.stdout and "data parallel" not in proc.stdout  # `on`: no note, as before
     assert proc.stdout.count("done:") == 1  # only rank 0 reports and writes
     assert (out / "adapter_model.safetensors").is_file()
     assert [p.name for p in list_checkpoints(out)] == ["step-2"]
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["steps"] == 3
+    assert json.loads((out / "run_config.json").read_text())["data_parallel"] == {
+        "mode": "on", "processes": 2, "on": True, "reason": "--data_parallel on"}
 
     # one process with the same effective batch (2 per rank x 2 ranks = 4) takes the same steps
     assert run(qa24, tiny_model, tmp_path / "one", "--batch", 4, *flags) == 0
     assert losses(out) == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     a, b = adapter(out), adapter(tmp_path / "one")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+# --------------------------------------------------------------------------- --data_parallel: whether DP pays
+def launch_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch(cwd: Path, nproc: int, args: list) -> subprocess.CompletedProcess:
+    """train_qlora_hf.py as a user runs it from a terminal: under torchrun (gloo), or alone (nproc 0)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    pre = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    proc = subprocess.run([sys.executable, *pre, str(ROOT / "train_qlora_hf.py"), *map(str, args)],
+                          cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.numerics
+@pytest.mark.cpu_only
+def test_data_parallel_off_under_two_processes_is_a_single_process_run(tiny_model, qa24, tmp_path):
+    """--data_parallel off: rank 0 trains alone, the same run as one process with the same flags (bit-equal: the
+    same kernels on the same shapes, one thread each), rank 1 leaves at once and writes nothing."""
+    flags = ["--jsonl", qa24, "--model", tiny_model, "--out", "run", "--max_steps", 3, "--batch", 2,
+             "--lora_dropout", 0, "--val_fraction", 0, *FAST]
+    two = launch(tmp_path / "two", 2, [*flags, "--data_parallel", "off"])
+    one = launch(tmp_path / "one", 0, [*flags, "--data_parallel", "off"])
+    note = "data parallel off (--data_parallel off): training on one process; 1 launched process(es) idle"
+    assert two.stdout.count(note) == 1 and two.stdout.count("data parallel") == 1
+    assert "data parallel" not in one.stdout  # no launcher: nothing changes, nothing is said
+    assert "1 process(es)" in two.stdout and two.stdout.count("done:") == 1
+    # nothing besides rank 0's run folder, and it holds what the single process's does
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    a, b = tmp_path / "two" / "run", tmp_path / "one" / "run"
+    assert losses(a) == losses(b)
+    assert all(torch.equal(x, adapter(b)[k]) for k, x in adapter(a).items())
+    assert json.loads((a / "metrics.json").read_text())["world_size"] == 1
+    rec = json.loads((a / "run_config.json").read_text())["data_parallel"]
+    assert rec == {"mode": "off", "processes": 2, "on": False, "reason": "--data_parallel off"}
+    assert json.loads((b / "run_config.json").read_text())["data_parallel"]["processes"] == 1
+
+
+@pytest.mark.cpu_only
+def test_data_parallel_auto_chooses_one_process_for_short_steps(tiny_model, qa24, tmp_path):
+    flags = ["--jsonl", qa24, "--model", tiny_model, "--out", "run", "--max_steps", 1, "--batch", 2,
+             "--val_fraction", 0, *FAST]  # --data_parallel auto: the default
+    args = T.build_parser().parse_args(list(map(str, flags)))
+    lengths = [len(s["input_ids"]) for s in T.load_data(args, T.Dist())[1].train]
+    expected = tokens_per_rank_step(lengths, args.batch, args.grad_accum)  # the mean sample x 2 x --grad_accum
+    assert 0 < expected < MIN_TOKENS_PER_RANK_STEP
+    proc = launch(tmp_path, 2, flags)
+    lines = [ln for ln in proc.stdout.splitlines() if "data parallel" in ln]
+    assert len(lines) == 1 and lines[0].startswith("data parallel off (") and "1 launched process(es) idle" in lines[0]
+    assert (f"(--data_parallel auto: {expected:,} tokens per process per optimizer step < "
+            f"{MIN_TOKENS_PER_RANK_STEP:,}, a prior") in lines[0]
+    rec = json.loads((tmp_path / "run" / "run_config.json").read_text())["data_parallel"]
+    assert rec["mode"] == "auto" and rec["processes"] == 2 and rec["on"] is False and f"{expected:,}" in rec["reason"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 1
+    assert tree(tmp_path) == ["run"] + [f"run/{p}" for p in tree(tmp_path / "run")]
+
+
+def test_data_parallel_prediction():
+    assert tokens_per_rank_step([100, 200], 2, 3) == 900 and tokens_per_rank_step([], 8, 2) == 0
+    short, why = data_parallel_wins(1150, 2)  # the measured case: 0.84x one GPU
+    assert not short and why.startswith("1,150 tokens per process per optimizer step < 4,096, a prior")
+    assert data_parallel_wins(MIN_TOKENS_PER_RANK_STEP, 2)[0] and data_parallel_wins(65536, 4)[0]
+    assert not data_parallel_wins(MIN_TOKENS_PER_RANK_STEP - 1, 8)[0]
+    assert not data_parallel_wins(65536, 1)[0]  # one process: nothing to run in parallel
+
+
+def test_data_parallel_without_a_launcher_changes_nothing(capsys):
+    for mode in ("auto", "on", "off"):
+        assert settle_data_parallel(mode, 100) == {"mode": mode, "processes": 1, "on": False,
+                                                   "reason": "one process launched"}
+    assert capsys.readouterr().out == ""

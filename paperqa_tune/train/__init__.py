@@ -3,7 +3,7 @@
 Public API (imported lazily):
     chats       load_chats, build_samples, print_inspect (chat rendering, label masks, the mask inspection)
     tokenized   tokenize_cached, cache_key, default_num_proc (the tokenized-data cache)
-    samples     padding_share
+    samples     padding_share, epoch_plan
     packing     collate, collate_packed, packed_attention_forward, uses_packed_attention, IGNORE, PACKED_ATTN
     qlora       build_qlora_model, check_model_code, LoRASettings, SpeedSettings, TrainableModel
     lora4bit    FusedLoRA, addmm_lora_forward, dequantize

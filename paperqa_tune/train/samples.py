@@ -3,6 +3,7 @@ the text, a length histogram, and the padding a batch layout would cost."""
 from __future__ import annotations
 
 import math
+import random
 
 from paperqa_tune.train.packing import IGNORE
 
@@ -42,3 +43,24 @@ def histogram_lines(lengths: list[int], bins: int = 10, bar: int = 40) -> list[s
         counts[min(bins - 1, (n - 1) // width)] += 1
     return [f"  {k * width + 1:>6}-{(k + 1) * width:<6} {c:>6} {'#' * math.ceil(bar * c / max(counts))}"
             for k, c in enumerate(counts)]
+
+
+def epoch_plan(lengths: list[int], per_step: int, seed: int, epoch: int, group_by_length: bool,
+               shuffle: bool) -> list[list[int]]:
+    """Sample indices of each optimizer step of one epoch, a function of (seed, epoch) only.
+
+    Length grouping sorts chunks of 64 steps' worth of samples by length, so neighbours (which share
+    micro-batches) have similar lengths, then shuffles the order of the steps.
+    """
+    rng = random.Random(f"{seed}/{epoch}")
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        mega = per_step * 64
+        order = [i for k in range(0, len(order), mega)
+                 for i in sorted(order[k:k + mega], key=lambda j: -lengths[j])]
+    steps = [order[k:k + per_step] for k in range(0, len(order), per_step)]
+    if group_by_length and shuffle:
+        rng.shuffle(steps)
+    return steps
