@@ -889,7 +889,7 @@ def project_run(T, model_dir: Path, wl: str, samples: list[dict], device, extra:
                                               if seed_run and "peak_gb" in seed_run else None)
         rec["gpu_mem_budget"] = budget
         prof_txt = (args.out_dir / f"profile_{stamp}_{len(results)}.txt"
-                    if "project" in args.profile.split(",") and wl == "qa" else None)
+                    if "project" in args.profile.split(",") else None)
         rec.update(run_project_module(T, model_dir, wl, samples, device, extra, args.repeat, budget, prof_txt))
         if seed_run and wl == "real":
             rec["loss_agreement"] = loss_agreement(rec, seed_run, False, args.real_loss_tol, by_epoch=True,
@@ -949,8 +949,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max |loss difference| vs the seed, per step or of the epoch mean (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the function check")
     p.add_argument("--profile", default="",
-                   help="comma list of variants to profile (2 extra qa steps); 'project' profiles 2 qa steps of "
-                        "each project run (left out of its timing)")
+                   help="comma list of variants to profile (2 extra qa steps); 'project' profiles 2 steps of "
+                        "each project run, any workload (left out of its timing; long needs --repeat >= 2)")
     p.add_argument("--time-budget", type=float, default=0,
                    help="seconds; variants not started by then are skipped, so the table still prints (0: none)")
     p.add_argument("--repeat", type=int, default=1,
