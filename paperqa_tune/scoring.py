@@ -87,6 +87,7 @@ the longest common subsequence of lower-cased [0-9a-z]+ tokens (rouge-score's de
 from __future__ import annotations
 
 import os
+import difflib
 import re
 import string
 from collections import Counter
@@ -287,7 +288,16 @@ def _repeats_sentences(lower: str) -> bool:
         return True
     parts = [" ".join(re.findall(r"[a-z]+", s)) for s in re.split(r"[.!?;:\n]+|\s\d+[.)]\s", lower)]
     seen = Counter(s for s in parts if len(s.split()) >= 4)
-    return any(n >= 3 or (n >= 2 and len(s.split()) >= 8) for s, n in seen.items())
+    if any(n >= 3 or (n >= 2 and len(s.split()) >= 8) for s, n in seen.items()):
+        return True
+    # a long clause said again and again inside sentences that differ around it ("... previous methods which used
+    # matrix exponentiation instead of vector exponentiation but found ..." four times)
+    n, times = _CLAUSE_LOOP
+    words = re.findall(r"[a-z]+", lower)
+    return any(k >= times for k in Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).values())
+
+
+_CLAUSE_LOOP = (12, 3)  # (words, times): measured against the labelled real answers (8 words also flags a plain answer)
 
 
 def is_degenerate(text: str) -> bool:
@@ -363,6 +373,8 @@ _REFUSAL_CUES = [(_rx(p), ctx) for p, ctx in [
      False),
     (rf"{_NEG}\s+(?:\w+ly\s+)?(?:available|found|present|shown|explained)\b[^.;]{{0,25}}\b{_SRC}\b",
      False),
+    # "The funding agency ... is not publicly available." as the whole verdict (nothing after it)
+    (r"\b(?:is|are|was|were)\s+not\s+(?:\w+ly\s+)?(?:available|known|disclosed)(?=\s*(?:[.;:!?]|$))", False),
     (rf"(?:\bno|{_NEG}\s+any)\s+(?:[\w-]+\s+){{0,2}}?(?:information|info|details?|mention|indication|data|"
      r"figures?|numbers?|specifics|statement|description|breakdown|values?|reference|discussion|hint|clue)"
      r"(?=\s+(?:about|on|regarding|concerning|as to|of|for|in|is|are|was|were|given|provided|available|"
@@ -596,9 +608,14 @@ def corrects_premise(text: str) -> bool:
 
 # =========================================================================== behaviour and scores
 def behaviour(text: str) -> str:
-    """One of BEHAVIOURS; precedence empty > degenerate > corrected_premise > refused > answered."""
-    if not _visible(text):
+    """One of BEHAVIOURS; precedence empty > degenerate > corrected_premise > refused > answered, except that an
+    answer that OPENS by rejecting the premise (its first 80 characters) and then loops did reject it: it is a
+    correction (whether it said what is true is for `correct`). A rejection met only inside a loop is not."""
+    visible = _visible(text)
+    if not visible:
         return "empty"
+    if corrects_premise(visible[:80]):
+        return "corrected_premise"
     if is_degenerate(text):
         return "degenerate"
     if corrects_premise(text):
@@ -692,6 +709,7 @@ class _Source:
 
     def __init__(self, text: str):
         self.sites = []  # (values, content stems) of each sentence that states a number
+        self.clauses = []  # the same per clause of those sentences ("..., while the 33B models are ...")
         for sentence in _sentences(text):
             values = set()
             for _, value, scaled, percent in _numbers(sentence):
@@ -702,6 +720,9 @@ class _Source:
                 values.add(1.0)
             if values:
                 self.sites.append((values, _content_stems(sentence)))
+                for clause in _CLAUSE_BREAK.split(sentence):
+                    vals = {v for _, value, scaled, _ in _numbers(clause) for v in (value, scaled)}
+                    self.clauses.append((len(self.sites), vals, _content_stems(clause)))
         tokens = [m.group() for m in re.finditer(r"[A-Za-z0-9]+(?:[-_/.][A-Za-z0-9]+)*", text)]
         self.tokens = {_compact(t) for t in tokens} | {_compact(a + b) for a, b in zip(tokens, tokens[1:])}
         words = re.findall(r"[A-Za-z][A-Za-z0-9']*", text)
@@ -716,9 +737,26 @@ class _Source:
         "networks of 100 layers")."""
         return any((value in values or scaled in values) and (not near or near & stems) for values, stems in self.sites)
 
+    def misattributes(self, value: float, scaled: float, clause: frozenset) -> bool:
+        """The number is stated, but about something else: the answer's clause has a word that only another clause
+        of the same source sentence, with a different number, has ("The smaller models are trained on 1.4 trillion tokens" where the
+        source says "The smaller models are trained on 1.0 trillion tokens, while the 33B ... on 1.4")."""
+        own = [(at, stems) for at, values, stems in self.clauses if value in values or scaled in values]
+        sentences = {at for at, _ in own}  # only the other clauses of the sentences that state it
+        other = [stems for at, values, stems in self.clauses
+                 if at in sentences and values and value not in values and scaled not in values]
+        own = [stems for _, stems in own]
+        if not own or not other:
+            return False
+        mine = frozenset().union(*own)
+        return any(w not in mine and any(w in stems for stems in other) for w in clause)
+
     def supports_words(self, phrase: str) -> bool:
         words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9']*", phrase) if w.lower() not in _CONNECTORS]
-        return all(_compact(w) in self.tokens or (_stem(w) in self.stems and self._shares_word(w)) for w in words)
+        if len(words) > 1 and self._misspells(_compact("".join(words))):  # "DeB Berta": one name, split
+            return True
+        return all(_compact(w) in self.tokens or (_stem(w) in self.stems and self._shares_word(w))
+                   or (w[0].isupper() and self._misspells(_compact(w))) for w in words)
 
     def _shares_word(self, word: str) -> bool:
         """Some source word shares a root with `word`: a common prefix of 5+ letters that leaves at most 3 letters of
@@ -734,10 +772,22 @@ class _Source:
         return False
 
     def supports_identifier(self, token: str) -> bool:
-        if _compact(token) in self.tokens:
+        if _compact(token) in self.tokens or self._misspells(_compact(token)):
             return True
         capitals = "".join(c.lower() for c in token if c.isupper())
         return len(capitals) >= 2 and not re.search(r"\d", token) and capitals in self.initials
+
+
+    def _misspells(self, c: str) -> bool:
+        """A source name with a letter or two wrong ("DeBerto", "Lama", "DistillBERT" for DeBERTa, LLaMA,
+        DistilBERT): a slip of a small model, not a new name. Not when the digits differ ("GPT-4" for GPT-3) or
+        one extends the other ("BERT-L", "RoBERTa-XL": a variant is a claim)."""
+        if len(c) < 4:
+            return False
+        digits = re.sub(r"\D", "", c)
+        return any(t[0] == c[0] and abs(len(t) - len(c)) <= 2 and re.sub(r"\D", "", t) == digits
+                   and not (t.startswith(c) or c.startswith(t))
+                   and difflib.SequenceMatcher(None, c, t).ratio() >= 0.85 for t in self.tokens if len(t) >= 4)
 
 
 # "only one layer", "a single dataset": a count of one (the bare word "one" is too often a pronoun to be a value)
@@ -879,12 +929,27 @@ def specifics(text: str) -> list[dict]:
             if free(m.span()):
                 surface, value, scaled, _ = next(_numbers(m.group()))
                 found.append({"text": m.group().strip(), "kind": "number", "span": m.span(), "value": value,
-                              "scaled": scaled, "near": _near(masked, m.span())})
+                              "scaled": scaled, "near": _near(masked, m.span()),
+                              "clause": _clause_stems(masked, m.span())})
     for m in _ONE_CLAIM.finditer(masked):
         if free(m.span()):
             found.append({"text": m.group(), "kind": "number", "span": m.span(), "value": 1.0, "scaled": 1.0,
                           "near": _near(masked, m.span())})
     return sorted(found, key=lambda f: f["span"])
+
+
+_CLAUSE_BREAK = re.compile(r",?\s+(?:while|whereas)\s+|;\s+|,\s+but\s+", re.I)
+
+
+_CLAUSE_END = re.compile(r"[.!?](?=\s|$)|[;\n]|,?\s+(?:while|whereas)\s+|,\s+but\s+", re.I)
+
+
+def _clause_stems(text: str, span: tuple[int, int]) -> frozenset:
+    """Content stems of the clause around a number (its sentence, cut at while / whereas / but / ;)."""
+    ends = list(_CLAUSE_END.finditer(text))
+    start = max((m.end() for m in ends if m.end() <= span[0]), default=0)
+    end = min((m.start() for m in ends if m.start() >= span[1]), default=len(text))
+    return _content_stems(text[start:end])
 
 
 def _near(text: str, span: tuple[int, int], reach: int = 2) -> frozenset:
@@ -898,7 +963,8 @@ def _near(text: str, span: tuple[int, int], reach: int = 2) -> frozenset:
 def _supported(spec: dict, source: _Source) -> bool:
     kind = spec["kind"]
     if kind == "number":
-        return source.supports_number(spec["value"], spec["scaled"], spec.get("near", frozenset()))
+        return source.supports_number(spec["value"], spec["scaled"], spec.get("near", frozenset())) \
+            and not source.misattributes(spec["value"], spec["scaled"], spec.get("clause", frozenset()))
     if kind == "expansion":
         return source.supports_words(spec["expansion"]) and source.supports_identifier(spec["acronym"])
     if kind == "identifier":
@@ -1079,20 +1145,43 @@ def _premise_flips(question: str, context: str) -> tuple[set[str], str]:
     return flips, premise
 
 
+def _stems_of(text: str) -> set[str]:
+    return {w[:5] for w in _WORD_RX.findall(text.lower())
+            if w not in _FUNCTION_WORDS and w not in _AUXILIARIES and w not in _SENTENCE_OPENERS}
+
+
+def _swapped_words(premise: str, context: str) -> set[str]:
+    """A false premise is often one source sentence with a word changed ("lower learning rates" -> "higher"): the
+    stems of the premise that its closest source sentence lacks, when that sentence has most of the premise's
+    words (a word the source uses elsewhere, like "higher", is still the swap here)."""
+    words = _stems_of(premise)
+    if len(words) < 4:
+        return set()
+    best = max((_stems_of(s) for s in _sentences(_visible(context))), key=lambda s: len(words & s), default=set())
+    missing = words - best
+    return missing if len(words & best) >= 0.7 * len(words) and len(missing) <= 2 else set()
+
+
 def premise_restatements(answer: str, question: str, context: str) -> list[str]:
     """The words of a false premise an answer asserts, each "<word> (restates the false premise)"."""
     flips, premise = _premise_flips(question, context)
-    if not flips or not context.strip():
+    swapped = _swapped_words(premise, context) - flips
+    if not (flips or swapped) or not context.strip():
         return []
+    premise_words = _stems_of(premise)
     out = []
     for sentence in _sentences(_prepare(answer)):
         if is_refusal(sentence):
             continue
+        # a swapped word the source also uses elsewhere restates the premise only in a sentence that says the
+        # premise again (half its words): "It forces the use of higher learning levels", not "allows higher rates"
+        says_premise = len(_stems_of(sentence) & premise_words) >= 0.5 * len(premise_words)
+        sentence_flips = flips | swapped if says_premise else flips
         # after "That premise is false:" comes what the answer says instead; before it, what it restates
         cues = [m.start() for rx in _STRONG_CORRECTION for m in [rx.search(sentence)] if m]
         end = min(cues, default=len(sentence))
         for m in _WORD_RX.finditer(sentence[:end].lower()):
-            if m.group()[:5] in flips and not _denied_apart_from(sentence, m.span(), premise, m.group()):
+            if m.group()[:5] in sentence_flips and not _denied_apart_from(sentence, m.span(), premise, m.group()):
                 out.append(f"{m.group()} (restates the false premise)")
     return list(dict.fromkeys(out))
 
@@ -1178,12 +1267,81 @@ def fix_words(question: str, reference: str) -> list[str]:
     return list(dict.fromkeys(w for w in _content_words(reference) if not any(_same_word(w, a) for a in asked)))
 
 
+# Words that state the same direction of a finding: a correction that says "enhance" where the source says
+# "improve" states the fix. Small on purpose: a synonym outside these is not credited.
+_FIX_SYNONYMS = (frozenset("improve enhance boost".split()), frozenset("outperform surpass beat exceed".split()),
+                 frozenset("larger bigger greater".split()), frozenset("fewer less".split()),
+                 frozenset("faster quicker".split()), frozenset("higher greater".split()))
+
+
+def _same_or_synonym(a: str, b: str) -> bool:
+    return _same_word(a, b) or any(any(_same_word(a, g) for g in group) and any(_same_word(b, g) for g in group)
+                                   for group in _FIX_SYNONYMS)
+
+
 def states_the_fix(answer: str, question: str, reference: str) -> bool:
-    """A correction states what is true instead: one of fix_words appears in the answer (True when there is no
-    reference or it adds nothing to the question: the rule cannot ask for more)."""
+    """A correction states what is true instead: one of fix_words (or a synonym of the same direction) appears in
+    the answer (True when there is no reference or it adds nothing to the question: the rule cannot ask for more)."""
     fix = fix_words(question, reference) if reference.strip() else []
     said = _content_words(answer)
-    return not fix or any(_same_word(f, w) for f in fix for w in said)
+    return not fix or any(_same_or_synonym(f, w) for f in fix for w in said)
+
+
+_MULTIPLIER = re.compile(r"\b(\d+(?:\.\d+)?|two|three|four|five|six|seven|eight|nine|ten|twenty|hundred)\s*"
+                         r"(?:times|x|\u00d7|-?fold)\s+(more|fewer|less|larger|smaller|bigger|higher|lower|deeper|"
+                         r"shallower|faster|slower|greater|cheaper)\b(?:\s+([a-z][a-z-]+))?", re.I)
+
+
+def _multipliers(text: str) -> list[tuple[str, str, str, tuple[int, int]]]:
+    """(value, comparative, the word it compares or "", span) of each "N times more X" in a text."""
+    out = []
+    for m in _MULTIPLIER.finditer(_visible(text)):
+        head = (m.group(3) or "").lower()
+        head = "" if head in _FUNCTION_WORDS or head in _AUXILIARIES else head[:5]
+        out.append((_FIX_NUMBERS.get(m.group(1).lower(), m.group(1)), m.group(2).lower(), head, m.span()))
+    return out
+
+
+def multiplier_claims(answer: str, context: str) -> list[str]:
+    """A multiple the source states about something else: "4 times more powerful" where the source has "four
+    times more data". Only when the source gives that multiple with a comparative, and the answer's comparative
+    or the thing compared differs from every one of them."""
+    source = {}
+    for value, comp, head, _ in _multipliers(context):
+        source.setdefault(value, []).append((comp, head))
+    text = _visible(answer)
+    out = []
+    for value, comp, head, span in _multipliers(answer):
+        pairs = source.get(value)
+        if pairs and not any(comp == c and (not head or not h or head == h) for c, h in pairs) \
+                and not _denied(text, span):
+            out.append(f"{text[span[0]:span[1]]} (the source's {value} times is about something else)")
+    return out
+
+
+_SELF_COMPARISON = re.compile(r"\b([A-Z][\w-]*[A-Z0-9][\w-]*)\b[^.;]{1,80}?\bthan\s+(?:the\s+)?\1\b")
+_COUNT_WORDS = r"\d+|" + "|".join(w for w in _NUMBER_WORDS if w not in ("hundred", "thousand", "million", "billion",
+                                                                        "trillion", "dozen"))
+_ONE_OF = re.compile(r"\b(?:one|a single)\s+([a-z][a-z-]+)\s+([a-z][a-z-]+)", re.I)
+
+
+def compared_with_itself(answer: str) -> list[str]:
+    """"BERT-large has 18 times fewer parameters than BERT-large": a name compared with itself says nothing true."""
+    return [f"{m.group()} (compares {m.group(1)} with itself)" for m in _SELF_COMPARISON.finditer(_visible(answer))]
+
+
+def one_for_many(answer: str, context: str) -> list[str]:
+    """"The study trains one model size" where the source says "eight model sizes": a count of one for two words
+    the source counts with another number."""
+    text, source = _visible(answer), _visible(context)
+    out = []
+    for m in _ONE_OF.finditer(text):
+        a, b = (_stem(w.lower()) for w in m.groups())
+        for n in re.finditer(rf"\b(?:{_COUNT_WORDS})\s+([a-z][a-z-]+)\s+([a-z][a-z-]+)", source, re.I):
+            if (_stem(n.group(1).lower()), _stem(n.group(2).lower())) == (a, b) and not _denied(text, m.span()):
+                out.append(f"{m.group()} (the source counts {n.group()})")
+                break
+    return out
 
 
 def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
@@ -1198,7 +1356,9 @@ def score_answer(answer: str, q: dict, f1_threshold: float = 0.4,
     source = _source_text(q)
     checked = bool(source.strip()) and b != "empty"  # a loop asserts what its words say, too
     unsupported = (unsupported_specifics(answer, q.get("question", ""), source, false_premise=qtype == "false_premise")
-                   + unsupported_claims(answer, q.get("question", ""), source)) if checked else []
+                   + unsupported_claims(answer, q.get("question", ""), source)
+                   + multiplier_claims(answer, source) + compared_with_itself(answer)
+                   + one_for_many(answer, source)) if checked else []
     if checked and qtype == "false_premise":
         unsupported += premise_restatements(answer, q.get("question", ""), source)
     unsupported = [u for u in unsupported if not _has_char_loop(u)]  # "TheBBBBBBBB" is junk, not a claim
