@@ -50,15 +50,16 @@ def test_hallucination_flags_agree_on_each_half_of_the_papers(scored, half, min_
 
 
 def test_correct_and_behaviour_agree_with_the_labels(scored):
-    assert sum(r["correct"] == s["correct"] for r, s in scored) >= 285
-    assert sum(r["behaviour"] == s["behaviour"] for r, s in scored) >= 278
+    assert sum(r["correct"] == s["correct"] for r, s in scored) >= 286
+    assert sum(r["behaviour"] == s["behaviour"] for r, s in scored) >= 281
 
 
-# (label, precision floor, recall floor); measured: answered 0.98/0.995 (n=204), degenerate 0.96/0.94 (n=54),
-# refused 1.00/0.95 (n=22), corrected_premise 0.86/0.75 (n=8: one answer moves either by 0.1), correct 1.00/0.92 (n=12)
-@pytest.mark.parametrize("label,min_p,min_r", [("answered", 0.96, 0.98), ("degenerate", 0.92, 0.90),
-                                               ("refused", 0.95, 0.90), ("corrected_premise", 0.75, 0.6),
-                                               ("correct", 0.9, 0.8)])
+# (label, precision floor, recall floor) on batch 1 alone; measured: answered 0.985/0.995 (n=204), degenerate
+# 1.00/0.94 (n=54), refused 1.00/1.00 (n=22), corrected_premise 0.89/1.00 (n=8: one answer moves either by 0.1),
+# correct 1.00/0.92 (n=12)
+@pytest.mark.parametrize("label,min_p,min_r", [("answered", 0.96, 0.98), ("degenerate", 0.95, 0.90),
+                                               ("refused", 0.95, 0.95), ("corrected_premise", 0.85, 0.95),
+                                               ("correct", 0.9, 0.9)])
 def test_precision_and_recall_per_label(scored, label, min_p, min_r):
     if label == "correct":
         pairs = [(r["correct"], s["correct"]) for r, s in scored]
@@ -66,6 +67,43 @@ def test_precision_and_recall_per_label(scored, label, min_p, min_r):
         pairs = [(int(r["behaviour"] == label), int(s["behaviour"] == label)) for r, s in scored]
     _, precision, recall = _figures(pairs)
     assert precision >= min_p and recall >= min_r, (label, precision, recall)
+
+
+LABELS_2 = Path(__file__).parent / "data" / "real_answers_labelled_2.jsonl"
+
+
+@pytest.fixture(scope="module")
+def scored_both(scored):
+    """Both batches: the 288 above and 258 answers of the recommended 16-epoch runs (and the base) to the current
+    generator's questions, labelled by three readers (tests/data/real_answers_labelled.README.md)."""
+    rows = [json.loads(line) for line in LABELS_2.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) == 258 and Counter(r["model"] for r in rows) == {"rec": 97, "k16": 89, "base": 72}
+    return scored + [(r, scoring.score_answer(r["answer"], r)) for r in rows]
+
+
+def _pairs(scored, label):
+    if label in ("hallucinated", "correct"):
+        return [(int(r[label]), int(s[label] or 0)) for r, s in scored]
+    return [(int(r["behaviour"] == label), int(s["behaviour"] == label)) for r, s in scored]
+
+
+# The issue's bar: precision and recall >= 0.9 per label over all 546 labelled answers. Measured at the commit that
+# added batch 2: hallucinated 0.951 / 0.909 (n=364), correct 0.927 / 0.905 (n=42), answered 0.992 / 0.989,
+# refused 1.00 / 1.00 (n=22), corrected_premise 0.963 / 1.00 (n=105), degenerate 1.00 / 0.952 (n=63).
+@pytest.mark.parametrize("label", ["hallucinated", "correct", "answered", "refused", "corrected_premise",
+                                   "degenerate"])
+def test_every_label_reaches_0_9_precision_and_recall_on_both_batches(scored_both, label):
+    _, precision, recall = _figures(_pairs(scored_both, label))
+    assert precision >= 0.9 and recall >= 0.9, (label, precision, recall)
+
+
+def test_batch_2_alone_stays_near_its_measured_agreement(scored_both):
+    """Batch 2 was read after the rule's earlier changes; these floors sit an answer or two under what it measured
+    (hallucinated 232/258, correct 252/258, behaviour 255/258)."""
+    second = scored_both[288:]
+    assert sum(r["hallucinated"] == s["hallucinated"] for r, s in second) >= 228
+    assert sum(r["correct"] == s["correct"] for r, s in second) >= 250
+    assert sum(r["behaviour"] == s["behaviour"] for r, s in second) >= 253
 
 
 def test_the_models_rank_by_hallucination_as_the_labels_do(scored):

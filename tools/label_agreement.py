@@ -1,13 +1,13 @@
 """How far the offline scoring rule agrees with answers labelled by reading: precision, recall and support per label.
 
-    python tools/label_agreement.py                      # the 288 real answers, both halves and all
-    python tools/label_agreement.py --half A --show hallucinated   # the disagreements of one label, one half
+    python tools/label_agreement.py                      # the 546 real answers: each batch, its halves, both
+    python tools/label_agreement.py --batch 2 --half A --show hallucinated   # one label's disagreements
     python tools/label_agreement.py --hand               # the 73 hand-written cases (hallucinated, corrected)
 
 Labels: hallucinated (1 = invents something), correct (1), and each behaviour one against the rest (answered,
-refused, corrected_premise, degenerate). The labelled set (tests/data/real_answers_labelled.jsonl) is split by
-paper in two halves, A and B: sorted paper ids, alternating, so a rule developed on A's disagreements can be
-checked on B's answers, which it did not see.
+refused, corrected_premise, degenerate). Two labelled batches (tests/data/real_answers_labelled.jsonl, 288
+answers; tests/data/real_answers_labelled_2.jsonl, 258), each split by paper in two halves, A and B: sorted paper
+ids, alternating, so a rule developed on A's disagreements can be checked on B's answers.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from paperqa_tune import scoring
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "tests" / "data" / "real_answers_labelled.jsonl"
+REAL_BATCHES = {"1": REAL, "2": ROOT / "tests" / "data" / "real_answers_labelled_2.jsonl"}
 HAND = ROOT / "tests" / "data" / "hallucination_labels.jsonl"
 BEHAVIOURS = ("answered", "refused", "corrected_premise", "degenerate")
 
@@ -84,20 +85,30 @@ def show(label: str, rows: list[dict], scored: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", choices=("1", "2"), help="only this batch of real answers (default: both)")
     p.add_argument("--half", choices=("A", "B"), help="only this half of the real answers")
     p.add_argument("--show", help="print the disagreements of this label (hallucinated, correct, refused, ...)")
     p.add_argument("--hand", action="store_true", help="the hand-written cases instead of the real answers")
     args = p.parse_args(argv)
-    rows = load(HAND if args.hand else REAL)
-    scored = [scoring.score_answer(r["answer"], r) for r in rows]
     if args.hand:
+        rows = load(HAND)
         groups = {"hand-written": list(range(len(rows)))}
     else:
-        halves = half_of(rows)
-        groups = {f"half {h} ({', '.join(p for p, x in sorted(halves.items()) if x == h)})":
-                  [i for i, r in enumerate(rows) if halves[r["paper_id"]] == h] for h in "AB" if args.half in (None, h)}
-        if args.half is None:
-            groups["all"] = list(range(len(rows)))
+        batches = [b for b in ("1", "2") if args.batch in (None, b)]
+        rows, groups = [], {}
+        for b in batches:
+            part = load(REAL_BATCHES[b])
+            halves, first = half_of(part), len(rows)
+            rows += part
+            for h in "AB":
+                if args.half in (None, h):
+                    groups[f"batch {b}, half {h} ({', '.join(p for p, x in sorted(halves.items()) if x == h)})"] = \
+                        [first + i for i, r in enumerate(part) if halves[r["paper_id"]] == h]
+            if args.half is None:
+                groups[f"batch {b}"] = list(range(first, len(rows)))
+        if len(batches) == 2 and args.half is None:
+            groups["both batches"] = list(range(len(rows)))
+    scored = [scoring.score_answer(r["answer"], r) for r in rows]
     for title, idx in groups.items():
         sub, sub_scored = [rows[i] for i in idx], [scored[i] for i in idx]
         if args.show:
@@ -105,7 +116,6 @@ def main(argv=None) -> int:
         else:
             table(title, sub, sub_scored)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
