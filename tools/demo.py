@@ -165,8 +165,8 @@ def _demo_question(eval_questions: Path) -> str:
 
 # --real: the same pipeline on SmolLM2-135M-Instruct (tools/get_model.py), with the settings the README's H200 table
 # recommends for a model this small; on CPU, sizes that finish in minutes (fp32: bf16 is emulated on most CPUs).
-REAL = {"gpu": {"train": ["--epochs", "16", "--batch", "8", "--grad_accum", "2", "--lr", "1e-3", "--bf16",
-                          "--max_seq_len", "4096"], "eval": []},
+REAL = {"gpu": {"train": ["--epochs", "16", "--batch", "8", "--grad_accum", "2", "--lr", "5e-4", "--lora_r", "64",
+                          "--lora_alpha", "128", "--bf16", "--max_seq_len", "4096"], "eval": []},
         # CPU: enough steps to see the loss fall and the answers change, validation twice, a dozen questions
         "cpu": {"train": ["--max_steps", "20", "--eval_steps", "10", "--batch", "4", "--grad_accum", "1", "--lr",
                           "1e-3", "--no-bf16", "--max_seq_len", "512"], "eval": ["--n", "12", "--max_new_tokens", "64"]}}
