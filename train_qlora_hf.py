@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fused LoRA: the base GEMM accumulates onto the LoRA delta in fp32 and rounds once to bf16 "
                          "(small adapter updates are not rounded away, as in the fp32-upcast seed recipe; "
                          "costs nothing)")
+    sp.add_argument("--dense_base", choices=("auto", "on", "off"), default="off",
+                    help="fused LoRA: keep base weights dequantised, not dequantised at every layer call (same "
+                         "numbers, less work; not yet measured on a GPU); auto: what fits in the budget's headroom")
     sp.add_argument("--flat_optim", action=argparse.BooleanOptionalAction, default=True,
                     help="the optimizer updates all LoRA tensors as one flat buffer (one kernel per step instead "
                          "of one per tensor; the same update)")
@@ -381,6 +384,7 @@ def plan_memory(loop: Loop, lengths: list[int], sched: Schedule) -> tuple[dict |
         if isinstance(args.gpu_mem_budget, float):
             log(f"--gpu_mem_budget {args.gpu_mem_budget}: ignored on {loop.device.type} (it plans GPU memory)",
                 loop.d)
+        keep_dense(loop, None)
         return None, args.batch
     epochs = min(math.ceil(sched.total / sched.steps_per_epoch), 64)  # the plans repeat their length mix; bound it
     plans = [s for e in range(epochs) for s in epoch_plan(lengths, sched.per_step, args.seed, e, args.group_by_length,
@@ -391,7 +395,14 @@ def plan_memory(loop: Loop, lengths: list[int], sched: Schedule) -> tuple[dict |
     plan, micro, line = plan_for_budget(loop.model, loop.device, settings, plans, lengths,
                                         [whole_step, args.batch] if args.merge_micro_batches else [args.batch])
     log(line, loop.d)
+    keep_dense(loop, plan)
     return plan, micro
+
+
+def keep_dense(loop: Loop, plan: dict | None) -> None:
+    """--dense_base (FusedLoRA.keep_dense_for says what it keeps)."""
+    if loop.tm.fused is not None and (line := loop.tm.fused.keep_dense_for(loop.args.dense_base, plan)):
+        log(line, loop.d)
 
 
 def validation_loss(loop: Loop, samples: list[dict], micro: int) -> float:

@@ -467,6 +467,64 @@ def test_fast_and_plain_paths_train_the_same(tiny_model, tmp_path, capsys):
     assert loss["fast"] == pytest.approx(loss["seed"], abs=1e-4)
 
 
+@pytest.mark.numerics
+def test_dense_base_weights_give_the_same_numbers(tiny_model):
+    """--dense_base keeps each base weight dequantised; the copy holds the bits a dequantisation gives, so the
+    layer's output and gradients are the same tensors, bit for bit (the same kernels on the same inputs)."""
+    tm = T.load_model(_args(tiny_model, "--no-packing"))
+    _nonzero_lora_b(tm.model, seed=3)
+    fused, g = tm.fused, torch.Generator().manual_seed(0)
+    xs = [(m, torch.randn(2, 5, m.in_features, generator=g), torch.randn(2, 5, m.out_features, generator=g))
+          for m in fused.layers]
+
+    def run():
+        out = []
+        for m, x0, go in xs:
+            x = x0.clone().requires_grad_(True)
+            y = fused.forward(m, x)
+            y.backward(go)
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            out.append((y.detach(), x.grad, a.grad.clone(), b.grad.clone()))
+            a.grad = b.grad = None
+        return out
+
+    before = run()
+    n, size = fused.keep_dense(max_bytes=None)
+    assert n == len(fused.layers) and size == sum(m.in_features * m.out_features * 4 for m in fused.layers)  # fp32
+    after = run()
+    for ref, got in zip(before, after):
+        assert all(torch.equal(r, t) for r, t in zip(ref, got))
+    # a budget keeps the first layers that fit, in model order, and no more
+    part = FusedLoRA()
+    part.layers = fused.layers
+    first = fused.layers[0]
+    assert part.keep_dense(max_bytes=first.in_features * first.out_features * 4 + 1) == (1, first.in_features
+                                                                                        * first.out_features * 4)
+    assert part.keep_dense_for("off", {"budget_gb": 9, "estimate_gb": 1}) is None
+    assert part.keep_dense_for("auto", None) is None  # no memory plan (CPU, or no budget): nothing kept
+
+
+def test_dense_base_on_trains_the_same_run(tiny_model, tmp_path, capsys):
+    """The whole run with every base weight kept dequantised: the same losses and the same adapter, bit for bit."""
+    data = tmp_path / "qa.jsonl"
+    from common import chat_record, qa_messages
+
+    rows = [chat_record(qa_messages(f"Question {i}?", f"Answer number {i}."), {"paper_id": f"p{i}"})
+            for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    common = ["--jsonl", str(data), "--model", str(tiny_model), "--max_steps", "2", "--batch", "4",
+              "--grad_accum", "1", "--lr", "1e-3", "--val_fraction", "0", *FP32]
+    assert T.main(common + ["--out", str(tmp_path / "off"), "--dense_base", "off"]) == 0
+    assert T.main(common + ["--out", str(tmp_path / "on"), "--dense_base", "on"]) == 0
+    assert "--dense_base on: 14 of 14 layers' base weights kept dequantised" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / k / "adapter_model.safetensors") for k in ("off", "on"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m = {k: json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("off", "on")}
+    assert [r["loss"] for r in m["off"]["train"]] == [r["loss"] for r in m["on"]["train"]]
+
+
 def test_bad_speed_flags_exit_2(tiny_model, tmp_path, capsys):
     data = Path(__file__).resolve().parent / "data"
     jsonl = next(iter(sorted(data.glob("*.jsonl"))), None) if data.is_dir() else None

@@ -9,7 +9,8 @@ outputs and gradients.
 
 `FusedLoRA.patch(model)` routes every peft `lora.bnb.Linear4bit` of a model through the node. The state the
 node uses (fp32 block scales expanded once, compute-dtype copies of the LoRA weights made once per optimizer
-step) lives on the FusedLoRA object, not on bitsandbytes' or torch's objects.
+step, base weights kept dequantised where memory allows: `keep_dense`) lives on the FusedLoRA object, not on
+bitsandbytes' or torch's objects.
 """
 from __future__ import annotations
 
@@ -46,12 +47,21 @@ def expand_absmax(quant_state):
     return absmax.float()
 
 
+def _weight(dense, weight, quant_state, absmax32, dtype):
+    """The base weight in `dtype`: the kept dequantised copy when there is one of that dtype (the same bits a
+    dequantisation gives), else dequantised now."""
+    if dense is not None and dense.dtype == dtype:
+        return dense
+    return dequantize(weight, quant_state, absmax32).to(dtype)
+
+
 class LoRA4bitFunction(torch.autograd.Function):
     """y = x W^T + s * dropout(x) A^T B^T with W the 4-bit base weight, as ONE autograd node.
     LoRA master weights stay fp32: cast(t, dtype) gives their compute-dtype copies, gradients come back in fp32."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, absmax32, scaling, p, fp32_sum=False, cast=None):
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, absmax32, scaling, p, fp32_sum=False, cast=None,
+                dense=None):
         x2 = x.reshape(-1, x.shape[-1])
         cast = cast or (lambda t, dtype: t.to(dtype))
         a, b = cast(lora_a, x.dtype), cast(lora_b, x.dtype)  # inside forward: no autograd node for the casts
@@ -63,7 +73,7 @@ class LoRA4bitFunction(torch.autograd.Function):
         else:
             xd = x2
         h = torch.mm(xd, a.t())
-        w = dequantize(weight, quant_state, absmax32).to(x.dtype)
+        w = _weight(dense, weight, quant_state, absmax32, x.dtype)
         if fp32_sum:
             # LoRA delta first, then the base GEMM accumulates onto it in place (beta = scaling): the GEMM adds C
             # to its fp32 accumulator and rounds once, so a delta under half a bf16 step of the base output is not
@@ -74,8 +84,8 @@ class LoRA4bitFunction(torch.autograd.Function):
             out = torch.mm(x2, w.t()).addmm_(h, b.t(), alpha=scaling)
         del w, xd
         ctx.save_for_backward(x2, h, a, b)
-        ctx.weight, ctx.quant_state, ctx.absmax32, ctx.scaling, ctx.p, ctx.rng = \
-            weight, quant_state, absmax32, scaling, p, rng
+        ctx.weight, ctx.quant_state, ctx.absmax32, ctx.scaling, ctx.p, ctx.rng, ctx.dense = \
+            weight, quant_state, absmax32, scaling, p, rng, dense
         ctx.x_shape, ctx.dtypes = x.shape, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -101,7 +111,7 @@ class LoRA4bitFunction(torch.autograd.Function):
             grad_a = torch.mm(gh.t(), xd)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = dequantize(ctx.weight, ctx.quant_state, ctx.absmax32).to(g.dtype)
+            w = _weight(ctx.dense, ctx.weight, ctx.quant_state, ctx.absmax32, g.dtype)
             grad_x = torch.mm(g, w)
             del w
             if mask is None:
@@ -110,7 +120,7 @@ class LoRA4bitFunction(torch.autograd.Function):
                 grad_x.addcmul_(torch.mm(gh, a), mask, value=1.0 / (1.0 - p))
             grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def addmm_lora_forward(layer, x, *args, **kwargs):
@@ -142,6 +152,7 @@ class FusedLoRA:
         self.layers: list = []
         self._absmax: dict[int, torch.Tensor] = {}      # id(quant_state) -> expanded fp32 scales
         self._compute: dict[int, tuple] = {}            # id(LoRA weight) -> (version, dtype, compute copy)
+        self._dense: dict[int, torch.Tensor] = {}       # id(quant_state) -> the base weight kept dequantised
 
     def patch(self, model) -> int:
         """Patch every peft bnb Linear4bit of `model`; returns the bytes of fp32 scales expanded."""
@@ -158,6 +169,31 @@ class FusedLoRA:
                     self._absmax[id(qs)] = absmax
                     extra += absmax.numel() * 4
         return extra
+
+    def keep_dense(self, max_bytes: float | None = None) -> tuple[int, int]:
+        """Keep the base weights dequantised in their compute dtype, layer by layer in model order while they fit
+        in `max_bytes` (None: all): a layer call then skips its two dequantisations (forward, backward) and their
+        host work, with the same numbers (the copy holds the bits a dequantisation gives). Returns (layers kept,
+        bytes)."""
+        kept = 0
+        for m in self.layers:
+            w = m.base_layer.weight
+            qs = w.quant_state
+            n = qs.shape.numel() * torch.finfo(qs.dtype).bits // 8
+            if max_bytes is not None and kept + n > max_bytes:
+                break
+            self._dense[id(qs)] = dequantize(w.data, qs, self.absmax32(qs)).to(qs.dtype)
+            kept += n
+        return len(self._dense), kept
+
+    def keep_dense_for(self, mode: str, plan: dict | None) -> str | None:
+        """train_qlora_hf --dense_base: `on` keeps every base weight dequantised; `auto` what fits in the memory
+        plan's budget less its estimate and 10 % of the budget (an estimate can be short; no plan: nothing).
+        Returns the log line, or None when nothing was asked."""
+        if mode == "off" or (mode == "auto" and plan is None):
+            return None
+        n, size = self.keep_dense(None if mode == "on" else (0.9 * plan["budget_gb"] - plan["estimate_gb"]) * 1e9)
+        return f"--dense_base {mode}: {n} of {len(self.layers)} layers' base weights kept dequantised ({size / 1e9:.2f} GB)"
 
     def absmax32(self, quant_state):
         return self._absmax.get(id(quant_state))
@@ -187,4 +223,4 @@ class FusedLoRA:
         w = layer.base_layer.weight
         return LoRA4bitFunction.apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, w.data, w.quant_state,
                                       self.absmax32(w.quant_state), layer.scaling[name], p, self.fp32_sum,
-                                      self.compute_copy)
+                                      self.compute_copy, self._dense.get(id(w.quant_state)))

@@ -174,6 +174,7 @@ def plan_for_budget(model, device, settings: BudgetSettings, step_plans, lengths
             plan = {**plan, "mode": "none", "estimate_gb": est, "fits": est <= budget_gb}
         options.append((micro, top, plan))
     micro, top, plan = pick_micro_batch(options)
+    plan = {**plan, "budget_gb": budget_gb}
     head = f"{label} {budget_gb} GB: " + (f"micro-batch {micro} (a whole step in one packed row), "
                                           if micro != user else "")
     over = "" if plan["fits"] else " (over the budget: lower --batch)"
