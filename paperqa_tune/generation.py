@@ -244,12 +244,37 @@ def generate_batch(model, tokenizer, batch: list[list[int]], dec: Decoding, stre
     return out
 
 
+def stop_criteria(tokenizer, stops, rows: int):
+    """A model.generate stopping criterion for `stops`: transformers' StopStringCriteria, or, for a vocabulary it
+    cannot index (a word-level tokenizer: "substring not found" while it builds its tables), StopText watching
+    each row's decoded tail. The answer is cut at the stop string afterwards either way (cut_at_stop)."""
+    import torch
+    from transformers import StoppingCriteria, StopStringCriteria
+
+    try:
+        return StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
+    except ValueError:
+        pass
+
+    class _Watch(StoppingCriteria):
+        def __init__(self):
+            self.watch = StopText(tokenizer, stops, rows)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            hit = set(self.watch.accept(input_ids[:, -1].tolist()))
+            return torch.tensor([i in hit for i in range(input_ids.shape[0])], device=input_ids.device)
+
+    return _Watch()
+
+
 def _generate(model, tokenizer, batch: list[list[int]], dec: Decoding, streamer, constraint) -> list[list[int]]:
     """The generated ids of model.generate for left-padded prompts (its repetition penalty, like ours, skips the
     padding), stopping at dec.stop_strings too."""
+    from transformers import StoppingCriteriaList
+
     ids, mask = left_pad(batch, tokenizer.pad_token_id, next(model.parameters()).device)
     extra = {"logits_processor": [constraint.hf_processor()]} if constraint is not None else {}
     if dec.stop_strings:
-        extra.update(stop_strings=list(dec.stop_strings), tokenizer=tokenizer)
+        extra.update(stopping_criteria=StoppingCriteriaList([stop_criteria(tokenizer, dec.stop_strings, len(batch))]))
     out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **dec.kwargs(tokenizer), **extra)
     return out[:, ids.shape[1]:].tolist()

@@ -221,3 +221,22 @@ def test_answer_cut_at_a_turn_marker(tiny_model, cache):
     plain = Decoding(max_new_tokens=30, cache=cache)
     [(text, n, _)] = generate_batch(model, zephyr, [prompt], plain, constraint=Force(forced, 1))
     assert "<|user|>" in text and n == 30  # without the stops it runs on
+
+
+def test_stop_criteria_for_a_vocabulary_transformers_cannot_index(tiny_model):
+    """transformers' StopStringCriteria cannot build its tables for a word-level vocabulary ("substring not found",
+    seen with bench_eval's tokenizer); model.generate then stops through our own watcher of each row's tail."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, StopStringCriteria
+
+    from paperqa_tune.generation import stop_criteria
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 100)}}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    crit = stop_criteria(words, ["t7"], rows=2)
+    assert not isinstance(crit, StopStringCriteria)
+    assert crit(torch.tensor([[4, 5], [4, 6]]), None).tolist() == [False, False]
+    assert crit(torch.tensor([[4, 5, 8], [4, 6, 7]]), None).tolist() == [False, True]
+    assert isinstance(stop_criteria(load_tokenizer(tiny_model, "left"), ["<|user|>"], rows=1), StopStringCriteria)
