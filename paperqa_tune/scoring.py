@@ -720,7 +720,7 @@ class _Source:
                 values.add(1.0)
             if values:
                 self.sites.append((values, _content_stems(sentence)))
-                for clause in _CLAUSE_BREAK.split(sentence):
+                for clause in _CLAUSE_END.split(sentence):
                     vals = {v for _, value, scaled, _ in _numbers(clause) for v in (value, scaled)}
                     self.clauses.append((len(self.sites), vals, _content_stems(clause)))
         tokens = [m.group() for m in re.finditer(r"[A-Za-z0-9]+(?:[-_/.][A-Za-z0-9]+)*", text)]
@@ -936,9 +936,6 @@ def specifics(text: str) -> list[dict]:
             found.append({"text": m.group(), "kind": "number", "span": m.span(), "value": 1.0, "scaled": 1.0,
                           "near": _near(masked, m.span())})
     return sorted(found, key=lambda f: f["span"])
-
-
-_CLAUSE_BREAK = re.compile(r",?\s+(?:while|whereas)\s+|;\s+|,\s+but\s+", re.I)
 
 
 _CLAUSE_END = re.compile(r"[.!?](?=\s|$)|[;\n]|,?\s+(?:while|whereas)\s+|,\s+but\s+", re.I)
