@@ -1,7 +1,7 @@
 """The offline scoring rule against real answers labelled by reading: batch 1, 288 answers
 (tests/data/real_answers_labelled.jsonl: SmolLM2-135M-Instruct and two QLoRA runs of it on an earlier generator's
-held-out questions) and batch 2, 258 answers (real_answers_labelled_2.jsonl: the base and the two 16-epoch runs on the
-current questions); how they were made and labelled is in tests/data/real_answers_labelled.README.md.
+held-out questions) and batch 2, 258 answers (real_answers_labelled_2.jsonl: the base and two `--lr 1e-3` runs, 8 and 16
+epochs, on the current questions); how they were made and labelled is in tests/data/real_answers_labelled.README.md.
 `python tools/label_agreement.py` prints the figures.
 
 Measured at the commit that set these floors, batch 1: hallucinated agrees with the labels on 264 of 288 answers
@@ -76,7 +76,7 @@ LABELS_2 = Path(__file__).parent / "data" / "real_answers_labelled_2.jsonl"
 
 @pytest.fixture(scope="module")
 def scored_both(scored):
-    """Both batches: the 288 above and 258 answers of the recommended 16-epoch runs (and the base) to the current
+    """Both batches: the 288 above and 258 answers of two --lr 1e-3 runs, 8 and 16 epochs (and the base), to the current
     generator's questions, labelled by three readers (tests/data/real_answers_labelled.README.md)."""
     rows = [json.loads(line) for line in LABELS_2.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(rows) == 258 and Counter(r["model"] for r in rows) == {"rec": 97, "k16": 89, "base": 72}
