@@ -739,16 +739,16 @@ class _Source:
 
     def misattributes(self, value: float, scaled: float, clause: frozenset) -> bool:
         """The number is stated, but about something else: the answer's clause has a word that only another clause
-        of the same source sentence, with a different number, has ("The smaller models are trained on 1.4 trillion tokens" where the
-        source says "The smaller models are trained on 1.0 trillion tokens, while the 33B ... on 1.4")."""
+        of the same source sentence, with a different number, has ("The smaller models are trained on 1.4 trillion
+        tokens" where the source says "The smaller models are trained on 1.0 trillion tokens, while the 33B ... on
+        1.4")."""
         own = [(at, stems) for at, values, stems in self.clauses if value in values or scaled in values]
         sentences = {at for at, _ in own}  # only the other clauses of the sentences that state it
         other = [stems for at, values, stems in self.clauses
                  if at in sentences and values and value not in values and scaled not in values]
-        own = [stems for _, stems in own]
-        if not own or not other:
+        if not other:
             return False
-        mine = frozenset().union(*own)
+        mine = frozenset().union(*(stems for _, stems in own))
         return any(w not in mine and any(w in stems for stems in other) for w in clause)
 
     def supports_words(self, phrase: str) -> bool:
@@ -776,7 +776,6 @@ class _Source:
             return True
         capitals = "".join(c.lower() for c in token if c.isupper())
         return len(capitals) >= 2 and not re.search(r"\d", token) and capitals in self.initials
-
 
     def _misspells(self, c: str) -> bool:
         """A source name with a letter or two wrong ("DeBerto", "Lama", "DistillBERT" for DeBERTa, LLaMA,
